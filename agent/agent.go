@@ -1,0 +1,303 @@
+// Package agent is the lanyard-agent daemon: it attests the host with its
+// TPM, keeps one sync stream open to the signer, holds an in-memory SVID for
+// every entry its node may serve, and serves them on the SPIFFE Workload API.
+package agent
+
+import (
+	"context"
+	"crypto/x509"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/rotator"
+	"github.com/lanyard-dev/lanyard/workloadapi"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Agent is one lanyard-agent. Create it with New, run it with Run.
+type Agent struct {
+	cfg     *Config
+	log     hclog.Logger
+	cache   *cache
+	sched   rotator.Schedule
+	backoff rotator.Backoff
+
+	up        *upstream
+	wakeRenew chan struct{} // a sync changed the entries: look for work
+	reattest  chan struct{} // the signer no longer knows us: attest again
+	synced    atomic.Bool
+	ready     chan struct{} // attested, synced, first SVIDs signed
+	readyOnce sync.Once
+	serving   chan struct{} // ready and the Workload API socket listens
+	started   time.Time
+}
+
+// New returns an agent for a validated config.
+func New(cfg *Config, log hclog.Logger) *Agent {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Agent{
+		cfg:       cfg,
+		log:       log,
+		cache:     newCache(cfg.TrustDomain.String()),
+		sched:     rotator.Schedule{Jitter: rotator.DefaultJitter},
+		backoff:   rotator.DefaultBackoff,
+		wakeRenew: make(chan struct{}, 1),
+		reattest:  make(chan struct{}, 1),
+		ready:     make(chan struct{}),
+		serving:   make(chan struct{}),
+	}
+}
+
+// Serving is closed once the agent holds its identity, the entries and
+// their SVIDs, and the Workload API socket accepts calls.
+func (a *Agent) Serving() <-chan struct{} { return a.serving }
+
+// Run opens the TPM and runs every part of the agent until ctx ends. It
+// returns only after all of them have stopped.
+func (a *Agent) Run(ctx context.Context) error {
+	a.started = time.Now()
+	trust, err := x509bundle.Load(a.cfg.TrustDomain, a.cfg.TrustBundlePath)
+	if err != nil {
+		return fmt.Errorf("load trust bundle: %w", err)
+	}
+	tpm, err := attestor.OpenTPM(attestor.TPMConfig{Device: a.cfg.TPM.Device, Socket: a.cfg.TPM.Socket})
+	if err != nil {
+		return fmt.Errorf("open TPM: %w", err)
+	}
+	defer tpm.Close()
+	a.up, err = newUpstream(a.cfg.SignerAddress, a.cfg.TrustDomain, tpm, trust, a.log.Named("upstream"))
+	if err != nil {
+		return err
+	}
+	defer a.up.close()
+	api := workloadapi.New(workloadapi.Config{
+		SocketPath: a.cfg.SocketPath,
+		Attestor:   attestor.Unix{},
+		Source:     a.cache,
+		Log:        a.log.Named("workloadapi"),
+	})
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.attestLoop(ctx) })
+	g.Go(func() error { return a.syncLoop(ctx) })
+	g.Go(func() error { return a.renewLoop(ctx) })
+	g.Go(func() error {
+		// Listen only once there is something to serve, so a workload
+		// never sees PermissionDenied merely because the agent is young.
+		select {
+		case <-a.ready:
+		case <-ctx.Done():
+			return nil
+		}
+		return api.Run(ctx)
+	})
+	g.Go(func() error {
+		select {
+		case <-api.Ready():
+			close(a.serving)
+			a.log.Info("agent ready", "socket", a.cfg.SocketPath, "startup_ms", time.Since(a.started).Milliseconds())
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	return g.Wait()
+}
+
+// attestLoop attests at start (retrying until the signer answers), then
+// again at half the agent SVID's lifetime, or at once when the signer says
+// it no longer knows us.
+func (a *Agent) attestLoop(ctx context.Context) error {
+	failures := 0
+	for {
+		a.reloadTrust()
+		res, err := a.up.attest(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			failures++
+			d := a.backoff.Delay(failures, a.rand())
+			a.log.Error("attestation failed", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
+			if !sleep(ctx, d) {
+				return nil
+			}
+			continue
+		}
+		failures = 0
+		if err := a.applyBundle(res.GetBundle()); err != nil {
+			a.log.Error("bad bundle from signer", "error", err)
+		}
+		svid := a.up.agentSVID()
+		leaf := svid.Certificates[0]
+		a.log.Info("agent attested", "spiffe_id", svid.ID.String(), "serial", leaf.SerialNumber.Text(16),
+			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339), "node_selectors", res.GetNodeSelectors())
+		renew := a.sched.RenewAt(leaf.NotBefore, leaf.NotAfter, a.jitter())
+		t := time.NewTimer(time.Until(renew))
+		select {
+		case <-t.C:
+		case <-a.reattest:
+			t.Stop()
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		}
+	}
+}
+
+// syncLoop holds the sync stream open on the current connection, applying
+// every message, and reconnects with backoff when it breaks.
+func (a *Agent) syncLoop(ctx context.Context) error {
+	failures := 0
+	for {
+		client, replaced := a.up.client()
+		if client == nil {
+			select {
+			case <-replaced:
+				continue
+			case <-ctx.Done():
+				return nil
+			}
+		}
+		err := a.syncOnce(ctx, client, &failures)
+		if ctx.Err() != nil {
+			return nil
+		}
+		select {
+		case <-replaced:
+			continue // re-attested: the new connection is ready now
+		default:
+		}
+		if status.Code(err) == codes.Unauthenticated {
+			select {
+			case a.reattest <- struct{}{}:
+			default:
+			}
+		}
+		failures++
+		d := a.backoff.Delay(failures, a.rand())
+		a.log.Warn("sync stream broken", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-replaced:
+			t.Stop()
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		}
+	}
+}
+
+func (a *Agent) syncOnce(ctx context.Context, client signerpb.SignerClient, failures *int) error {
+	stream, err := client.Sync(ctx, &signerpb.SyncRequest{})
+	if err != nil {
+		return err
+	}
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		*failures = 0
+		if err := a.applyBundle(msg.GetBundle()); err != nil {
+			a.log.Error("bad bundle from signer", "error", err)
+			continue
+		}
+		a.cache.setEntries(validEntries(msg.GetEntries(), a.cfg.TrustDomain, a.log))
+		a.log.Debug("synced", "entries", len(msg.GetEntries()), "bundle_sequence", msg.GetBundle().GetSequence())
+		a.synced.Store(true)
+		select {
+		case a.wakeRenew <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// reloadTrust adds the authorities in trust_bundle_path to those the agent
+// trusts the signer by. A signer keeps its CA key only in memory, so after
+// a restart it is known only by the bundle file the operator distributes;
+// re-reading it before every attestation lets the agent follow.
+func (a *Agent) reloadTrust() {
+	b, err := x509bundle.Load(a.cfg.TrustDomain, a.cfg.TrustBundlePath)
+	if err != nil {
+		a.log.Warn("cannot read trust bundle file", "path", a.cfg.TrustBundlePath, "error", err)
+		return
+	}
+	for _, c := range b.X509Authorities() {
+		if !a.up.trust.HasX509Authority(c) {
+			a.up.trust.AddX509Authority(c)
+		}
+	}
+}
+
+// applyBundle installs a trust bundle from the signer, for both verifying
+// the signer and serving workloads.
+func (a *Agent) applyBundle(b *signerpb.Bundle) error {
+	if b.GetTrustDomain() != a.cfg.TrustDomain.String() {
+		return fmt.Errorf("bundle for trust domain %q, want %q", b.GetTrustDomain(), a.cfg.TrustDomain)
+	}
+	var cas []*x509.Certificate
+	for _, der := range b.GetX509Authorities() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return fmt.Errorf("parse bundle: %w", err)
+		}
+		cas = append(cas, c)
+	}
+	if len(cas) == 0 {
+		return fmt.Errorf("bundle has no X.509 authorities")
+	}
+	a.up.trust.SetX509Authorities(cas)
+	if a.cache.setBundle(cas) {
+		a.log.Info("trust bundle updated", "sequence", b.GetSequence(), "authorities", len(cas))
+	}
+	return nil
+}
+
+// validEntries drops entries the agent cannot serve correctly (the signer
+// validated them; this guards against a signer of another trust domain)
+// and sorts nothing: policy order is the response order.
+func validEntries(in []*signerpb.Entry, td spiffeid.TrustDomain, log hclog.Logger) []*signerpb.Entry {
+	out := make([]*signerpb.Entry, 0, len(in))
+	for _, e := range in {
+		id, err := spiffeid.FromString(e.GetSpiffeId())
+		if err != nil || id.TrustDomain() != td || len(e.GetSelectors()) == 0 {
+			log.Warn("ignoring invalid entry from signer", "entry", e.GetId(), "spiffe_id", e.GetSpiffeId())
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+func (a *Agent) markReady() { a.readyOnce.Do(func() { close(a.ready) }) }
+
+// jitter draws a renewal jitter in [-1, 1].
+func (a *Agent) jitter() float64 { return rand.Float64()*2 - 1 }
+
+// rand draws a backoff jitter in [0, 1).
+func (a *Agent) rand() float64 { return rand.Float64() }
+
+// sleep waits d or until ctx ends; it reports whether d elapsed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

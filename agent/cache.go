@@ -1,0 +1,194 @@
+package agent
+
+import (
+	"bytes"
+	"crypto/x509"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+)
+
+// svid is one workload X.509-SVID held in agent memory. The private key is
+// kept only as the PKCS#8 bytes handed to the attested caller.
+type svid struct {
+	entryID   string
+	revision  uint64 // the entry revision it was signed for
+	chain     []*x509.Certificate
+	keyPKCS8  []byte
+	jitter    float64 // drawn once, so the renewal instant is stable
+	renewFail int
+}
+
+func (s *svid) notAfter() time.Time  { return s.chain[0].NotAfter }
+func (s *svid) notBefore() time.Time { return s.chain[0].NotBefore }
+
+// cache is what the agent can serve right now: the entries its node may
+// serve, the SVIDs it holds for them, and the trust bundle. It implements
+// workloadapi.Source. Each distinct response is built once and shared by
+// every caller entitled to the same set of SVIDs, until the next change.
+type cache struct {
+	mu        sync.Mutex
+	entries   []*signerpb.Entry // in policy order
+	svids     map[string]*svid  // by entry ID
+	bundle    []*x509.Certificate
+	bundleDER []byte
+	changed   chan struct{}
+	responses map[string]*workload.X509SVIDResponse // by matched-SVID key
+	bundles   *workload.X509BundlesResponse
+	td        string
+}
+
+func newCache(td string) *cache {
+	return &cache{
+		svids:     make(map[string]*svid),
+		changed:   make(chan struct{}),
+		responses: make(map[string]*workload.X509SVIDResponse),
+		td:        td,
+	}
+}
+
+// notifyLocked drops every shared response and wakes every stream.
+func (c *cache) notifyLocked() {
+	clear(c.responses)
+	c.bundles = nil
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// setEntries replaces the entries and drops SVIDs of entries that are gone.
+func (c *cache) setEntries(entries []*signerpb.Entry) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.entries = entries
+	for id := range c.svids {
+		if !slices.ContainsFunc(entries, func(e *signerpb.Entry) bool { return e.GetId() == id }) {
+			delete(c.svids, id)
+		}
+	}
+	c.notifyLocked()
+}
+
+// setBundle replaces the trust bundle; it reports whether it changed.
+func (c *cache) setBundle(cas []*x509.Certificate) bool {
+	var der bytes.Buffer
+	for _, ca := range cas {
+		der.Write(ca.Raw)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if bytes.Equal(der.Bytes(), c.bundleDER) {
+		return false
+	}
+	c.bundle, c.bundleDER = cas, der.Bytes()
+	c.notifyLocked()
+	return true
+}
+
+// putSVIDs stores freshly signed SVIDs and wakes streams once.
+func (c *cache) putSVIDs(ss []*svid) {
+	if len(ss) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range ss {
+		c.svids[s.entryID] = s
+	}
+	c.notifyLocked()
+}
+
+// expire removes SVIDs past their NotAfter so no caller is ever handed an
+// expired identity, and reports how many it removed.
+func (c *cache) expire(now time.Time) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for id, s := range c.svids {
+		if !now.Before(s.notAfter()) {
+			delete(c.svids, id)
+			n++
+		}
+	}
+	if n > 0 {
+		c.notifyLocked()
+	}
+	return n
+}
+
+// X509SVIDResponse returns the response for a caller with these selectors
+// (nil when it is entitled to no SVID we hold) and a channel closed on the
+// next change.
+func (c *cache) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var matched []*svid
+	var keyb strings.Builder
+	for _, e := range c.entries {
+		s, ok := c.svids[e.GetId()]
+		if !ok || !matches(e.GetSelectors(), selectors) {
+			continue
+		}
+		matched = append(matched, s)
+		keyb.WriteString(e.GetId())
+		keyb.WriteByte(0)
+	}
+	if len(matched) == 0 {
+		return nil, c.changed
+	}
+	key := keyb.String()
+	if r, ok := c.responses[key]; ok {
+		return r, c.changed
+	}
+	r := &workload.X509SVIDResponse{}
+	for _, s := range matched {
+		e := c.entryLocked(s.entryID)
+		var chain bytes.Buffer
+		for _, cert := range s.chain {
+			chain.Write(cert.Raw)
+		}
+		r.Svids = append(r.Svids, &workload.X509SVID{
+			SpiffeId:    e.GetSpiffeId(),
+			X509Svid:    chain.Bytes(),
+			X509SvidKey: s.keyPKCS8,
+			Bundle:      c.bundleDER,
+			Hint:        e.GetHint(),
+		})
+	}
+	c.responses[key] = r
+	return r, c.changed
+}
+
+// X509BundlesResponse returns the trust bundle response and a channel
+// closed on the next change.
+func (c *cache) X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.bundles == nil && len(c.bundleDER) > 0 {
+		c.bundles = &workload.X509BundlesResponse{Bundles: map[string][]byte{c.td: c.bundleDER}}
+	}
+	return c.bundles, c.changed
+}
+
+func (c *cache) entryLocked(id string) *signerpb.Entry {
+	for _, e := range c.entries {
+		if e.GetId() == id {
+			return e
+		}
+	}
+	return nil
+}
+
+// matches reports whether every selector the entry requires is among the
+// caller's. Both lists are short; the caller's is sorted.
+func matches(required, have []string) bool {
+	for _, r := range required {
+		if _, ok := slices.BinarySearch(have, r); !ok {
+			return false
+		}
+	}
+	return len(required) > 0
+}

@@ -1,0 +1,182 @@
+package agent
+
+import (
+	"fmt"
+	"os"
+	"slices"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Defaults of the agent config, as documented in the README.
+const (
+	DefaultSocketPath      = "/run/lanyard/workload.sock"
+	DefaultAdminSocketPath = "/run/lanyard/admin.sock"
+)
+
+// maxSocketPath is the longest path a Unix socket can bind: sun_path holds
+// 108 bytes including the terminating NUL. Checked here so a long path is a
+// config error with a line number, not a bind failure at start.
+const maxSocketPath = 107
+
+// Config is the agent's validated configuration file. Paths in it are
+// absolute: relative ones in the file are resolved against its directory.
+type Config struct {
+	TrustDomain     spiffeid.TrustDomain
+	SignerAddress   string // host:port
+	TrustBundlePath string // PEM bundle that authenticates the signer
+	SocketPath      string // Workload API, open to every local user
+	AdminSocketPath string // status and explain, root only
+	TPM             TPMConfig
+	LogLevel        string // trace, debug, info, warn or error
+	LogFormat       string // text or json
+}
+
+// TPMConfig says how to reach the TPM: exactly one of Device (a kernel TPM
+// device such as /dev/tpmrm0) or Socket (a Unix socket carrying the raw TPM
+// 2.0 command stream, as swtpm serves it) is set.
+type TPMConfig struct {
+	Device string
+	Socket string
+}
+
+var agentConfigSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "trust_domain", Required: true},
+		{Name: "signer_address", Required: true},
+		{Name: "trust_bundle_path", Required: true},
+		{Name: "socket_path"},
+		{Name: "admin_socket_path"},
+		{Name: "log_level"},
+		{Name: "log_format"},
+	},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}},
+}
+
+var agentTPMSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{{Name: "device"}, {Name: "socket"}},
+}
+
+// LoadConfig reads and validates the agent config file at path. Problems
+// in the file come back as hclconf.Errors; an unreadable file as the
+// wrapped os error.
+func LoadConfig(path string) (*Config, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read agent config: %w", err)
+	}
+	return ParseConfig(src, path)
+}
+
+// ParseConfig validates src as the agent config file filename, reporting
+// every problem found as hclconf.Errors.
+func ParseConfig(src []byte, filename string) (*Config, error) {
+	body, diags := hclconf.Parse(src, filename)
+	if diags.HasErrors() {
+		return nil, hclconf.FromDiagnostics(diags).Err()
+	}
+	content, diags := body.Content(agentConfigSchema)
+	dir := hclconf.BaseDir(filename)
+	cfg := &Config{
+		SocketPath:      DefaultSocketPath,
+		AdminSocketPath: DefaultAdminSocketPath,
+		LogLevel:        "info",
+		LogFormat:       "text",
+	}
+	set := func(name string, decode func(*hcl.Attribute) hcl.Diagnostics) {
+		if attr, ok := content.Attributes[name]; ok {
+			diags = append(diags, decode(attr)...)
+		}
+	}
+	set("trust_domain", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.TrustDomain, d = hclconf.TrustDomain(a)
+		return d
+	})
+	set("signer_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.SignerAddress, d = hclconf.HostPort(a, false)
+		return d
+	})
+	set("trust_bundle_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.TrustBundlePath, d = hclconf.Path(a, dir)
+		return d
+	})
+	set("socket_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.SocketPath, d = socketPath(a, dir)
+		return d
+	})
+	set("admin_socket_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.AdminSocketPath, d = socketPath(a, dir)
+		return d
+	})
+	set("log_level", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.LogLevel, d = hclconf.LogLevel(a)
+		return d
+	})
+	set("log_format", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.LogFormat, d = hclconf.LogFormat(a)
+		return d
+	})
+	if cfg.SocketPath != "" && cfg.SocketPath == cfg.AdminSocketPath {
+		// Defaults differ, so at least one of the two was set.
+		attr := content.Attributes["admin_socket_path"]
+		if attr == nil {
+			attr = content.Attributes["socket_path"]
+		}
+		diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: the Workload API and the admin API need different sockets", attr.Name))
+	}
+	diags = append(diags, decodeTPM(content.Blocks.OfType("tpm"), body, dir, &cfg.TPM)...)
+	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// decodeTPM requires exactly one tpm block naming exactly one of device or
+// socket: guessing between a hardware TPM and a software one is not the
+// agent's call.
+func decodeTPM(blocks hcl.Blocks, file hcl.Body, dir string, tpm *TPMConfig) hcl.Diagnostics {
+	if len(blocks) == 0 {
+		// A malformed tpm block (with a label, say) is dropped by the
+		// schema and already reported; don't call it missing as well.
+		if sb, ok := file.(*hclsyntax.Body); ok && slices.ContainsFunc(sb.Blocks, func(b *hclsyntax.Block) bool { return b.Type == "tpm" }) {
+			return nil
+		}
+		return hcl.Diagnostics{hclconf.Errorf(file.MissingItemRange(), `a tpm block is required: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`)}
+	}
+	var diags hcl.Diagnostics
+	for _, b := range blocks[1:] {
+		diags = append(diags, hclconf.Errorf(b.DefRange, "only one tpm block is allowed (first at line %d)", blocks[0].DefRange.Start.Line))
+	}
+	b := blocks[0]
+	content, d := b.Body.Content(agentTPMSchema)
+	diags = append(diags, d...)
+	dev, hasDev := content.Attributes["device"]
+	sock, hasSock := content.Attributes["socket"]
+	switch {
+	case hasDev && hasSock:
+		diags = append(diags, hclconf.Errorf(sock.Range, "tpm: set device or socket, not both"))
+	case hasDev:
+		tpm.Device, d = hclconf.Path(dev, dir)
+		diags = append(diags, d...)
+	case hasSock:
+		tpm.Socket, d = socketPath(sock, dir)
+		diags = append(diags, d...)
+	default:
+		diags = append(diags, hclconf.Errorf(b.DefRange, "tpm: set device (e.g. /dev/tpmrm0) or socket"))
+	}
+	return diags
+}
+
+func socketPath(attr *hcl.Attribute, dir string) (string, hcl.Diagnostics) {
+	p, diags := hclconf.Path(attr, dir)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	if len(p) > maxSocketPath {
+		return "", hcl.Diagnostics{hclconf.Errorf(attr.Expr.Range(), "%s: %q is %d bytes; a Unix socket path can be at most %d", attr.Name, p, len(p), maxSocketPath)}
+	}
+	return p, nil
+}

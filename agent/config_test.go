@@ -1,0 +1,168 @@
+package agent
+
+import (
+	"errors"
+	"io/fs"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+func TestLoadConfigTestdata(t *testing.T) {
+	dir, err := filepath.Abs(filepath.Join("..", "testdata", "config"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	tests := []struct {
+		file string
+		want *Config
+	}{
+		{"agent.hcl", &Config{
+			TrustDomain:     td,
+			SignerAddress:   "signer.example.org:8443",
+			TrustBundlePath: filepath.Join(dir, "bundle.pem"),
+			SocketPath:      "/run/lanyard-test/workload.sock",
+			AdminSocketPath: "/run/lanyard-test/admin.sock",
+			TPM:             TPMConfig{Socket: "/run/swtpm/tpm.sock"},
+			LogLevel:        "warn",
+			LogFormat:       "json",
+		}},
+		{"agent-minimal.hcl", &Config{
+			TrustDomain:     td,
+			SignerAddress:   "127.0.0.1:8443",
+			TrustBundlePath: "/etc/lanyard/bundle.pem",
+			SocketPath:      "/run/lanyard/workload.sock",
+			AdminSocketPath: "/run/lanyard/admin.sock",
+			TPM:             TPMConfig{Device: "/dev/tpmrm0"},
+			LogLevel:        "info",
+			LogFormat:       "text",
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.file, func(t *testing.T) {
+			got, err := LoadConfig(filepath.Join("..", "testdata", "config", tt.file))
+			if err != nil {
+				t.Fatalf("LoadConfig: %v", err)
+			}
+			if diff := cmp.Diff(tt.want, got, cmpopts.EquateComparable(spiffeid.TrustDomain{})); diff != "" {
+				t.Errorf("LoadConfig (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestLoadConfigUnreadable(t *testing.T) {
+	_, err := LoadConfig(filepath.Join(t.TempDir(), "missing.hcl"))
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("LoadConfig error = %v, want fs.ErrNotExist", err)
+	}
+}
+
+func TestParseConfigRelativePaths(t *testing.T) {
+	src := "trust_domain = \"example.org\"\nsigner_address = \"s:1\"\ntrust_bundle_path = \"b.pem\"\nsocket_path = \"run/w.sock\"\ntpm { socket = \"tpm.sock\" }\n"
+	cfg, err := ParseConfig([]byte(src), "/etc/lanyard/agent.hcl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/etc/lanyard/b.pem", "/etc/lanyard/run/w.sock", "/etc/lanyard/tpm.sock"}
+	if diff := cmp.Diff(want, []string{cfg.TrustBundlePath, cfg.SocketPath, cfg.TPM.Socket}); diff != "" {
+		t.Errorf("resolved paths (-want +got):\n%s", diff)
+	}
+}
+
+func TestParseConfigErrors(t *testing.T) {
+	// Lines 1-3; a test adds a tpm block or not.
+	const required = "trust_domain = \"example.org\"\nsigner_address = \"127.0.0.1:8443\"\ntrust_bundle_path = \"b.pem\"\n"
+	const tpm = "tpm { device = \"/dev/tpmrm0\" }\n"
+	long := "/" + strings.Repeat("d", 107)
+	tests := []struct {
+		name string
+		src  string
+		want []string
+	}{
+		{"empty file", "", []string{
+			`a.hcl:1: Missing required argument: The argument "trust_domain" is required, but no definition was found.`,
+			`a.hcl:1: Missing required argument: The argument "signer_address" is required, but no definition was found.`,
+			`a.hcl:1: Missing required argument: The argument "trust_bundle_path" is required, but no definition was found.`,
+			`a.hcl:1: a tpm block is required: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`,
+		}},
+		{"misspelt key", required + tpm + "socket_pth = \"/w.sock\"\n", []string{
+			`a.hcl:5: Unsupported argument: An argument named "socket_pth" is not expected here. Did you mean "socket_path"?`,
+		}},
+		{"unknown block", required + tpm + "signer {}\n", []string{
+			`a.hcl:5: Unsupported block type: Blocks of type "signer" are not expected here.`,
+		}},
+		{"syntax error", required + "tpm {\n", []string{
+			`a.hcl:4: Unclosed configuration block: There is no closing brace for this block before the end of the file. This may be caused by incorrect brace nesting elsewhere in this file.`,
+		}},
+		{"bad trust domain", "trust_domain = \"exa mple\"\nsigner_address = \"a:1\"\ntrust_bundle_path = \"b\"\n" + tpm, []string{
+			`a.hcl:1: trust_domain: "exa mple": trust domain characters are limited to lowercase letters, numbers, dots, dashes, and underscores`,
+		}},
+		{"signer address without host", "trust_domain = \"example.org\"\nsigner_address = \":8443\"\ntrust_bundle_path = \"b\"\n" + tpm, []string{
+			`a.hcl:2: signer_address: ":8443" has no host`,
+		}},
+		{"signer address without port", "trust_domain = \"example.org\"\nsigner_address = \"signer\"\ntrust_bundle_path = \"b\"\n" + tpm, []string{
+			`a.hcl:2: signer_address: "signer" is not host:port`,
+		}},
+		{"socket path too long", required + tpm + "socket_path = \"" + long + "\"\n", []string{
+			`a.hcl:5: socket_path: "` + long + `" is 108 bytes; a Unix socket path can be at most 107`,
+		}},
+		{"same socket twice", required + tpm + "admin_socket_path = \"/run/lanyard/workload.sock\"\n", []string{
+			`a.hcl:5: admin_socket_path: the Workload API and the admin API need different sockets`,
+		}},
+		{"wrong type", required + tpm + "socket_path = [\"/a\"]\n", []string{
+			`a.hcl:5: socket_path: expected a string, got tuple`,
+		}},
+		{"no tpm block", required, []string{
+			`a.hcl:1: a tpm block is required: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`,
+		}},
+		{"two tpm blocks", required + tpm + "tpm { socket = \"/s\" }\n", []string{
+			`a.hcl:5: only one tpm block is allowed (first at line 4)`,
+		}},
+		{"tpm block with a label", required + "tpm \"x\" { device = \"/dev/tpmrm0\" }\n", []string{
+			`a.hcl:4: Extraneous label for tpm: No labels are expected for tpm blocks.`,
+		}},
+		{"tpm with both", required + "tpm {\n  device = \"/dev/tpmrm0\"\n  socket = \"/s\"\n}\n", []string{
+			`a.hcl:6: tpm: set device or socket, not both`,
+		}},
+		{"tpm with neither", required + "tpm {\n}\n", []string{
+			`a.hcl:4: tpm: set device (e.g. /dev/tpmrm0) or socket`,
+		}},
+		{"tpm unknown key", required + "tpm {\n  path = \"/dev/tpm0\"\n}\n", []string{
+			`a.hcl:4: tpm: set device (e.g. /dev/tpmrm0) or socket`,
+			`a.hcl:5: Unsupported argument: An argument named "path" is not expected here.`,
+		}},
+		{"tpm empty device", required + "tpm { device = \"\" }\n", []string{
+			`a.hcl:4: device: must not be empty`,
+		}},
+		{"every problem at once", "trust_domain = 1\nsigner_address = \"a\"\nlog_level = \"loud\"\nlog_format = \"\"\n", []string{
+			`a.hcl:1: Missing required argument: The argument "trust_bundle_path" is required, but no definition was found.`,
+			`a.hcl:1: trust_domain: expected a string, got number`,
+			`a.hcl:1: a tpm block is required: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`,
+			`a.hcl:2: signer_address: "a" is not host:port`,
+			`a.hcl:3: log_level: "loud" is not one of trace, debug, info, warn, error`,
+			`a.hcl:4: log_format: "" is not one of text, json`,
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig([]byte(tt.src), "a.hcl")
+			if cfg != nil {
+				t.Errorf("ParseConfig returned a config along with errors")
+			}
+			var errs hclconf.Errors
+			if !errors.As(err, &errs) {
+				t.Fatalf("ParseConfig error = %v, want hclconf.Errors", err)
+			}
+			if diff := cmp.Diff(strings.Join(tt.want, "\n"), err.Error()); diff != "" {
+				t.Errorf("errors (-want +got):\n%s", diff)
+			}
+		})
+	}
+}

@@ -1,0 +1,174 @@
+package agent
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/rotator"
+)
+
+// maxBatch bounds one SignX509SVIDs call (the signer refuses more).
+const maxBatch = 1000
+
+// due returns the entries that need a (new) SVID at now: none yet, signed
+// for an older revision of the entry, or past their renewal point. It also
+// returns the earliest instant at which anything else falls due or expires.
+func (c *cache) due(now time.Time, sched rotator.Schedule) ([]*signerpb.Entry, time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []*signerpb.Entry
+	var next time.Time
+	for _, e := range c.entries {
+		s, ok := c.svids[e.GetId()]
+		if !ok || s.revision != e.GetRevision() {
+			out = append(out, e)
+			continue
+		}
+		at := sched.RenewAt(s.notBefore(), s.notAfter(), s.jitter)
+		if !now.Before(at) {
+			out = append(out, e)
+			at = s.notAfter() // still served until then: wake to expire it
+		}
+		if next.IsZero() || at.Before(next) {
+			next = at
+		}
+	}
+	return out, next
+}
+
+// signEntries generates a key in memory for each entry and has the signer
+// sign them, in batches. It returns the SVIDs obtained and the first error;
+// an entry the signer refused does not stop the others.
+func (a *Agent) signEntries(ctx context.Context, entries []*signerpb.Entry) ([]*svid, error) {
+	client, _ := a.up.client()
+	if client == nil {
+		return nil, errors.New("not connected to the signer")
+	}
+	var out []*svid
+	var firstErr error
+	for len(entries) > 0 {
+		batch := entries[:min(len(entries), maxBatch)]
+		entries = entries[len(batch):]
+		keys := make(map[string]*ecdsa.PrivateKey, len(batch))
+		req := &signerpb.SignX509SVIDsRequest{}
+		for _, e := range batch {
+			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			if err != nil {
+				return out, fmt.Errorf("generate key: %w", err)
+			}
+			csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+			if err != nil {
+				return out, fmt.Errorf("create CSR for %s: %w", e.GetId(), err)
+			}
+			keys[e.GetId()] = key
+			req.Csrs = append(req.Csrs, &signerpb.CSR{EntryId: e.GetId(), Csr: csr})
+		}
+		resp, err := client.SignX509SVIDs(ctx, req)
+		if err != nil {
+			return out, fmt.Errorf("sign %d SVIDs: %w", len(batch), err)
+		}
+		for _, r := range resp.GetSvids() {
+			s, err := a.svidFrom(r, keys, batch)
+			if err != nil {
+				a.log.Warn("x509-svid not obtained", "entry", r.GetEntryId(), "error", err)
+				if firstErr == nil {
+					firstErr = err
+				}
+				continue
+			}
+			out = append(out, s)
+		}
+	}
+	return out, firstErr
+}
+
+func (a *Agent) svidFrom(r *signerpb.SignedX509SVID, keys map[string]*ecdsa.PrivateKey, batch []*signerpb.Entry) (*svid, error) {
+	if r.GetError() != "" {
+		return nil, fmt.Errorf("entry %q refused by signer: %s", r.GetEntryId(), r.GetError())
+	}
+	key, ok := keys[r.GetEntryId()]
+	if !ok || len(r.GetChain()) == 0 {
+		return nil, fmt.Errorf("entry %q: unexpected answer from signer", r.GetEntryId())
+	}
+	var e *signerpb.Entry
+	for _, b := range batch {
+		if b.GetId() == r.GetEntryId() {
+			e = b
+		}
+	}
+	var chain []*x509.Certificate
+	for _, der := range r.GetChain() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("entry %q: parse SVID: %w", e.GetId(), err)
+		}
+		chain = append(chain, c)
+	}
+	if !publicKeysEqual(chain[0].PublicKey, key.Public()) {
+		return nil, fmt.Errorf("entry %q: SVID is not for the key we generated", e.GetId())
+	}
+	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("entry %q: encode key: %w", e.GetId(), err)
+	}
+	return &svid{entryID: e.GetId(), revision: e.GetRevision(), chain: chain, keyPKCS8: pkcs8, jitter: a.jitter()}, nil
+}
+
+// renewLoop keeps every entry's SVID fresh: it wakes on a sync change or
+// when the next SVID falls due, drops expired SVIDs first so they are never
+// served, and retries failures with backoff.
+func (a *Agent) renewLoop(ctx context.Context) error {
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	failures := 0
+	for {
+		select {
+		case <-a.wakeRenew:
+		case <-timer.C:
+		case <-ctx.Done():
+			return nil
+		}
+		now := time.Now()
+		if n := a.cache.expire(now); n > 0 {
+			a.log.Warn("x509-svids expired before renewal", "count", n)
+		}
+		entries, next := a.cache.due(now, a.sched)
+		if len(entries) > 0 {
+			got, err := a.signEntries(ctx, entries)
+			a.cache.putSVIDs(got)
+			for _, s := range got {
+				a.log.Info("x509-svid renewed", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
+					"serial", s.chain[0].SerialNumber.Text(16), "not_after", s.notAfter().UTC().Format(time.RFC3339))
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				failures++
+				retry := time.Now().Add(a.backoff.Delay(failures, a.rand()))
+				a.log.Error("x509-svid renewal failed", "error", err, "failures", failures, "retry_at", retry.Format(time.RFC3339Nano))
+				if next.IsZero() || retry.Before(next) {
+					next = retry
+				}
+			} else {
+				failures = 0
+				// The fresh SVIDs come due later; recompute.
+				_, next = a.cache.due(time.Now(), a.sched)
+			}
+		}
+		if a.synced.Load() {
+			a.markReady()
+		}
+		if !next.IsZero() {
+			timer.Reset(max(time.Until(next), 0))
+		}
+	}
+}

@@ -1,0 +1,212 @@
+package agent
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/google/go-attestation/attest"
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+)
+
+// attestTimeout bounds one attestation round trip with the signer.
+const attestTimeout = 30 * time.Second
+
+// upstream is the agent's side of the signer API. It owns the agent's
+// identity: a TPM session whose key never leaves the TPM, the SVID the
+// signer issued for that key, and the mTLS connection that uses both.
+type upstream struct {
+	addr     string
+	signerID spiffeid.ID
+	tpm      *attestor.TPM
+	trust    *x509bundle.Bundle // what the signer is verified against; updated from Sync
+	log      hclog.Logger
+
+	mu     sync.Mutex
+	sess   *attestor.Session
+	svid   *x509svid.SVID
+	conn   *grpc.ClientConn
+	nodes  []string      // node selectors from the last attestation
+	newCon chan struct{} // closed when a new connection replaces conn
+}
+
+func newUpstream(addr string, td spiffeid.TrustDomain, tpm *attestor.TPM, trust *x509bundle.Bundle, log hclog.Logger) (*upstream, error) {
+	id, err := spiffeid.FromSegments(td, "lanyard", "signer")
+	if err != nil {
+		return nil, fmt.Errorf("signer ID: %w", err)
+	}
+	return &upstream{addr: addr, signerID: id, tpm: tpm, trust: trust, log: log, newCon: make(chan struct{})}, nil
+}
+
+// GetX509SVID implements x509svid.Source for the mTLS client config: the
+// private key is the TPM-resident signer.
+func (u *upstream) GetX509SVID() (*x509svid.SVID, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.svid == nil {
+		return nil, errors.New("agent is not attested yet")
+	}
+	return u.svid, nil
+}
+
+// agentSVID returns the current agent SVID (nil before the first
+// attestation).
+func (u *upstream) agentSVID() *x509svid.SVID {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.svid
+}
+
+// client returns the signer client on the current mTLS connection and a
+// channel closed once that connection is replaced.
+func (u *upstream) client() (signerpb.SignerClient, <-chan struct{}) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.conn == nil {
+		return nil, u.newCon
+	}
+	return signerpb.NewSignerClient(u.conn), u.newCon
+}
+
+// attest proves the TPM to the signer and installs the resulting identity
+// and connection. On failure the previous identity stays in place.
+func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, attestTimeout)
+	defer cancel()
+	sess, err := u.tpm.NewSession()
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	keep := false
+	defer func() {
+		if !keep {
+			sess.Close()
+		}
+	}()
+	ev, err := sess.Evidence()
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	conn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(
+		tlsconfig.TLSClientConfig(u.trust, tlsconfig.AuthorizeID(u.signerID)))))
+	if err != nil {
+		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
+	}
+	defer conn.Close()
+	stream, err := signerpb.NewSignerClient(conn).Attest(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
+	}
+	err = stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_Evidence{Evidence: &signerpb.Evidence{
+		EkCertificate: ev.EKCertificate,
+		EkPublic:      ev.EKPublic,
+		Ak:            &signerpb.TPMObject{Public: ev.AK.Public, CreateData: ev.AK.CreateData, CreateAttestation: ev.AK.CreateAttestation, CreateSignature: ev.AK.CreateSignature},
+		Key:           &signerpb.TPMObject{Public: ev.Key.Public, CreateData: ev.Key.CreateData, CreateAttestation: ev.Key.CreateAttestation, CreateSignature: ev.Key.CreateSignature},
+		Csr:           ev.CSR,
+	}}})
+	if err != nil {
+		return nil, fmt.Errorf("attest: send evidence to %s: %w", u.addr, err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
+	}
+	ch := resp.GetChallenge()
+	if ch == nil {
+		return nil, fmt.Errorf("attest: signer %s sent no challenge", u.addr)
+	}
+	secret, err := sess.Activate(attest.EncryptedCredential{Credential: ch.GetCredential(), Secret: ch.GetSecret()})
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_ActivationSecret{ActivationSecret: secret}}); err != nil {
+		return nil, fmt.Errorf("attest: send activation answer: %w", err)
+	}
+	resp, err = stream.Recv()
+	if err != nil {
+		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
+	}
+	res := resp.GetResult()
+	if res == nil || len(res.GetSvid()) == 0 {
+		return nil, fmt.Errorf("attest: signer %s sent no SVID", u.addr)
+	}
+	svid, err := u.agentSVIDFrom(res, sess)
+	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+
+	mtls := tlsconfig.MTLSClientConfig(u, u.trust, tlsconfig.AuthorizeID(u.signerID))
+	newConn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(mtls)))
+	if err != nil {
+		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
+	}
+	keep = true
+	u.mu.Lock()
+	oldSess, oldConn := u.sess, u.conn
+	u.sess, u.svid, u.conn, u.nodes = sess, svid, newConn, res.GetNodeSelectors()
+	close(u.newCon)
+	u.newCon = make(chan struct{})
+	u.mu.Unlock()
+	// The old key may still be signing a handshake on the old connection:
+	// close the connection first, then flush the key from the TPM.
+	if oldConn != nil {
+		oldConn.Close()
+	}
+	if oldSess != nil {
+		oldSess.Close()
+	}
+	return res, nil
+}
+
+// agentSVIDFrom checks the SVID the signer issued: it must be for the key
+// the TPM holds, and verify against the bundle.
+func (u *upstream) agentSVIDFrom(res *signerpb.AttestResult, sess *attestor.Session) (*x509svid.SVID, error) {
+	var chain []*x509.Certificate
+	for _, der := range res.GetSvid() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("parse agent SVID: %w", err)
+		}
+		chain = append(chain, c)
+	}
+	if !publicKeysEqual(chain[0].PublicKey, sess.Signer().Public()) {
+		return nil, errors.New("agent SVID is not for the TPM key")
+	}
+	id, err := x509svid.IDFromCert(chain[0])
+	if err != nil {
+		return nil, fmt.Errorf("agent SVID: %w", err)
+	}
+	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: sess.Signer()}, nil
+}
+
+func (u *upstream) close() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.conn != nil {
+		u.conn.Close()
+		u.conn = nil
+	}
+	if u.sess != nil {
+		u.sess.Close()
+		u.sess = nil
+	}
+}
+
+// publicKeysEqual compares two public keys of the kinds Go's crypto
+// packages produce.
+func publicKeysEqual(a, b crypto.PublicKey) bool {
+	ea, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && ea.Equal(b)
+}

@@ -1,0 +1,70 @@
+// Command lanyard-agent is Lanyard's per-host agent, and the SRE's tool to
+// ask it questions.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/cli"
+)
+
+const usage = `usage: lanyard-agent <command> [flags]
+
+commands:
+  run --config FILE                      run the agent
+  fetch x509 [--socket PATH]             fetch X.509-SVIDs from the Workload API as this process
+  tpm info --config FILE                 show the TPM's EK SHA-256, manufacturer and EK certificate
+  version                                print the version
+`
+
+func main() {
+	args := os.Args[1:]
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	switch args[0] {
+	case "run":
+		run(args[1:])
+	case "fetch":
+		if len(args) < 2 || args[1] != "x509" {
+			cli.Fatalf(2, "usage: lanyard-agent fetch x509 [--socket PATH]")
+		}
+		os.Exit(fetchX509(args[2:], os.Stdout, os.Stderr))
+	case "tpm":
+		if len(args) < 2 || args[1] != "info" {
+			cli.Fatalf(2, "usage: lanyard-agent tpm info --config FILE")
+		}
+		os.Exit(tpmInfo(args[2:], os.Stdout, os.Stderr))
+	case "version", "--version":
+		fmt.Println("lanyard-agent", cli.Version())
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "unknown command %q\n%s", args[0], usage)
+		os.Exit(2)
+	}
+}
+
+func run(args []string) {
+	fs := flag.NewFlagSet("run", flag.ExitOnError)
+	path := fs.String("config", "", "agent config file (HCL)")
+	fs.Parse(args)
+	if *path == "" {
+		cli.Fatalf(2, "run: --config is required")
+	}
+	cfg, err := agent.LoadConfig(*path)
+	if err != nil {
+		cli.Fatalf(1, "lanyard-agent: invalid config:\n%v", err)
+	}
+	log := cli.NewLogger("lanyard-agent", cfg.LogLevel, cfg.LogFormat, os.Stderr)
+	ctx, stop := cli.SignalContext()
+	defer stop()
+	if err := agent.New(cfg, log).Run(ctx); err != nil {
+		log.Error("agent stopped", "error", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,102 @@
+// Command lanyard-signer is Lanyard's upstream signer.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/lanyard-dev/lanyard/internal/cli"
+	"github.com/lanyard-dev/lanyard/signer"
+	"github.com/lanyard-dev/lanyard/signer/policy"
+)
+
+const usage = `usage: lanyard-signer <command> [flags]
+
+commands:
+  run --config FILE            run the signer
+  policy check --config FILE   validate the policy named by the config (exit 0 when valid)
+  bundle --config FILE         print the trust bundle file the signer wrote (PEM)
+  version                      print the version
+`
+
+func main() {
+	args := os.Args[1:]
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	switch args[0] {
+	case "run":
+		run(args[1:])
+	case "policy":
+		if len(args) < 2 || args[1] != "check" {
+			cli.Fatalf(2, "usage: lanyard-signer policy check --config FILE")
+		}
+		policyCheck(args[2:])
+	case "bundle":
+		bundle(args[1:])
+	case "version", "--version":
+		fmt.Println("lanyard-signer", cli.Version())
+	case "help", "-h", "--help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "unknown command %q\n%s", args[0], usage)
+		os.Exit(2)
+	}
+}
+
+func configFlag(name string, args []string) string {
+	fs := flag.NewFlagSet(name, flag.ExitOnError)
+	path := fs.String("config", "", "signer config file (HCL)")
+	fs.Parse(args)
+	if *path == "" {
+		cli.Fatalf(2, "%s: --config is required", name)
+	}
+	return *path
+}
+
+func run(args []string) {
+	cfg, err := signer.LoadConfig(configFlag("run", args))
+	if err != nil {
+		cli.Fatalf(1, "lanyard-signer: invalid config:\n%v", err)
+	}
+	log := cli.NewLogger("lanyard-signer", cfg.LogLevel, cfg.LogFormat, os.Stderr)
+	s, err := signer.New(cfg, log)
+	if err != nil {
+		cli.Fatalf(1, "lanyard-signer: %v", err)
+	}
+	ctx, stop := cli.SignalContext()
+	defer stop()
+	if err := s.Run(ctx); err != nil {
+		log.Error("signer stopped", "error", err)
+		os.Exit(1)
+	}
+}
+
+func policyCheck(args []string) {
+	cfg, err := signer.LoadConfig(configFlag("policy check", args))
+	if err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
+	p, err := policy.Load(cfg.PolicyPath, cfg.TrustDomain)
+	if err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
+	fmt.Printf("%s: ok (%d node blocks, %d workload entries)\n", cfg.PolicyPath, len(p.Nodes), len(p.Workloads))
+}
+
+func bundle(args []string) {
+	cfg, err := signer.LoadConfig(configFlag("bundle", args))
+	if err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
+	b, err := os.ReadFile(cfg.BundlePath)
+	if errors.Is(err, os.ErrNotExist) {
+		cli.Fatalf(1, "no bundle at %s: is the signer running?", cfg.BundlePath)
+	} else if err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
+	os.Stdout.Write(b)
+}

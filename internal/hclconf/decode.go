@@ -1,0 +1,214 @@
+package hclconf
+
+import (
+	"fmt"
+	"net"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/hashicorp/hcl/v2/hclparse"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/zclconf/go-cty/cty"
+)
+
+// Parse parses src as HCL native syntax. When the syntax is broken it
+// returns only the syntax errors: decoding a half-parsed body would add
+// noise (spurious "missing argument" reports) to the real problem.
+func Parse(src []byte, filename string) (hcl.Body, hcl.Diagnostics) {
+	f, diags := hclparse.NewParser().ParseHCL(src, filename)
+	if diags.HasErrors() {
+		return nil, diags
+	}
+	return f.Body, diags
+}
+
+// BaseDir returns the absolute directory of filename: relative paths written
+// in a config file are resolved against it, so the meaning of a file does not
+// depend on the directory a daemon was started from.
+func BaseDir(filename string) string {
+	dir := filepath.Dir(filename)
+	if abs, err := filepath.Abs(dir); err == nil {
+		return abs
+	}
+	return dir
+}
+
+// Resolve returns p made absolute against dir (see BaseDir).
+func Resolve(dir, p string) string {
+	if filepath.IsAbs(p) {
+		return filepath.Clean(p)
+	}
+	return filepath.Join(dir, p)
+}
+
+// Item is one element of a list attribute and where it was written, so a
+// problem with one element of a multi-line list names that element's line.
+type Item struct {
+	Value string
+	Range hcl.Range
+}
+
+// String decodes attr as a string. Only a string is accepted: HCL would
+// silently turn `port = 8443` into "8443", but a config file that says
+// `x509_ttl = 60` almost certainly meant something else, so it is an error.
+func String(attr *hcl.Attribute) (string, hcl.Diagnostics) {
+	v, diags := attr.Expr.Value(nil)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	rng := attr.Expr.Range()
+	if d := checkString(attr.Name, v, rng); d != nil {
+		return "", hcl.Diagnostics{d}
+	}
+	return v.AsString(), nil
+}
+
+// NonEmptyString is String that also rejects "".
+func NonEmptyString(attr *hcl.Attribute) (string, hcl.Diagnostics) {
+	s, diags := String(attr)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	if strings.TrimSpace(s) == "" {
+		return "", hcl.Diagnostics{Errorf(attr.Expr.Range(), "%s: must not be empty", attr.Name)}
+	}
+	return s, nil
+}
+
+// StringList decodes attr as a list of strings, each with its own range.
+func StringList(attr *hcl.Attribute) ([]Item, hcl.Diagnostics) {
+	v, diags := attr.Expr.Value(nil)
+	if diags.HasErrors() {
+		return nil, diags
+	}
+	rng := attr.Expr.Range()
+	switch {
+	case !v.IsWhollyKnown():
+		return nil, hcl.Diagnostics{Errorf(rng, "%s: value is not known", attr.Name)}
+	case v.IsNull():
+		return nil, hcl.Diagnostics{Errorf(rng, "%s: must not be null", attr.Name)}
+	case !v.Type().IsTupleType() && !v.Type().IsListType() && !v.Type().IsSetType():
+		return nil, hcl.Diagnostics{Errorf(rng, "%s: expected a list of strings, got %s", attr.Name, v.Type().FriendlyName())}
+	}
+	// Element ranges exist only for a literal list; anything else (a for
+	// expression, say) is located at the whole attribute.
+	elems, ediags := hcl.ExprList(attr.Expr)
+	if ediags.HasErrors() || len(elems) != v.LengthInt() {
+		elems = nil
+	}
+	items := make([]Item, 0, v.LengthInt())
+	for i, it := 0, v.ElementIterator(); it.Next(); i++ {
+		_, ev := it.Element()
+		erng := rng
+		if elems != nil {
+			erng = elems[i].Range()
+		}
+		if d := checkString(fmt.Sprintf("%s[%d]", attr.Name, i), ev, erng); d != nil {
+			diags = append(diags, d)
+			continue
+		}
+		items = append(items, Item{Value: ev.AsString(), Range: erng})
+	}
+	return items, diags
+}
+
+func checkString(name string, v cty.Value, rng hcl.Range) *hcl.Diagnostic {
+	switch {
+	case !v.IsKnown():
+		return Errorf(rng, "%s: value is not known", name)
+	case v.IsNull():
+		return Errorf(rng, "%s: must not be null", name)
+	case !v.Type().Equals(cty.String):
+		return Errorf(rng, "%s: expected a string, got %s", name, v.Type().FriendlyName())
+	}
+	return nil
+}
+
+// Duration decodes attr as a Go duration string ("90s", "5m", "1h") of at
+// least minimum.
+func Duration(attr *hcl.Attribute, minimum time.Duration) (time.Duration, hcl.Diagnostics) {
+	s, diags := String(attr)
+	if diags.HasErrors() {
+		return 0, diags
+	}
+	rng := attr.Expr.Range()
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, hcl.Diagnostics{Errorf(rng, "%s: invalid duration %q (write it like \"90s\", \"5m\" or \"1h\")", attr.Name, s)}
+	}
+	if d < minimum {
+		return 0, hcl.Diagnostics{Errorf(rng, "%s: %s is below the minimum of %s", attr.Name, s, minimum)}
+	}
+	return d, nil
+}
+
+// OneOf decodes attr as a string that must be one of allowed.
+func OneOf(attr *hcl.Attribute, allowed ...string) (string, hcl.Diagnostics) {
+	s, diags := String(attr)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	if !slices.Contains(allowed, s) {
+		return "", hcl.Diagnostics{Errorf(attr.Expr.Range(), "%s: %q is not one of %s", attr.Name, s, strings.Join(allowed, ", "))}
+	}
+	return s, nil
+}
+
+// Path decodes attr as a non-empty file path and resolves it against dir.
+func Path(attr *hcl.Attribute, dir string) (string, hcl.Diagnostics) {
+	s, diags := NonEmptyString(attr)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	return Resolve(dir, s), nil
+}
+
+// LogLevel decodes a log_level key: trace, debug, info, warn or error.
+func LogLevel(attr *hcl.Attribute) (string, hcl.Diagnostics) {
+	return OneOf(attr, "trace", "debug", "info", "warn", "error")
+}
+
+// LogFormat decodes a log_format key: text or json.
+func LogFormat(attr *hcl.Attribute) (string, hcl.Diagnostics) {
+	return OneOf(attr, "text", "json")
+}
+
+// HostPort decodes attr as a "host:port" address with a numeric port. An
+// address to listen on may leave the host empty (":8443", every address) and
+// use port 0 (any free port, for tests); an address to dial may not.
+func HostPort(attr *hcl.Attribute, listen bool) (string, hcl.Diagnostics) {
+	s, diags := NonEmptyString(attr)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	rng := attr.Expr.Range()
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", hcl.Diagnostics{Errorf(rng, "%s: %q is not host:port", attr.Name, s)}
+	}
+	if host == "" && !listen {
+		return "", hcl.Diagnostics{Errorf(rng, "%s: %q has no host", attr.Name, s)}
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && !listen) {
+		return "", hcl.Diagnostics{Errorf(rng, "%s: %q: port must be a number from 1 to 65535", attr.Name, s)}
+	}
+	return s, nil
+}
+
+// TrustDomain decodes attr as a trust domain name ("example.org") or its
+// SPIFFE ID ("spiffe://example.org").
+func TrustDomain(attr *hcl.Attribute) (spiffeid.TrustDomain, hcl.Diagnostics) {
+	s, diags := NonEmptyString(attr)
+	if diags.HasErrors() {
+		return spiffeid.TrustDomain{}, diags
+	}
+	td, err := spiffeid.TrustDomainFromString(s)
+	if err != nil {
+		return spiffeid.TrustDomain{}, hcl.Diagnostics{Errorf(attr.Expr.Range(), "%s: %q: %v", attr.Name, s, err)}
+	}
+	return td, nil
+}

@@ -1,0 +1,183 @@
+// Package swtpmtest runs a real software TPM (swtpm) for tests: a TPM 2.0
+// that serves the raw command stream on a Unix socket, as `swtpm socket
+// --server type=unixio` does in production, and holds an RSA EK whose
+// certificate (NV index 0x01c00002) chains to a throwaway local CA.
+//
+// The work is done by scripts/swtpm.sh, the same script `make demo` uses, so
+// tests and the demo exercise one provisioning path.
+package swtpmtest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// ErrNoRepoRoot is returned by RepoRoot when no go.mod is found above the
+// working directory.
+var ErrNoRepoRoot = errors.New("no go.mod found above the working directory")
+
+// requiredTools are the programs scripts/swtpm.sh runs, from the Debian
+// packages swtpm, swtpm-tools and (through swtpm-tools) gnutls-bin.
+var requiredTools = []string{"bash", "swtpm", "swtpm_setup", "swtpm_cert", "certtool"}
+
+// maxSocketPath is sun_path's 108 bytes less the terminating NUL.
+const maxSocketPath = 107
+
+// scriptTimeout bounds each call of scripts/swtpm.sh; provisioning takes
+// about 1.5 s on a 2-core machine, far more under -race with tests running
+// in parallel.
+const scriptTimeout = 2 * time.Minute
+
+// TPM is a running swtpm provisioned with an EK certificate, for tests.
+// All of it lives in Dir, which Start removes when the test ends.
+type TPM struct {
+	// Dir holds the TPM's state, its manufacturer CA and its sockets.
+	Dir string
+	// Socket is the Unix socket carrying the raw TPM 2.0 command stream.
+	Socket string
+	// EKCAPath is a PEM file with the CA certificates (root first, then
+	// the issuer) that the EK certificate chains to: what a policy's
+	// ek_ca names.
+	EKCAPath string
+	// EKCertPath is the RSA EK certificate in PEM; the TPM holds the same
+	// certificate, DER-encoded, in NV index 0x01c00002.
+	EKCertPath string
+}
+
+// Start provisions and starts a swtpm in a fresh short temporary directory,
+// and stops and removes it when the test ends. Without swtpm installed it
+// skips the test, naming what is missing; with CI=true in the environment
+// it fails instead, so CI cannot pass by skipping the TPM tests.
+func Start(t testing.TB) *TPM {
+	t.Helper()
+	if missing := missingTools(); len(missing) > 0 {
+		msg := fmt.Sprintf("swtpm is not installed: %s not found in PATH (run make swtpm-deps, or apt-get install -y swtpm swtpm-tools)",
+			strings.Join(missing, ", "))
+		if inCI() {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatalf("swtpmtest: %v", err)
+	}
+	script := filepath.Join(root, "scripts", "swtpm.sh")
+
+	dir, err := shortTempDir()
+	if err != nil {
+		t.Fatalf("swtpmtest: %v", err)
+	}
+	t.Cleanup(func() {
+		// The test's own context is already done when cleanups run.
+		ctx, cancel := context.WithTimeout(context.Background(), scriptTimeout)
+		defer cancel()
+		if _, err := runScript(ctx, script, "stop", dir); err != nil {
+			t.Errorf("swtpmtest: %v", err)
+		}
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("swtpmtest: remove %s: %v", dir, err)
+		}
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), scriptTimeout)
+	defer cancel()
+	caPath, err := runScript(ctx, script, "provision", dir)
+	if err != nil {
+		t.Fatalf("swtpmtest: %v", err)
+	}
+	sock, err := runScript(ctx, script, "start", dir)
+	if err != nil {
+		t.Fatalf("swtpmtest: %v", err)
+	}
+	return &TPM{
+		Dir:        dir,
+		Socket:     sock,
+		EKCAPath:   caPath,
+		EKCertPath: filepath.Join(dir, "ek.pem"),
+	}
+}
+
+// RepoRoot returns the directory of the nearest go.mod at or above the
+// working directory, which `go test` sets to the package under test: that
+// is how a test in any package finds scripts/.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("find repo root: %w", err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", ErrNoRepoRoot
+		}
+		dir = parent
+	}
+}
+
+func missingTools() []string {
+	var missing []string
+	for _, tool := range requiredTools {
+		if _, err := exec.LookPath(tool); err != nil {
+			missing = append(missing, tool)
+		}
+	}
+	return missing
+}
+
+func inCI() bool {
+	ci, err := strconv.ParseBool(os.Getenv("CI"))
+	return err == nil && ci
+}
+
+// shortTempDir makes a directory whose socket paths fit in sun_path. $TMPDIR
+// can be long (t.TempDir under it is longer still), so fall back to /tmp.
+func shortTempDir() (string, error) {
+	dir, err := os.MkdirTemp("", "ly")
+	if err != nil {
+		return "", fmt.Errorf("create temp dir: %w", err)
+	}
+	if len(filepath.Join(dir, "ctrl.sock")) <= maxSocketPath {
+		return dir, nil
+	}
+	if err := os.Remove(dir); err != nil {
+		return "", fmt.Errorf("remove long temp dir: %w", err)
+	}
+	dir, err = os.MkdirTemp("/tmp", "ly")
+	if err != nil {
+		return "", fmt.Errorf("create temp dir in /tmp: %w", err)
+	}
+	return dir, nil
+}
+
+// runScript runs one verb of scripts/swtpm.sh and returns the last line it
+// printed (the path it reports); its stderr goes into the error.
+func runScript(ctx context.Context, script, verb, dir string) (string, error) {
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, "bash", script, verb, dir)
+	cmd.Stdout = &stdout
+	cmd.Stderr = &stderr
+	// swtpm --daemon keeps nothing of ours open, but a stuck child must
+	// not hold the test past the timeout either.
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("swtpm.sh %s %s: %w: %s", verb, dir, err, strings.TrimSpace(stderr.String()))
+	}
+	out := strings.TrimSpace(stdout.String())
+	if i := strings.LastIndexByte(out, '\n'); i >= 0 {
+		out = out[i+1:]
+	}
+	return out, nil
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# make demo: a software TPM with an EK certificate, a signer and an agent,
+# all in one temporary folder, ending with an SVID fetched through the
+# SPIFFE Workload API. Everything is stopped and removed on exit.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin="$root/bin"
+work=$(mktemp -d /tmp/lanyard-demo.XXXXXX)
+pids=()
+
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  "$root/scripts/swtpm.sh" stop "$work/tpm" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "software TPM (swtpm) with an EK certificate from a local CA"
+"$root/scripts/swtpm.sh" provision "$work/tpm" >/dev/null
+"$root/scripts/swtpm.sh" start "$work/tpm" >/dev/null
+echo "TPM socket: $work/tpm/tpm.sock"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()' 2>/dev/null || echo 8443)
+uid=$(id -u)
+user=$(id -un)
+
+cat >"$work/signer.hcl" <<HCL
+trust_domain   = "example.org"
+listen_address = "127.0.0.1:$port"
+policy_path    = "policy.hcl"
+bundle_path    = "bundle.pem"
+state_dir      = "$work/signer-state"
+HCL
+cat >"$work/policy.hcl" <<HCL
+# Accept any TPM whose EK certificate chains to the swtpm local CA.
+node "demo" {
+  ek_ca = ["$work/tpm/ek-ca.pem"]
+}
+# Give processes of the current user an identity.
+workload "demo" {
+  spiffe_id = "spiffe://example.org/demo/$user"
+  nodes     = ["demo"]
+  selectors = ["unix:uid:$uid"]
+  x509_ttl  = "1h"
+  hint      = "demo"
+}
+HCL
+cat >"$work/agent.hcl" <<HCL
+trust_domain      = "example.org"
+signer_address    = "127.0.0.1:$port"
+trust_bundle_path = "bundle.pem"
+socket_path       = "$work/workload.sock"
+admin_socket_path = "$work/admin/admin.sock"
+tpm { socket = "$work/tpm/tpm.sock" }
+HCL
+
+step "lanyard-signer policy check"
+"$bin/lanyard-signer" policy check --config "$work/signer.hcl"
+
+step "lanyard-agent tpm info (what an operator pastes into policy)"
+"$bin/lanyard-agent" tpm info --config "$work/agent.hcl"
+
+step "start lanyard-signer on 127.0.0.1:$port"
+"$bin/lanyard-signer" run --config "$work/signer.hcl" >"$work/signer.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -s "$work/bundle.pem" ] && break; sleep 0.05; done
+[ -s "$work/bundle.pem" ] || { cat "$work/signer.log"; echo "signer did not write its bundle" >&2; exit 1; }
+echo "trust bundle written to $work/bundle.pem"
+
+step "start lanyard-agent and fetch an X.509-SVID"
+t0=$(date +%s%N)
+"$bin/lanyard-agent" run --config "$work/agent.hcl" >"$work/agent.log" 2>&1 &
+pids+=($!)
+ok=
+for _ in $(seq 300); do
+  if [ -S "$work/workload.sock" ] && out=$("$bin/lanyard-agent" fetch x509 --socket "$work/workload.sock" 2>&1); then
+    ok=1; break
+  fi
+  sleep 0.02
+done
+t1=$(date +%s%N)
+if [ -z "$ok" ]; then
+  echo "--- signer log"; cat "$work/signer.log"; echo "--- agent log"; cat "$work/agent.log"
+  echo "no SVID within 6s" >&2; exit 1
+fi
+echo "$out"
+
+step "timing"
+echo "agent start to first SVID fetched: $(( (t1 - t0) / 1000000 )) ms (wall clock, includes TPM attestation)"
+grep -o 'startup_ms=[0-9]*' "$work/agent.log" | head -1 | sed 's/^/agent reports /' || true
+
+step "agent log"
+cat "$work/agent.log"

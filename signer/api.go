@@ -1,0 +1,323 @@
+package signer
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/go-attestation/attest"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/signer/policy"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+const (
+	// attestTimeout bounds one whole attestation, challenge round trip
+	// included, so a stalled client cannot hold signer resources.
+	attestTimeout = 30 * time.Second
+	// maxCSRs bounds one SignX509SVIDs call.
+	maxCSRs = 1000
+	// agentPath is the path prefix of every agent SVID.
+	agentPath = "/lanyard/agent/tpm/"
+)
+
+// api implements the agent-facing gRPC service. gRPC status codes are
+// chosen here and nowhere else.
+type api struct {
+	signerpb.UnimplementedSignerServer
+	s *Signer
+}
+
+func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
+	s := a.s
+	ctx, cancel := context.WithTimeout(stream.Context(), attestTimeout)
+	defer cancel()
+
+	req, err := recv(ctx, stream)
+	if err != nil {
+		return err
+	}
+	pe := req.GetEvidence()
+	if pe == nil {
+		return status.Error(codes.InvalidArgument, "attest: the first message must carry evidence")
+	}
+	ev := &attestor.Evidence{
+		EKCertificate: pe.GetEkCertificate(),
+		EKPublic:      pe.GetEkPublic(),
+		AK: attest.AttestationParameters{
+			Public: pe.GetAk().GetPublic(), CreateData: pe.GetAk().GetCreateData(),
+			CreateAttestation: pe.GetAk().GetCreateAttestation(), CreateSignature: pe.GetAk().GetCreateSignature(),
+		},
+		Key: attest.CertificationParameters{
+			Public: pe.GetKey().GetPublic(), CreateData: pe.GetKey().GetCreateData(),
+			CreateAttestation: pe.GetKey().GetCreateAttestation(), CreateSignature: pe.GetKey().GetCreateSignature(),
+		},
+		CSR: pe.GetCsr(),
+	}
+	s.mu.Lock()
+	rules := s.rules
+	s.mu.Unlock()
+	ch, err := attestor.NewChallenge(ev, rules, nil, time.Now())
+	if err != nil {
+		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "reason", err.Error())
+		return attestStatus(err)
+	}
+	cred := ch.Credential()
+	if err := stream.Send(&signerpb.AttestResponse{Step: &signerpb.AttestResponse_Challenge{
+		Challenge: &signerpb.Challenge{Credential: cred.Credential, Secret: cred.Secret},
+	}}); err != nil {
+		return err
+	}
+	req, err = recv(ctx, stream)
+	if err != nil {
+		return err
+	}
+	node, err := ch.Verify(req.GetActivationSecret())
+	if err != nil {
+		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "reason", err.Error())
+		return attestStatus(err)
+	}
+
+	id, err := spiffeid.FromPath(s.cfg.TrustDomain, agentPath+node.EKSHA256)
+	if err != nil {
+		return status.Errorf(codes.Internal, "attest: agent ID: %v", err)
+	}
+	now := time.Now()
+	s.mu.Lock()
+	cert, err := s.ca.SignX509SVID(node.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
+	if err == nil {
+		s.agents[id] = &agentRecord{node: node, names: node.Names, notAfter: cert.NotAfter}
+	}
+	bundle := s.bundleMessageLocked()
+	s.mu.Unlock()
+	if err != nil {
+		return status.Errorf(codes.Internal, "attest: %v", err)
+	}
+	s.log.Info("agent attested", "ek_sha256", node.EKSHA256, "spiffe_id", id.String(), "nodes", node.Names,
+		"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339))
+	return stream.Send(&signerpb.AttestResponse{Step: &signerpb.AttestResponse_Result{Result: &signerpb.AttestResult{
+		Svid:          [][]byte{cert.Raw},
+		Bundle:        bundle,
+		NodeSelectors: node.Selectors(),
+	}}})
+}
+
+// recv is stream.Recv bounded by ctx: returning from the handler cancels
+// the stream, which ends the pending Recv.
+func recv(ctx context.Context, stream signerpb.Signer_AttestServer) (*signerpb.AttestRequest, error) {
+	type result struct {
+		req *signerpb.AttestRequest
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		req, err := stream.Recv()
+		ch <- result{req, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.req, r.err
+	case <-ctx.Done():
+		return nil, status.Error(codes.DeadlineExceeded, "attest: timed out waiting for the agent")
+	}
+}
+
+// attestStatus maps an attestation refusal to its gRPC code. The error
+// texts name the failed check and never carry a secret.
+func attestStatus(err error) error {
+	if errors.Is(err, attestor.ErrMalformedEvidence) {
+		return status.Error(codes.InvalidArgument, "attestation refused: "+err.Error())
+	}
+	return status.Error(codes.PermissionDenied, "attestation refused: "+err.Error())
+}
+
+func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) error {
+	s := a.s
+	ctx := stream.Context()
+	id, err := s.authenticate(ctx)
+	if err != nil {
+		return err
+	}
+	s.log.Debug("sync stream opened", "agent", id.String())
+	var last *signerpb.SyncResponse
+	for {
+		resp, changed, err := s.syncState(id)
+		if err != nil {
+			return err
+		}
+		if !proto.Equal(resp, last) {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			last = resp
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// syncState is what agent id may serve now, and a channel closed when
+// that may change.
+func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struct{}, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.agents[id]
+	if !ok {
+		return nil, nil, status.Error(codes.Unauthenticated, "agent is not attested with this signer (restarted, or its TPM left the policy): attest again")
+	}
+	resp := &signerpb.SyncResponse{Bundle: s.bundleMessageLocked()}
+	for _, w := range s.workloadsForLocked(rec.names) {
+		resp.Entries = append(resp.Entries, entryMessage(w))
+	}
+	return resp, s.changed, nil
+}
+
+func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequest) (*signerpb.SignX509SVIDsResponse, error) {
+	s := a.s
+	id, err := s.authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if n := len(req.GetCsrs()); n > maxCSRs {
+		return nil, status.Errorf(codes.InvalidArgument, "too many CSRs in one call: %d (limit %d)", n, maxCSRs)
+	}
+	resp := &signerpb.SignX509SVIDsResponse{}
+	now := time.Now()
+	for _, c := range req.GetCsrs() {
+		out := &signerpb.SignedX509SVID{EntryId: c.GetEntryId()}
+		cert, w, err := s.signOne(id, c, now)
+		if err != nil {
+			out.Error = err.Error()
+			s.log.Warn("x509-svid refused", "agent", id.String(), "entry", c.GetEntryId(), "reason", err.Error())
+		} else {
+			out.Chain = [][]byte{cert.Raw}
+			s.log.Info("x509-svid signed", "agent", id.String(), "entry", w.Name, "spiffe_id", w.SPIFFEID.String(),
+				"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339))
+		}
+		resp.Svids = append(resp.Svids, out)
+	}
+	return resp, nil
+}
+
+// ErrEntryNotAuthorized is returned for a CSR naming an entry the calling
+// node may not serve.
+var ErrEntryNotAuthorized = errors.New("entry is not authorized for this node")
+
+func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x509.Certificate, *policy.Workload, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.agents[agent]
+	if !ok {
+		return nil, nil, fmt.Errorf("agent is not attested with this signer")
+	}
+	i := slices.IndexFunc(s.workloadsForLocked(rec.names), func(w policy.Workload) bool { return w.Name == c.GetEntryId() })
+	if i < 0 {
+		return nil, nil, fmt.Errorf("entry %q: %w", c.GetEntryId(), ErrEntryNotAuthorized)
+	}
+	w := s.workloadsForLocked(rec.names)[i]
+	csr, err := x509.ParseCertificateRequest(c.GetCsr())
+	if err != nil {
+		return nil, nil, fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, nil, fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)
+	}
+	ttl := min(w.X509TTL, s.cfg.X509MaxTTL)
+	cert, err := s.ca.SignX509SVID(csr.PublicKey, w.SPIFFEID, ttl, w.DNSNames, now)
+	if err != nil {
+		return nil, nil, err
+	}
+	return cert, &w, nil
+}
+
+// authenticate returns the agent on the other end of ctx's connection: the
+// TLS layer verified its chain against the bundle; here we check that it
+// is an agent SVID, still valid, of an agent this signer attested.
+func (s *Signer) authenticate(ctx context.Context) (spiffeid.ID, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "no peer")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(ti.State.PeerCertificates) == 0 {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "an agent SVID is required: attest first")
+	}
+	leaf := ti.State.PeerCertificates[0]
+	if time.Now().After(leaf.NotAfter) {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "agent SVID expired: attest again")
+	}
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil || !strings.HasPrefix(id.Path(), agentPath) {
+		return spiffeid.ID{}, status.Error(codes.PermissionDenied, "caller is not an agent")
+	}
+	s.mu.Lock()
+	_, known := s.agents[id]
+	s.mu.Unlock()
+	if !known {
+		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "agent is not attested with this signer (restarted, or its TPM left the policy): attest again")
+	}
+	return id, nil
+}
+
+// workloadsForLocked returns the policy's workloads that may be served on a
+// node matching any of names, in policy order.
+func (s *Signer) workloadsForLocked(names []string) []policy.Workload {
+	var out []policy.Workload
+	for _, w := range s.pol.Workloads {
+		if slices.ContainsFunc(w.Nodes, func(n string) bool { return slices.Contains(names, n) }) {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+func (s *Signer) bundleMessageLocked() *signerpb.Bundle {
+	b := &signerpb.Bundle{TrustDomain: s.cfg.TrustDomain.String(), Sequence: s.bundleN}
+	for _, c := range s.bundle.X509Authorities() {
+		b.X509Authorities = append(b.X509Authorities, c.Raw)
+	}
+	return b
+}
+
+func entryMessage(w policy.Workload) *signerpb.Entry {
+	e := &signerpb.Entry{
+		Id:             w.Name,
+		SpiffeId:       w.SPIFFEID.String(),
+		Selectors:      w.Selectors,
+		X509TtlSeconds: int64(w.X509TTL / time.Second),
+		JwtTtlSeconds:  int64(w.JWTTTL / time.Second),
+		DnsNames:       w.DNSNames,
+		Hint:           w.Hint,
+	}
+	// The revision lets an agent tell "same entry" from "changed entry"
+	// (and so re-sign) without comparing fields itself.
+	h := fnv.New64a()
+	b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(e)
+	h.Write(b)
+	e.Revision = h.Sum64()
+	return e
+}
+
+func serialHex(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
+
+func peerAddr(ctx context.Context) string {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		return p.Addr.String()
+	}
+	return ""
+}

@@ -1,0 +1,149 @@
+package signer
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hashicorp/hcl/v2"
+	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Defaults of the signer config, as documented in the README.
+const (
+	DefaultListenAddress = "127.0.0.1:8443"
+	DefaultStateDir      = "/var/lib/lanyard-signer"
+	DefaultCATTL         = 24 * time.Hour
+	DefaultX509MaxTTL    = 24 * time.Hour
+	DefaultAgentTTL      = time.Hour
+)
+
+// Floors of the signer config: below them the CA or the agents would spend
+// their time rotating.
+const (
+	minCATTL        = time.Minute
+	minX509MaxTTL   = 10 * time.Second
+	minAgentSVIDTTL = 10 * time.Second
+)
+
+// Config is the signer's validated configuration file. Paths in it are
+// absolute: relative ones in the file are resolved against its directory.
+type Config struct {
+	TrustDomain   spiffeid.TrustDomain
+	ListenAddress string
+	PolicyPath    string
+	BundlePath    string // where the signer writes its trust bundle (PEM)
+	StateDir      string // public state only, never a private key
+	CATTL         time.Duration
+	X509MaxTTL    time.Duration // workload X.509-SVID TTLs are capped to this
+	AgentTTL      time.Duration // lifetime of agent SVIDs
+	LogLevel      string        // trace, debug, info, warn or error
+	LogFormat     string        // text or json
+}
+
+var signerConfigSchema = &hcl.BodySchema{
+	Attributes: []hcl.AttributeSchema{
+		{Name: "trust_domain", Required: true},
+		{Name: "listen_address"},
+		{Name: "policy_path", Required: true},
+		{Name: "bundle_path", Required: true},
+		{Name: "state_dir"},
+		{Name: "ca_ttl"},
+		{Name: "x509_max_ttl"},
+		{Name: "agent_ttl"},
+		{Name: "log_level"},
+		{Name: "log_format"},
+	},
+}
+
+// LoadConfig reads and validates the signer config file at path. Problems
+// in the file come back as hclconf.Errors; an unreadable file as the
+// wrapped os error.
+func LoadConfig(path string) (*Config, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read signer config: %w", err)
+	}
+	return ParseConfig(src, path)
+}
+
+// ParseConfig validates src as the signer config file filename, reporting
+// every problem found as hclconf.Errors.
+func ParseConfig(src []byte, filename string) (*Config, error) {
+	body, diags := hclconf.Parse(src, filename)
+	if diags.HasErrors() {
+		return nil, hclconf.FromDiagnostics(diags).Err()
+	}
+	content, diags := body.Content(signerConfigSchema)
+	dir := hclconf.BaseDir(filename)
+	cfg := &Config{
+		ListenAddress: DefaultListenAddress,
+		StateDir:      DefaultStateDir,
+		CATTL:         DefaultCATTL,
+		X509MaxTTL:    DefaultX509MaxTTL,
+		AgentTTL:      DefaultAgentTTL,
+		LogLevel:      "info",
+		LogFormat:     "text",
+	}
+	// set runs decode on the attribute name when it is present, keeping the
+	// default otherwise; every diagnostic is kept.
+	set := func(name string, decode func(*hcl.Attribute) hcl.Diagnostics) {
+		if attr, ok := content.Attributes[name]; ok {
+			diags = append(diags, decode(attr)...)
+		}
+	}
+	set("trust_domain", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.TrustDomain, d = hclconf.TrustDomain(a)
+		return d
+	})
+	set("listen_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.ListenAddress, d = hclconf.HostPort(a, true)
+		return d
+	})
+	set("policy_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.PolicyPath, d = hclconf.Path(a, dir)
+		return d
+	})
+	set("bundle_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.BundlePath, d = hclconf.Path(a, dir)
+		return d
+	})
+	set("state_dir", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.StateDir, d = hclconf.Path(a, dir)
+		return d
+	})
+	set("ca_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.CATTL, d = hclconf.Duration(a, minCATTL)
+		return d
+	})
+	set("x509_max_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.X509MaxTTL, d = hclconf.Duration(a, minX509MaxTTL)
+		return d
+	})
+	set("agent_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.AgentTTL, d = hclconf.Duration(a, minAgentSVIDTTL)
+		return d
+	})
+	set("log_level", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.LogLevel, d = hclconf.LogLevel(a)
+		return d
+	})
+	set("log_format", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.LogFormat, d = hclconf.LogFormat(a)
+		return d
+	})
+	// An SVID cannot outlive the CA that signed it. CATTL is 0 when ca_ttl
+	// was itself wrong, which already has its error.
+	capToCA := func(name string, ttl time.Duration) {
+		if attr, ok := content.Attributes[name]; ok && cfg.CATTL > 0 && ttl > cfg.CATTL {
+			diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: %s is longer than ca_ttl (%s)", name, ttl, cfg.CATTL))
+		}
+	}
+	capToCA("x509_max_ttl", cfg.X509MaxTTL)
+	capToCA("agent_ttl", cfg.AgentTTL)
+	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}

@@ -1,0 +1,220 @@
+// Package signer is Lanyard's upstream signer. It holds the CA key in
+// memory, attests agents by their TPMs, streams each agent the workload
+// entries its node may serve together with the trust bundle, and signs the
+// agents' CSRs for those entries only.
+package signer
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/signer/policy"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+)
+
+// signerSVIDTTL is the lifetime of the signer's own TLS identity; it is
+// reissued from memory at half-life, so it never needs to be stored.
+const signerSVIDTTL = 24 * time.Hour
+
+// Signer is one running signer. Create it with New and run it with Run.
+type Signer struct {
+	cfg *Config
+	log hclog.Logger
+	id  spiffeid.ID // the signer's own SPIFFE ID
+
+	mu      sync.Mutex
+	ca      *CA
+	bundle  *x509bundle.Bundle // the CAs agents trust; safe for concurrent use
+	bundleN uint64             // bumped on every bundle change
+	pol     *policy.Policy
+	rules   []attestor.NodeRule
+	agents  map[spiffeid.ID]*agentRecord
+	changed chan struct{} // closed and replaced on every change of policy or bundle
+	tlsCert *tls.Certificate
+	tlsKey  *ecdsa.PrivateKey
+}
+
+// agentRecord is what the signer remembers of an attested agent. It lives in
+// memory only: after a signer restart, agents attest again.
+type agentRecord struct {
+	node     *attestor.Node
+	names    []string // policy node blocks the TPM matches, under the current policy
+	notAfter time.Time
+}
+
+// New loads the policy named by cfg and creates a fresh in-memory CA.
+func New(cfg *Config, log hclog.Logger) (*Signer, error) {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	pol, err := policy.Load(cfg.PolicyPath, cfg.TrustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("load policy: %w", err)
+	}
+	now := time.Now()
+	ca, err := NewCA(cfg.TrustDomain, cfg.CATTL, now)
+	if err != nil {
+		return nil, err
+	}
+	id, err := spiffeid.FromSegments(cfg.TrustDomain, "lanyard", "signer")
+	if err != nil {
+		return nil, fmt.Errorf("signer ID: %w", err)
+	}
+	s := &Signer{
+		cfg:     cfg,
+		log:     log,
+		id:      id,
+		ca:      ca,
+		bundle:  x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{ca.Cert}),
+		bundleN: 1,
+		agents:  make(map[spiffeid.ID]*agentRecord),
+		changed: make(chan struct{}),
+	}
+	s.setPolicyLocked(pol)
+	return s, nil
+}
+
+// Run writes the trust bundle, serves the agent API on the configured
+// address until ctx ends, and returns once everything it started has ended.
+func (s *Signer) Run(ctx context.Context) error {
+	lis, err := net.Listen("tcp", s.cfg.ListenAddress)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", s.cfg.ListenAddress, err)
+	}
+	return s.Serve(ctx, lis)
+}
+
+// Serve is Run on a listener the caller opened (tests use port 0).
+func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
+	if err := writeBundle(s.cfg.BundlePath, s.bundle.X509Authorities()); err != nil {
+		lis.Close()
+		return err
+	}
+	tlsConf := &tls.Config{
+		MinVersion:     tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return s.serverCertificate(time.Now()) },
+		// Attest runs before the agent has an identity, so a client
+		// certificate is optional at the handshake; Sync and
+		// SignX509SVIDs refuse calls without one.
+		ClientAuth: tls.RequestClientCert,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			if len(raw) == 0 {
+				return nil
+			}
+			_, _, err := x509svid.ParseAndVerify(raw, s.bundle)
+			return err
+		},
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsConf)))
+	signerpb.RegisterSignerServer(srv, &api{s: s})
+	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return srv.Serve(lis) })
+	g.Go(func() error {
+		<-ctx.Done()
+		stopGracefully(srv, 5*time.Second)
+		return nil
+	})
+	err := g.Wait()
+	if errors.Is(err, grpc.ErrServerStopped) {
+		err = nil
+	}
+	return err
+}
+
+// stopGracefully lets in-flight calls finish, but not for longer than d:
+// Sync streams never finish by themselves.
+func stopGracefully(srv *grpc.Server, d time.Duration) {
+	done := make(chan struct{})
+	go func() { srv.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		srv.Stop()
+		<-done
+	}
+}
+
+// SetPolicy replaces the policy in force and pushes the change to every
+// connected agent. The caller has validated p.
+func (s *Signer) SetPolicy(p *policy.Policy) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.setPolicyLocked(p)
+	s.notifyLocked()
+}
+
+func (s *Signer) setPolicyLocked(p *policy.Policy) {
+	s.pol = p
+	s.rules = make([]attestor.NodeRule, 0, len(p.Nodes))
+	for _, n := range p.Nodes {
+		s.rules = append(s.rules, attestor.NodeRule{Name: n.Name, EKSHA256: n.EKSHA256, Roots: n.Roots, Intermediates: n.Intermediates})
+	}
+	// A policy edit can add or remove a TPM from a node block: re-match
+	// every known agent now rather than at its next attestation.
+	now := time.Now()
+	for id, rec := range s.agents {
+		rec.names = rec.node.Rematch(s.rules, now)
+		if len(rec.names) == 0 {
+			delete(s.agents, id)
+		}
+	}
+}
+
+// notifyLocked wakes every Sync stream.
+func (s *Signer) notifyLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// serverCertificate returns the signer's TLS identity, reissuing it from
+// the in-memory CA once it is past half its lifetime.
+func (s *Signer) serverCertificate(now time.Time) (*tls.Certificate, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c := s.tlsCert; c != nil {
+		leaf := c.Leaf
+		if now.Before(leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)) {
+			return c, nil
+		}
+	}
+	if s.tlsKey == nil {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("generate signer key: %w", err)
+		}
+		s.tlsKey = key
+	}
+	cert, err := s.ca.SignX509SVID(s.tlsKey.Public(), s.id, signerSVIDTTL, nil, now)
+	if err != nil {
+		return nil, err
+	}
+	s.tlsCert = &tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: s.tlsKey, Leaf: cert}
+	return s.tlsCert, nil
+}
+
+// BundleSequence reports how many times the bundle has changed (tests and
+// status use it).
+func (s *Signer) BundleSequence() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bundleN
+}

@@ -1,0 +1,3 @@
+trust_domain = "example.org"
+policy_path  = "/etc/lanyard/policy.hcl"
+bundle_path  = "bundle.pem"

@@ -1,0 +1,236 @@
+package workloadapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+var td = spiffeid.RequireTrustDomainFromString("example.org")
+
+// testCA mints real SVIDs, so the client parses and verifies what it gets.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "test CA"},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(time.Hour),
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  []*url.URL{td.ID().URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testCA{cert: cert, key: key}
+}
+
+// svidResponse returns a response holding one fresh SVID for path.
+func (ca *testCA) svidResponse(t *testing.T, path string) *workload.X509SVIDResponse {
+	t.Helper()
+	id := spiffeid.RequireFromPath(td, path)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:         []*url.URL{id.URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
+		SpiffeId:    id.String(),
+		X509Svid:    der,
+		X509SvidKey: pkcs8,
+		Bundle:      ca.cert.Raw,
+	}}}
+}
+
+func (ca *testCA) bundlesResponse() *workload.X509BundlesResponse {
+	return &workload.X509BundlesResponse{Bundles: map[string][]byte{td.IDString(): ca.cert.Raw}}
+}
+
+// fakeSource serves responses keyed by one selector each; set replaces one
+// and wakes every stream, as the agent's cache would.
+type fakeSource struct {
+	mu      sync.Mutex
+	svids   map[string]*workload.X509SVIDResponse
+	bundles *workload.X509BundlesResponse
+	changed chan struct{}
+}
+
+func newFakeSource(bundles *workload.X509BundlesResponse) *fakeSource {
+	return &fakeSource{svids: map[string]*workload.X509SVIDResponse{}, bundles: bundles, changed: make(chan struct{})}
+}
+
+func (s *fakeSource) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse, <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sel := range selectors {
+		if r, ok := s.svids[sel]; ok {
+			return r, s.changed
+		}
+	}
+	return nil, s.changed
+}
+
+func (s *fakeSource) X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bundles, s.changed
+}
+
+func (s *fakeSource) set(selector string, r *workload.X509SVIDResponse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.svids[selector] = r
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// logBuffer collects log output safely while the server writes it.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// waitFor polls until the logs contain want, and returns them.
+func (b *logBuffer) waitFor(t *testing.T, want string) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		logs := b.String()
+		if strings.Contains(logs, want) {
+			return logs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("logs lack %s after 10s:\n%s", want, logs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// socketDir returns a short directory for sockets (sun_path is 108 bytes).
+func socketDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ly")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
+
+var errRunHung = errors.New("Run did not return within 10s of cancel")
+
+// running is a Server under test.
+type running struct {
+	path   string
+	logs   *logBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// startServer runs a Server on a fresh socket until the test ends, and
+// checks then that Run returned nil.
+func startServer(t *testing.T, att Attestor, src Source) *running {
+	t.Helper()
+	return startServerAt(t, filepath.Join(socketDir(t), "w.sock"), att, src)
+}
+
+func startServerAt(t *testing.T, path string, att Attestor, src Source) *running {
+	t.Helper()
+	r := &running{path: path, logs: &logBuffer{}, done: make(chan error, 1)}
+	log := hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})
+	s := New(Config{SocketPath: path, Attestor: att, Source: src, Log: log})
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	go func() { r.done <- s.Run(ctx) }()
+	select {
+	case <-s.Ready():
+	case err := <-r.done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("server not ready after 10s")
+	}
+	t.Cleanup(func() {
+		if err := r.stop(); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	return r
+}
+
+// stop cancels Run and returns its result; it may be called twice.
+func (r *running) stop() error {
+	r.cancel()
+	select {
+	case err, ok := <-r.done:
+		if ok {
+			close(r.done)
+		}
+		return err
+	case <-time.After(10 * time.Second):
+		return errRunHung
+	}
+}

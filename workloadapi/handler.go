@@ -1,0 +1,168 @@
+package workloadapi
+
+import (
+	"context"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/lanyard-dev/lanyard/attestor"
+)
+
+// Attestor turns a caller into selectors. attestor.Unix is one.
+type Attestor interface {
+	Attest(ctx context.Context, p attestor.Process) ([]string, error)
+}
+
+// Source is what the agent can serve right now. Each method returns the
+// current response and a channel that is closed when that response may have
+// changed; a nil channel means it never will. A Source builds each response
+// once and never mutates it afterwards: the server shares it between
+// streams and compares pointers to skip resending an unchanged one.
+type Source interface {
+	// X509SVIDResponse returns the SVIDs a caller with these selectors is
+	// entitled to. Nil or empty means it is entitled to nothing.
+	X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse, <-chan struct{})
+	// X509BundlesResponse returns the trust bundles; nil or empty means the
+	// agent has none yet.
+	X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{})
+}
+
+// securityHeader is the metadata key every Workload API call must carry
+// with the value "true", so that a browser or SSRF-driven request, which
+// cannot set it, is refused.
+const securityHeader = "workload.spiffe.io"
+
+// handler serves the SPIFFE Workload API. It picks every gRPC status code
+// the API returns; the JWT methods are Unimplemented for now.
+type handler struct {
+	workload.UnimplementedSpiffeWorkloadAPIServer
+
+	attestor Attestor
+	source   Source
+	log      hclog.Logger
+	// stopping ends open streams when the server shuts down, so that a
+	// graceful stop does not wait on watchers that would never leave.
+	stopping <-chan struct{}
+}
+
+// FetchX509SVID streams the caller's X.509-SVIDs: now, and again each time
+// the Source says they changed.
+func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
+	ctx := stream.Context()
+	proc, selectors, err := h.attest(ctx)
+	if err != nil {
+		return err
+	}
+	log := h.log.With("pid", proc.PID, "uid", proc.UID)
+
+	var last *workload.X509SVIDResponse
+	for {
+		resp, changed := h.source.X509SVIDResponse(selectors)
+		if len(resp.GetSvids()) == 0 {
+			log.Info("no identity issued", "selectors", selectors)
+			return status.Error(codes.PermissionDenied, "no identity issued")
+		}
+		if resp != last {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			last = resp
+			log.Info("served X.509-SVIDs", "spiffe_ids", spiffeIDs(resp))
+		}
+		if err := h.wait(ctx, changed); err != nil {
+			return err
+		}
+	}
+}
+
+// FetchX509Bundles streams the trust bundles. Bundles are public, so the
+// caller is not attested.
+func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
+	ctx := stream.Context()
+	var last *workload.X509BundlesResponse
+	for {
+		resp, changed := h.source.X509BundlesResponse()
+		if len(resp.GetBundles()) == 0 {
+			// Unavailable, not an empty answer: the client retries.
+			return status.Error(codes.Unavailable, "no trust bundle yet")
+		}
+		if resp != last {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			last = resp
+		}
+		if err := h.wait(ctx, changed); err != nil {
+			return err
+		}
+	}
+}
+
+// attest finds who is calling and what selectors they have.
+func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error) {
+	proc, ok := callerFromContext(ctx)
+	if !ok {
+		// peerCredentials refuses such connections; reaching here is a bug.
+		h.log.Error("call without peer credentials")
+		return attestor.Process{}, nil, status.Error(codes.Unavailable, "could not attest caller")
+	}
+	selectors, err := h.attestor.Attest(ctx, proc)
+	if err != nil {
+		h.log.Warn("could not attest caller", "pid", proc.PID, "uid", proc.UID, "error", err)
+		return proc, nil, status.Error(codes.Unavailable, "could not attest caller")
+	}
+	return proc, selectors, nil
+}
+
+// wait blocks until changed is closed (nil), the call ends, or the server
+// stops (both errors for the stream to return).
+func (h *handler) wait(ctx context.Context, changed <-chan struct{}) error {
+	select {
+	case <-changed:
+		return nil
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	case <-h.stopping:
+		// Unavailable makes clients reconnect, to this agent's successor.
+		return status.Error(codes.Unavailable, "agent is shutting down")
+	}
+}
+
+// spiffeIDs lists the IDs in resp, for the log.
+func spiffeIDs(resp *workload.X509SVIDResponse) []string {
+	ids := make([]string, 0, len(resp.GetSvids()))
+	for _, s := range resp.GetSvids() {
+		ids = append(ids, s.GetSpiffeId())
+	}
+	return ids
+}
+
+// checkHeader refuses a call without the security header.
+func checkHeader(ctx context.Context) error {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(securityHeader); len(v) != 1 || v[0] != "true" {
+		return status.Error(codes.InvalidArgument, "security header missing from request")
+	}
+	return nil
+}
+
+// headerUnary applies checkHeader before any unary handler runs.
+func headerUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+	if err := checkHeader(ctx); err != nil {
+		return nil, err
+	}
+	return next(ctx, req)
+}
+
+// headerStream applies checkHeader before any streaming handler runs.
+func headerStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, next grpc.StreamHandler) error {
+	if err := checkHeader(ss.Context()); err != nil {
+		return err
+	}
+	return next(srv, ss)
+}

@@ -1,0 +1,169 @@
+// Package workloadapi serves the SPIFFE Workload API on a local Unix
+// socket. Each connection carries its caller's kernel credentials from the
+// moment it is accepted; each call attests that caller and streams what the
+// Source says it is entitled to.
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"google.golang.org/grpc"
+)
+
+// gracefulStopTimeout bounds how long Run waits for calls in flight to
+// finish before cutting connections. Streams end at once on shutdown, so
+// this only covers a call that is mid-attestation or mid-send.
+const gracefulStopTimeout = 2 * time.Second
+
+// Config is what a Server needs.
+type Config struct {
+	// SocketPath is the Unix socket to listen on.
+	SocketPath string
+	// Attestor turns a caller into selectors.
+	Attestor Attestor
+	// Source gives the responses to serve.
+	Source Source
+	// Log receives one line per served or refused call (the caller names
+	// it, e.g. log.Named("workloadapi")); nil discards.
+	Log hclog.Logger
+}
+
+// Server is the Workload API server. Run it once.
+type Server struct {
+	cfg       Config
+	log       hclog.Logger
+	ready     chan struct{}
+	readyOnce sync.Once
+}
+
+// New returns a Server for cfg. It does not touch the socket until Run.
+func New(cfg Config) *Server {
+	log := cfg.Log
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return &Server{cfg: cfg, log: log, ready: make(chan struct{})}
+}
+
+// Ready is closed once the socket is listening.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Run listens on SocketPath and serves until ctx ends, then stops
+// gracefully (cutting connections after a short bound), removes the socket
+// and returns once its goroutines have ended. It returns nil on a clean
+// shutdown.
+//
+// A stale socket file is replaced and a missing parent directory is
+// created (0755). The socket is made 0666 so that every local user can
+// connect: the caller's attested identity, not file permissions, decides
+// what it gets.
+func (s *Server) Run(ctx context.Context) error {
+	path := s.cfg.SocketPath
+	ln, err := listen(path)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer(
+		grpc.Creds(peerCredentials{}),
+		grpc.ChainUnaryInterceptor(headerUnary),
+		grpc.ChainStreamInterceptor(headerStream),
+		// So that Run returns only after every handler has.
+		grpc.WaitForHandlers(true),
+	)
+	workload.RegisterSpiffeWorkloadAPIServer(srv, &handler{
+		attestor: s.cfg.Attestor,
+		source:   s.cfg.Source,
+		log:      s.log,
+		stopping: ctx.Done(),
+	})
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(peerListener{UnixListener: ln, log: s.log}) }()
+	s.readyOnce.Do(func() { close(s.ready) })
+	s.log.Info("serving the Workload API", "socket", path)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		stop(srv)
+		<-served // nil once stopped
+	case err := <-served:
+		runErr = fmt.Errorf("serve %s: %w", path, err)
+		stop(srv)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		runErr = errors.Join(runErr, fmt.Errorf("remove socket: %w", err))
+	}
+	s.log.Info("stopped serving the Workload API", "socket", path)
+	return runErr
+}
+
+// stop tries GracefulStop, then cuts what is left after gracefulStopTimeout.
+func stop(srv *grpc.Server) {
+	done := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(done)
+	}()
+	t := time.NewTimer(gracefulStopTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		srv.Stop() // makes the GracefulStop in progress return too
+		<-done
+	}
+}
+
+// listen creates the socket at path, replacing a stale one.
+func listen(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("open socket to all users: %w", err)
+	}
+	return ln, nil
+}
+
+// removeStale removes a socket left behind by an agent that is gone. It
+// leaves anything else alone: a file that is not a socket is a
+// misconfiguration, and a socket that answers belongs to a live server.
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("check socket path: %w", err)
+	}
+	if fi.Mode().Type() != fs.ModeSocket {
+		return fmt.Errorf("socket path %s exists and is not a socket", path)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		_ = c.Close()
+		return fmt.Errorf("socket %s is in use by another server", path)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("remove stale socket: %w", err)
+	}
+	return nil
+}
