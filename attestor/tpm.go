@@ -28,11 +28,12 @@ import (
 // agent) accepts our connection and then never answers.
 const socketProbeTimeout = 5 * time.Second
 
-// akAlgorithm is the AK's key type. RSA is go-attestation's default and what
-// its docs say key certification verifies; v0.6.4 also verifies ECDSA AKs,
-// and on swtpm an ECDSA AK makes an attestation ~10x faster (no RSA key
-// generation per session).
-const akAlgorithm = attest.RSA
+// akAlgorithm is the AK's key type. Every attestation creates a fresh AK,
+// and generating an RSA key inside a TPM takes from a hundred milliseconds
+// (swtpm) to seconds (hardware); a P-256 AK takes a few milliseconds.
+// go-attestation v0.6.4 verifies key certification by ECDSA AKs, and
+// credential activation does not depend on the AK's type.
+const akAlgorithm = attest.ECDSA
 
 // TPMConfig says where the TPM is: exactly one of Device or Socket.
 type TPMConfig struct {

@@ -181,7 +181,7 @@ func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struc
 		return nil, nil, status.Error(codes.Unauthenticated, "agent is not attested with this signer (restarted, or its TPM left the policy): attest again")
 	}
 	resp := &signerpb.SyncResponse{Bundle: s.bundleMessageLocked()}
-	for _, w := range s.workloadsForLocked(rec.names) {
+	for _, w := range s.pol.WorkloadsForNodes(rec.names) {
 		resp.Entries = append(resp.Entries, entryMessage(w))
 	}
 	return resp, s.changed, nil
@@ -225,11 +225,12 @@ func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x5
 	if !ok {
 		return nil, nil, fmt.Errorf("agent is not attested with this signer")
 	}
-	i := slices.IndexFunc(s.workloadsForLocked(rec.names), func(w policy.Workload) bool { return w.Name == c.GetEntryId() })
+	allowed := s.pol.WorkloadsForNodes(rec.names)
+	i := slices.IndexFunc(allowed, func(w policy.Workload) bool { return w.Name == c.GetEntryId() })
 	if i < 0 {
 		return nil, nil, fmt.Errorf("entry %q: %w", c.GetEntryId(), ErrEntryNotAuthorized)
 	}
-	w := s.workloadsForLocked(rec.names)[i]
+	w := allowed[i]
 	csr, err := x509.ParseCertificateRequest(c.GetCsr())
 	if err != nil {
 		return nil, nil, fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)
@@ -272,18 +273,6 @@ func (s *Signer) authenticate(ctx context.Context) (spiffeid.ID, error) {
 		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "agent is not attested with this signer (restarted, or its TPM left the policy): attest again")
 	}
 	return id, nil
-}
-
-// workloadsForLocked returns the policy's workloads that may be served on a
-// node matching any of names, in policy order.
-func (s *Signer) workloadsForLocked(names []string) []policy.Workload {
-	var out []policy.Workload
-	for _, w := range s.pol.Workloads {
-		if slices.ContainsFunc(w.Nodes, func(n string) bool { return slices.Contains(names, n) }) {
-			out = append(out, w)
-		}
-	}
-	return out
 }
 
 func (s *Signer) bundleMessageLocked() *signerpb.Bundle {

@@ -34,7 +34,7 @@ const ReservedPathPrefix = "/lanyard"
 // Policy is a validated policy file. It is immutable once returned: callers
 // share it between goroutines and must not modify its slices or pools.
 type Policy struct {
-	Path      string
+	Path      string // the file name given to Load or Parse
 	Nodes     []Node
 	Workloads []Workload
 }
