@@ -40,6 +40,10 @@ type Agent struct {
 	readyOnce sync.Once
 	serving   chan struct{} // ready and the Workload API socket listens
 	started   time.Time
+
+	// Facts for Status, written by the loops that own them.
+	lastSync, servingSince, agentRenewAt        atomic.Int64 // unix nanoseconds
+	syncFailures, attestFailures, renewFailures atomic.Int64
 }
 
 // New returns an agent for a validated config.
@@ -106,6 +110,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error {
 		select {
 		case <-api.Ready():
+			a.servingSince.Store(time.Now().UnixNano())
 			close(a.serving)
 			a.log.Info("agent ready", "socket", a.cfg.SocketPath, "startup_ms", time.Since(a.started).Milliseconds())
 		case <-ctx.Done():
@@ -128,6 +133,7 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 				return nil
 			}
 			failures++
+			a.attestFailures.Store(int64(failures))
 			d := a.backoff.Delay(failures, a.rand())
 			a.log.Error("attestation failed", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
 			if !sleep(ctx, d) {
@@ -136,6 +142,7 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 			continue
 		}
 		failures = 0
+		a.attestFailures.Store(0)
 		if err := a.applyBundle(res.GetBundle()); err != nil {
 			a.log.Error("bad bundle from signer", "error", err)
 		}
@@ -143,7 +150,9 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 		leaf := svid.Certificates[0]
 		a.log.Info("agent attested", "spiffe_id", svid.ID.String(), "serial", leaf.SerialNumber.Text(16),
 			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339), "node_selectors", res.GetNodeSelectors())
-		renew := a.sched.RenewAt(leaf.NotBefore, leaf.NotAfter, a.jitter())
+		// Scheduled from now, not the backdated NotBefore (see svid.received).
+		renew := a.sched.RenewAt(time.Now(), leaf.NotAfter, a.jitter())
+		a.agentRenewAt.Store(renew.UnixNano())
 		t := time.NewTimer(time.Until(renew))
 		select {
 		case <-t.C:
@@ -161,6 +170,9 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 func (a *Agent) syncLoop(ctx context.Context) error {
 	failures := 0
 	for {
+		// The signer may have restarted with a new CA since the last
+		// attempt; its bundle file is how the agent learns it.
+		a.reloadTrust()
 		client, replaced := a.up.client()
 		if client == nil {
 			select {
@@ -186,6 +198,7 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 			}
 		}
 		failures++
+		a.syncFailures.Store(int64(failures))
 		d := a.backoff.Delay(failures, a.rand())
 		a.log.Warn("sync stream broken", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
 		t := time.NewTimer(d)
@@ -211,6 +224,8 @@ func (a *Agent) syncOnce(ctx context.Context, client signerpb.SignerClient, fail
 			return err
 		}
 		*failures = 0
+		a.syncFailures.Store(0)
+		a.lastSync.Store(time.Now().UnixNano())
 		if err := a.applyBundle(msg.GetBundle()); err != nil {
 			a.log.Error("bad bundle from signer", "error", err)
 			continue

@@ -9,22 +9,30 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 )
 
 // svid is one workload X.509-SVID held in agent memory. The private key is
 // kept only as the PKCS#8 bytes handed to the attested caller.
 type svid struct {
-	entryID   string
-	revision  uint64 // the entry revision it was signed for
-	chain     []*x509.Certificate
-	keyPKCS8  []byte
+	entryID  string
+	revision uint64 // the entry revision it was signed for
+	chain    []*x509.Certificate
+	keyPKCS8 []byte
+	// received is when the agent got it. Renewal is scheduled over
+	// [received, NotAfter], not the certificate's NotBefore, which the
+	// signer backdates for clock skew: for a 10 s SVID the backdate would
+	// otherwise put the half-life at the instant of issue.
+	received  time.Time
 	jitter    float64 // drawn once, so the renewal instant is stable
 	renewFail int
 }
 
-func (s *svid) notAfter() time.Time  { return s.chain[0].NotAfter }
-func (s *svid) notBefore() time.Time { return s.chain[0].NotBefore }
+func (s *svid) notAfter() time.Time { return s.chain[0].NotAfter }
+func (s *svid) renewAt(sched rotator.Schedule) time.Time {
+	return sched.RenewAt(s.received, s.notAfter(), s.jitter)
+}
 
 // cache is what the agent can serve right now: the entries its node may
 // serve, the SVIDs it holds for them, and the trust bundle. It implements
@@ -55,6 +63,11 @@ func newCache(td string) *cache {
 func (c *cache) notifyLocked() {
 	clear(c.responses)
 	c.bundles = nil
+	c.wakeLocked()
+}
+
+// wakeLocked wakes every stream to look again.
+func (c *cache) wakeLocked() {
 	close(c.changed)
 	c.changed = make(chan struct{})
 }
@@ -98,7 +111,18 @@ func (c *cache) putSVIDs(ss []*svid) {
 	for _, s := range ss {
 		c.svids[s.entryID] = s
 	}
-	c.notifyLocked()
+	// Keep the shared responses that contain none of the new SVIDs, so
+	// streams of unrelated callers wake, find the same response, and send
+	// nothing.
+	for key := range c.responses {
+		for _, s := range ss {
+			if strings.Contains("\x00"+key, "\x00"+s.entryID+"\x00") {
+				delete(c.responses, key)
+				break
+			}
+		}
+	}
+	c.wakeLocked()
 }
 
 // expire removes SVIDs past their NotAfter so no caller is ever handed an

@@ -14,33 +14,41 @@ import (
 	"github.com/lanyard-dev/lanyard/rotator"
 )
 
-// maxBatch bounds one SignX509SVIDs call (the signer refuses more).
-const maxBatch = 1000
+const (
+	// maxBatch bounds one SignX509SVIDs call (the signer refuses more).
+	maxBatch = 1000
+	// renewBatch and renewSpread pace renewals of still-valid SVIDs when
+	// many fall due at once (signer back after an outage, a fleet started
+	// together): at most renewBatch per round, rounds spread over a random
+	// pause below renewSpread. SVIDs a caller has none of are never paced.
+	renewBatch  = 200
+	renewSpread = 250 * time.Millisecond
+)
 
-// due returns the entries that need a (new) SVID at now: none yet, signed
-// for an older revision of the entry, or past their renewal point. It also
-// returns the earliest instant at which anything else falls due or expires.
-func (c *cache) due(now time.Time, sched rotator.Schedule) ([]*signerpb.Entry, time.Time) {
+// due sorts the entries that need a new SVID at now into missing (none
+// yet, or signed for an older revision of the entry: urgent, a caller may
+// be waiting) and renew (valid but past its renewal point: can wait a
+// little). It also returns the earliest instant at which anything else
+// falls due or expires.
+func (c *cache) due(now time.Time, sched rotator.Schedule) (missing, renew []*signerpb.Entry, next time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []*signerpb.Entry
-	var next time.Time
 	for _, e := range c.entries {
 		s, ok := c.svids[e.GetId()]
 		if !ok || s.revision != e.GetRevision() {
-			out = append(out, e)
+			missing = append(missing, e)
 			continue
 		}
-		at := sched.RenewAt(s.notBefore(), s.notAfter(), s.jitter)
+		at := s.renewAt(sched)
 		if !now.Before(at) {
-			out = append(out, e)
+			renew = append(renew, e)
 			at = s.notAfter() // still served until then: wake to expire it
 		}
 		if next.IsZero() || at.Before(next) {
 			next = at
 		}
 	}
-	return out, next
+	return missing, renew, next
 }
 
 // signEntries generates a key in memory for each entry and has the signer
@@ -118,7 +126,7 @@ func (a *Agent) svidFrom(r *signerpb.SignedX509SVID, keys map[string]*ecdsa.Priv
 	if err != nil {
 		return nil, fmt.Errorf("entry %q: encode key: %w", e.GetId(), err)
 	}
-	return &svid{entryID: e.GetId(), revision: e.GetRevision(), chain: chain, keyPKCS8: pkcs8, jitter: a.jitter()}, nil
+	return &svid{entryID: e.GetId(), revision: e.GetRevision(), chain: chain, keyPKCS8: pkcs8, jitter: a.jitter(), received: time.Now()}, nil
 }
 
 // renewLoop keeps every entry's SVID fresh: it wakes on a sync change or
@@ -140,12 +148,14 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		if n := a.cache.expire(now); n > 0 {
 			a.log.Warn("x509-svids expired before renewal", "count", n)
 		}
-		entries, next := a.cache.due(now, a.sched)
-		if len(entries) > 0 {
-			got, err := a.signEntries(ctx, entries)
+		missing, renew, next := a.cache.due(now, a.sched)
+		paced := len(renew) > renewBatch
+		renew = renew[:min(len(renew), renewBatch)]
+		if work := append(missing, renew...); len(work) > 0 {
+			got, err := a.signEntries(ctx, work)
 			a.cache.putSVIDs(got)
 			for _, s := range got {
-				a.log.Info("x509-svid renewed", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
+				a.log.Info("x509-svid issued", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
 					"serial", s.chain[0].SerialNumber.Text(16), "not_after", s.notAfter().UTC().Format(time.RFC3339))
 			}
 			if err != nil {
@@ -153,6 +163,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 					return nil
 				}
 				failures++
+				a.renewFailures.Store(int64(failures))
 				retry := time.Now().Add(a.backoff.Delay(failures, a.rand()))
 				a.log.Error("x509-svid renewal failed", "error", err, "failures", failures, "retry_at", retry.Format(time.RFC3339Nano))
 				if next.IsZero() || retry.Before(next) {
@@ -160,8 +171,12 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 				}
 			} else {
 				failures = 0
+				a.renewFailures.Store(0)
 				// The fresh SVIDs come due later; recompute.
-				_, next = a.cache.due(time.Now(), a.sched)
+				_, _, next = a.cache.due(time.Now(), a.sched)
+				if paced {
+					next = time.Now().Add(time.Duration(a.rand() * float64(renewSpread)))
+				}
 			}
 		}
 		if a.synced.Load() {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,11 +19,19 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 )
 
 // attestTimeout bounds one attestation round trip with the signer.
 const attestTimeout = 30 * time.Second
+
+// connectParams caps gRPC's own reconnect backoff (120 s by default) well
+// below the agent's retry cap, so a signer that comes back is seen soon.
+var connectParams = grpc.ConnectParams{
+	Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+	MinConnectTimeout: 5 * time.Second,
+}
 
 // upstream is the agent's side of the signer API. It owns the agent's
 // identity: a TPM session whose key never leaves the TPM, the SVID the
@@ -148,7 +157,7 @@ func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
 	}
 
 	mtls := tlsconfig.MTLSClientConfig(u, u.trust, tlsconfig.AuthorizeID(u.signerID))
-	newConn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(mtls)))
+	newConn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(mtls)), grpc.WithConnectParams(connectParams))
 	if err != nil {
 		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
 	}
@@ -184,9 +193,20 @@ func (u *upstream) agentSVIDFrom(res *signerpb.AttestResult, sess *attestor.Sess
 	if !publicKeysEqual(chain[0].PublicKey, sess.Signer().Public()) {
 		return nil, errors.New("agent SVID is not for the TPM key")
 	}
-	id, err := x509svid.IDFromCert(chain[0])
+	bundle := x509bundle.New(u.signerID.TrustDomain())
+	for _, der := range res.GetBundle().GetX509Authorities() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("parse bundle: %w", err)
+		}
+		bundle.AddX509Authority(c)
+	}
+	id, _, err := x509svid.Verify(chain, bundle)
 	if err != nil {
-		return nil, fmt.Errorf("agent SVID: %w", err)
+		return nil, fmt.Errorf("agent SVID does not verify against the signer's bundle: %w", err)
+	}
+	if !strings.HasPrefix(id.Path(), "/lanyard/agent/tpm/") {
+		return nil, fmt.Errorf("signer issued %s, not an agent SVID", id)
 	}
 	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: sess.Signer()}, nil
 }

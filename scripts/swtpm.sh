@@ -69,9 +69,14 @@ localca_tool() {
 
 # abs_dir prints DIR's absolute path: the config files swtpm_setup reads
 # and the pid check must not depend on the working directory.
+# The path ends up in swtpm's comma-separated options and in config files
+# split on whitespace, so those characters are refused.
 abs_dir() {
+	local dir
 	[[ -d "$1" ]] || die "$1 is not a directory"
-	(cd -- "$1" && pwd -P)
+	dir="$(cd -- "$1" && pwd -P)"
+	[[ "$dir" != *[[:space:],]* ]] || die "$dir contains whitespace or a comma, which swtpm's options cannot carry: use another DIR"
+	printf '%s\n' "$dir"
 }
 
 # pem_certs copies only the certificate blocks of a PEM file: certtool may
@@ -87,6 +92,8 @@ provisioned() {
 
 cmd_provision() {
 	local dir localca
+	# DIR/ca holds the emulated manufacturer's private keys.
+	umask 077
 	mkdir -p -- "$1" || die "cannot create $1"
 	dir="$(abs_dir "$1")"
 	if provisioned "$dir"; then
@@ -102,7 +109,6 @@ cmd_provision() {
 	# A half-finished earlier run may have left a CA without certificates
 	# or state without a CA: start over so the chain is always consistent.
 	rm -rf -- "$dir/ca" "$dir/state" "$dir/ek" "$dir/tmp" "$dir/ek.pem" "$dir/ek-ca.pem"
-	umask 077
 	mkdir -p -- "$dir/ca" "$dir/state" "$dir/ek" "$dir/tmp"
 
 	cat >"$dir/swtpm-localca.conf" <<-EOF

@@ -96,6 +96,15 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 	}
 	now := time.Now()
 	s.mu.Lock()
+	// The policy may have changed while the TPM answered: match again
+	// under the lock that policy changes take, so a TPM just removed from
+	// policy cannot slip in between.
+	node.Names = node.Rematch(s.rules, now)
+	if len(node.Names) == 0 {
+		s.mu.Unlock()
+		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", "TPM left the policy during attestation")
+		return status.Error(codes.PermissionDenied, "attestation refused: the TPM left the policy during attestation")
+	}
 	cert, err := s.ca.SignX509SVID(node.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
 	if err == nil {
 		s.agents[id] = &agentRecord{node: node, names: node.Names, notAfter: cert.NotAfter}

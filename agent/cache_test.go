@@ -1,0 +1,150 @@
+package agent
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"math/big"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/rotator"
+)
+
+// testSVID makes an svid for entry id valid [nb, na), self-signed: the
+// cache never verifies chains, it only serves them.
+func testSVID(t *testing.T, id string, rev uint64, nb, na time.Time) *svid {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ := url.Parse("spiffe://example.org/" + id)
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: nb, NotAfter: na, URIs: []*url.URL{u}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pkcs8, _ := x509.MarshalPKCS8PrivateKey(key)
+	return &svid{entryID: id, revision: rev, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: nb}
+}
+
+func entry(id string, rev uint64, selectors ...string) *signerpb.Entry {
+	return &signerpb.Entry{Id: id, SpiffeId: "spiffe://example.org/" + id, Selectors: selectors, Revision: rev}
+}
+
+func TestCacheDue(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	sched := rotator.Schedule{} // no jitter: renew exactly at half-life
+	c := newCache("example.org")
+	c.setEntries([]*signerpb.Entry{
+		entry("fresh", 1, "unix:uid:1"), entry("old-rev", 2, "unix:uid:1"),
+		entry("due", 1, "unix:uid:1"), entry("none", 1, "unix:uid:1"),
+	})
+	c.putSVIDs([]*svid{
+		testSVID(t, "fresh", 1, t0, t0.Add(time.Hour)),                 // renews at t0+30m
+		testSVID(t, "old-rev", 1, t0, t0.Add(time.Hour)),               // entry changed since
+		testSVID(t, "due", 1, t0.Add(-time.Hour), t0.Add(time.Minute)), // past half-life
+	})
+	missing, renew, next := c.due(t0, sched)
+	if got := ids(missing); got != "old-rev none" {
+		t.Errorf("missing = %q, want %q", got, "old-rev none")
+	}
+	if got := ids(renew); got != "due" {
+		t.Errorf("renew = %q, want due", got)
+	}
+	// The earliest event is "due" expiring at t0+1m (it is renewing, so
+	// the loop must wake to drop it if renewal fails).
+	if want := t0.Add(time.Minute); !next.Equal(want) {
+		t.Errorf("next = %v, want %v", next, want)
+	}
+}
+
+func ids(es []*signerpb.Entry) string {
+	s := ""
+	for i, e := range es {
+		if i > 0 {
+			s += " "
+		}
+		s += e.GetId()
+	}
+	return s
+}
+
+func TestCacheNeverServesExpired(t *testing.T) {
+	t0 := time.Now()
+	c := newCache("example.org")
+	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:1")})
+	c.putSVIDs([]*svid{
+		testSVID(t, "a", 1, t0.Add(-time.Minute), t0.Add(time.Second)),
+		testSVID(t, "b", 1, t0.Add(-time.Minute), t0.Add(time.Hour)),
+	})
+	resp, changed := c.X509SVIDResponse([]string{"unix:uid:1"})
+	if len(resp.GetSvids()) != 2 {
+		t.Fatalf("served %d SVIDs, want 2", len(resp.GetSvids()))
+	}
+	if n := c.expire(t0.Add(time.Second)); n != 1 {
+		t.Fatalf("expire removed %d, want 1", n)
+	}
+	select {
+	case <-changed:
+	default:
+		t.Fatal("expiry did not wake streams")
+	}
+	resp, _ = c.X509SVIDResponse([]string{"unix:uid:1"})
+	if len(resp.GetSvids()) != 1 || resp.GetSvids()[0].GetSpiffeId() != "spiffe://example.org/b" {
+		t.Fatalf("after expiry served %v, want only b", resp.GetSvids())
+	}
+	c.expire(t0.Add(2 * time.Hour))
+	if resp, _ := c.X509SVIDResponse([]string{"unix:uid:1"}); resp != nil {
+		t.Fatalf("served %v with every SVID expired, want nothing", resp.GetSvids())
+	}
+}
+
+func TestCacheSharesResponses(t *testing.T) {
+	t0 := time.Now()
+	c := newCache("example.org")
+	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:2")})
+	c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour)), testSVID(t, "b", 1, t0, t0.Add(time.Hour))})
+
+	r1, _ := c.X509SVIDResponse([]string{"unix:gid:5", "unix:uid:1"})
+	r2, _ := c.X509SVIDResponse([]string{"unix:uid:1", "unix:user:x"})
+	if r1 == nil || r1 != r2 {
+		t.Fatal("two callers entitled to the same SVIDs got separately built responses")
+	}
+	rb, _ := c.X509SVIDResponse([]string{"unix:uid:2"})
+
+	// Rotating b must rebuild b's response and keep a's.
+	c.putSVIDs([]*svid{testSVID(t, "b", 1, t0, t0.Add(time.Hour))})
+	if r3, _ := c.X509SVIDResponse([]string{"unix:uid:1"}); r3 != r1 {
+		t.Error("rotating b rebuilt a's response")
+	}
+	if rb2, _ := c.X509SVIDResponse([]string{"unix:uid:2"}); rb2 == rb {
+		t.Error("rotating b kept b's stale response")
+	}
+}
+
+func TestMatches(t *testing.T) {
+	have := []string{"unix:gid:0", "unix:path:/bin/x", "unix:uid:0"}
+	tests := []struct {
+		name     string
+		required []string
+		want     bool
+	}{
+		{"all present", []string{"unix:uid:0", "unix:path:/bin/x"}, true},
+		{"one missing", []string{"unix:uid:0", "unix:path:/bin/y"}, false},
+		{"no selectors never match", nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := matches(tt.required, have); got != tt.want {
+				t.Errorf("matches(%v) = %v, want %v", tt.required, got, tt.want)
+			}
+		})
+	}
+}
