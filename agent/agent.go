@@ -44,6 +44,8 @@ type Agent struct {
 	// Facts for Status, written by the loops that own them.
 	lastSync, servingSince, agentRenewAt        atomic.Int64 // unix nanoseconds
 	syncFailures, attestFailures, renewFailures atomic.Int64
+	syncConnected                               atomic.Bool
+	tpmManufacturer                             string // read once at start
 }
 
 // New returns an agent for a validated config.
@@ -81,6 +83,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("open TPM: %w", err)
 	}
 	defer tpm.Close()
+	if info, err := tpm.Info(); err == nil {
+		a.tpmManufacturer = info.Manufacturer
+		a.log.Info("TPM opened", "ek_sha256", info.EKSHA256, "manufacturer", info.Manufacturer, "ek_certificate", info.EKCertificate != nil)
+	} else {
+		a.log.Warn("cannot read TPM info", "error", err)
+	}
 	a.up, err = newUpstream(a.cfg.SignerAddress, a.cfg.TrustDomain, tpm, trust, a.log.Named("upstream"))
 	if err != nil {
 		return err
@@ -93,7 +101,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		Log:        a.log.Named("workloadapi"),
 	})
 
+	admin := &adminServer{path: a.cfg.AdminSocketPath, log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
+
 	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return admin.Run(ctx) })
 	g.Go(func() error { return a.attestLoop(ctx) })
 	g.Go(func() error { return a.syncLoop(ctx) })
 	g.Go(func() error { return a.renewLoop(ctx) })
@@ -183,6 +194,7 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 			}
 		}
 		err := a.syncOnce(ctx, client, &failures)
+		a.syncConnected.Store(false)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -225,6 +237,7 @@ func (a *Agent) syncOnce(ctx context.Context, client signerpb.SignerClient, fail
 		}
 		*failures = 0
 		a.syncFailures.Store(0)
+		a.syncConnected.Store(true)
 		a.lastSync.Store(time.Now().UnixNano())
 		if err := a.applyBundle(msg.GetBundle()); err != nil {
 			a.log.Error("bad bundle from signer", "error", err)

@@ -13,6 +13,7 @@ type Status struct {
 	AgentRenewAt     time.Time // next attestation
 	NodeSelectors    []string
 	LastSync         time.Time // last message on the sync stream; zero if none yet
+	SyncConnected    bool      // the sync stream is open and has delivered a message
 	SyncFailures     int       // consecutive broken sync streams
 	AttestFailures   int       // consecutive failed attestations
 	RenewFailures    int       // consecutive failed renewal rounds
@@ -37,6 +38,7 @@ func (a *Agent) Status() Status {
 	st := Status{
 		LastSync:       timeFromNanos(a.lastSync.Load()),
 		SyncFailures:   int(a.syncFailures.Load()),
+		SyncConnected:  a.syncConnected.Load(),
 		AttestFailures: int(a.attestFailures.Load()),
 		RenewFailures:  int(a.renewFailures.Load()),
 		StartedAt:      a.started,

@@ -1,7 +1,9 @@
 // Package rotator decides when to renew: SVIDs at half their lifetime with
-// jitter, retries after failures with capped exponential backoff. It is
-// pure logic: time and randomness come in as values, decisions go out, so
-// a table test can name the exact instant. Callers own timers and I/O.
+// jitter, retries after failures with capped exponential backoff, and the
+// signer's CA: when its successor is published, when it takes over, and
+// when an old CA may leave the trust bundle. It is pure logic: time and
+// randomness come in as values, decisions go out, so a table test can name
+// the exact instant. Callers own timers and I/O.
 package rotator
 
 import (
@@ -61,4 +63,49 @@ func (b Backoff) Delay(failures int, r float64) time.Duration {
 	r = min(max(r, 0), 1)
 	// Never zero: a tight retry loop against a down signer helps no one.
 	return max(time.Duration(float64(ceil)*r), b.Base/4)
+}
+
+// CAActivateAt is when the successor of a CA valid from notBefore to
+// notAfter takes over signing: at half the CA's lifetime. An SVID the CA
+// signs just before then, with a TTL of at most half the CA TTL (the
+// signer's config enforces that), therefore ends before the CA does and is
+// never cut short.
+func CAActivateAt(notBefore, notAfter time.Time) time.Time {
+	return notBefore.Add(notAfter.Sub(notBefore) / 2)
+}
+
+// CAPrepareAt is when that successor is created and published in the
+// trust bundle, without signing yet: publishLead before CAActivateAt, so
+// every relying party holds it before the first SVID it signs appears.
+// It is never before notBefore.
+func CAPrepareAt(notBefore, notAfter time.Time, publishLead time.Duration) time.Time {
+	at := CAActivateAt(notBefore, notAfter).Add(-max(publishLead, 0))
+	if at.Before(notBefore) {
+		return notBefore
+	}
+	return at
+}
+
+// CAPhase reports, at now, whether the successor of the CA valid from
+// notBefore to notAfter should exist and be published (prepare), and
+// whether it should have taken over signing (activate). activate implies
+// prepare.
+func CAPhase(now, notBefore, notAfter time.Time, publishLead time.Duration) (prepare, activate bool) {
+	prepare = !now.Before(CAPrepareAt(notBefore, notAfter, publishLead))
+	activate = !now.Before(CAActivateAt(notBefore, notAfter))
+	return prepare, activate
+}
+
+// Droppable reports whether a trust bundle entry kept until keepUntil (the
+// latest NotAfter of anything its CA signed) may leave the bundle at now.
+// A certificate is still valid at its NotAfter instant, so the entry goes
+// only strictly after it.
+func Droppable(now, keepUntil time.Time) bool {
+	return now.After(keepUntil)
+}
+
+// DropAt is the first instant at which Droppable(·, keepUntil) holds: when
+// a caller waiting on a timer should look again.
+func DropAt(keepUntil time.Time) time.Time {
+	return keepUntil.Add(time.Nanosecond)
 }

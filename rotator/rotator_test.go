@@ -68,3 +68,86 @@ func TestBackoff(t *testing.T) {
 		})
 	}
 }
+
+func TestCAPhase(t *testing.T) {
+	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	na := nb.Add(24 * time.Hour) // activate at +12h
+	const lead = 4 * time.Hour   // prepare at +8h
+	tests := []struct {
+		name              string
+		at                time.Duration // after notBefore
+		lead              time.Duration
+		prepare, activate bool
+	}{
+		{"at issue", 0, lead, false, false},
+		{"just before prepare", 8*time.Hour - time.Nanosecond, lead, false, false},
+		{"prepare instant", 8 * time.Hour, lead, true, false},
+		{"between", 10 * time.Hour, lead, true, false},
+		{"just before activate", 12*time.Hour - time.Nanosecond, lead, true, false},
+		{"activate instant", 12 * time.Hour, lead, true, true},
+		{"long after expiry", 48 * time.Hour, lead, true, true},
+		{"no lead prepares at activation", 12*time.Hour - time.Nanosecond, 0, false, false},
+		{"no lead at activation", 12 * time.Hour, 0, true, true},
+		{"negative lead is none", 11 * time.Hour, -time.Hour, false, false},
+		{"lead longer than half-life clamps to notBefore", 0, 20 * time.Hour, true, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			prepare, activate := CAPhase(nb.Add(tt.at), nb, na, tt.lead)
+			if prepare != tt.prepare || activate != tt.activate {
+				t.Errorf("CAPhase(+%v, lead %v) = (%v, %v), want (%v, %v)", tt.at, tt.lead, prepare, activate, tt.prepare, tt.activate)
+			}
+		})
+	}
+}
+
+func TestCAInstants(t *testing.T) {
+	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	tests := []struct {
+		name              string
+		lifetime, lead    time.Duration
+		prepare, activate time.Duration // after notBefore
+	}{
+		{"defaults", 24 * time.Hour, 4 * time.Hour, 8 * time.Hour, 12 * time.Hour},
+		{"one minute CA", time.Minute, 10 * time.Second, 20 * time.Second, 30 * time.Second},
+		{"backdated CA", 24*time.Hour + 10*time.Second, 4 * time.Hour, 8*time.Hour + 5*time.Second, 12*time.Hour + 5*time.Second},
+		{"clamped", time.Hour, 2 * time.Hour, 0, 30 * time.Minute},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			na := nb.Add(tt.lifetime)
+			if got, want := CAActivateAt(nb, na), nb.Add(tt.activate); !got.Equal(want) {
+				t.Errorf("CAActivateAt = %v, want %v", got, want)
+			}
+			if got, want := CAPrepareAt(nb, na, tt.lead), nb.Add(tt.prepare); !got.Equal(want) {
+				t.Errorf("CAPrepareAt = %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+func TestDroppable(t *testing.T) {
+	keep := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	tests := []struct {
+		name      string
+		keepUntil time.Time
+		now       time.Time
+		want      bool
+	}{
+		{"before", keep, keep.Add(-time.Second), false},
+		{"at the instant the last SVID is still valid", keep, keep, false},
+		{"just after", keep, keep.Add(time.Nanosecond), true},
+		{"long after", keep, keep.Add(24 * time.Hour), true},
+		{"zero keepUntil: nothing was signed", time.Time{}, keep, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := Droppable(tt.now, tt.keepUntil); got != tt.want {
+				t.Errorf("Droppable(%v, %v) = %v, want %v", tt.now, tt.keepUntil, got, tt.want)
+			}
+			if got := !tt.now.Before(DropAt(tt.keepUntil)); got != tt.want {
+				t.Errorf("now >= DropAt = %v, want %v (DropAt must be Droppable's first instant)", got, tt.want)
+			}
+		})
+	}
+}

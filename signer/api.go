@@ -105,7 +105,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", "TPM left the policy during attestation")
 		return status.Error(codes.PermissionDenied, "attestation refused: the TPM left the policy during attestation")
 	}
-	cert, err := s.ca.SignX509SVID(node.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
+	cert, err := s.auth.sign(node.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
 	if err == nil {
 		s.agents[id] = &agentRecord{node: node, names: node.Names, notAfter: cert.NotAfter}
 	}
@@ -248,7 +248,7 @@ func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x5
 		return nil, nil, fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)
 	}
 	ttl := min(w.X509TTL, s.cfg.X509MaxTTL)
-	cert, err := s.ca.SignX509SVID(csr.PublicKey, w.SPIFFEID, ttl, w.DNSNames, now)
+	cert, err := s.auth.sign(csr.PublicKey, w.SPIFFEID, ttl, w.DNSNames, now)
 	if err != nil {
 		return nil, nil, err
 	}

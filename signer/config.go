@@ -15,9 +15,13 @@ const (
 	DefaultListenAddress = "127.0.0.1:8443"
 	DefaultStateDir      = "/var/lib/lanyard-signer"
 	DefaultCATTL         = 24 * time.Hour
-	DefaultX509MaxTTL    = 24 * time.Hour
-	DefaultAgentTTL      = time.Hour
+	DefaultX509MaxTTL    = 12 * time.Hour // or ca_ttl/2 when that is shorter
+	DefaultAgentTTL      = time.Hour      // or ca_ttl/2 when that is shorter
 )
+
+// DefaultCAPublishLead is ca_publish_lead when the file leaves it out: a
+// sixth of ca_ttl (4h for the default 24h CA).
+func DefaultCAPublishLead(caTTL time.Duration) time.Duration { return caTTL / 6 }
 
 // Floors of the signer config: below them the CA or the agents would spend
 // their time rotating.
@@ -25,6 +29,7 @@ const (
 	minCATTL        = time.Minute
 	minX509MaxTTL   = 10 * time.Second
 	minAgentSVIDTTL = 10 * time.Second
+	minPublishLead  = time.Second
 )
 
 // Config is the signer's validated configuration file. Paths in it are
@@ -33,9 +38,10 @@ type Config struct {
 	TrustDomain   spiffeid.TrustDomain
 	ListenAddress string
 	PolicyPath    string
-	BundlePath    string // where the signer writes its trust bundle (PEM)
-	StateDir      string // public state only, never a private key
-	CATTL         time.Duration
+	BundlePath    string        // where the signer writes its trust bundle (PEM)
+	StateDir      string        // public state only, never a private key
+	CATTL         time.Duration // lifetime of each CA
+	CAPublishLead time.Duration // how long a new CA is in the bundle before it signs
 	X509MaxTTL    time.Duration // workload X.509-SVID TTLs are capped to this
 	AgentTTL      time.Duration // lifetime of agent SVIDs
 	LogLevel      string        // trace, debug, info, warn or error
@@ -50,6 +56,7 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "bundle_path", Required: true},
 		{Name: "state_dir"},
 		{Name: "ca_ttl"},
+		{Name: "ca_publish_lead"},
 		{Name: "x509_max_ttl"},
 		{Name: "agent_ttl"},
 		{Name: "log_level"},
@@ -117,6 +124,10 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		cfg.CATTL, d = hclconf.Duration(a, minCATTL)
 		return d
 	})
+	set("ca_publish_lead", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.CAPublishLead, d = hclconf.Duration(a, minPublishLead)
+		return d
+	})
 	set("x509_max_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.X509MaxTTL, d = hclconf.Duration(a, minX509MaxTTL)
 		return d
@@ -133,17 +144,36 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		cfg.LogFormat, d = hclconf.LogFormat(a)
 		return d
 	})
-	// An SVID cannot outlive the CA that signed it. CATTL is 0 when ca_ttl
-	// was itself wrong, which already has its error.
-	capToCA := func(name string, ttl time.Duration) {
-		if attr, ok := content.Attributes[name]; ok && cfg.CATTL > 0 && ttl > cfg.CATTL {
-			diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: %s is longer than ca_ttl (%s)", name, ttl, cfg.CATTL))
-		}
-	}
-	capToCA("x509_max_ttl", cfg.X509MaxTTL)
-	capToCA("agent_ttl", cfg.AgentTTL)
+	diags = append(diags, fitToCA(cfg, content.Attributes)...)
 	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// fitToCA checks the lifetimes that depend on ca_ttl, and derives those the
+// file left out. A CA signs until half its lifetime (then its successor
+// takes over), so an SVID of at most ca_ttl/2 never outlives its CA; and
+// the successor is published ca_publish_lead before it takes over, which
+// the CA's signing span (ca_ttl/2 minus that lead) can only honour when
+// the lead is at most ca_ttl/4. CATTL is 0 when ca_ttl was itself wrong,
+// which already has its error.
+func fitToCA(cfg *Config, attrs hcl.Attributes) hcl.Diagnostics {
+	if cfg.CATTL <= 0 {
+		return nil
+	}
+	var diags hcl.Diagnostics
+	limit := func(name string, v *time.Duration, def, most time.Duration, what string) {
+		attr, ok := attrs[name]
+		switch {
+		case !ok:
+			*v = min(def, most)
+		case *v > most:
+			diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: %s is longer than %s (%s)", name, *v, what, most))
+		}
+	}
+	limit("ca_publish_lead", &cfg.CAPublishLead, DefaultCAPublishLead(cfg.CATTL), cfg.CATTL/4, "ca_ttl/4")
+	limit("x509_max_ttl", &cfg.X509MaxTTL, DefaultX509MaxTTL, cfg.CATTL/2, "ca_ttl/2")
+	limit("agent_ttl", &cfg.AgentTTL, DefaultAgentTTL, cfg.CATTL/2, "ca_ttl/2")
+	return diags
 }

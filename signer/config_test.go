@@ -31,6 +31,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			BundlePath:    filepath.Join(dir, "bundle.pem"),
 			StateDir:      "/tmp/lanyard-signer-state",
 			CATTL:         48 * time.Hour,
+			CAPublishLead: 8 * time.Hour,
 			X509MaxTTL:    12 * time.Hour,
 			AgentTTL:      30 * time.Minute,
 			LogLevel:      "debug",
@@ -43,7 +44,8 @@ func TestLoadConfigTestdata(t *testing.T) {
 			BundlePath:    filepath.Join(dir, "bundle.pem"),
 			StateDir:      "/var/lib/lanyard-signer",
 			CATTL:         24 * time.Hour,
-			X509MaxTTL:    24 * time.Hour,
+			CAPublishLead: 4 * time.Hour,
+			X509MaxTTL:    12 * time.Hour,
 			AgentTTL:      time.Hour,
 			LogLevel:      "info",
 			LogFormat:     "text",
@@ -112,9 +114,21 @@ func TestParseConfigErrors(t *testing.T) {
 		{"x509_max_ttl unparsable", required + "x509_max_ttl = \"one day\"\n", []string{
 			`c.hcl:4: x509_max_ttl: invalid duration "one day" (write it like "90s", "5m" or "1h")`,
 		}},
-		{"TTLs longer than the CA", required + "ca_ttl = \"2h\"\nx509_max_ttl = \"3h\"\nagent_ttl = \"2h1m\"\n", []string{
-			`c.hcl:5: x509_max_ttl: 3h0m0s is longer than ca_ttl (2h0m0s)`,
-			`c.hcl:6: agent_ttl: 2h1m0s is longer than ca_ttl (2h0m0s)`,
+		{"TTLs longer than half the CA", required + "ca_ttl = \"2h\"\nx509_max_ttl = \"1h0m1s\"\nagent_ttl = \"2h1m\"\n", []string{
+			`c.hcl:5: x509_max_ttl: 1h0m1s is longer than ca_ttl/2 (1h0m0s)`,
+			`c.hcl:6: agent_ttl: 2h1m0s is longer than ca_ttl/2 (1h0m0s)`,
+		}},
+		{"x509_max_ttl above half the default ca_ttl", required + "x509_max_ttl = \"24h\"\n", []string{
+			`c.hcl:4: x509_max_ttl: 24h0m0s is longer than ca_ttl/2 (12h0m0s)`,
+		}},
+		{"publish lead longer than a quarter of the CA", required + "ca_ttl = \"1m\"\nca_publish_lead = \"16s\"\n", []string{
+			`c.hcl:5: ca_publish_lead: 16s is longer than ca_ttl/4 (15s)`,
+		}},
+		{"publish lead below a second", required + "ca_publish_lead = \"500ms\"\n", []string{
+			`c.hcl:4: ca_publish_lead: 500ms is below the minimum of 1s`,
+		}},
+		{"publish lead unparsable", required + "ca_publish_lead = 60\n", []string{
+			`c.hcl:4: ca_publish_lead: expected a string, got number`,
 		}},
 		{"bad log settings", required + "log_level = \"verbose\"\nlog_format = \"xml\"\n", []string{
 			`c.hcl:4: log_level: "verbose" is not one of trace, debug, info, warn, error`,
@@ -141,6 +155,34 @@ func TestParseConfigErrors(t *testing.T) {
 			}
 			if diff := cmp.Diff(strings.Join(tt.want, "\n"), err.Error()); diff != "" {
 				t.Errorf("errors (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestParseConfigCADerived(t *testing.T) {
+	const required = "trust_domain = \"example.org\"\npolicy_path = \"p.hcl\"\nbundle_path = \"b.pem\"\n"
+	tests := []struct {
+		name                       string
+		src                        string
+		lead, x509MaxTTL, agentTTL time.Duration
+	}{
+		{"defaults", "", 4 * time.Hour, 12 * time.Hour, time.Hour},
+		{"one minute CA shortens the defaults", "ca_ttl = \"1m\"\n", 10 * time.Second, 30 * time.Second, 30 * time.Second},
+		{"long CA keeps the TTL defaults", "ca_ttl = \"720h\"\n", 120 * time.Hour, 12 * time.Hour, time.Hour},
+		{"set at the limits", "ca_ttl = \"1m\"\nca_publish_lead = \"15s\"\nx509_max_ttl = \"30s\"\nagent_ttl = \"30s\"\n",
+			15 * time.Second, 30 * time.Second, 30 * time.Second},
+		{"set lead", "ca_publish_lead = \"1h\"\n", time.Hour, 12 * time.Hour, time.Hour},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig([]byte(required+tt.src), "c.hcl")
+			if err != nil {
+				t.Fatalf("ParseConfig: %v", err)
+			}
+			got := [3]time.Duration{cfg.CAPublishLead, cfg.X509MaxTTL, cfg.AgentTTL}
+			if want := [3]time.Duration{tt.lead, tt.x509MaxTTL, tt.agentTTL}; got != want {
+				t.Errorf("ca_publish_lead, x509_max_ttl, agent_ttl = %v, want %v", got, want)
 			}
 		})
 	}

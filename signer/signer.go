@@ -1,7 +1,8 @@
-// Package signer is Lanyard's upstream signer. It holds the CA key in
-// memory, attests agents by their TPMs, streams each agent the workload
-// entries its node may serve together with the trust bundle, and signs the
-// agents' CSRs for those entries only.
+// Package signer is Lanyard's upstream signer. It holds the CA keys in
+// memory and rotates its CA with overlap (authority.go), attests agents by
+// their TPMs, streams each agent the workload entries its node may serve
+// together with the trust bundle, and signs the agents' CSRs for those
+// entries only.
 package signer
 
 import (
@@ -29,9 +30,15 @@ import (
 	"google.golang.org/grpc/credentials"
 )
 
-// signerSVIDTTL is the lifetime of the signer's own TLS identity; it is
-// reissued from memory at half-life, so it never needs to be stored.
+// signerSVIDTTL is the lifetime of the signer's own TLS identity (at most
+// ca_ttl/2, like every SVID); it is reissued from memory at half-life or
+// when another CA takes over signing, so it never needs to be stored.
 const signerSVIDTTL = 24 * time.Hour
+
+// maxCAWait bounds how long the CA rotation sleeps between looks at the
+// clock: a timer counts monotonic time, which stands still while a host is
+// suspended, and the CA's decisions are in wall-clock time.
+const maxCAWait = time.Minute
 
 // Signer is one running signer. Create it with New and run it with Run.
 type Signer struct {
@@ -40,7 +47,7 @@ type Signer struct {
 	id  spiffeid.ID // the signer's own SPIFFE ID
 
 	mu      sync.Mutex
-	ca      *CA
+	auth    *authority
 	bundle  *x509bundle.Bundle // the CAs agents trust; safe for concurrent use
 	bundleN uint64             // bumped on every bundle change
 	pol     *policy.Policy
@@ -48,6 +55,7 @@ type Signer struct {
 	agents  map[spiffeid.ID]*agentRecord
 	changed chan struct{} // closed and replaced on every change of policy or bundle
 	tlsCert *tls.Certificate
+	tlsCA   *CA // the CA that signed tlsCert
 	tlsKey  *ecdsa.PrivateKey
 }
 
@@ -59,7 +67,9 @@ type agentRecord struct {
 	notAfter time.Time
 }
 
-// New loads the policy named by cfg and creates a fresh in-memory CA.
+// New loads the policy named by cfg, creates a fresh in-memory CA and
+// publishes it together with the earlier CAs kept in cfg.StateDir (an
+// unusable state file is ErrBadCAState).
 func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -68,8 +78,11 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load policy: %w", err)
 	}
-	now := time.Now()
-	ca, err := NewCA(cfg.TrustDomain, cfg.CATTL, now)
+	restored, err := loadCAState(cfg.StateDir, cfg.TrustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("restore earlier CAs: %w", err)
+	}
+	auth, err := newAuthority(cfg.TrustDomain, cfg.CATTL, cfg.CAPublishLead, restored, time.Now(), log)
 	if err != nil {
 		return nil, err
 	}
@@ -81,8 +94,8 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 		cfg:     cfg,
 		log:     log,
 		id:      id,
-		ca:      ca,
-		bundle:  x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{ca.Cert}),
+		auth:    auth,
+		bundle:  x509bundle.FromX509Authorities(cfg.TrustDomain, auth.published()),
 		bundleN: 1,
 		agents:  make(map[spiffeid.ID]*agentRecord),
 		changed: make(chan struct{}),
@@ -91,8 +104,9 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	return s, nil
 }
 
-// Run writes the trust bundle, serves the agent API on the configured
-// address until ctx ends, and returns once everything it started has ended.
+// Run writes the trust bundle and the CA state, serves the agent API on the
+// configured address and rotates the CA until ctx ends, and returns once
+// everything it started has ended.
 func (s *Signer) Run(ctx context.Context) error {
 	lis, err := net.Listen("tcp", s.cfg.ListenAddress)
 	if err != nil {
@@ -103,7 +117,12 @@ func (s *Signer) Run(ctx context.Context) error {
 
 // Serve is Run on a listener the caller opened (tests use port 0).
 func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
-	if err := writeBundle(s.cfg.BundlePath, s.bundle.X509Authorities()); err != nil {
+	// The fresh CA is on disk before it signs anything, so a restart
+	// keeps publishing it while its SVIDs live.
+	s.mu.Lock()
+	cas := s.auth.published()
+	s.mu.Unlock()
+	if err := s.publish(cas); err != nil {
 		lis.Close()
 		return err
 	}
@@ -128,6 +147,7 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Serve(lis) })
+	g.Go(func() error { return s.rotateCAs(ctx) })
 	g.Go(func() error {
 		<-ctx.Done()
 		stopGracefully(srv, 5*time.Second)
@@ -186,11 +206,13 @@ func (s *Signer) notifyLocked() {
 }
 
 // serverCertificate returns the signer's TLS identity, reissuing it from
-// the in-memory CA once it is past half its lifetime.
+// the in-memory CA once it is past half its lifetime or once another CA
+// signs: agents then see the current CA, and the old one can leave the
+// bundle once this certificate expires.
 func (s *Signer) serverCertificate(now time.Time) (*tls.Certificate, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if c := s.tlsCert; c != nil {
+	if c := s.tlsCert; c != nil && s.tlsCA == s.auth.current(now) {
 		leaf := c.Leaf
 		if now.Before(leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2)) {
 			return c, nil
@@ -203,12 +225,66 @@ func (s *Signer) serverCertificate(now time.Time) (*tls.Certificate, error) {
 		}
 		s.tlsKey = key
 	}
-	cert, err := s.ca.SignX509SVID(s.tlsKey.Public(), s.id, signerSVIDTTL, nil, now)
+	cert, err := s.auth.sign(s.tlsKey.Public(), s.id, min(signerSVIDTTL, s.cfg.CATTL/2), nil, now)
 	if err != nil {
 		return nil, err
 	}
 	s.tlsCert = &tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: s.tlsKey, Leaf: cert}
+	s.tlsCA = s.auth.current(now)
 	return s.tlsCert, nil
+}
+
+// rotateCAs carries out the CA's rotation decisions as they fall due,
+// until ctx ends. A failure to save the bundle or the CA state ends the
+// signer: a CA that is not on disk must not come to sign.
+func (s *Signer) rotateCAs(ctx context.Context) error {
+	for {
+		next, err := s.advanceCAs(time.Now())
+		if err != nil {
+			return fmt.Errorf("rotate CA: %w", err)
+		}
+		t := time.NewTimer(min(time.Until(next), maxCAWait))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// advanceCAs runs the authority's decisions due at now and, when the
+// bundle changed, pushes it to every Sync stream and the TLS verifier and
+// saves it. It returns when to look again. Only Serve (before it starts
+// the rotation) and the rotation itself write the files, one after the
+// other, so writing outside the lock cannot reorder them.
+func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
+	s.mu.Lock()
+	changed, next, tickErr := s.auth.tick(now)
+	var cas []*x509.Certificate
+	if changed {
+		cas = s.auth.published()
+		s.bundle.SetX509Authorities(cas)
+		s.bundleN++
+		s.notifyLocked()
+		s.log.Info("trust bundle changed", "sequence", s.bundleN, "cas", len(cas))
+	}
+	s.mu.Unlock()
+	if changed {
+		if err := s.publish(cas); err != nil {
+			return next, err
+		}
+	}
+	return next, tickErr
+}
+
+// publish saves the CA state first, then bundle_path: the state is what
+// keeps the bundle continuous across a restart.
+func (s *Signer) publish(cas []*x509.Certificate) error {
+	if err := saveCAState(s.cfg.StateDir, cas); err != nil {
+		return err
+	}
+	return writeBundle(s.cfg.BundlePath, cas)
 }
 
 // BundleSequence reports how many times the bundle has changed (tests and

@@ -16,6 +16,8 @@ const usage = `usage: lanyard-agent <command> [flags]
 commands:
   run --config FILE                      run the agent
   fetch x509 [--socket PATH]             fetch X.509-SVIDs from the Workload API as this process
+  status [--json] [--admin-socket PATH]  is this host healthy, and if not, why (exit 0 healthy, 1 degraded, 2 unhealthy)
+  healthcheck [--admin-socket PATH]      exit code only, as status
   tpm info --config FILE                 show the TPM's EK SHA-256, manufacturer and EK certificate
   version                                print the version
 `
@@ -34,6 +36,10 @@ func main() {
 			cli.Fatalf(2, "usage: lanyard-agent fetch x509 [--socket PATH]")
 		}
 		os.Exit(fetchX509(args[2:], os.Stdout, os.Stderr))
+	case "status":
+		os.Exit(status(args[1:], os.Stdout, os.Stderr))
+	case "healthcheck":
+		os.Exit(healthcheck(args[1:], os.Stderr))
 	case "tpm":
 		if len(args) < 2 || args[1] != "info" {
 			cli.Fatalf(2, "usage: lanyard-agent tpm info --config FILE")

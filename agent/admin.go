@@ -1,0 +1,138 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// adminServer answers `lanyard-agent status`, `healthcheck` and `explain`
+// over HTTP on a root-only Unix socket. Root-only twice over: the socket is
+// mode 0600, and every connection's peer uid (SO_PEERCRED) must be 0, so
+// loosened permissions do not open it to other users.
+type adminServer struct {
+	path    string
+	log     hclog.Logger
+	handler http.Handler
+	ready   chan struct{}
+}
+
+// ErrUnsafeAdminDir is returned when the admin socket's directory could be
+// written by someone other than root, who could then replace the socket.
+var ErrUnsafeAdminDir = errors.New("admin socket directory is writable by non-root users")
+
+func (s *adminServer) Run(ctx context.Context) error {
+	dir := filepath.Dir(s.path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	if err := checkAdminDir(dir); err != nil {
+		return err
+	}
+	if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("admin socket: remove stale %s: %w", s.path, err)
+	}
+	// Bind with a umask that leaves no window in which the socket is open
+	// to others before the chmod.
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", s.path)
+	syscall.Umask(old)
+	if err != nil {
+		return fmt.Errorf("admin socket: listen on %s: %w", s.path, err)
+	}
+	if err := os.Chmod(s.path, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 5 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(rootOnly{ln.(*net.UnixListener), s.log}) }()
+	close(s.ready)
+	select {
+	case err := <-errc:
+		return fmt.Errorf("admin socket: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	srv.Shutdown(sctx)
+	<-errc
+	os.Remove(s.path)
+	return nil
+}
+
+func checkAdminDir(dir string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return fmt.Errorf("admin socket: %w", err)
+	}
+	ownerOK := st.Uid == 0 || os.Geteuid() != 0 // an unprivileged test agent owns its own dirs
+	othersWrite := st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0
+	if !ownerOK || othersWrite {
+		return fmt.Errorf("%s (owner %d, mode %o): %w", dir, st.Uid, st.Mode&0o7777, ErrUnsafeAdminDir)
+	}
+	return nil
+}
+
+// rootOnly accepts only connections whose peer is root.
+type rootOnly struct {
+	*net.UnixListener
+	log hclog.Logger
+}
+
+func (l rootOnly) Accept() (net.Conn, error) {
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		if err == nil && uid == 0 {
+			return c, nil
+		}
+		l.log.Warn("admin connection refused: not root", "uid", uid, "error", err)
+		c.Close()
+	}
+}
+
+func peerUID(c *net.UnixConn) (uint32, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, cerr
+	}
+	return cred.Uid, nil
+}
+
+// adminHandler serves the admin endpoints.
+func (a *Agent) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, a.Report(time.Now()))
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}

@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/internal/cli"
+)
+
+// Health states, also the exit codes of `lanyard-agent status` and
+// `healthcheck`.
+const (
+	Healthy   = "healthy"   // exit 0
+	Degraded  = "degraded"  // exit 1: serving valid SVIDs, but something needs attention
+	Unhealthy = "unhealthy" // exit 2: not attested, or some entry has no valid SVID
+)
+
+// Report is the document behind `lanyard-agent status --json`. Its JSON
+// field names are a stable interface, documented in the README.
+type Report struct {
+	Version       string        `json:"version"`
+	Health        string        `json:"health"`
+	Reasons       []string      `json:"reasons,omitempty"`
+	UptimeSeconds int64         `json:"uptime_seconds"`
+	Agent         AgentReport   `json:"agent"`
+	Signer        SignerReport  `json:"signer"`
+	Bundle        []CAReport    `json:"bundle"`
+	Entries       []EntryReport `json:"entries"`
+}
+
+// AgentReport is the agent's own identity and how it got it.
+type AgentReport struct {
+	SPIFFEID        string     `json:"spiffe_id,omitempty"`
+	NotAfter        *time.Time `json:"not_after,omitempty"`
+	RenewAt         *time.Time `json:"renew_at,omitempty"`
+	EKSHA256        string     `json:"ek_sha256,omitempty"`
+	TPMManufacturer string     `json:"tpm_manufacturer,omitempty"`
+	NodeSelectors   []string   `json:"node_selectors,omitempty"`
+}
+
+// SignerReport is the state of the agent's link to the signer.
+type SignerReport struct {
+	Address             string     `json:"address"`
+	Connected           bool       `json:"connected"`
+	LastSync            *time.Time `json:"last_sync,omitempty"`
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+}
+
+// CAReport is one trust bundle authority.
+type CAReport struct {
+	NotAfter time.Time `json:"not_after"`
+}
+
+// EntryReport is one workload entry the node serves and the SVID held for it.
+type EntryReport struct {
+	ID       string     `json:"id"`
+	SPIFFEID string     `json:"spiffe_id"`
+	Serial   string     `json:"serial,omitempty"`
+	NotAfter *time.Time `json:"not_after,omitempty"`
+	RenewAt  *time.Time `json:"renew_at,omitempty"`
+}
+
+// Report builds the status report at now.
+func (a *Agent) Report(now time.Time) Report {
+	st := a.Status()
+	r := Report{
+		Version:       cli.Version(),
+		UptimeSeconds: int64(now.Sub(st.StartedAt).Seconds()),
+		Agent: AgentReport{
+			SPIFFEID: st.AgentID, NotAfter: timePtr(st.AgentNotAfter), RenewAt: timePtr(st.AgentRenewAt),
+			EKSHA256:        strings.TrimPrefix(st.AgentID, "spiffe://"+a.cfg.TrustDomain.String()+"/lanyard/agent/tpm/"),
+			TPMManufacturer: a.tpmManufacturer, NodeSelectors: st.NodeSelectors,
+		},
+		Signer: SignerReport{
+			Address: a.cfg.SignerAddress, Connected: st.SyncConnected, LastSync: timePtr(st.LastSync),
+			ConsecutiveFailures: max(st.SyncFailures, st.AttestFailures, st.RenewFailures),
+		},
+	}
+	if st.AgentID == "" {
+		r.Agent.EKSHA256 = ""
+	}
+	for _, na := range st.BundleNotAfter {
+		r.Bundle = append(r.Bundle, CAReport{NotAfter: na})
+	}
+	for _, s := range st.SVIDs {
+		r.Entries = append(r.Entries, EntryReport{ID: s.EntryID, SPIFFEID: s.SPIFFEID, Serial: s.Serial,
+			NotAfter: timePtr(s.NotAfter), RenewAt: timePtr(s.RenewAt)})
+	}
+	r.Health, r.Reasons = health(st, now)
+	return r
+}
+
+// health judges a status snapshot: the first reasons are the ones to act on.
+func health(st Status, now time.Time) (string, []string) {
+	var bad, warn []string
+	switch {
+	case st.AgentID == "":
+		bad = append(bad, "not attested")
+	case !now.Before(st.AgentNotAfter):
+		bad = append(bad, "agent SVID expired")
+	}
+	if st.EntriesWithoutID > 0 {
+		bad = append(bad, pluralize(st.EntriesWithoutID, "entry has", "entries have")+" no valid SVID")
+	}
+	if st.AttestFailures > 0 {
+		warn = append(warn, pluralize(st.AttestFailures, "attestation", "attestations")+" failed in a row")
+	}
+	if !st.SyncConnected {
+		warn = append(warn, "signer unreachable (sync stream down)")
+	}
+	if st.RenewFailures > 0 {
+		warn = append(warn, pluralize(st.RenewFailures, "renewal round", "renewal rounds")+" failed in a row")
+	}
+	switch {
+	case len(bad) > 0:
+		return Unhealthy, append(bad, warn...)
+	case len(warn) > 0:
+		return Degraded, warn
+	}
+	return Healthy, nil
+}
+
+func pluralize(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return strconv.Itoa(n) + " " + many
+}
+
+func timePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}

@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/agent"
+)
+
+// Exit codes of status and healthcheck.
+const (
+	exitHealthy   = 0
+	exitDegraded  = 1
+	exitUnhealthy = 2 // also: agent not running or not reachable
+)
+
+// adminFlags are the flags every admin-socket command takes.
+type adminFlags struct {
+	socket, config string
+}
+
+func (f *adminFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.socket, "admin-socket", "", "agent admin socket (default: from --config, else "+agent.DefaultAdminSocketPath+")")
+	fs.StringVar(&f.config, "config", "", "agent config file to read admin_socket_path from")
+}
+
+func (f *adminFlags) path() (string, error) {
+	if f.socket != "" {
+		return f.socket, nil
+	}
+	if f.config != "" {
+		cfg, err := agent.LoadConfig(f.config)
+		if err != nil {
+			return "", err
+		}
+		return cfg.AdminSocketPath, nil
+	}
+	return agent.DefaultAdminSocketPath, nil
+}
+
+// adminGet fetches path from the agent's admin socket into v.
+func adminGet(socket, path string, v any) error {
+	c := &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		}},
+	}
+	resp, err := c.Get("http://agent" + path)
+	if err != nil {
+		return fmt.Errorf("agent not reachable on %s: %w", socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("agent answered %s: %s", resp.Status, strings.TrimSpace(string(b)))
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+func healthExit(h string) int {
+	switch h {
+	case agent.Healthy:
+		return exitHealthy
+	case agent.Degraded:
+		return exitDegraded
+	}
+	return exitUnhealthy
+}
+
+// status prints the agent's report; the exit code says its health.
+func status(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var af adminFlags
+	af.register(fs)
+	asJSON := fs.Bool("json", false, "print the report as JSON (stable field names)")
+	if err := fs.Parse(args); err != nil {
+		return exitUnhealthy
+	}
+	socket, err := af.path()
+	if err != nil {
+		fmt.Fprintf(stderr, "status: %v\n", err)
+		return exitUnhealthy
+	}
+	var r agent.Report
+	if err := adminGet(socket, "/v1/status", &r); err != nil {
+		if *asJSON {
+			json.NewEncoder(stdout).Encode(map[string]any{"health": agent.Unhealthy, "reasons": []string{"agent not running: " + err.Error()}})
+		} else {
+			fmt.Fprintf(stdout, "Health:  unhealthy: agent not running (%v)\n", err)
+		}
+		return exitUnhealthy
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(r)
+	} else {
+		printReport(stdout, r, time.Now())
+	}
+	return healthExit(r.Health)
+}
+
+func printReport(w io.Writer, r agent.Report, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	health := r.Health
+	if len(r.Reasons) > 0 {
+		health += ": " + strings.Join(r.Reasons, "; ")
+	}
+	fmt.Fprintf(tw, "Health:\t%s\n", health)
+	if r.Agent.SPIFFEID == "" {
+		fmt.Fprintf(tw, "Agent:\tnot attested\n")
+	} else {
+		fmt.Fprintf(tw, "Agent:\t%s\t%s, renews %s\n", r.Agent.SPIFFEID, until(now, r.Agent.NotAfter, "expires"), until(now, r.Agent.RenewAt, ""))
+	}
+	if r.Agent.TPMManufacturer != "" || r.Agent.EKSHA256 != "" {
+		fmt.Fprintf(tw, "TPM:\t%s\tEK SHA-256 %s\n", orDash(r.Agent.TPMManufacturer), orDash(r.Agent.EKSHA256))
+	}
+	conn := "connected"
+	if !r.Signer.Connected {
+		conn = "DISCONNECTED"
+	}
+	last := "never synced"
+	if r.Signer.LastSync != nil {
+		last = "last sync " + now.Sub(*r.Signer.LastSync).Round(time.Second).String() + " ago"
+	}
+	fmt.Fprintf(tw, "Signer:\t%s\t%s, %s, %d consecutive failures\n", r.Signer.Address, conn, last, r.Signer.ConsecutiveFailures)
+	var cas []string
+	for _, ca := range r.Bundle {
+		cas = append(cas, until(now, &ca.NotAfter, "expires"))
+	}
+	fmt.Fprintf(tw, "Bundle:\t%d CAs\t%s\n", len(r.Bundle), strings.Join(cas, "; "))
+	fmt.Fprintf(tw, "Uptime:\t%s\tversion %s\n", (time.Duration(r.UptimeSeconds) * time.Second).String(), r.Version)
+	tw.Flush()
+
+	fmt.Fprintf(w, "\n")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "ENTRY\tSPIFFE ID\tSERIAL\tEXPIRES\tRENEWS\n")
+	for _, e := range r.Entries {
+		if e.Serial == "" {
+			fmt.Fprintf(tw, "%s\t%s\tNO VALID SVID\t-\t-\n", e.ID, e.SPIFFEID)
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.ID, e.SPIFFEID, e.Serial, until(now, e.NotAfter, ""), until(now, e.RenewAt, ""))
+	}
+	if len(r.Entries) == 0 {
+		fmt.Fprintf(tw, "(no entries for this node)\t\t\t\t\n")
+	}
+	tw.Flush()
+}
+
+// until renders a future instant relative to now, e.g. "in 29m41s".
+func until(now time.Time, t *time.Time, verb string) string {
+	if t == nil {
+		return "-"
+	}
+	d := t.Sub(now).Round(time.Second)
+	s := "in " + d.String()
+	if d < 0 {
+		s = (-d).String() + " ago"
+	}
+	if verb != "" {
+		return verb + " " + s
+	}
+	return s
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// healthcheck prints nothing and exits with the agent's health code.
+func healthcheck(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("healthcheck", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var af adminFlags
+	af.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return exitUnhealthy
+	}
+	socket, err := af.path()
+	if err != nil {
+		return exitUnhealthy
+	}
+	var r agent.Report
+	if err := adminGet(socket, "/v1/status", &r); err != nil {
+		return exitUnhealthy
+	}
+	return healthExit(r.Health)
+}

@@ -1,0 +1,234 @@
+package signer
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/rotator"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// CAStateFile is the file in state_dir where the signer keeps the public
+// certificates of every CA in its trust bundle, so that a restarted signer
+// still publishes the CAs that signed SVIDs which are yet to expire. It
+// holds CERTIFICATE PEM blocks only; no private key is ever written.
+const CAStateFile = "ca-certs.pem"
+
+// ErrBadCAState is returned by New when state_dir's CA file cannot be
+// used. The signer refuses to start rather than drop CAs that may still
+// vouch for live SVIDs: fix or remove the file named in the error.
+var ErrBadCAState = errors.New("unusable CA state file")
+
+// authority is the signer's CAs over time. The active CA signs. A prepared
+// successor is published ca_publish_lead before it takes over, so every
+// relying party already trusts it when its first SVID appears. Earlier CAs
+// stay published, certificate only, until everything they signed has
+// expired. Private keys exist for the active and prepared CAs only, in
+// memory. When to do what is rotator's decision; authority carries it out.
+//
+// authority is not safe for concurrent use: the Signer's mutex guards it.
+type authority struct {
+	td   spiffeid.TrustDomain
+	ttl  time.Duration
+	lead time.Duration
+	log  hclog.Logger
+
+	active     *CA
+	lastSigned time.Time // latest NotAfter of anything active signed
+	next       *CA       // published, not signing yet; nil when none
+	earlier    []earlierCA
+}
+
+// earlierCA is a published CA that no longer signs (or whose key this
+// process never had), kept until keepUntil.
+type earlierCA struct {
+	cert      *x509.Certificate
+	keepUntil time.Time
+}
+
+// newAuthority starts with a fresh CA and publishes the restored
+// certificates of earlier CAs alongside it. What a restored CA signed is
+// unknown, so it is kept until its own NotAfter, which nothing it signed
+// can outlive; the expired ones are dropped at once.
+func newAuthority(td spiffeid.TrustDomain, ttl, lead time.Duration, restored []*x509.Certificate, now time.Time, log hclog.Logger) (*authority, error) {
+	ca, err := NewCA(td, ttl, now)
+	if err != nil {
+		return nil, err
+	}
+	a := &authority{td: td, ttl: ttl, lead: lead, log: log, active: ca}
+	for _, c := range restored {
+		if rotator.Droppable(now, c.NotAfter) {
+			log.Info("earlier CA expired, not published", "serial", serialHex(c), "not_after", c.NotAfter.UTC().Format(time.RFC3339))
+			continue
+		}
+		a.earlier = append(a.earlier, earlierCA{cert: c, keepUntil: c.NotAfter})
+		log.Info("earlier CA restored", "serial", serialHex(c), "keep_until", c.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return a, nil
+}
+
+// current returns the CA that signs at now. A prepared successor whose
+// time has come takes over here, not only at the next tick, so that a late
+// timer can never make the old CA sign an SVID that outlives it.
+func (a *authority) current(now time.Time) *CA {
+	if a.next != nil {
+		if _, activate := rotator.CAPhase(now, a.active.Cert.NotBefore, a.active.Cert.NotAfter, a.lead); activate {
+			a.activate()
+		}
+	}
+	return a.active
+}
+
+// sign issues an X.509-SVID from the CA current at now, and remembers its
+// NotAfter: that CA stays published until the last SVID it signed expires.
+func (a *authority) sign(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration, dnsNames []string, now time.Time) (*x509.Certificate, error) {
+	cert, err := a.current(now).SignX509SVID(pub, id, ttl, dnsNames, now)
+	if err != nil {
+		return nil, err
+	}
+	if cert.NotAfter.After(a.lastSigned) {
+		a.lastSigned = cert.NotAfter
+	}
+	return cert, nil
+}
+
+// tick carries out every decision due at now: prepare and publish the
+// successor, hand signing over to it, drop earlier CAs whose SVIDs have
+// all expired. It reports whether the published set changed, and the next
+// instant a decision falls due (always after now).
+func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error) {
+	// A loop, not a single step: after a long pause (a suspended host) the
+	// successor may itself be past its half-life; each round creates a CA
+	// at now at most, whose own decisions lie in the future, so it ends.
+	for {
+		nb, na := a.active.Cert.NotBefore, a.active.Cert.NotAfter
+		prepare, activate := rotator.CAPhase(now, nb, na, a.lead)
+		if prepare && a.next == nil {
+			ca, err := NewCA(a.td, a.ttl, now)
+			if err != nil {
+				return changed, now, fmt.Errorf("prepare next CA: %w", err)
+			}
+			a.next = ca
+			changed = true
+			a.log.Info("next CA published", "serial", serialHex(ca.Cert),
+				"signs_from", rotator.CAActivateAt(nb, na).UTC().Format(time.RFC3339),
+				"not_after", ca.Cert.NotAfter.UTC().Format(time.RFC3339))
+		}
+		if !activate {
+			break
+		}
+		a.activate()
+	}
+	kept := a.earlier[:0]
+	for _, e := range a.earlier {
+		if rotator.Droppable(now, e.keepUntil) {
+			changed = true
+			a.log.Info("earlier CA dropped from the bundle", "serial", serialHex(e.cert))
+			continue
+		}
+		kept = append(kept, e)
+	}
+	clear(a.earlier[len(kept):])
+	a.earlier = kept
+
+	nb, na := a.active.Cert.NotBefore, a.active.Cert.NotAfter
+	next = rotator.CAActivateAt(nb, na)
+	if a.next == nil {
+		next = rotator.CAPrepareAt(nb, na, a.lead)
+	}
+	for _, e := range a.earlier {
+		if at := rotator.DropAt(e.keepUntil); at.Before(next) {
+			next = at
+		}
+	}
+	return changed, next, nil
+}
+
+// activate hands signing to the prepared successor. The published set does
+// not change: the old CA joins the earlier ones, kept until the last SVID
+// it signed expires (at once if it signed none).
+func (a *authority) activate() {
+	old := a.active
+	a.earlier = slices.Insert(a.earlier, 0, earlierCA{cert: old.Cert, keepUntil: a.lastSigned})
+	a.active, a.next, a.lastSigned = a.next, nil, time.Time{}
+	a.log.Info("CA rotated", "serial", serialHex(a.active.Cert), "previous_serial", serialHex(old.Cert),
+		"previous_kept_until", a.earlier[0].keepUntil.UTC().Format(time.RFC3339))
+}
+
+// published is the trust bundle: the active CA, the prepared successor,
+// then the earlier CAs, newest first.
+func (a *authority) published() []*x509.Certificate {
+	cas := make([]*x509.Certificate, 0, 2+len(a.earlier))
+	cas = append(cas, a.active.Cert)
+	if a.next != nil {
+		cas = append(cas, a.next.Cert)
+	}
+	for _, e := range a.earlier {
+		cas = append(cas, e.cert)
+	}
+	return cas
+}
+
+// loadCAState reads the CA certificates an earlier run kept in dir. A
+// missing file (first start) gives none; anything else the file holds
+// than CA certificates of td is an error naming the file.
+func loadCAState(dir string, td spiffeid.TrustDomain) ([]*x509.Certificate, error) {
+	path := filepath.Join(dir, CAStateFile)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read CA state: %w", err)
+	}
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w %s: %s", ErrBadCAState, path, fmt.Sprintf(format, args...))
+	}
+	want := td.ID().String()
+	var certs []*x509.Certificate
+	rest := data
+	for i := 1; ; i++ {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			if len(bytes.TrimSpace(rest)) > 0 {
+				return nil, bad("block %d: not PEM", i)
+			}
+			break
+		}
+		// Only the type is named: the block's content is not repeated in
+		// an error, whatever it is.
+		if block.Type != "CERTIFICATE" {
+			return nil, bad("block %d is %q, want CERTIFICATE", i, block.Type)
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, bad("block %d: %v", i, err)
+		}
+		if !c.IsCA || len(c.URIs) != 1 || c.URIs[0].String() != want {
+			return nil, bad("block %d (serial %s) is not a CA of trust domain %s", i, serialHex(c), td)
+		}
+		if !slices.ContainsFunc(certs, c.Equal) {
+			certs = append(certs, c)
+		}
+	}
+	return certs, nil
+}
+
+// saveCAState keeps cas (public certificates only) in dir, atomically.
+func saveCAState(dir string, cas []*x509.Certificate) error {
+	if err := writeBundle(filepath.Join(dir, CAStateFile), cas); err != nil {
+		return fmt.Errorf("save CA state: %w", err)
+	}
+	return nil
+}
