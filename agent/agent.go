@@ -154,6 +154,11 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 		}
 		failures = 0
 		a.attestFailures.Store(0)
+		// Renewals that failed on the old identity can go ahead now.
+		select {
+		case a.wakeRenew <- struct{}{}:
+		default:
+		}
 		if err := a.applyBundle(res.GetBundle()); err != nil {
 			a.log.Error("bad bundle from signer", "error", err)
 		}
@@ -203,12 +208,7 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 			continue // re-attested: the new connection is ready now
 		default:
 		}
-		if status.Code(err) == codes.Unauthenticated {
-			select {
-			case a.reattest <- struct{}{}:
-			default:
-			}
-		}
+		a.checkUnauthenticated(err)
 		failures++
 		a.syncFailures.Store(int64(failures))
 		d := a.backoff.Delay(failures, a.rand())
@@ -266,6 +266,19 @@ func (a *Agent) reloadTrust() {
 	for _, c := range b.X509Authorities() {
 		if !a.up.trust.HasX509Authority(c) {
 			a.up.trust.AddX509Authority(c)
+		}
+	}
+}
+
+// checkUnauthenticated asks for a new attestation when the signer says it
+// does not know this agent (it restarted, or the agent SVID lapsed): the
+// agent SVID is the key to everything else, so it must not wait for a
+// backoff timer to run out.
+func (a *Agent) checkUnauthenticated(err error) {
+	if status.Code(err) == codes.Unauthenticated {
+		select {
+		case a.reattest <- struct{}{}:
+		default:
 		}
 	}
 }

@@ -162,6 +162,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 				if ctx.Err() != nil {
 					return nil
 				}
+				a.checkUnauthenticated(err)
 				failures++
 				a.renewFailures.Store(int64(failures))
 				retry := time.Now().Add(a.backoff.Delay(failures, a.rand()))

@@ -1,11 +1,171 @@
 package attestor
 
-// Process is the kernel's account of a caller, taken from SO_PEERCRED when
-// the Workload API accepted its connection. The PID is only a name for the
-// process at that instant: a workload attestor that reads /proc must be
-// able to tell when the PID has since been recycled (pidfd pinning, a later
-// addition, travels next to these fields).
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Refusals of workload attestation that the Workload API turns into
+// Unavailable with their own message. Workload.Attest wraps them with the
+// PID and the step that noticed.
+var (
+	// ErrCallerExited means the process that connected is gone: it exited
+	// before or during attestation, so what /proc/<pid> said may belong to
+	// a process that reused its PID. Nothing read is used.
+	ErrCallerExited = errors.New("caller exited during attestation")
+	// ErrCallerChanged means the caller's effective uid or gid is no longer
+	// the one the kernel recorded when it connected (it ran setuid, or the
+	// PID now names another process).
+	ErrCallerChanged = errors.New("caller changed identity during attestation")
+)
+
+// Process is the kernel's account of a caller, taken from the socket when
+// the Workload API accepted its connection.
+//
+// The PID is only a name for the process at one instant; PIDFD is the
+// process itself. Workload.Attest reads /proc/<PID> and then asks PIDFD
+// whether that process is still alive, which proves the PID named it
+// during every read (see Workload.Attest). A Process with a nil PIDFD is
+// pinned by Attest on entry, so a PID that was recycled before that moment
+// is attested as whatever now holds it: only callers that know nothing
+// better than a PID (lanyard-agent explain) should pass one.
 type Process struct {
-	PID      int32
+	// PID is the caller's process (thread-group) ID in the agent's PID
+	// namespace: the kernel translates it, so a caller in a container
+	// appears under its host PID.
+	PID int32
+	// UID and GID are the caller's effective ids when it connected
+	// (SO_PEERCRED), in the agent's user namespace.
 	UID, GID uint32
+	// PIDFD is a pidfd open on the caller: from SO_PEERPIDFD (Linux 6.5+),
+	// which names the very process that called connect(2), or from
+	// pidfd_open(PID) just after accept on older kernels. Whoever opened it
+	// closes it (the Workload API, when the connection closes); attestors
+	// only use it.
+	PIDFD *os.File
+	// StartTime is the process start time (clock ticks after boot, field
+	// 22 of /proc/<pid>/stat) read when PIDFD was opened from the PID, or 0.
+	// Attest checks it has not changed, a second witness next to PIDFD.
+	StartTime uint64
+}
+
+// PinPID returns the process that holds pid now, pinned: a pidfd open on
+// it (the caller closes Process.PIDFD), its start time, and its effective
+// uid and gid from /proc/<pid>/status. It is for callers that know only a
+// PID: the Workload API on kernels without SO_PEERPIDFD (which then takes
+// UID and GID from SO_PEERCRED instead) and lanyard-agent explain. A
+// process that is gone is an error wrapping ErrCallerExited.
+func PinPID(pid int32) (Process, error) {
+	fd, err := openPIDFD(pid)
+	if err != nil {
+		return Process{}, fmt.Errorf("pin pid %d: %w", pid, err)
+	}
+	p, err := pinned(pid, fd)
+	if err != nil {
+		_ = fd.Close()
+		return Process{}, fmt.Errorf("pin pid %d: %w", pid, err)
+	}
+	return p, nil
+}
+
+// pinned reads what PinPID reports about the process fd pins.
+func pinned(pid int32, fd *os.File) (Process, error) {
+	dir := procDir(pid)
+	start, startErr := readStartTime(dir)
+	uid, gid, idsErr := readIDs(dir)
+	// Checked after the reads, so that they were of the pinned process.
+	if err := checkAlive(fd); err != nil {
+		return Process{}, err
+	}
+	if err := errors.Join(startErr, idsErr); err != nil {
+		return Process{}, err
+	}
+	return Process{PID: pid, UID: uid, GID: gid, PIDFD: fd, StartTime: start}, nil
+}
+
+// procDir is where procfs shows pid. The agent must see the host's procfs
+// (run it in the host PID namespace): SO_PEERCRED PIDs are in its own.
+func procDir(pid int32) string {
+	return "/proc/" + strconv.FormatInt(int64(pid), 10)
+}
+
+// readStartTime reads the start time from <dir>/stat.
+func readStartTime(dir string) (uint64, error) {
+	b, err := os.ReadFile(dir + "/stat")
+	if err != nil {
+		return 0, fmt.Errorf("read stat: %w", err)
+	}
+	t, err := parseStartTime(b)
+	if err != nil {
+		return 0, fmt.Errorf("read stat: %w", err)
+	}
+	return t, nil
+}
+
+// parseStartTime returns field 22 of /proc/<pid>/stat. The second field is
+// the command name in parentheses, and the name itself may hold spaces and
+// parentheses, so fields are counted from the last ')'.
+func parseStartTime(stat []byte) (uint64, error) {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, errors.New("no command name in stat")
+	}
+	// fields[0] is field 3 (state), so field 22 is fields[19].
+	fields := strings.Fields(string(stat[i+1:]))
+	if len(fields) < 20 {
+		return 0, fmt.Errorf("stat has %d fields after the command name, want at least 20", len(fields))
+	}
+	t, err := strconv.ParseUint(fields[19], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("start time: %w", err)
+	}
+	return t, nil
+}
+
+// readIDs reads the effective uid and gid from <dir>/status.
+func readIDs(dir string) (uid, gid uint32, err error) {
+	b, err := os.ReadFile(dir + "/status")
+	if err != nil {
+		return 0, 0, fmt.Errorf("read status: %w", err)
+	}
+	uid, gid, err = parseStatusIDs(b)
+	if err != nil {
+		return 0, 0, fmt.Errorf("read status: %w", err)
+	}
+	return uid, gid, nil
+}
+
+// parseStatusIDs returns the effective uid and gid from /proc/<pid>/status
+// ("Uid:\treal\teffective\tsaved\tfs"). Effective, because that is what
+// SO_PEERCRED records. The kernel escapes newlines in the Name line, so a
+// line that starts with "Uid:" is the real one.
+func parseStatusIDs(status []byte) (uid, gid uint32, err error) {
+	var haveUID, haveGID bool
+	for line := range strings.Lines(string(status)) {
+		key, rest, ok := strings.Cut(line, ":")
+		if !ok || (key != "Uid" && key != "Gid") {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) != 4 {
+			return 0, 0, fmt.Errorf("%s line has %d fields, want 4", key, len(f))
+		}
+		n, err := strconv.ParseUint(f[1], 10, 32)
+		if err != nil {
+			return 0, 0, fmt.Errorf("%s line: %w", key, err)
+		}
+		if key == "Uid" && !haveUID {
+			uid, haveUID = uint32(n), true
+		} else if key == "Gid" && !haveGID {
+			gid, haveGID = uint32(n), true
+		}
+	}
+	if !haveUID || !haveGID {
+		return 0, 0, errors.New("status lacks a Uid or Gid line")
+	}
+	return uid, gid, nil
 }

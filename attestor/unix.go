@@ -6,10 +6,11 @@ import (
 	"fmt"
 	"os"
 	"os/user"
-	"path/filepath"
-	"slices"
+	"path"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 // ErrExeDeleted reports that the caller's executable was unlinked (or
@@ -21,69 +22,88 @@ var ErrExeDeleted = errors.New("executable was deleted")
 // binary's directory entry is gone.
 const deletedSuffix = " (deleted)"
 
-// Unix derives the unix:* selectors of a caller: its uid and gid as the
-// kernel reported them on the socket, their names, and the path of the
-// executable it runs.
-type Unix struct {
-	// ProcRoot is where procfs is mounted; "" means "/proc".
-	ProcRoot string
+// Unix attests callers for the unix:* selectors other than unix:sha256
+// (hashing needs the cache a Workload holds), with the same pinning and
+// re-check as Workload. It exists so that code wired before NewWorkload
+// keeps building; new code uses NewWorkload.
+type Unix struct{}
+
+// Attest returns the caller's unix:uid, unix:gid, unix:user, unix:group and
+// unix:path selectors, sorted; see Workload.Attest.
+func (Unix) Attest(ctx context.Context, p Process) ([]string, error) {
+	return attestWorkload(ctx, p, []selectorSource{unixAttestor{}}, nil)
 }
 
-// procInfo is what one attestation reads from /proc/<pid>. Everything a
-// selector needs from /proc is gathered here in one pass, so that later
-// selectors (exe sha256, cgroup) and the PID re-check see the same process.
-type procInfo struct {
-	exe string
+// unixAttestor derives the unix:* selectors: the uid and gid the kernel
+// recorded on the socket (not /proc: Attest checks /proc agrees), their
+// names, the executable's path and, with hashes, its SHA-256. A value that
+// a policy could not express (a name with a space, a path with a control
+// character) leaves its selector out, which can only narrow what the
+// caller is given.
+type unixAttestor struct {
+	hashes *exeHashes // nil: no unix:sha256
 }
 
-// Attest returns the caller's selectors, sorted: unix:uid:<n> and
-// unix:gid:<n> from p (SO_PEERCRED, not /proc, so a setuid after connect
-// does not change them), unix:user:<name> and unix:group:<name> when those
-// ids have names, and unix:path:<exe>. A name that does not resolve only
-// leaves its selector out, which can only narrow what the caller is given.
-// An executable that was deleted is an error wrapping ErrExeDeleted.
-func (u Unix) Attest(ctx context.Context, p Process) ([]string, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("attest pid %d: %w", p.PID, err)
+func (a unixAttestor) selectors(c *caller) ([]string, error) {
+	uid := strconv.FormatUint(uint64(c.UID), 10)
+	gid := strconv.FormatUint(uint64(c.GID), 10)
+	sels := []string{"unix:uid:" + uid, "unix:gid:" + gid}
+	// Names come from the agent's user database (/etc/passwd and
+	// /etc/group without cgo): a caller in a container is named by the
+	// host, whose ids the kernel reported.
+	if u, err := user.LookupId(uid); err == nil && validName(u.Username) {
+		sels = append(sels, "unix:user:"+u.Username)
 	}
-	info, err := u.readProc(p.PID)
+	if g, err := user.LookupGroupId(gid); err == nil && validName(g.Name) {
+		sels = append(sels, "unix:group:"+g.Name)
+	}
+
+	// Readlink and open go through the same /proc/<pid>/exe: the open
+	// follows the kernel's own reference to the running binary, so the
+	// hash is of the code that runs even if its path now names another file.
+	exe, err := os.Readlink(c.dir + "/exe")
 	if err != nil {
-		return nil, fmt.Errorf("attest pid %d: %w", p.PID, err)
-	}
-
-	uid := strconv.FormatUint(uint64(p.UID), 10)
-	gid := strconv.FormatUint(uint64(p.GID), 10)
-	sels := []string{
-		"unix:uid:" + uid,
-		"unix:gid:" + gid,
-		"unix:path:" + info.exe,
-	}
-	if usr, err := user.LookupId(uid); err == nil {
-		sels = append(sels, "unix:user:"+usr.Username)
-	}
-	if grp, err := user.LookupGroupId(gid); err == nil {
-		sels = append(sels, "unix:group:"+grp.Name)
-	}
-	slices.Sort(sels)
-	return sels, nil
-}
-
-// readProc reads what the selectors need from /proc/<pid>.
-func (u Unix) readProc(pid int32) (procInfo, error) {
-	root := u.ProcRoot
-	if root == "" {
-		root = "/proc"
-	}
-	dir := filepath.Join(root, strconv.FormatInt(int64(pid), 10))
-
-	exe, err := os.Readlink(filepath.Join(dir, "exe"))
-	if err != nil {
-		return procInfo{}, fmt.Errorf("read exe: %w", err)
+		return nil, fmt.Errorf("read exe: %w", err)
 	}
 	// A file whose real name ends in " (deleted)" is refused too: the
 	// kernel's marker cannot be told apart from it, and refusing fails closed.
 	if trimmed, ok := strings.CutSuffix(exe, deletedSuffix); ok {
-		return procInfo{}, fmt.Errorf("read exe: %s: %w", trimmed, ErrExeDeleted)
+		return nil, fmt.Errorf("read exe: %s: %w", trimmed, ErrExeDeleted)
 	}
-	return procInfo{exe: exe}, nil
+	if validPath(exe) {
+		sels = append(sels, "unix:path:"+exe)
+	}
+	if a.hashes != nil {
+		f, err := os.Open(c.dir + "/exe")
+		if err != nil {
+			return nil, fmt.Errorf("open exe: %w", err)
+		}
+		defer f.Close()
+		sum, err := a.hashes.sum(f)
+		if err != nil {
+			return nil, err
+		}
+		sels = append(sels, "unix:sha256:"+sum)
+	}
+	return sels, nil
+}
+
+// The checks below mirror the policy's selector grammar
+// (signer/policy.ValidateSelector, which this package must not import); the
+// tests hold every selector produced to that grammar.
+
+// validText refuses what no selector may hold.
+func validText(s string) bool {
+	return utf8.ValidString(s) && strings.IndexFunc(s, unicode.IsControl) < 0
+}
+
+// validName is the grammar of unix:user and unix:group values.
+func validName(s string) bool {
+	return s != "" && len(s) <= 256 && validText(s) &&
+		!strings.ContainsAny(s, ":/") && strings.IndexFunc(s, unicode.IsSpace) < 0
+}
+
+// validPath is the grammar of unix:path and cgroup:path values.
+func validPath(s string) bool {
+	return strings.HasPrefix(s, "/") && path.Clean(s) == s && validText(s)
 }

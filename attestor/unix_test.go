@@ -2,6 +2,8 @@ package attestor
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"io/fs"
 	"os"
@@ -15,10 +17,21 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/lanyard-dev/lanyard/signer/policy"
 )
 
 func self() Process {
-	return Process{PID: int32(os.Getpid()), UID: uint32(os.Getuid()), GID: uint32(os.Getgid())}
+	return Process{PID: int32(os.Getpid()), UID: uint32(os.Geteuid()), GID: uint32(os.Getegid())}
+}
+
+func newWorkload(t testing.TB, names ...string) *Workload {
+	t.Helper()
+	w, err := NewWorkload(WorkloadConfig{Attestors: names})
+	if err != nil {
+		t.Fatalf("NewWorkload: %v", err)
+	}
+	return w
 }
 
 // wantNames returns the name selectors the host's user database gives uid
@@ -35,89 +48,94 @@ func wantNames(t *testing.T, uid, gid uint32) []string {
 	return out
 }
 
-func TestUnixAttestSelf(t *testing.T) {
+func fileSHA256(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// cgroupSelectors returns what /proc/<pid>/cgroup yields for pid.
+func cgroupSelectors(t *testing.T, pid int) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := ParseCgroup(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Selectors()
+}
+
+// selfSelectors is every selector the test process should get.
+func selfSelectors(t *testing.T) []string {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
-		t.Fatalf("os.Executable: %v", err)
+		t.Fatal(err)
 	}
 	p := self()
-	want := append([]string{
-		"unix:uid:" + strconv.Itoa(os.Getuid()),
-		"unix:gid:" + strconv.Itoa(os.Getgid()),
+	want := []string{
+		"unix:uid:" + strconv.Itoa(int(p.UID)),
+		"unix:gid:" + strconv.Itoa(int(p.GID)),
 		"unix:path:" + exe,
-	}, wantNames(t, p.UID, p.GID)...)
+		"unix:sha256:" + fileSHA256(t, exe),
+	}
+	want = append(want, wantNames(t, p.UID, p.GID)...)
+	want = append(want, cgroupSelectors(t, os.Getpid())...)
 	slices.Sort(want)
+	return want
+}
 
-	got, err := Unix{}.Attest(context.Background(), p)
+func TestWorkloadAttestSelf(t *testing.T) {
+	want := selfSelectors(t)
+	got, err := newWorkload(t).Attest(context.Background(), self())
 	if err != nil {
 		t.Fatalf("Attest: %v", err)
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("selectors (-want +got):\n%s", diff)
 	}
-}
-
-// TestUnixAttestFakeProc drives the /proc reading through ProcRoot, where
-// each case's exe link can be anything.
-func TestUnixAttestFakeProc(t *testing.T) {
-	root := t.TempDir()
-	link := func(pid int, target string) {
-		dir := filepath.Join(root, strconv.Itoa(pid))
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Symlink(target, filepath.Join(dir, "exe")); err != nil {
-			t.Fatal(err)
+	for _, s := range got {
+		if err := policy.ValidateSelector(s); err != nil {
+			t.Errorf("policy refuses a selector the agent produces: %v", err)
 		}
 	}
-	link(10, "/opt/web/bin/web")
-	link(11, "/opt/web/bin/web (deleted)")
+}
 
+// TestWorkloadAttestorsChosenByConfig: each attestor yields the selectors
+// of its own type and nothing else.
+func TestWorkloadAttestorsChosenByConfig(t *testing.T) {
+	all := selfSelectors(t)
+	only := func(types ...string) []string {
+		var out []string
+		for _, s := range all {
+			typ, _, _ := strings.Cut(s, ":")
+			if slices.Contains(types, typ) {
+				out = append(out, s)
+			}
+		}
+		return out
+	}
 	tests := []struct {
-		name    string
-		pid     int32
-		want    []string
-		wantErr error
-		errText string
+		name  string
+		names []string
+		want  []string
 	}{
-		{
-			name: "path from exe link",
-			pid:  10,
-			want: []string{"unix:gid:4242", "unix:path:/opt/web/bin/web", "unix:uid:4242"},
-		},
-		{
-			name:    "deleted exe",
-			pid:     11,
-			wantErr: ErrExeDeleted,
-			errText: "attest pid 11: read exe: /opt/web/bin/web: executable was deleted",
-		},
-		{
-			name:    "no such process",
-			pid:     12,
-			wantErr: fs.ErrNotExist,
-			errText: "attest pid 12: read exe:",
-		},
+		{name: "default is all", names: nil, want: all},
+		{name: "all listed", names: []string{"k8s", "container", "cgroup", "systemd", "unix"}, want: all},
+		{name: "unix", names: []string{"unix"}, want: only("unix")},
+		{name: "cgroup", names: []string{"cgroup"}, want: only("cgroup")},
+		{name: "cgroup families", names: []string{"systemd", "container", "k8s"}, want: only("systemd", "container", "k8s")},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			// 4242 has no name on any sane test host: the name selectors
-			// are covered by TestUnixAttestSelf.
-			if _, err := user.LookupId("4242"); err == nil {
-				t.Skip("uid 4242 has a name on this host; the expectations assume it has none")
-			}
-			if _, err := user.LookupGroupId("4242"); err == nil {
-				t.Skip("gid 4242 has a name on this host; the expectations assume it has none")
-			}
-			got, err := Unix{ProcRoot: root}.Attest(context.Background(), Process{PID: tc.pid, UID: 4242, GID: 4242})
-			if tc.wantErr != nil {
-				if !errors.Is(err, tc.wantErr) {
-					t.Fatalf("error = %v, want %v", err, tc.wantErr)
-				}
-				if !strings.HasPrefix(err.Error(), tc.errText) {
-					t.Errorf("error text = %q, want prefix %q", err, tc.errText)
-				}
-				return
-			}
+			got, err := newWorkload(t, tc.names...).Attest(context.Background(), self())
 			if err != nil {
 				t.Fatalf("Attest: %v", err)
 			}
@@ -128,27 +146,71 @@ func TestUnixAttestFakeProc(t *testing.T) {
 	}
 }
 
-func TestUnixAttestErrors(t *testing.T) {
+func TestNewWorkloadRefuses(t *testing.T) {
+	tests := []struct {
+		name    string
+		cfg     WorkloadConfig
+		wantErr string
+	}{
+		{name: "unknown attestor", cfg: WorkloadConfig{Attestors: []string{"unix", "docker"}}, wantErr: `unknown workload attestor "docker" (want unix, systemd, cgroup, container, k8s)`},
+		{name: "repeated attestor", cfg: WorkloadConfig{Attestors: []string{"unix", "unix"}}, wantErr: `workload attestor "unix" is listed twice`},
+		{name: "negative cache size", cfg: WorkloadConfig{HashCacheSize: -1}, wantErr: "hash cache size -1 is negative"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			w, err := NewWorkload(tc.cfg)
+			if err == nil || err.Error() != tc.wantErr {
+				t.Fatalf("NewWorkload = %v, %v; want error %q", w, err, tc.wantErr)
+			}
+		})
+	}
+}
+
+// TestUnixAttest: the Unix type kept for existing wiring gives the unix:*
+// selectors without a hash.
+func TestUnixAttest(t *testing.T) {
+	var want []string
+	for _, s := range selfSelectors(t) {
+		if strings.HasPrefix(s, "unix:") && !strings.HasPrefix(s, "unix:sha256:") {
+			want = append(want, s)
+		}
+	}
+	got, err := Unix{}.Attest(context.Background(), self())
+	if err != nil {
+		t.Fatalf("Attest: %v", err)
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("selectors (-want +got):\n%s", diff)
+	}
+}
+
+func TestWorkloadAttestErrors(t *testing.T) {
 	canceled, cancel := context.WithCancel(context.Background())
 	cancel()
+	other := self()
+	other.UID++
 
 	tests := []struct {
 		name    string
 		ctx     context.Context
-		pid     int32
+		p       Process
 		wantErr error
 	}{
-		{name: "nonexistent pid", ctx: context.Background(), pid: unusedPID(t), wantErr: fs.ErrNotExist},
-		{name: "canceled context", ctx: canceled, pid: int32(os.Getpid()), wantErr: context.Canceled},
+		{name: "nonexistent pid", ctx: context.Background(), p: Process{PID: unusedPID(t)}, wantErr: ErrCallerExited},
+		{name: "canceled context", ctx: canceled, p: self(), wantErr: context.Canceled},
+		{name: "uid differs from /proc", ctx: context.Background(), p: other, wantErr: ErrCallerChanged},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := Unix{}.Attest(tc.ctx, Process{PID: tc.pid})
+			sels, err := newWorkload(t).Attest(tc.ctx, tc.p)
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("error = %v, want %v", err, tc.wantErr)
 			}
-			if want := "pid " + strconv.Itoa(int(tc.pid)); !strings.Contains(err.Error(), want) {
-				t.Errorf("error %q does not name %q", err, want)
+			if sels != nil {
+				t.Errorf("selectors %v returned with an error", sels)
+			}
+			if want := "attest pid " + strconv.Itoa(int(tc.p.PID)); !strings.HasPrefix(err.Error(), want) {
+				t.Errorf("error %q does not start with %q", err, want)
 			}
 		})
 	}
@@ -169,24 +231,7 @@ func unusedPID(t *testing.T) int32 {
 	return int32(n)
 }
 
-// startSleep starts `sleep 5` from path and stops it when the test ends.
-// Start returns only after execve succeeded, so /proc/<pid>/exe already
-// names the new binary.
-func startSleep(t *testing.T, path string, cred *syscall.Credential) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(path, "5")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", path, err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	return cmd
-}
-
-func sleepPath(t *testing.T) string {
+func sleepPath(t testing.TB) string {
 	t.Helper()
 	p, err := exec.LookPath("sleep")
 	if err != nil {
@@ -200,55 +245,92 @@ func sleepPath(t *testing.T) string {
 	return abs
 }
 
-func TestUnixAttestOtherUser(t *testing.T) {
+// copyExe copies the binary at src into a fresh directory every user can
+// enter, so a child under another uid can run it.
+func copyExe(t testing.TB, src, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "ly")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(dir, name)
+	if err := os.WriteFile(dst, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dst
+}
+
+// startSleep starts `path 60` and stops it when the test ends. Start
+// returns only after execve succeeded, so /proc/<pid>/exe already names the
+// new binary.
+func startSleep(t testing.TB, path string, cred *syscall.Credential) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(path, "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	if err := cmd.Start(); err != nil {
+		if errors.Is(err, fs.ErrPermission) {
+			t.Skipf("cannot run %s (noexec temp dir?): %v", path, err)
+		}
+		t.Fatalf("start %s: %v", path, err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	return cmd
+}
+
+// TestWorkloadAttestOtherUser attests a process under another uid running
+// its own copy of sleep: its path and the hash of that copy.
+func TestWorkloadAttestOtherUser(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("starting a process as uid 65534 needs root")
 	}
-	sleep := sleepPath(t)
-	cmd := startSleep(t, sleep, &syscall.Credential{Uid: 65534, Gid: 65534})
+	exe := copyExe(t, sleepPath(t), "sleep-copy")
+	cmd := startSleep(t, exe, &syscall.Credential{Uid: 65534, Gid: 65534})
+	p, err := PinPID(int32(cmd.Process.Pid))
+	if err != nil {
+		t.Fatalf("PinPID: %v", err)
+	}
+	defer p.PIDFD.Close()
+	if p.UID != 65534 || p.GID != 65534 {
+		t.Fatalf("PinPID ids = %d/%d, want 65534/65534", p.UID, p.GID)
+	}
 
-	got, err := Unix{}.Attest(context.Background(), Process{PID: int32(cmd.Process.Pid), UID: 65534, GID: 65534})
+	got, err := newWorkload(t).Attest(context.Background(), p)
 	if err != nil {
 		t.Fatalf("Attest: %v", err)
 	}
-	want := append([]string{"unix:gid:65534", "unix:path:" + sleep, "unix:uid:65534"}, wantNames(t, 65534, 65534)...)
+	want := []string{"unix:gid:65534", "unix:path:" + exe, "unix:sha256:" + fileSHA256(t, exe), "unix:uid:65534"}
+	want = append(want, wantNames(t, 65534, 65534)...)
+	want = append(want, cgroupSelectors(t, cmd.Process.Pid)...)
 	slices.Sort(want)
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("selectors (-want +got):\n%s", diff)
 	}
 }
 
-func TestUnixAttestDeletedExe(t *testing.T) {
-	src, err := os.ReadFile(sleepPath(t))
-	if err != nil {
-		t.Fatalf("read sleep: %v", err)
-	}
-	copyPath := filepath.Join(t.TempDir(), "sleep-copy")
-	if err := os.WriteFile(copyPath, src, 0o755); err != nil {
-		t.Fatalf("write copy: %v", err)
-	}
-	cmd := exec.Command(copyPath, "5")
-	if err := cmd.Start(); err != nil {
-		if errors.Is(err, fs.ErrPermission) {
-			t.Skipf("cannot run a binary from the temp dir (noexec mount?): %v", err)
-		}
-		t.Fatalf("start copy: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	if err := os.Remove(copyPath); err != nil {
+func TestWorkloadAttestDeletedExe(t *testing.T) {
+	exe := copyExe(t, sleepPath(t), "sleep-copy")
+	cmd := startSleep(t, exe, nil)
+	if err := os.Remove(exe); err != nil {
 		t.Fatalf("remove copy: %v", err)
 	}
-
 	p := self()
 	p.PID = int32(cmd.Process.Pid)
-	_, err = Unix{}.Attest(context.Background(), p)
+	_, err := newWorkload(t).Attest(context.Background(), p)
 	if !errors.Is(err, ErrExeDeleted) {
 		t.Fatalf("error = %v, want ErrExeDeleted", err)
 	}
-	if !strings.Contains(err.Error(), copyPath) {
-		t.Errorf("error %q does not name the deleted binary %s", err, copyPath)
+	if !strings.Contains(err.Error(), exe) {
+		t.Errorf("error %q does not name the deleted binary %s", err, exe)
 	}
 }

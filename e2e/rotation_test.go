@@ -142,8 +142,14 @@ func TestSignerOutageIsInvisible(t *testing.T) {
 	// A new SVID, signed after the restart, reaches the workload within
 	// the agent's backoff cap (30 s) plus a margin.
 	waitFor(t, 40*time.Second, "an SVID issued after the signer restart", func() bool {
-		s, err := src.GetX509SVID()
-		return err == nil && s.Certificates[0].NotAfter.After(restarted.Add(25*time.Second))
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for _, s := range w.svids {
+			if s.Certificates[0].NotAfter.After(restarted.Add(25 * time.Second)) {
+				return true
+			}
+		}
+		return false
 	})
 	serials, bad := w.snapshot()
 	if len(bad) > 0 {

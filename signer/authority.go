@@ -82,7 +82,7 @@ func newAuthority(td spiffeid.TrustDomain, ttl, lead time.Duration, restored []*
 // timer can never make the old CA sign an SVID that outlives it.
 func (a *authority) current(now time.Time) *CA {
 	if a.next != nil {
-		if _, activate := rotator.CAPhase(now, a.active.Cert.NotBefore, a.active.Cert.NotAfter, a.lead); activate {
+		if _, activate := rotator.CAPhase(now, issued(a.active), a.active.Cert.NotAfter, a.lead); activate {
 			a.activate()
 		}
 	}
@@ -111,7 +111,7 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 	// successor may itself be past its half-life; each round creates a CA
 	// at now at most, whose own decisions lie in the future, so it ends.
 	for {
-		nb, na := a.active.Cert.NotBefore, a.active.Cert.NotAfter
+		nb, na := issued(a.active), a.active.Cert.NotAfter
 		prepare, activate := rotator.CAPhase(now, nb, na, a.lead)
 		if prepare && a.next == nil {
 			ca, err := NewCA(a.td, a.ttl, now)
@@ -141,7 +141,7 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 	clear(a.earlier[len(kept):])
 	a.earlier = kept
 
-	nb, na := a.active.Cert.NotBefore, a.active.Cert.NotAfter
+	nb, na := issued(a.active), a.active.Cert.NotAfter
 	next = rotator.CAActivateAt(nb, na)
 	if a.next == nil {
 		next = rotator.CAPrepareAt(nb, na, a.lead)
@@ -153,6 +153,13 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 	}
 	return changed, next, nil
 }
+
+// issued is when ca was created. Rotation counts from there rather than
+// from the backdated NotBefore: a CA then signs from ca_publish_lead after
+// its creation until ca_ttl/2 after it, so a lead of at most ca_ttl/4 (what
+// the config allows) is honoured exactly, and at hand-over it still has
+// ca_ttl/2 to live, the longest SVID it may sign.
+func issued(ca *CA) time.Time { return ca.Cert.NotBefore.Add(backdate) }
 
 // activate hands signing to the prepared successor. The published set does
 // not change: the old CA joins the earlier ones, kept until the last SVID

@@ -1,0 +1,150 @@
+package attestor
+
+import (
+	"container/list"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+)
+
+// defaultHashCacheSize bounds the exe hash cache when WorkloadConfig leaves
+// it 0: a host runs far fewer distinct binaries than this.
+const defaultHashCacheSize = 1024
+
+// hashSettle is how long after its last change a file's hash may be
+// cached. Kernels before multigrain timestamps (6.13) stamp ctime from a
+// coarse clock, so two writes a few milliseconds apart can leave the same
+// key; a sum taken between them must not outlive the second.
+const hashSettle = 2 * time.Second
+
+// errExeChanged reports a file that changed while it was hashed: the sum
+// is of no version of it, so it is neither used nor cached.
+var errExeChanged = errors.New("executable changed while it was hashed")
+
+// exeKey names one version of a file: the same key, the same bytes.
+type exeKey struct {
+	dev, ino     uint64
+	size         int64
+	mtime, ctime int64 // nanoseconds
+}
+
+func (k exeKey) String() string {
+	return fmt.Sprintf("%d:%d:%d:%d:%d", k.dev, k.ino, k.size, k.mtime, k.ctime)
+}
+
+// exeHashes computes the SHA-256 of executables at most once per version
+// of each file. Callers hashing the same version at once share one read,
+// so a huge binary costs one read however many of its processes call. The
+// cache holds at most max sums and forgets the least recently used first.
+type exeHashes struct {
+	max    int
+	settle time.Duration // see hashSettle; tests shorten it
+	group singleflight.Group
+	reads atomic.Int64 // files read in full, for tests
+
+	mu    sync.Mutex
+	byKey map[exeKey]*list.Element // of *hashEntry
+	lru   list.List                // front = most recently used
+}
+
+type hashEntry struct {
+	key exeKey
+	sum string
+}
+
+func newExeHashes(max int) *exeHashes {
+	return &exeHashes{max: max, settle: hashSettle, byKey: make(map[exeKey]*list.Element)}
+}
+
+// sum returns the hex SHA-256 of f, an open executable. Hashing is not
+// interruptible: it is one read per file version, shared by every caller.
+func (h *exeHashes) sum(f *os.File) (string, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("hash exe: %w", err)
+	}
+	key, ok := exeKeyOf(fi)
+	if !ok {
+		return h.hash(f, key, false)
+	}
+	if s, ok := h.get(key); ok {
+		return s, nil
+	}
+	v, err, _ := h.group.Do(key.String(), func() (any, error) {
+		// A flight for this key may have finished since the miss above.
+		if s, ok := h.get(key); ok {
+			return s, nil
+		}
+		s, err := h.hash(f, key, true)
+		if err == nil && time.Since(time.Unix(0, key.ctime)) >= h.settle {
+			h.put(key, s)
+		}
+		return s, err
+	})
+	if err != nil {
+		return "", err
+	}
+	return v.(string), nil
+}
+
+// hash reads f in full. With check, it refuses a file whose key changed
+// during the read.
+func (h *exeHashes) hash(f *os.File, key exeKey, check bool) (string, error) {
+	h.reads.Add(1)
+	d := sha256.New()
+	// ReadAt, so that the sum never depends on f's offset.
+	if _, err := io.Copy(d, io.NewSectionReader(f, 0, 1<<62)); err != nil {
+		return "", fmt.Errorf("hash exe: %w", err)
+	}
+	if check {
+		fi, err := f.Stat()
+		if err != nil {
+			return "", fmt.Errorf("hash exe: %w", err)
+		}
+		if after, _ := exeKeyOf(fi); after != key {
+			return "", fmt.Errorf("hash exe: %w", errExeChanged)
+		}
+	}
+	return hex.EncodeToString(d.Sum(nil)), nil
+}
+
+func (h *exeHashes) get(key exeKey) (string, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	e, ok := h.byKey[key]
+	if !ok {
+		return "", false
+	}
+	h.lru.MoveToFront(e)
+	return e.Value.(*hashEntry).sum, true
+}
+
+func (h *exeHashes) put(key exeKey, sum string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if e, ok := h.byKey[key]; ok {
+		h.lru.MoveToFront(e)
+		return
+	}
+	h.byKey[key] = h.lru.PushFront(&hashEntry{key: key, sum: sum})
+	for h.lru.Len() > h.max {
+		oldest := h.lru.Back()
+		h.lru.Remove(oldest)
+		delete(h.byKey, oldest.Value.(*hashEntry).key)
+	}
+}
+
+// len reports how many sums the cache holds, for tests.
+func (h *exeHashes) len() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.lru.Len()
+}

@@ -1,0 +1,80 @@
+package attestor
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// openPIDFD opens a pidfd on the process that holds pid now.
+func openPIDFD(pid int32) (*os.File, error) {
+	fd, err := unix.PidfdOpen(int(pid), 0)
+	switch {
+	case errors.Is(err, unix.ESRCH):
+		return nil, fmt.Errorf("%w: pidfd_open: %w", ErrCallerExited, err)
+	case errors.Is(err, unix.ENOSYS):
+		return nil, fmt.Errorf("pidfd_open (needs Linux 5.3 or later): %w", err)
+	case err != nil:
+		return nil, fmt.Errorf("pidfd_open: %w", err)
+	}
+	return os.NewFile(uintptr(fd), "pidfd"), nil
+}
+
+// checkAlive returns nil while the process fd pins has not exited, and an
+// error wrapping ErrCallerExited once it has. A pidfd becomes readable when
+// its process exits, before it is reaped and its PID can be handed out
+// again; polling needs no permission over the process (signal 0 would).
+// A pidfd closed meanwhile (the connection ended) counts as gone.
+func checkAlive(fd *os.File) error {
+	raw, err := fd.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("check pidfd: %w", err)
+	}
+	var revents int16
+	var pollErr error
+	ctlErr := raw.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			_, pollErr = unix.Poll(fds, 0)
+			if !errors.Is(pollErr, unix.EINTR) {
+				break
+			}
+		}
+		revents = fds[0].Revents
+	})
+	switch {
+	case ctlErr != nil:
+		// The only way Control fails on a valid *os.File is that it was
+		// closed (poll's "use of closed file", not os.ErrClosed).
+		return fmt.Errorf("%w: pidfd closed with the connection: %w", ErrCallerExited, ctlErr)
+	case pollErr != nil:
+		return fmt.Errorf("check pidfd: poll: %w", pollErr)
+	case revents != 0:
+		// POLLIN (exited), POLLHUP (reaped) or POLLNVAL/POLLERR (not a
+		// pidfd): none of them is a live caller.
+		return fmt.Errorf("%w: pidfd reports exit", ErrCallerExited)
+	}
+	return nil
+}
+
+// exeKeyOf identifies one version of a file for the hash cache. ctime is
+// in the key because a file's owner can write new bytes of the same size
+// and then set mtime back (utimensat), but cannot set ctime, which the
+// kernel moves on every write and every utimensat.
+func exeKeyOf(fi fs.FileInfo) (exeKey, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return exeKey{}, false
+	}
+	return exeKey{
+		dev:   st.Dev,
+		ino:   st.Ino,
+		size:  st.Size,
+		mtime: st.Mtim.Nano(),
+		ctime: st.Ctim.Nano(),
+	}, true
+}
