@@ -3,7 +3,6 @@ package attestor
 import (
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 )
@@ -221,7 +220,7 @@ type cgroupAttestor struct {
 }
 
 func (a cgroupAttestor) selectors(c *caller) ([]string, error) {
-	b, err := os.ReadFile(c.dir + "/cgroup")
+	b, err := readProcFile(c.dir + "/cgroup")
 	if err != nil {
 		return nil, fmt.Errorf("read cgroup: %w", err)
 	}

@@ -2,6 +2,15 @@
 // calling the agent (workload attestation, from the kernel's facts about the
 // caller) and which machine the agent runs on (TPM node attestation).
 //
+// Workload attestation (NewWorkload, Workload.Attest) turns a Workload API
+// caller, pinned by a pidfd when its connection was accepted (Process),
+// into selectors: unix:* from the kernel's ids and /proc/<pid>/exe (path
+// and a cached SHA-256), systemd:unit, cgroup:path, container:id and
+// k8s:pod-uid from /proc/<pid>/cgroup (ParseCgroup). Each family comes from
+// a small attestor type that WorkloadConfig switches on or off. Attest reads
+// /proc first and asks the pidfd last whether the caller still lives, so a
+// PID recycled meanwhile cannot lend another process's selectors.
+//
 // TPM node attestation, from EK to SVID, has two halves that share the
 // Evidence type and nothing else:
 //

@@ -6,10 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
-	"os"
+	"io/fs"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -47,8 +47,8 @@ func (k exeKey) String() string {
 type exeHashes struct {
 	max    int
 	settle time.Duration // see hashSettle; tests shorten it
-	group singleflight.Group
-	reads atomic.Int64 // files read in full, for tests
+	group  singleflight.Group
+	reads  atomic.Int64 // files read in full, for tests
 
 	mu    sync.Mutex
 	byKey map[exeKey]*list.Element // of *hashEntry
@@ -64,16 +64,22 @@ func newExeHashes(max int) *exeHashes {
 	return &exeHashes{max: max, settle: hashSettle, byKey: make(map[exeKey]*list.Element)}
 }
 
-// sum returns the hex SHA-256 of f, an open executable. Hashing is not
-// interruptible: it is one read per file version, shared by every caller.
-func (h *exeHashes) sum(f *os.File) (string, error) {
-	fi, err := f.Stat()
+// sum returns the hex SHA-256 of the executable at path (the caller's
+// /proc/<pid>/exe). A cached version costs an open and an fstat; hashing is
+// not interruptible, but it is one read per file version, shared by every
+// caller.
+func (h *exeHashes) sum(path string) (string, error) {
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("open exe: %w", &fs.PathError{Op: "open", Path: path, Err: err})
+	}
+	defer syscall.Close(fd)
+	key, ok, err := fdKey(fd)
 	if err != nil {
 		return "", fmt.Errorf("hash exe: %w", err)
 	}
-	key, ok := exeKeyOf(fi)
 	if !ok {
-		return h.hash(f, key, false)
+		return h.hash(fd, key, false)
 	}
 	if s, ok := h.get(key); ok {
 		return s, nil
@@ -83,7 +89,7 @@ func (h *exeHashes) sum(f *os.File) (string, error) {
 		if s, ok := h.get(key); ok {
 			return s, nil
 		}
-		s, err := h.hash(f, key, true)
+		s, err := h.hash(fd, key, true)
 		if err == nil && time.Since(time.Unix(0, key.ctime)) >= h.settle {
 			h.put(key, s)
 		}
@@ -95,21 +101,33 @@ func (h *exeHashes) sum(f *os.File) (string, error) {
 	return v.(string), nil
 }
 
-// hash reads f in full. With check, it refuses a file whose key changed
-// during the read.
-func (h *exeHashes) hash(f *os.File, key exeKey, check bool) (string, error) {
+// hash reads the file open as fd in full. With check, it refuses a file
+// whose key changed during the read.
+func (h *exeHashes) hash(fd int, key exeKey, check bool) (string, error) {
 	h.reads.Add(1)
 	d := sha256.New()
-	// ReadAt, so that the sum never depends on f's offset.
-	if _, err := io.Copy(d, io.NewSectionReader(f, 0, 1<<62)); err != nil {
-		return "", fmt.Errorf("hash exe: %w", err)
-	}
-	if check {
-		fi, err := f.Stat()
+	buf := make([]byte, 256<<10)
+	// pread, so that the sum never depends on the descriptor's offset.
+	for off := int64(0); ; {
+		n, err := syscall.Pread(fd, buf, off)
+		if errors.Is(err, syscall.EINTR) {
+			continue
+		}
 		if err != nil {
 			return "", fmt.Errorf("hash exe: %w", err)
 		}
-		if after, _ := exeKeyOf(fi); after != key {
+		if n == 0 {
+			break
+		}
+		d.Write(buf[:n])
+		off += int64(n)
+	}
+	if check {
+		after, _, err := fdKey(fd)
+		if err != nil {
+			return "", fmt.Errorf("hash exe: %w", err)
+		}
+		if after != key {
 			return "", fmt.Errorf("hash exe: %w", errExeChanged)
 		}
 	}

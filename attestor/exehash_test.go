@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -27,12 +28,7 @@ func writeRandom(t *testing.T, path string, n int) string {
 // sumFile opens path and hashes it through h, as an attestation does.
 func sumFile(t *testing.T, h *exeHashes, path string) string {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	s, err := h.sum(f)
+	s, err := h.sum(path)
 	if err != nil {
 		t.Fatalf("sum %s: %v", path, err)
 	}
@@ -52,15 +48,7 @@ func TestExeHashesOneRead(t *testing.T) {
 	sums := make([]string, callers)
 	errs := make([]error, callers)
 	for i := range callers {
-		wg.Go(func() {
-			f, err := os.Open(path)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			defer f.Close()
-			sums[i], errs[i] = h.sum(f)
-		})
+		wg.Go(func() { sums[i], errs[i] = h.sum(path) })
 	}
 	wg.Wait()
 	for i := range callers {
@@ -165,11 +153,15 @@ func TestExeHashesFreshFileNotCached(t *testing.T) {
 
 func statKey(t *testing.T, path string) exeKey {
 	t.Helper()
-	fi, err := os.Stat(path)
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, ok := exeKeyOf(fi)
+	defer syscall.Close(fd)
+	k, ok, err := fdKey(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !ok {
 		t.Skip("no stat details on this platform")
 	}

@@ -3,9 +3,7 @@ package attestor
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -61,14 +59,14 @@ func checkAlive(fd *os.File) error {
 	return nil
 }
 
-// exeKeyOf identifies one version of a file for the hash cache. ctime is
-// in the key because a file's owner can write new bytes of the same size
-// and then set mtime back (utimensat), but cannot set ctime, which the
-// kernel moves on every write and every utimensat.
-func exeKeyOf(fi fs.FileInfo) (exeKey, bool) {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return exeKey{}, false
+// fdKey identifies the version of the file open as fd for the hash cache.
+// ctime is in the key because a file's owner can write new bytes of the
+// same size and then set mtime back (utimensat), but cannot set ctime,
+// which the kernel moves on every write and every utimensat.
+func fdKey(fd int) (exeKey, bool, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return exeKey{}, false, fmt.Errorf("fstat: %w", err)
 	}
 	return exeKey{
 		dev:   st.Dev,
@@ -76,5 +74,5 @@ func exeKeyOf(fi fs.FileInfo) (exeKey, bool) {
 		size:  st.Size,
 		mtime: st.Mtim.Nano(),
 		ctime: st.Ctim.Nano(),
-	}, true
+	}, true, nil
 }

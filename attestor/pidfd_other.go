@@ -5,7 +5,6 @@ package attestor
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 )
 
@@ -20,4 +19,4 @@ func checkAlive(*os.File) error {
 	return fmt.Errorf("check pidfd: %w", errors.ErrUnsupported)
 }
 
-func exeKeyOf(fs.FileInfo) (exeKey, bool) { return exeKey{}, false }
+func fdKey(int) (exeKey, bool, error) { return exeKey{}, false, nil }

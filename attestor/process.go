@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // Refusals of workload attestation that the Workload API turns into
@@ -95,7 +98,7 @@ func procDir(pid int32) string {
 
 // readStartTime reads the start time from <dir>/stat.
 func readStartTime(dir string) (uint64, error) {
-	b, err := os.ReadFile(dir + "/stat")
+	b, err := readProcFile(dir + "/stat")
 	if err != nil {
 		return 0, fmt.Errorf("read stat: %w", err)
 	}
@@ -104,6 +107,33 @@ func readStartTime(dir string) (uint64, error) {
 		return 0, fmt.Errorf("read stat: %w", err)
 	}
 	return t, nil
+}
+
+// readProcFile reads a small /proc file with plain system calls: os.Open
+// would also try, and fail, to register it with the poller, which costs as
+// much as the read (attestation reads three or four such files per call).
+func readProcFile(path string) ([]byte, error) {
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer syscall.Close(fd)
+	b := make([]byte, 0, 4096)
+	for {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, cap(b))
+		}
+		n, err := syscall.Read(fd, b[len(b):cap(b)])
+		switch {
+		case errors.Is(err, syscall.EINTR):
+			continue
+		case err != nil:
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		case n == 0:
+			return b, nil
+		}
+		b = b[:len(b)+n]
+	}
 }
 
 // parseStartTime returns field 22 of /proc/<pid>/stat. The second field is
@@ -128,7 +158,7 @@ func parseStartTime(stat []byte) (uint64, error) {
 
 // readIDs reads the effective uid and gid from <dir>/status.
 func readIDs(dir string) (uid, gid uint32, err error) {
-	b, err := os.ReadFile(dir + "/status")
+	b, err := readProcFile(dir + "/status")
 	if err != nil {
 		return 0, 0, fmt.Errorf("read status: %w", err)
 	}

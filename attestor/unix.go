@@ -74,12 +74,7 @@ func (a unixAttestor) selectors(c *caller) ([]string, error) {
 		sels = append(sels, "unix:path:"+exe)
 	}
 	if a.hashes != nil {
-		f, err := os.Open(c.dir + "/exe")
-		if err != nil {
-			return nil, fmt.Errorf("open exe: %w", err)
-		}
-		defer f.Close()
-		sum, err := a.hashes.sum(f)
+		sum, err := a.hashes.sum(c.dir + "/exe")
 		if err != nil {
 			return nil, err
 		}

@@ -2,6 +2,7 @@ package workloadapi
 
 import (
 	"context"
+	"errors"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
@@ -13,7 +14,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor"
 )
 
-// Attestor turns a caller into selectors. attestor.Unix is one.
+// Attestor turns a caller into selectors. *attestor.Workload is one.
 type Attestor interface {
 	Attest(ctx context.Context, p attestor.Process) ([]string, error)
 }
@@ -103,20 +104,31 @@ func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.S
 	}
 }
 
-// attest finds who is calling and what selectors they have.
+// attest finds who is calling and what selectors they have. A caller that
+// cannot be attested gets Unavailable (clients retry) with the reason, and
+// a log line with its PID.
 func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error) {
-	proc, ok := callerFromContext(ctx)
-	if !ok {
+	proc, err := callerFromContext(ctx)
+	var selectors []string
+	if err == nil {
+		selectors, err = h.attestor.Attest(ctx, proc)
+	}
+	if err == nil {
+		return proc, selectors, nil
+	}
+	msg := "could not attest caller"
+	switch {
+	case errors.Is(err, errNoPeerCred):
 		// peerCredentials refuses such connections; reaching here is a bug.
 		h.log.Error("call without peer credentials")
-		return attestor.Process{}, nil, status.Error(codes.Unavailable, "could not attest caller")
+		return proc, nil, status.Error(codes.Unavailable, msg)
+	case errors.Is(err, attestor.ErrCallerExited):
+		msg = "caller exited during attestation"
+	case errors.Is(err, attestor.ErrCallerChanged):
+		msg = "caller changed identity during attestation"
 	}
-	selectors, err := h.attestor.Attest(ctx, proc)
-	if err != nil {
-		h.log.Warn("could not attest caller", "pid", proc.PID, "uid", proc.UID, "error", err)
-		return proc, nil, status.Error(codes.Unavailable, "could not attest caller")
-	}
-	return proc, selectors, nil
+	h.log.Warn(msg, "pid", proc.PID, "uid", proc.UID, "error", err)
+	return proc, nil, status.Error(codes.Unavailable, msg)
 }
 
 // wait blocks until changed is closed (nil), the call ends, or the server

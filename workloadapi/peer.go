@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -18,62 +19,112 @@ import (
 // without the kernel's word on who is calling, nothing can be attested.
 var errNoPeerCred = errors.New("connection carries no peer credentials")
 
-// peerListener takes SO_PEERCRED from each connection as it is accepted.
-// The kernel records the credentials of whoever called connect(2); taking
-// them with the connection, before any request is read, keeps short the
-// window in which that PID could exit and be reused, and is where a pidfd
-// will pin the process (a later addition).
+// peerListener takes each caller's identity from its connection as it is
+// accepted, before any request is read: SO_PEERCRED (PID, uid, gid) and a
+// pidfd that pins the process, which attestation later re-checks.
 type peerListener struct {
 	*net.UnixListener
 	log hclog.Logger
 }
 
-// Accept returns the next connection whose peer credentials could be read;
-// the others are closed and logged, never handed to gRPC.
+// Accept returns the next connection whose caller could be identified;
+// the others are closed and logged, never handed to gRPC. A caller that is
+// already gone still gets its connection, so that its calls fail with a
+// clear Unavailable (a process that shares the socket may be listening).
 func (l peerListener) Accept() (net.Conn, error) {
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
 			return nil, err
 		}
-		proc, err := peerCred(c)
+		proc, goneErr, err := peerProcess(c)
 		if err != nil {
 			l.log.Warn("refused connection", "error", err)
 			_ = c.Close()
 			continue
 		}
-		return &peerConn{UnixConn: c, proc: proc}, nil
+		return &peerConn{UnixConn: c, proc: proc, gone: goneErr}, nil
 	}
 }
 
-// peerCred reads SO_PEERCRED from c.
-func peerCred(c *net.UnixConn) (attestor.Process, error) {
+// peerProcess identifies the caller on c. gone is set (wrapping
+// attestor.ErrCallerExited) when the kernel says the caller has already
+// exited; err when it cannot be identified at all.
+func peerProcess(c *net.UnixConn) (proc attestor.Process, gone, err error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return attestor.Process{}, fmt.Errorf("peer credentials: %w", err)
+		return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
 	}
 	var cred *unix.Ucred
-	var credErr error
+	var credErr, pidfdErr error
+	pidfd := -1
 	if err := raw.Control(func(fd uintptr) {
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if credErr == nil {
+			pidfd, pidfdErr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD)
+		}
 	}); err != nil {
-		return attestor.Process{}, fmt.Errorf("peer credentials: %w", err)
+		return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
 	}
 	if credErr != nil {
-		return attestor.Process{}, fmt.Errorf("peer credentials: getsockopt SO_PEERCRED: %w", credErr)
+		return attestor.Process{}, nil, fmt.Errorf("peer credentials: getsockopt SO_PEERCRED: %w", credErr)
 	}
 	// The kernel reports PID 0 when the caller lives in a PID namespace we
-	// cannot see into: there is no /proc entry to attest.
+	// cannot see into: there is no /proc entry to attest. Callers in child
+	// namespaces (containers) appear under their PID in ours.
 	if cred.Pid <= 0 {
-		return attestor.Process{}, fmt.Errorf("peer credentials: caller pid %d is not visible here", cred.Pid)
+		return attestor.Process{}, nil, fmt.Errorf("peer credentials: caller pid %d is not visible here", cred.Pid)
 	}
-	return attestor.Process{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
+	return pinPeer(attestor.Process{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, pidfd, pidfdErr)
 }
 
-// peerConn is an accepted connection with its caller's credentials.
+// pinPeer gives proc the pidfd that getsockopt(SO_PEERPIDFD) returned, or
+// when the kernel has no such option, one opened from the PID.
+func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Process, gone, err error) {
+	switch {
+	case pidfdErr == nil:
+		// The pidfd of the very process that called connect(2).
+		proc.PIDFD = os.NewFile(uintptr(pidfd), "pidfd")
+		return proc, nil, nil
+	case errors.Is(pidfdErr, unix.ENOPROTOOPT):
+		// Before Linux 6.5: pin whatever holds the PID now. A PID reused
+		// between connect and this moment would go unnoticed unless its
+		// new process has another uid or gid; from here on the pidfd and
+		// the start time catch it.
+		pinned, err := attestor.PinPID(proc.PID)
+		if errors.Is(err, attestor.ErrCallerExited) {
+			return proc, err, nil
+		}
+		if err != nil {
+			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
+		}
+		proc.PIDFD, proc.StartTime = pinned.PIDFD, pinned.StartTime
+		return proc, nil, nil
+	case errors.Is(pidfdErr, unix.ESRCH), errors.Is(pidfdErr, unix.EINVAL):
+		// Kernels that cannot give a pidfd for a peer that has exited
+		// say so this way.
+		return proc, fmt.Errorf("%w: getsockopt SO_PEERPIDFD: %w", attestor.ErrCallerExited, pidfdErr), nil
+	default:
+		return attestor.Process{}, nil, fmt.Errorf("peer credentials: getsockopt SO_PEERPIDFD: %w", pidfdErr)
+	}
+}
+
+// peerConn is an accepted connection with its caller. It owns the caller's
+// pidfd and closes it with the connection; an attestation still using it
+// then sees the caller as gone.
 type peerConn struct {
 	*net.UnixConn
 	proc attestor.Process
+	gone error // set when the caller had exited by accept
+}
+
+// Close closes the connection and the caller's pidfd.
+func (c *peerConn) Close() error {
+	err := c.UnixConn.Close()
+	if c.proc.PIDFD != nil {
+		err = errors.Join(err, c.proc.PIDFD.Close())
+	}
+	return err
 }
 
 // callerInfo is the gRPC AuthInfo of a Workload API connection, so every
@@ -81,19 +132,25 @@ type peerConn struct {
 type callerInfo struct {
 	credentials.CommonAuthInfo
 	proc attestor.Process
+	gone error
 }
 
 // AuthType implements credentials.AuthInfo.
 func (callerInfo) AuthType() string { return "peercred" }
 
-// callerFromContext returns the caller of the gRPC call in ctx.
-func callerFromContext(ctx context.Context) (attestor.Process, bool) {
+// callerFromContext returns the caller of the gRPC call in ctx, or why it
+// cannot be attested: errNoPeerCred, or an error wrapping
+// attestor.ErrCallerExited when it was gone by accept.
+func callerFromContext(ctx context.Context) (attestor.Process, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return attestor.Process{}, false
+		return attestor.Process{}, errNoPeerCred
 	}
 	info, ok := p.AuthInfo.(callerInfo)
-	return info.proc, ok
+	if !ok {
+		return attestor.Process{}, errNoPeerCred
+	}
+	return info.proc, info.gone
 }
 
 // peerCredentials is a server-only, plaintext gRPC transport (the socket is
@@ -110,6 +167,7 @@ func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthIn
 	return c, callerInfo{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity},
 		proc:           pc.proc,
+		gone:           pc.gone,
 	}, nil
 }
 
