@@ -5,7 +5,7 @@ BIN := bin
 # apt-get needs root; CI runs as root and has no sudo.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all build swtpm-deps test lint demo bench clean help
+.PHONY: all build swtpm-deps test lint demo bench clean help generate
 
 all: build
 
@@ -17,6 +17,7 @@ help:
 	@echo 'demo        run signer + swtpm + agent and fetch an SVID'
 	@echo 'bench       run the benchmarks'
 	@echo 'clean       remove build output'
+	@echo 'generate    regenerate proto/signerpb (needs protoc, protoc-gen-go, protoc-gen-go-grpc; the output is committed)'
 
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/lanyard-agent ./cmd/lanyard-signer
@@ -49,6 +50,11 @@ demo: build swtpm-deps
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+generate:
+	protoc --go_out=. --go_opt=paths=source_relative \
+		--go-grpc_out=. --go-grpc_opt=paths=source_relative \
+		proto/signerpb/signer.proto
 
 clean:
 	rm -rf $(BIN)

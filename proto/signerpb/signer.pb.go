@@ -6,7 +6,7 @@
 // versions:
 // 	protoc-gen-go v1.36.12
 // 	protoc        v3.21.12
-// source: signer.proto
+// source: proto/signerpb/signer.proto
 
 package signerpb
 
@@ -40,7 +40,7 @@ type TPMObject struct {
 
 func (x *TPMObject) Reset() {
 	*x = TPMObject{}
-	mi := &file_signer_proto_msgTypes[0]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -52,7 +52,7 @@ func (x *TPMObject) String() string {
 func (*TPMObject) ProtoMessage() {}
 
 func (x *TPMObject) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[0]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -65,7 +65,7 @@ func (x *TPMObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TPMObject.ProtoReflect.Descriptor instead.
 func (*TPMObject) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{0}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *TPMObject) GetPublic() []byte {
@@ -109,7 +109,7 @@ type Evidence struct {
 
 func (x *Evidence) Reset() {
 	*x = Evidence{}
-	mi := &file_signer_proto_msgTypes[1]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -121,7 +121,7 @@ func (x *Evidence) String() string {
 func (*Evidence) ProtoMessage() {}
 
 func (x *Evidence) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[1]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -134,7 +134,7 @@ func (x *Evidence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Evidence.ProtoReflect.Descriptor instead.
 func (*Evidence) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{1}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *Evidence) GetEkCertificate() []byte {
@@ -185,7 +185,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_signer_proto_msgTypes[2]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -197,7 +197,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[2]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -210,7 +210,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{2}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *AttestRequest) GetStep() isAttestRequest_Step {
@@ -264,7 +264,7 @@ type Challenge struct {
 
 func (x *Challenge) Reset() {
 	*x = Challenge{}
-	mi := &file_signer_proto_msgTypes[3]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -276,7 +276,7 @@ func (x *Challenge) String() string {
 func (*Challenge) ProtoMessage() {}
 
 func (x *Challenge) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[3]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -289,7 +289,7 @@ func (x *Challenge) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Challenge.ProtoReflect.Descriptor instead.
 func (*Challenge) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{3}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Challenge) GetCredential() []byte {
@@ -317,7 +317,7 @@ type AttestResult struct {
 
 func (x *AttestResult) Reset() {
 	*x = AttestResult{}
-	mi := &file_signer_proto_msgTypes[4]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -329,7 +329,7 @@ func (x *AttestResult) String() string {
 func (*AttestResult) ProtoMessage() {}
 
 func (x *AttestResult) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[4]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -342,7 +342,7 @@ func (x *AttestResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestResult.ProtoReflect.Descriptor instead.
 func (*AttestResult) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{4}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AttestResult) GetSvid() [][]byte {
@@ -379,7 +379,7 @@ type AttestResponse struct {
 
 func (x *AttestResponse) Reset() {
 	*x = AttestResponse{}
-	mi := &file_signer_proto_msgTypes[5]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -391,7 +391,7 @@ func (x *AttestResponse) String() string {
 func (*AttestResponse) ProtoMessage() {}
 
 func (x *AttestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[5]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -404,7 +404,7 @@ func (x *AttestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestResponse.ProtoReflect.Descriptor instead.
 func (*AttestResponse) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{5}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AttestResponse) GetStep() isAttestResponse_Step {
@@ -453,13 +453,14 @@ type Bundle struct {
 	TrustDomain     string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
 	X509Authorities [][]byte               `protobuf:"bytes,2,rep,name=x509_authorities,json=x509Authorities,proto3" json:"x509_authorities,omitempty"` // DER CA certificates
 	Sequence        uint64                 `protobuf:"varint,3,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	JwtAuthorities  []*JWTAuthority        `protobuf:"bytes,4,rep,name=jwt_authorities,json=jwtAuthorities,proto3" json:"jwt_authorities,omitempty"` // JWT-SVID signing keys, public halves
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Bundle) Reset() {
 	*x = Bundle{}
-	mi := &file_signer_proto_msgTypes[6]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -471,7 +472,7 @@ func (x *Bundle) String() string {
 func (*Bundle) ProtoMessage() {}
 
 func (x *Bundle) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[6]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -484,7 +485,7 @@ func (x *Bundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bundle.ProtoReflect.Descriptor instead.
 func (*Bundle) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{6}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Bundle) GetTrustDomain() string {
@@ -508,6 +509,74 @@ func (x *Bundle) GetSequence() uint64 {
 	return 0
 }
 
+func (x *Bundle) GetJwtAuthorities() []*JWTAuthority {
+	if x != nil {
+		return x.JwtAuthorities
+	}
+	return nil
+}
+
+// JWTAuthority is one JWT-SVID signing key as published in the bundle.
+type JWTAuthority struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`              // the JWT header's "kid"
+	PublicKey     []byte                 `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`  // PKIX DER
+	ExpiresAt     int64                  `protobuf:"varint,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"` // unix seconds: the key leaves the bundle after this
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JWTAuthority) Reset() {
+	*x = JWTAuthority{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JWTAuthority) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JWTAuthority) ProtoMessage() {}
+
+func (x *JWTAuthority) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JWTAuthority.ProtoReflect.Descriptor instead.
+func (*JWTAuthority) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *JWTAuthority) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *JWTAuthority) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
+func (x *JWTAuthority) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
 type Entry struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	Id             string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // the policy workload block's name
@@ -524,7 +593,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_signer_proto_msgTypes[7]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -536,7 +605,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[7]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -549,7 +618,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{7}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Entry) GetId() string {
@@ -616,7 +685,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_signer_proto_msgTypes[8]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -628,7 +697,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[8]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -641,7 +710,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{8}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{9}
 }
 
 type SyncResponse struct {
@@ -654,7 +723,7 @@ type SyncResponse struct {
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_signer_proto_msgTypes[9]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -666,7 +735,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[9]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -679,7 +748,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{9}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SyncResponse) GetEntries() []*Entry {
@@ -706,7 +775,7 @@ type CSR struct {
 
 func (x *CSR) Reset() {
 	*x = CSR{}
-	mi := &file_signer_proto_msgTypes[10]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +787,7 @@ func (x *CSR) String() string {
 func (*CSR) ProtoMessage() {}
 
 func (x *CSR) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[10]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +800,7 @@ func (x *CSR) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CSR.ProtoReflect.Descriptor instead.
 func (*CSR) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{10}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CSR) GetEntryId() string {
@@ -757,7 +826,7 @@ type SignX509SVIDsRequest struct {
 
 func (x *SignX509SVIDsRequest) Reset() {
 	*x = SignX509SVIDsRequest{}
-	mi := &file_signer_proto_msgTypes[11]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -769,7 +838,7 @@ func (x *SignX509SVIDsRequest) String() string {
 func (*SignX509SVIDsRequest) ProtoMessage() {}
 
 func (x *SignX509SVIDsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[11]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -782,7 +851,7 @@ func (x *SignX509SVIDsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignX509SVIDsRequest.ProtoReflect.Descriptor instead.
 func (*SignX509SVIDsRequest) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{11}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SignX509SVIDsRequest) GetCsrs() []*CSR {
@@ -803,7 +872,7 @@ type SignedX509SVID struct {
 
 func (x *SignedX509SVID) Reset() {
 	*x = SignedX509SVID{}
-	mi := &file_signer_proto_msgTypes[12]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -815,7 +884,7 @@ func (x *SignedX509SVID) String() string {
 func (*SignedX509SVID) ProtoMessage() {}
 
 func (x *SignedX509SVID) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[12]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -828,7 +897,7 @@ func (x *SignedX509SVID) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedX509SVID.ProtoReflect.Descriptor instead.
 func (*SignedX509SVID) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{12}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SignedX509SVID) GetEntryId() string {
@@ -861,7 +930,7 @@ type SignX509SVIDsResponse struct {
 
 func (x *SignX509SVIDsResponse) Reset() {
 	*x = SignX509SVIDsResponse{}
-	mi := &file_signer_proto_msgTypes[13]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -873,7 +942,7 @@ func (x *SignX509SVIDsResponse) String() string {
 func (*SignX509SVIDsResponse) ProtoMessage() {}
 
 func (x *SignX509SVIDsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_signer_proto_msgTypes[13]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -886,7 +955,7 @@ func (x *SignX509SVIDsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignX509SVIDsResponse.ProtoReflect.Descriptor instead.
 func (*SignX509SVIDsResponse) Descriptor() ([]byte, []int) {
-	return file_signer_proto_rawDescGZIP(), []int{13}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SignX509SVIDsResponse) GetSvids() []*SignedX509SVID {
@@ -896,11 +965,211 @@ func (x *SignX509SVIDsResponse) GetSvids() []*SignedX509SVID {
 	return nil
 }
 
-var File_signer_proto protoreflect.FileDescriptor
+type JWTSVIDRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
+	Audience      []string               `protobuf:"bytes,2,rep,name=audience,proto3" json:"audience,omitempty"` // at least one
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
 
-const file_signer_proto_rawDesc = "" +
+func (x *JWTSVIDRequest) Reset() {
+	*x = JWTSVIDRequest{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JWTSVIDRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JWTSVIDRequest) ProtoMessage() {}
+
+func (x *JWTSVIDRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JWTSVIDRequest.ProtoReflect.Descriptor instead.
+func (*JWTSVIDRequest) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *JWTSVIDRequest) GetEntryId() string {
+	if x != nil {
+		return x.EntryId
+	}
+	return ""
+}
+
+func (x *JWTSVIDRequest) GetAudience() []string {
+	if x != nil {
+		return x.Audience
+	}
+	return nil
+}
+
+type MintJWTSVIDsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Requests      []*JWTSVIDRequest      `protobuf:"bytes,1,rep,name=requests,proto3" json:"requests,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintJWTSVIDsRequest) Reset() {
+	*x = MintJWTSVIDsRequest{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintJWTSVIDsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintJWTSVIDsRequest) ProtoMessage() {}
+
+func (x *MintJWTSVIDsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintJWTSVIDsRequest.ProtoReflect.Descriptor instead.
+func (*MintJWTSVIDsRequest) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *MintJWTSVIDsRequest) GetRequests() []*JWTSVIDRequest {
+	if x != nil {
+		return x.Requests
+	}
+	return nil
+}
+
+type MintedJWTSVID struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
+	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"` // compact JWS
+	Error         string                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"` // set instead of token when this request was refused
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintedJWTSVID) Reset() {
+	*x = MintedJWTSVID{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintedJWTSVID) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintedJWTSVID) ProtoMessage() {}
+
+func (x *MintedJWTSVID) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintedJWTSVID.ProtoReflect.Descriptor instead.
+func (*MintedJWTSVID) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *MintedJWTSVID) GetEntryId() string {
+	if x != nil {
+		return x.EntryId
+	}
+	return ""
+}
+
+func (x *MintedJWTSVID) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *MintedJWTSVID) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type MintJWTSVIDsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Svids         []*MintedJWTSVID       `protobuf:"bytes,1,rep,name=svids,proto3" json:"svids,omitempty"` // in request order
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MintJWTSVIDsResponse) Reset() {
+	*x = MintJWTSVIDsResponse{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MintJWTSVIDsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MintJWTSVIDsResponse) ProtoMessage() {}
+
+func (x *MintJWTSVIDsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MintJWTSVIDsResponse.ProtoReflect.Descriptor instead.
+func (*MintJWTSVIDsResponse) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *MintJWTSVIDsResponse) GetSvids() []*MintedJWTSVID {
+	if x != nil {
+		return x.Svids
+	}
+	return nil
+}
+
+var File_proto_signerpb_signer_proto protoreflect.FileDescriptor
+
+const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\n" +
-	"\fsigner.proto\x12\x11lanyard.signer.v1\"\x9e\x01\n" +
+	"\x1bproto/signerpb/signer.proto\x12\x11lanyard.signer.v1\"\x9e\x01\n" +
 	"\tTPMObject\x12\x16\n" +
 	"\x06public\x18\x01 \x01(\fR\x06public\x12\x1f\n" +
 	"\vcreate_data\x18\x02 \x01(\fR\n" +
@@ -929,11 +1198,18 @@ const file_signer_proto_rawDesc = "" +
 	"\x0eAttestResponse\x12<\n" +
 	"\tchallenge\x18\x01 \x01(\v2\x1c.lanyard.signer.v1.ChallengeH\x00R\tchallenge\x129\n" +
 	"\x06result\x18\x02 \x01(\v2\x1f.lanyard.signer.v1.AttestResultH\x00R\x06resultB\x06\n" +
-	"\x04step\"r\n" +
+	"\x04step\"\xbc\x01\n" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12\x1a\n" +
-	"\bsequence\x18\x03 \x01(\x04R\bsequence\"\xf1\x01\n" +
+	"\bsequence\x18\x03 \x01(\x04R\bsequence\x12H\n" +
+	"\x0fjwt_authorities\x18\x04 \x03(\v2\x1f.lanyard.signer.v1.JWTAuthorityR\x0ejwtAuthorities\"c\n" +
+	"\fJWTAuthority\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\xf1\x01\n" +
 	"\x05Entry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12\x1c\n" +
@@ -957,26 +1233,38 @@ const file_signer_proto_rawDesc = "" +
 	"\x05chain\x18\x02 \x03(\fR\x05chain\x12\x14\n" +
 	"\x05error\x18\x03 \x01(\tR\x05error\"P\n" +
 	"\x15SignX509SVIDsResponse\x127\n" +
-	"\x05svids\x18\x01 \x03(\v2!.lanyard.signer.v1.SignedX509SVIDR\x05svids2\x8a\x02\n" +
+	"\x05svids\x18\x01 \x03(\v2!.lanyard.signer.v1.SignedX509SVIDR\x05svids\"G\n" +
+	"\x0eJWTSVIDRequest\x12\x19\n" +
+	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x1a\n" +
+	"\baudience\x18\x02 \x03(\tR\baudience\"T\n" +
+	"\x13MintJWTSVIDsRequest\x12=\n" +
+	"\brequests\x18\x01 \x03(\v2!.lanyard.signer.v1.JWTSVIDRequestR\brequests\"V\n" +
+	"\rMintedJWTSVID\x12\x19\n" +
+	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x14\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\x12\x14\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"N\n" +
+	"\x14MintJWTSVIDsResponse\x126\n" +
+	"\x05svids\x18\x01 \x03(\v2 .lanyard.signer.v1.MintedJWTSVIDR\x05svids2\xeb\x02\n" +
 	"\x06Signer\x12Q\n" +
 	"\x06Attest\x12 .lanyard.signer.v1.AttestRequest\x1a!.lanyard.signer.v1.AttestResponse(\x010\x01\x12I\n" +
 	"\x04Sync\x12\x1e.lanyard.signer.v1.SyncRequest\x1a\x1f.lanyard.signer.v1.SyncResponse0\x01\x12b\n" +
-	"\rSignX509SVIDs\x12'.lanyard.signer.v1.SignX509SVIDsRequest\x1a(.lanyard.signer.v1.SignX509SVIDsResponseB/Z-github.com/lanyard-dev/lanyard/proto/signerpbb\x06proto3"
+	"\rSignX509SVIDs\x12'.lanyard.signer.v1.SignX509SVIDsRequest\x1a(.lanyard.signer.v1.SignX509SVIDsResponse\x12_\n" +
+	"\fMintJWTSVIDs\x12&.lanyard.signer.v1.MintJWTSVIDsRequest\x1a'.lanyard.signer.v1.MintJWTSVIDsResponseB/Z-github.com/lanyard-dev/lanyard/proto/signerpbb\x06proto3"
 
 var (
-	file_signer_proto_rawDescOnce sync.Once
-	file_signer_proto_rawDescData []byte
+	file_proto_signerpb_signer_proto_rawDescOnce sync.Once
+	file_proto_signerpb_signer_proto_rawDescData []byte
 )
 
-func file_signer_proto_rawDescGZIP() []byte {
-	file_signer_proto_rawDescOnce.Do(func() {
-		file_signer_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_signer_proto_rawDesc), len(file_signer_proto_rawDesc)))
+func file_proto_signerpb_signer_proto_rawDescGZIP() []byte {
+	file_proto_signerpb_signer_proto_rawDescOnce.Do(func() {
+		file_proto_signerpb_signer_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_proto_signerpb_signer_proto_rawDesc), len(file_proto_signerpb_signer_proto_rawDesc)))
 	})
-	return file_signer_proto_rawDescData
+	return file_proto_signerpb_signer_proto_rawDescData
 }
 
-var file_signer_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
-var file_signer_proto_goTypes = []any{
+var file_proto_signerpb_signer_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_proto_signerpb_signer_proto_goTypes = []any{
 	(*TPMObject)(nil),             // 0: lanyard.signer.v1.TPMObject
 	(*Evidence)(nil),              // 1: lanyard.signer.v1.Evidence
 	(*AttestRequest)(nil),         // 2: lanyard.signer.v1.AttestRequest
@@ -984,48 +1272,58 @@ var file_signer_proto_goTypes = []any{
 	(*AttestResult)(nil),          // 4: lanyard.signer.v1.AttestResult
 	(*AttestResponse)(nil),        // 5: lanyard.signer.v1.AttestResponse
 	(*Bundle)(nil),                // 6: lanyard.signer.v1.Bundle
-	(*Entry)(nil),                 // 7: lanyard.signer.v1.Entry
-	(*SyncRequest)(nil),           // 8: lanyard.signer.v1.SyncRequest
-	(*SyncResponse)(nil),          // 9: lanyard.signer.v1.SyncResponse
-	(*CSR)(nil),                   // 10: lanyard.signer.v1.CSR
-	(*SignX509SVIDsRequest)(nil),  // 11: lanyard.signer.v1.SignX509SVIDsRequest
-	(*SignedX509SVID)(nil),        // 12: lanyard.signer.v1.SignedX509SVID
-	(*SignX509SVIDsResponse)(nil), // 13: lanyard.signer.v1.SignX509SVIDsResponse
+	(*JWTAuthority)(nil),          // 7: lanyard.signer.v1.JWTAuthority
+	(*Entry)(nil),                 // 8: lanyard.signer.v1.Entry
+	(*SyncRequest)(nil),           // 9: lanyard.signer.v1.SyncRequest
+	(*SyncResponse)(nil),          // 10: lanyard.signer.v1.SyncResponse
+	(*CSR)(nil),                   // 11: lanyard.signer.v1.CSR
+	(*SignX509SVIDsRequest)(nil),  // 12: lanyard.signer.v1.SignX509SVIDsRequest
+	(*SignedX509SVID)(nil),        // 13: lanyard.signer.v1.SignedX509SVID
+	(*SignX509SVIDsResponse)(nil), // 14: lanyard.signer.v1.SignX509SVIDsResponse
+	(*JWTSVIDRequest)(nil),        // 15: lanyard.signer.v1.JWTSVIDRequest
+	(*MintJWTSVIDsRequest)(nil),   // 16: lanyard.signer.v1.MintJWTSVIDsRequest
+	(*MintedJWTSVID)(nil),         // 17: lanyard.signer.v1.MintedJWTSVID
+	(*MintJWTSVIDsResponse)(nil),  // 18: lanyard.signer.v1.MintJWTSVIDsResponse
 }
-var file_signer_proto_depIdxs = []int32{
+var file_proto_signerpb_signer_proto_depIdxs = []int32{
 	0,  // 0: lanyard.signer.v1.Evidence.ak:type_name -> lanyard.signer.v1.TPMObject
 	0,  // 1: lanyard.signer.v1.Evidence.key:type_name -> lanyard.signer.v1.TPMObject
 	1,  // 2: lanyard.signer.v1.AttestRequest.evidence:type_name -> lanyard.signer.v1.Evidence
 	6,  // 3: lanyard.signer.v1.AttestResult.bundle:type_name -> lanyard.signer.v1.Bundle
 	3,  // 4: lanyard.signer.v1.AttestResponse.challenge:type_name -> lanyard.signer.v1.Challenge
 	4,  // 5: lanyard.signer.v1.AttestResponse.result:type_name -> lanyard.signer.v1.AttestResult
-	7,  // 6: lanyard.signer.v1.SyncResponse.entries:type_name -> lanyard.signer.v1.Entry
-	6,  // 7: lanyard.signer.v1.SyncResponse.bundle:type_name -> lanyard.signer.v1.Bundle
-	10, // 8: lanyard.signer.v1.SignX509SVIDsRequest.csrs:type_name -> lanyard.signer.v1.CSR
-	12, // 9: lanyard.signer.v1.SignX509SVIDsResponse.svids:type_name -> lanyard.signer.v1.SignedX509SVID
-	2,  // 10: lanyard.signer.v1.Signer.Attest:input_type -> lanyard.signer.v1.AttestRequest
-	8,  // 11: lanyard.signer.v1.Signer.Sync:input_type -> lanyard.signer.v1.SyncRequest
-	11, // 12: lanyard.signer.v1.Signer.SignX509SVIDs:input_type -> lanyard.signer.v1.SignX509SVIDsRequest
-	5,  // 13: lanyard.signer.v1.Signer.Attest:output_type -> lanyard.signer.v1.AttestResponse
-	9,  // 14: lanyard.signer.v1.Signer.Sync:output_type -> lanyard.signer.v1.SyncResponse
-	13, // 15: lanyard.signer.v1.Signer.SignX509SVIDs:output_type -> lanyard.signer.v1.SignX509SVIDsResponse
-	13, // [13:16] is the sub-list for method output_type
-	10, // [10:13] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	7,  // 6: lanyard.signer.v1.Bundle.jwt_authorities:type_name -> lanyard.signer.v1.JWTAuthority
+	8,  // 7: lanyard.signer.v1.SyncResponse.entries:type_name -> lanyard.signer.v1.Entry
+	6,  // 8: lanyard.signer.v1.SyncResponse.bundle:type_name -> lanyard.signer.v1.Bundle
+	11, // 9: lanyard.signer.v1.SignX509SVIDsRequest.csrs:type_name -> lanyard.signer.v1.CSR
+	13, // 10: lanyard.signer.v1.SignX509SVIDsResponse.svids:type_name -> lanyard.signer.v1.SignedX509SVID
+	15, // 11: lanyard.signer.v1.MintJWTSVIDsRequest.requests:type_name -> lanyard.signer.v1.JWTSVIDRequest
+	17, // 12: lanyard.signer.v1.MintJWTSVIDsResponse.svids:type_name -> lanyard.signer.v1.MintedJWTSVID
+	2,  // 13: lanyard.signer.v1.Signer.Attest:input_type -> lanyard.signer.v1.AttestRequest
+	9,  // 14: lanyard.signer.v1.Signer.Sync:input_type -> lanyard.signer.v1.SyncRequest
+	12, // 15: lanyard.signer.v1.Signer.SignX509SVIDs:input_type -> lanyard.signer.v1.SignX509SVIDsRequest
+	16, // 16: lanyard.signer.v1.Signer.MintJWTSVIDs:input_type -> lanyard.signer.v1.MintJWTSVIDsRequest
+	5,  // 17: lanyard.signer.v1.Signer.Attest:output_type -> lanyard.signer.v1.AttestResponse
+	10, // 18: lanyard.signer.v1.Signer.Sync:output_type -> lanyard.signer.v1.SyncResponse
+	14, // 19: lanyard.signer.v1.Signer.SignX509SVIDs:output_type -> lanyard.signer.v1.SignX509SVIDsResponse
+	18, // 20: lanyard.signer.v1.Signer.MintJWTSVIDs:output_type -> lanyard.signer.v1.MintJWTSVIDsResponse
+	17, // [17:21] is the sub-list for method output_type
+	13, // [13:17] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
-func init() { file_signer_proto_init() }
-func file_signer_proto_init() {
-	if File_signer_proto != nil {
+func init() { file_proto_signerpb_signer_proto_init() }
+func file_proto_signerpb_signer_proto_init() {
+	if File_proto_signerpb_signer_proto != nil {
 		return
 	}
-	file_signer_proto_msgTypes[2].OneofWrappers = []any{
+	file_proto_signerpb_signer_proto_msgTypes[2].OneofWrappers = []any{
 		(*AttestRequest_Evidence)(nil),
 		(*AttestRequest_ActivationSecret)(nil),
 	}
-	file_signer_proto_msgTypes[5].OneofWrappers = []any{
+	file_proto_signerpb_signer_proto_msgTypes[5].OneofWrappers = []any{
 		(*AttestResponse_Challenge)(nil),
 		(*AttestResponse_Result)(nil),
 	}
@@ -1033,17 +1331,17 @@ func file_signer_proto_init() {
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_signer_proto_rawDesc), len(file_signer_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_signerpb_signer_proto_rawDesc), len(file_proto_signerpb_signer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
-		GoTypes:           file_signer_proto_goTypes,
-		DependencyIndexes: file_signer_proto_depIdxs,
-		MessageInfos:      file_signer_proto_msgTypes,
+		GoTypes:           file_proto_signerpb_signer_proto_goTypes,
+		DependencyIndexes: file_proto_signerpb_signer_proto_depIdxs,
+		MessageInfos:      file_proto_signerpb_signer_proto_msgTypes,
 	}.Build()
-	File_signer_proto = out.File
-	file_signer_proto_goTypes = nil
-	file_signer_proto_depIdxs = nil
+	File_proto_signerpb_signer_proto = out.File
+	file_proto_signerpb_signer_proto_goTypes = nil
+	file_proto_signerpb_signer_proto_depIdxs = nil
 }

@@ -6,7 +6,7 @@
 // versions:
 // - protoc-gen-go-grpc v1.6.2
 // - protoc             v3.21.12
-// source: signer.proto
+// source: proto/signerpb/signer.proto
 
 package signerpb
 
@@ -26,6 +26,7 @@ const (
 	Signer_Attest_FullMethodName        = "/lanyard.signer.v1.Signer/Attest"
 	Signer_Sync_FullMethodName          = "/lanyard.signer.v1.Signer/Sync"
 	Signer_SignX509SVIDs_FullMethodName = "/lanyard.signer.v1.Signer/SignX509SVIDs"
+	Signer_MintJWTSVIDs_FullMethodName  = "/lanyard.signer.v1.Signer/MintJWTSVIDs"
 )
 
 // SignerClient is the client API for Signer service.
@@ -44,6 +45,11 @@ type SignerClient interface {
 	// SignX509SVIDs signs CSRs for entries authorized for the calling node. The
 	// SPIFFE ID comes from the entry, never from the CSR.
 	SignX509SVIDs(ctx context.Context, in *SignX509SVIDsRequest, opts ...grpc.CallOption) (*SignX509SVIDsResponse, error)
+	// MintJWTSVIDs signs JWT-SVIDs for entries authorized for the calling node.
+	// The subject is the entry's SPIFFE ID; the lifetime is the entry's jwt_ttl,
+	// capped by the signer. Each request is answered on its own: a refused
+	// entry sets MintedJWTSVID.error and does not fail the others.
+	MintJWTSVIDs(ctx context.Context, in *MintJWTSVIDsRequest, opts ...grpc.CallOption) (*MintJWTSVIDsResponse, error)
 }
 
 type signerClient struct {
@@ -96,6 +102,16 @@ func (c *signerClient) SignX509SVIDs(ctx context.Context, in *SignX509SVIDsReque
 	return out, nil
 }
 
+func (c *signerClient) MintJWTSVIDs(ctx context.Context, in *MintJWTSVIDsRequest, opts ...grpc.CallOption) (*MintJWTSVIDsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MintJWTSVIDsResponse)
+	err := c.cc.Invoke(ctx, Signer_MintJWTSVIDs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SignerServer is the server API for Signer service.
 // All implementations must embed UnimplementedSignerServer
 // for forward compatibility.
@@ -112,6 +128,11 @@ type SignerServer interface {
 	// SignX509SVIDs signs CSRs for entries authorized for the calling node. The
 	// SPIFFE ID comes from the entry, never from the CSR.
 	SignX509SVIDs(context.Context, *SignX509SVIDsRequest) (*SignX509SVIDsResponse, error)
+	// MintJWTSVIDs signs JWT-SVIDs for entries authorized for the calling node.
+	// The subject is the entry's SPIFFE ID; the lifetime is the entry's jwt_ttl,
+	// capped by the signer. Each request is answered on its own: a refused
+	// entry sets MintedJWTSVID.error and does not fail the others.
+	MintJWTSVIDs(context.Context, *MintJWTSVIDsRequest) (*MintJWTSVIDsResponse, error)
 	mustEmbedUnimplementedSignerServer()
 }
 
@@ -130,6 +151,9 @@ func (UnimplementedSignerServer) Sync(*SyncRequest, grpc.ServerStreamingServer[S
 }
 func (UnimplementedSignerServer) SignX509SVIDs(context.Context, *SignX509SVIDsRequest) (*SignX509SVIDsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SignX509SVIDs not implemented")
+}
+func (UnimplementedSignerServer) MintJWTSVIDs(context.Context, *MintJWTSVIDsRequest) (*MintJWTSVIDsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MintJWTSVIDs not implemented")
 }
 func (UnimplementedSignerServer) mustEmbedUnimplementedSignerServer() {}
 func (UnimplementedSignerServer) testEmbeddedByValue()                {}
@@ -188,6 +212,24 @@ func _Signer_SignX509SVIDs_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Signer_MintJWTSVIDs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MintJWTSVIDsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SignerServer).MintJWTSVIDs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Signer_MintJWTSVIDs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SignerServer).MintJWTSVIDs(ctx, req.(*MintJWTSVIDsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Signer_ServiceDesc is the grpc.ServiceDesc for Signer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -198,6 +240,10 @@ var Signer_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SignX509SVIDs",
 			Handler:    _Signer_SignX509SVIDs_Handler,
+		},
+		{
+			MethodName: "MintJWTSVIDs",
+			Handler:    _Signer_MintJWTSVIDs_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
@@ -213,5 +259,5 @@ var Signer_ServiceDesc = grpc.ServiceDesc{
 			ServerStreams: true,
 		},
 	},
-	Metadata: "signer.proto",
+	Metadata: "proto/signerpb/signer.proto",
 }
