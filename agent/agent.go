@@ -33,8 +33,9 @@ type Agent struct {
 	backoff rotator.Backoff
 
 	up        *upstream
-	wakeRenew chan struct{} // a sync changed the entries: look for work
-	reattest  chan struct{} // the signer no longer knows us: attest again
+	workload  *attestor.Workload // set by Run before anything serves
+	wakeRenew chan struct{}      // a sync changed the entries: look for work
+	reattest  chan struct{}      // the signer no longer knows us: attest again
 	synced    atomic.Bool
 	ready     chan struct{} // attested, synced, first SVIDs signed
 	readyOnce sync.Once
@@ -94,9 +95,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.up.close()
+	wl, err := attestor.NewWorkload(attestor.WorkloadConfig{Attestors: a.cfg.WorkloadAttestors})
+	if err != nil {
+		return fmt.Errorf("workload attestors: %w", err)
+	}
+	a.workload = wl
 	api := workloadapi.New(workloadapi.Config{
 		SocketPath: a.cfg.SocketPath,
-		Attestor:   attestor.Unix{},
+		Attestor:   wl,
 		Source:     a.cache,
 		Log:        a.log.Named("workloadapi"),
 	})

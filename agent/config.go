@@ -4,9 +4,11 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
+	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -31,8 +33,11 @@ type Config struct {
 	SocketPath      string // Workload API, open to every local user
 	AdminSocketPath string // status and explain, root only
 	TPM             TPMConfig
-	LogLevel        string // trace, debug, info, warn or error
-	LogFormat       string // text or json
+	// WorkloadAttestors names the workload attestors to run (see
+	// attestor.WorkloadAttestors); empty means all of them.
+	WorkloadAttestors []string
+	LogLevel          string // trace, debug, info, warn or error
+	LogFormat         string // text or json
 }
 
 // TPMConfig says how to reach the TPM: exactly one of Device (a kernel TPM
@@ -50,6 +55,7 @@ var agentConfigSchema = &hcl.BodySchema{
 		{Name: "trust_bundle_path", Required: true},
 		{Name: "socket_path"},
 		{Name: "admin_socket_path"},
+		{Name: "workload_attestors"},
 		{Name: "log_level"},
 		{Name: "log_format"},
 	},
@@ -109,6 +115,24 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	set("admin_socket_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.AdminSocketPath, d = socketPath(a, dir)
+		return d
+	})
+	set("workload_attestors", func(a *hcl.Attribute) hcl.Diagnostics {
+		items, d := hclconf.StringList(a)
+		known := attestor.WorkloadAttestors()
+		for _, it := range items {
+			switch {
+			case !slices.Contains(known, it.Value):
+				d = append(d, hclconf.Errorf(it.Range, "workload_attestors: unknown attestor %q (want some of %s)", it.Value, strings.Join(known, ", ")))
+			case slices.Contains(cfg.WorkloadAttestors, it.Value):
+				d = append(d, hclconf.Errorf(it.Range, "workload_attestors: %q is listed twice", it.Value))
+			default:
+				cfg.WorkloadAttestors = append(cfg.WorkloadAttestors, it.Value)
+			}
+		}
+		if len(items) == 0 && !d.HasErrors() {
+			d = append(d, hclconf.Errorf(a.Expr.Range(), "workload_attestors: must name at least one attestor (leave it out to run all)"))
+		}
 		return d
 	})
 	set("log_level", func(a *hcl.Attribute) (d hcl.Diagnostics) {

@@ -142,7 +142,7 @@ func startFanoutServer(tb testing.TB, ca *fanoutCA, log hclog.Logger) (*cache, s
 	}
 	tb.Cleanup(func() { _ = os.RemoveAll(dir) })
 	path := filepath.Join(dir, "w.sock")
-	srv := workloadapi.New(workloadapi.Config{SocketPath: path, Attestor: attestor.Unix{}, Source: c, Log: log})
+	srv := workloadapi.New(workloadapi.Config{SocketPath: path, Attestor: unixOnly, Source: c, Log: log})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
@@ -502,3 +502,11 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+var unixOnly = func() *attestor.Workload {
+	w, err := attestor.NewWorkload(attestor.WorkloadConfig{Attestors: []string{"unix"}})
+	if err != nil {
+		panic(err)
+	}
+	return w
+}()

@@ -1,7 +1,6 @@
 package attestor
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -21,18 +20,6 @@ var ErrExeDeleted = errors.New("executable was deleted")
 // deletedSuffix is what the kernel appends to /proc/<pid>/exe when the
 // binary's directory entry is gone.
 const deletedSuffix = " (deleted)"
-
-// Unix attests callers for the unix:* selectors other than unix:sha256
-// (hashing needs the cache a Workload holds), with the same pinning and
-// re-check as Workload. It exists so that code wired before NewWorkload
-// keeps building; new code uses NewWorkload.
-type Unix struct{}
-
-// Attest returns the caller's unix:uid, unix:gid, unix:user, unix:group and
-// unix:path selectors, sorted; see Workload.Attest.
-func (Unix) Attest(ctx context.Context, p Process) ([]string, error) {
-	return attestWorkload(ctx, p, []selectorSource{unixAttestor{}}, nil)
-}
 
 // unixAttestor derives the unix:* selectors: the uid and gid the kernel
 // recorded on the socket (not /proc: Attest checks /proc agrees), their

@@ -166,24 +166,6 @@ func TestNewWorkloadRefuses(t *testing.T) {
 	}
 }
 
-// TestUnixAttest: the Unix type kept for existing wiring gives the unix:*
-// selectors without a hash.
-func TestUnixAttest(t *testing.T) {
-	var want []string
-	for _, s := range selfSelectors(t) {
-		if strings.HasPrefix(s, "unix:") && !strings.HasPrefix(s, "unix:sha256:") {
-			want = append(want, s)
-		}
-	}
-	got, err := Unix{}.Attest(context.Background(), self())
-	if err != nil {
-		t.Fatalf("Attest: %v", err)
-	}
-	if diff := cmp.Diff(want, got); diff != "" {
-		t.Errorf("selectors (-want +got):\n%s", diff)
-	}
-}
-
 func TestWorkloadAttestErrors(t *testing.T) {
 	canceled, cancel := context.WithCancel(context.Background())
 	cancel()

@@ -12,6 +12,10 @@ import (
 // the type it is named after.
 var workloadAttestorNames = [...]string{"unix", "systemd", "cgroup", "container", "k8s"}
 
+// WorkloadAttestors returns the names WorkloadConfig.Attestors accepts, in
+// the order their selectors are gathered.
+func WorkloadAttestors() []string { return slices.Clone(workloadAttestorNames[:]) }
+
 // WorkloadConfig chooses what a Workload attests.
 type WorkloadConfig struct {
 	// Attestors names the workload attestors to run: "unix" (unix:uid,

@@ -175,11 +175,4 @@ func BenchmarkAttestSelf(b *testing.B) {
 			}
 		}
 	})
-	b.Run("unix-without-hash", func(b *testing.B) {
-		for b.Loop() {
-			if _, err := (Unix{}).Attest(ctx, p); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
 }
