@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -31,6 +32,29 @@ type Source interface {
 	// X509BundlesResponse returns the trust bundles; nil or empty means the
 	// agent has none yet.
 	X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{})
+}
+
+// ErrNotEntitled is what a JWTSource returns when the caller may not have
+// what it asked for: no entry matches its selectors, or the SPIFFE ID it
+// named is not among those that do. The server answers PermissionDenied.
+var ErrNotEntitled = errors.New("no identity issued")
+
+// JWTSource mints JWT-SVIDs for attested callers and publishes the JWT
+// bundles. The agent implements it next to Source.
+type JWTSource interface {
+	// JWTSVIDs returns one JWT-SVID for audience per entry that a caller
+	// with these selectors is entitled to, in the same stable order as
+	// X509SVIDResponse, or only the one for spiffeID when it is not empty.
+	// It returns ErrNotEntitled (wrapped) when there is nothing to give;
+	// any other error means the signer could not be reached in time.
+	JWTSVIDs(ctx context.Context, selectors []string, spiffeID string, audience []string) ([]*workload.JWTSVID, error)
+	// JWTBundlesResponse returns the JWT bundles (a JWKS per trust domain)
+	// and a channel closed when they may have changed; like Source, the
+	// response is built once and shared.
+	JWTBundlesResponse() (*workload.JWTBundlesResponse, <-chan struct{})
+	// JWTBundles returns the JWT bundles ValidateJWTSVID checks tokens
+	// against.
+	JWTBundles() *jwtbundle.Set
 }
 
 // securityHeader is the metadata key every Workload API call must carry

@@ -33,6 +33,9 @@ type Config struct {
 	Attestor Attestor
 	// Source gives the responses to serve.
 	Source Source
+	// JWT mints JWT-SVIDs and gives the JWT bundles; nil leaves the JWT
+	// methods Unimplemented.
+	JWT JWTSource
 	// Log receives one line per served or refused call (the caller names
 	// it, e.g. log.Named("workloadapi")); nil discards.
 	Log hclog.Logger
