@@ -127,6 +127,7 @@ func (a *Agent) adminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, a.Report(time.Now()))
 	})
+	mux.HandleFunc("GET /v1/explain", a.serveExplain)
 	return mux
 }
 

@@ -18,6 +18,7 @@ commands:
   fetch x509 [--socket PATH]             fetch X.509-SVIDs from the Workload API as this process
   status [--json] [--admin-socket PATH]  is this host healthy, and if not, why (exit 0 healthy, 1 degraded, 2 unhealthy)
   healthcheck [--admin-socket PATH]      exit code only, as status
+  explain PID [--json]                   why PID does or does not get an identity (exit 0 some entry matches, 1 none, 2 error)
   tpm info --config FILE                 show the TPM's EK SHA-256, manufacturer and EK certificate
   version                                print the version
 `
@@ -38,6 +39,8 @@ func main() {
 		os.Exit(fetchX509(args[2:], os.Stdout, os.Stderr))
 	case "status":
 		os.Exit(status(args[1:], os.Stdout, os.Stderr))
+	case "explain":
+		os.Exit(explain(args[1:], os.Stdout, os.Stderr))
 	case "healthcheck":
 		os.Exit(healthcheck(args[1:], os.Stderr))
 	case "tpm":
