@@ -145,7 +145,7 @@ func checkPublished(t *testing.T, s *Signer, want ...*x509.Certificate) {
 
 func TestCARotationOverlap(t *testing.T) {
 	s := newTestSigner(t, t.TempDir(), "") // ca_ttl 24h, ca_publish_lead 4h
-	if err := s.publish(s.auth.published()); err != nil {
+	if err := s.publish(s.auth.published(), s.auth.publishedJWT()); err != nil {
 		t.Fatal(err)
 	}
 	ca0 := s.auth.active.Cert
@@ -197,6 +197,9 @@ func TestCARotationOverlap(t *testing.T) {
 	if c := sign(t, s, time.Hour, prepareAt); !signedBy(c, ca0) {
 		t.Error("SVID signed after the successor was published is not from the old CA")
 	}
+	// Its JWT key too keeps signing, and signs something, so it stays
+	// over the hand-over (TestJWTKeyRotation covers the JWT key itself).
+	mintJWT(t, s, s.cfg.JWTMaxTTL, activateAt.Add(-time.Second))
 	last := sign(t, s, time.Hour, activateAt.Add(-time.Nanosecond))
 	if !signedBy(last, ca0) {
 		t.Error("SVID signed just before half-life is not from the old CA")
@@ -382,7 +385,7 @@ func TestServerCertificateFollowsActiveCA(t *testing.T) {
 func TestRestartKeepsBundleContinuous(t *testing.T) {
 	dir := t.TempDir()
 	s1 := newTestSigner(t, dir, "")
-	if err := s1.publish(s1.auth.published()); err != nil {
+	if err := s1.publish(s1.auth.published(), s1.auth.publishedJWT()); err != nil {
 		t.Fatal(err)
 	}
 	t0, ca0 := issued(s1.auth.active), s1.auth.active.Cert
@@ -398,7 +401,7 @@ func TestRestartKeepsBundleContinuous(t *testing.T) {
 	before := s1.bundle.X509Authorities()
 
 	s2 := newTestSigner(t, dir, "")
-	if err := s2.publish(s2.auth.published()); err != nil {
+	if err := s2.publish(s2.auth.published(), s2.auth.publishedJWT()); err != nil {
 		t.Fatal(err)
 	}
 	got := s2.bundle.X509Authorities()
@@ -430,6 +433,9 @@ func TestRestartKeepsBundleContinuous(t *testing.T) {
 			}
 			if bytes.Contains(data, []byte("PRIVATE KEY")) {
 				t.Errorf("%s mentions a private key", path)
+			}
+			if filepath.Base(path) == JWTStateFile {
+				return nil // checked by TestRestartKeepsJWTKeys
 			}
 			readCerts(t, path) // only CERTIFICATE blocks
 			return nil
