@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/reflection"
 )
 
 // gracefulStopTimeout bounds how long Run waits for calls in flight to
@@ -86,9 +87,13 @@ func (s *Server) Run(ctx context.Context) error {
 	workload.RegisterSpiffeWorkloadAPIServer(srv, &handler{
 		attestor: s.cfg.Attestor,
 		source:   s.cfg.Source,
+		jwt:      s.cfg.JWT,
 		log:      s.log,
 		stopping: ctx.Done(),
 	})
+	// The SPIFFE spec recommends reflection, so that grpcurl and friends
+	// can list the API; it serves only the public proto descriptors.
+	reflection.Register(srv)
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(peerListener{UnixListener: ln, log: s.log}) }()
