@@ -171,7 +171,7 @@ func (b *logBuffer) waitFor(t *testing.T, want string) string {
 }
 
 // socketDir returns a short directory for sockets (sun_path is 108 bytes).
-func socketDir(t *testing.T) string {
+func socketDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "ly")
 	if err != nil {
