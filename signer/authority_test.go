@@ -271,6 +271,13 @@ func TestCARotationSimulation(t *testing.T) {
 			publishedAt := map[string]time.Time{initial: start}
 			signsFrom := map[string]time.Time{}
 			var live []*x509.Certificate
+			kidPublishedAt := map[string]time.Time{s.auth.activeJWT.kid: start}
+			kidSignsFrom := map[string]time.Time{}
+			type liveToken struct {
+				token string
+				exp   time.Time
+			}
+			var liveTokens []liveToken
 			nextTick, nextSign := start, start
 			rotations := 0
 			for now := start; now.Before(end); now = earliest(nextTick, nextSign) {
@@ -285,6 +292,11 @@ func TestCARotationSimulation(t *testing.T) {
 					for _, c := range s.bundle.X509Authorities() {
 						if _, ok := publishedAt[serialHex(c)]; !ok {
 							publishedAt[serialHex(c)] = now
+						}
+					}
+					for _, k := range s.auth.publishedJWT() {
+						if _, ok := kidPublishedAt[k.kid]; !ok {
+							kidPublishedAt[k.kid] = now
 						}
 					}
 				}
@@ -304,6 +316,16 @@ func TestCARotationSimulation(t *testing.T) {
 						}
 					}
 					live = append(live, c)
+					tok, kid := mintJWT(t, s, s.cfg.JWTMaxTTL, now)
+					if _, ok := kidSignsFrom[kid]; !ok {
+						kidSignsFrom[kid] = now
+						if len(kidSignsFrom) > 1 {
+							if lead := now.Sub(kidPublishedAt[kid]); lead < s.cfg.CAPublishLead {
+								t.Errorf("JWT key %s signed %v after it was published, want at least ca_publish_lead %v", kid, lead, s.cfg.CAPublishLead)
+							}
+						}
+					}
+					liveTokens = append(liveTokens, liveToken{tok, now.Truncate(time.Second).Add(s.cfg.JWTMaxTTL)})
 					nextSign = now.Add(tt.signEvery)
 				}
 				kept := live[:0]
@@ -317,12 +339,27 @@ func TestCARotationSimulation(t *testing.T) {
 					}
 				}
 				live = kept
+				jb := jwtBundle(t, s)
+				keptTokens := liveTokens[:0]
+				for _, lt := range liveTokens {
+					if now.After(lt.exp) {
+						continue
+					}
+					keptTokens = append(keptTokens, lt)
+					if err := verifyAt(t, lt.token, jb, now); err != nil {
+						t.Fatalf("at %v: live token (exp %v) does not validate against the JWT bundle: %v", now, lt.exp, err)
+					}
+				}
+				liveTokens = keptTokens
 				if n := len(s.bundle.X509Authorities()); n > tt.maxCAs {
 					t.Fatalf("at %v: %d CAs published, want at most %d", now, n, tt.maxCAs)
 				}
+				if n := len(jb.JWTAuthorities()); n > tt.maxCAs {
+					t.Fatalf("at %v: %d JWT keys published, want at most %d", now, n, tt.maxCAs)
+				}
 			}
-			if rotations < 10 {
-				t.Errorf("%d rotations in 10 CA lifetimes, want at least 10", rotations)
+			if rotations < 10 || len(kidSignsFrom) < 11 {
+				t.Errorf("%d CA rotations and %d JWT keys used in 10 CA lifetimes, want at least 10 and 11", rotations, len(kidSignsFrom))
 			}
 		})
 	}
