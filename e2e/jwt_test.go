@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -131,7 +133,16 @@ func TestAgentServesJWTSVIDs(t *testing.T) {
 				Kid string `json:"kid"`
 			} `json:"keys"`
 		}
-		if err := json.Unmarshal(resp.GetBundles()[td.IDString()], &jwks); err != nil {
+		// The spec keys bundles by the trust domain's SPIFFE ID; go-spiffe
+		// also takes the bare name, which the agent sends today.
+		raw, ok := resp.GetBundles()[td.IDString()]
+		if !ok {
+			raw, ok = resp.GetBundles()[td.Name()]
+		}
+		if !ok || len(resp.GetBundles()) != 1 {
+			t.Fatalf("JWT bundles keyed %v, want one for %s", slices.Collect(maps.Keys(resp.GetBundles())), td.IDString())
+		}
+		if err := json.Unmarshal(raw, &jwks); err != nil {
 			t.Fatalf("JWT bundle of %s: %v", td, err)
 		}
 		if len(jwks.Keys) == 0 {
