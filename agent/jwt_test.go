@@ -400,3 +400,22 @@ func TestJWTBundle(t *testing.T) {
 		t.Error("a bad bundle replaced the good one")
 	}
 }
+
+func TestReportJWT(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	a := New(&Config{TrustDomain: td}, nil)
+	a.cache.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1")})
+	m := newFakeMinter(t, time.Now)
+	a.jwt.mint = m.mint
+	der, _ := x509.MarshalPKIXPublicKey(m.key.Public())
+	if _, err := a.cache.setJWTBundle(td, []*signerpb.JWTAuthority{{KeyId: "k", PublicKey: der}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fetch(t, a.jwt, "", "x"); err != nil {
+		t.Fatal(err)
+	}
+	got := a.Report(time.Now()).JWT
+	if !slices.Equal(got.KeyIDs, []string{"k"}) || got.TokensCached != 1 {
+		t.Errorf("report jwt = %+v, want key_ids [k] and tokens_cached 1", got)
+	}
+}
