@@ -58,7 +58,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 			return nil, status.Errorf(codes.PermissionDenied, "no identity issued for %s", want)
 		}
 		return nil, status.Error(codes.PermissionDenied, "no identity issued")
-	case ctx.Err() != nil:
+	case err != nil && ctx.Err() != nil:
 		return nil, status.FromContextError(ctx.Err()).Err()
 	case err != nil:
 		log.Warn("could not mint JWT-SVIDs", "error", err)

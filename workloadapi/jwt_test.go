@@ -2,6 +2,11 @@ package workloadapi
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
 	"errors"
 	"os"
 	"path/filepath"
@@ -278,6 +283,56 @@ func TestValidateJWTSVIDLeeway(t *testing.T) {
 			_, _, err := validateJWTSVID(iss.mint(t, tc.claims), "a", iss.set(), now)
 			if (err == nil) != tc.ok {
 				t.Errorf("validateJWTSVID = %v, want ok=%v", err, tc.ok)
+			}
+		})
+	}
+}
+
+// TestValidateJWTSVIDAlgorithms: every allowed algorithm validates with a
+// bundle key of its kind, and a key of another kind never does.
+func TestValidateJWTSVIDAlgorithms(t *testing.T) {
+	p384, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	iss := newJWTIssuer(t, "ec256")
+	for kid, k := range map[string]crypto.PublicKey{"ec384": p384.Public(), "rsa": rsaKey.Public()} {
+		if err := iss.bundle.AddJWTAuthority(kid, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	now := time.Now()
+	claims := jwtClaims(now, "/web", "a")
+	tests := []struct {
+		name    string
+		alg     jose.SignatureAlgorithm
+		key     any
+		kid     string
+		wantErr string // empty: accepted
+	}{
+		{name: "ES256", alg: jose.ES256, key: iss.key, kid: "ec256"},
+		{name: "ES384", alg: jose.ES384, key: p384, kid: "ec384"},
+		{name: "RS256", alg: jose.RS256, key: rsaKey, kid: "rsa"},
+		{name: "PS512", alg: jose.PS512, key: rsaKey, kid: "rsa"},
+		{name: "ES384 under a P-256 kid", alg: jose.ES384, key: p384, kid: "ec256", wantErr: `signature does not verify with key "ec256"`},
+		{name: "RS256 under an EC kid", alg: jose.RS256, key: rsaKey, kid: "ec256", wantErr: `signature does not verify with key "ec256"`},
+		{name: "ES256 under the RSA kid", alg: jose.ES256, key: iss.key, kid: "rsa", wantErr: `signature does not verify with key "rsa"`},
+		{name: "HS512", alg: jose.HS512, key: make([]byte, 64), kid: "rsa", wantErr: `algorithm "HS512" is not allowed`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			id, _, err := validateJWTSVID(signJWT(t, tc.alg, tc.key, tc.kid, claims), "a", iss.set(), now)
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("validateJWTSVID: %v", err)
+			case tc.wantErr == "" && id.String() != "spiffe://example.org/web":
+				t.Errorf("ID = %s", id)
+			case tc.wantErr != "" && (err == nil || !strings.HasPrefix(err.Error(), tc.wantErr)):
+				t.Errorf("validateJWTSVID = %v, want %q", err, tc.wantErr)
 			}
 		})
 	}
