@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
-	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -25,7 +24,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
-	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 )
 
@@ -338,85 +336,6 @@ func TestValidateJWTSVIDAlgorithms(t *testing.T) {
 	}
 }
 
-func TestFetchJWTBundles(t *testing.T) {
-	iss := newJWTIssuer(t, "k1")
-	tests := []struct {
-		name     string
-		bundles  *workload.JWTBundlesResponse
-		wantCode codes.Code
-	}{
-		{name: "bundle served", bundles: iss.bundlesResponse(t)},
-		{name: "no bundle yet", bundles: nil, wantCode: codes.Unavailable},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			src := newFakeJWTSource(t, iss)
-			src.bundles = tc.bundles
-			srv := startJWTServer(t, unixOnly, src)
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			set, err := newClient(t, srv.path).FetchJWTBundles(ctx)
-			if got := status.Code(err); got != tc.wantCode {
-				t.Fatalf("status code = %v (%v), want %v", got, err, tc.wantCode)
-			}
-			if tc.wantCode != codes.OK {
-				return
-			}
-			b, ok := set.Get(td)
-			if !ok || !b.HasJWTAuthority("k1") {
-				t.Errorf("bundles = %v, want %s with kid k1", set.Bundles(), td)
-			}
-		})
-	}
-}
-
-// jwtWatcher forwards the kids of each JWT bundle update.
-type jwtWatcher struct{ kids chan []string }
-
-func (w jwtWatcher) OnJWTBundlesUpdate(s *jwtbundle.Set) {
-	var kids []string
-	if b, ok := s.Get(td); ok {
-		for kid := range b.JWTAuthorities() {
-			kids = append(kids, kid)
-		}
-	}
-	slices.Sort(kids)
-	w.kids <- kids
-}
-func (w jwtWatcher) OnJWTBundlesWatchError(error) {}
-
-func TestWatchJWTBundlesSeesRotation(t *testing.T) {
-	iss := newJWTIssuer(t, "k1")
-	src := newFakeJWTSource(t, iss)
-	srv := startJWTServer(t, unixOnly, src)
-	ctx, cancel := context.WithCancel(context.Background())
-	w := jwtWatcher{kids: make(chan []string, 4)}
-	done := make(chan error, 1)
-	go func() { done <- newClient(t, srv.path).WatchJWTBundles(ctx, w) }()
-	defer func() { cancel(); <-done }()
-	next := func() []string {
-		t.Helper()
-		select {
-		case kids := <-w.kids:
-			return kids
-		case <-time.After(10 * time.Second):
-			t.Fatal("no JWT bundle update within 10s")
-			return nil
-		}
-	}
-	if got := next(); !slices.Equal(got, []string{"k1"}) {
-		t.Fatalf("first bundle kids = %v, want [k1]", got)
-	}
-	// The next key is published next to the current one before use.
-	if err := iss.bundle.AddJWTAuthority("k2", newECKey(t).Public()); err != nil {
-		t.Fatal(err)
-	}
-	src.setBundles(iss.bundlesResponse(t), iss.set())
-	if got := next(); !slices.Equal(got, []string{"k1", "k2"}) {
-		t.Fatalf("second bundle kids = %v, want [k1 k2]", got)
-	}
-}
-
 // TestJWTSecurityHeader: the JWT methods need the header like the others.
 func TestJWTSecurityHeader(t *testing.T) {
 	iss := newJWTIssuer(t, "k1")
@@ -453,49 +372,6 @@ func TestJWTSecurityHeader(t *testing.T) {
 				t.Errorf("%s without header = %v, want InvalidArgument security header missing", tc.name, err)
 			}
 		})
-	}
-}
-
-// TestServerReflection lists the services over the socket with a real
-// reflection client, which sends no security header.
-func TestServerReflection(t *testing.T) {
-	srv := startJWTServer(t, unixOnly, newFakeJWTSource(t, newJWTIssuer(t, "k1")))
-	conn, err := grpc.NewClient("unix://"+srv.path, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	stream, err := reflectionv1.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ask := func(req *reflectionv1.ServerReflectionRequest) *reflectionv1.ServerReflectionResponse {
-		t.Helper()
-		if err := stream.Send(req); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := stream.Recv()
-		if err != nil {
-			t.Fatalf("reflection: %v", err)
-		}
-		return resp
-	}
-	var names []string
-	for _, s := range ask(&reflectionv1.ServerReflectionRequest{
-		MessageRequest: &reflectionv1.ServerReflectionRequest_ListServices{},
-	}).GetListServicesResponse().GetService() {
-		names = append(names, s.GetName())
-	}
-	if !slices.Contains(names, "SpiffeWorkloadAPI") {
-		t.Errorf("services = %v, want SpiffeWorkloadAPI", names)
-	}
-	files := ask(&reflectionv1.ServerReflectionRequest{
-		MessageRequest: &reflectionv1.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: "SpiffeWorkloadAPI"},
-	}).GetFileDescriptorResponse().GetFileDescriptorProto()
-	if len(files) == 0 {
-		t.Error("no file descriptor for SpiffeWorkloadAPI")
 	}
 }
 
