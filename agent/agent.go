@@ -29,6 +29,7 @@ type Agent struct {
 	cfg     *Config
 	log     hclog.Logger
 	cache   *cache
+	jwt     *jwtSource
 	sched   rotator.Schedule
 	backoff rotator.Backoff
 
@@ -54,7 +55,7 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Agent{
+	a := &Agent{
 		cfg:       cfg,
 		log:       log,
 		cache:     newCache(cfg.TrustDomain.String()),
@@ -65,6 +66,17 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 		ready:     make(chan struct{}),
 		serving:   make(chan struct{}),
 	}
+	a.jwt = newJWTSource(a.cache, a.mintJWTSVIDs, log.Named("jwt"))
+	return a
+}
+
+// mintJWTSVIDs is the JWT token cache's way to the signer. Like a failed
+// renewal, a signer that no longer knows this agent triggers a new
+// attestation at once.
+func (a *Agent) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
+	resp, err := a.up.mintJWTSVIDs(ctx, reqs)
+	a.checkUnauthenticated(err)
+	return resp, err
 }
 
 // Serving is closed once the agent holds its identity, the entries and
@@ -104,6 +116,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		SocketPath: a.cfg.SocketPath,
 		Attestor:   wl,
 		Source:     a.cache,
+		JWT:        a.jwt,
 		Log:        a.log.Named("workloadapi"),
 	})
 
@@ -249,7 +262,9 @@ func (a *Agent) syncOnce(ctx context.Context, client signerpb.SignerClient, fail
 			a.log.Error("bad bundle from signer", "error", err)
 			continue
 		}
-		a.cache.setEntries(validEntries(msg.GetEntries(), a.cfg.TrustDomain, a.log))
+		entries := validEntries(msg.GetEntries(), a.cfg.TrustDomain, a.log)
+		a.cache.setEntries(entries)
+		a.jwt.retain(entries)
 		a.log.Debug("synced", "entries", len(msg.GetEntries()), "bundle_sequence", msg.GetBundle().GetSequence())
 		a.synced.Store(true)
 		select {
@@ -309,6 +324,13 @@ func (a *Agent) applyBundle(b *signerpb.Bundle) error {
 	a.up.trust.SetX509Authorities(cas)
 	if a.cache.setBundle(cas) {
 		a.log.Info("trust bundle updated", "sequence", b.GetSequence(), "authorities", len(cas))
+	}
+	changed, err := a.cache.setJWTBundle(a.cfg.TrustDomain, b.GetJwtAuthorities())
+	if err != nil {
+		return fmt.Errorf("JWT bundle: %w", err)
+	}
+	if changed {
+		a.log.Info("jwt bundle updated", "sequence", b.GetSequence(), "keys", len(b.GetJwtAuthorities()))
 	}
 	return nil
 }

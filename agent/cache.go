@@ -35,8 +35,8 @@ func (s *svid) renewAt(sched rotator.Schedule) time.Time {
 }
 
 // cache is what the agent can serve right now: the entries its node may
-// serve, the SVIDs it holds for them, and the trust bundle. It implements
-// workloadapi.Source. Each distinct response is built once and shared by
+// serve, the SVIDs it holds for them, the trust bundle and the JWT bundle.
+// It implements workloadapi.Source. Each distinct response is built once and shared by
 // every caller entitled to the same set of SVIDs, until the next change.
 type cache struct {
 	mu        sync.Mutex
@@ -48,6 +48,7 @@ type cache struct {
 	responses map[string]*workload.X509SVIDResponse // by matched-SVID key
 	bundles   *workload.X509BundlesResponse
 	td        string
+	jwt       *jwtState // nil before the first bundle with JWT keys
 }
 
 func newCache(td string) *cache {

@@ -27,6 +27,14 @@ type Report struct {
 	Signer        SignerReport  `json:"signer"`
 	Bundle        []CAReport    `json:"bundle"`
 	Entries       []EntryReport `json:"entries"`
+	JWT           JWTReport     `json:"jwt"`
+}
+
+// JWTReport is the JWT-SVID side: the signing keys tokens are validated
+// against, and how many tokens the agent holds for reuse.
+type JWTReport struct {
+	KeyIDs       []string `json:"key_ids"`
+	TokensCached int      `json:"tokens_cached"`
 }
 
 // AgentReport is the agent's own identity and how it got it.
@@ -87,6 +95,7 @@ func (a *Agent) Report(now time.Time) Report {
 		r.Entries = append(r.Entries, EntryReport{ID: s.EntryID, SPIFFEID: s.SPIFFEID, Serial: s.Serial,
 			NotAfter: timePtr(s.NotAfter), RenewAt: timePtr(s.RenewAt)})
 	}
+	r.JWT = JWTReport{KeyIDs: st.JWTKeyIDs, TokensCached: st.JWTTokensCached}
 	r.Health, r.Reasons = health(st, now)
 	return r
 }

@@ -22,6 +22,8 @@ type Status struct {
 	StartedAt        time.Time
 	ServingSince     time.Time // zero until the Workload API listens
 	EntriesWithoutID int       // entries the node may serve that have no valid SVID now
+	JWTKeyIDs        []string  // the JWT bundle's key IDs, as the signer orders them
+	JWTTokensCached  int       // JWT-SVIDs in the token cache
 }
 
 // SVIDStatus describes the SVID held for one entry.
@@ -54,9 +56,17 @@ func (a *Agent) Status() Status {
 		st.NodeSelectors = slices.Clone(a.up.nodes)
 		a.up.mu.Unlock()
 	}
+	if a.jwt != nil {
+		st.JWTTokensCached = a.jwt.cached()
+	}
 	c := a.cache
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.jwt != nil {
+		for _, k := range c.jwt.keys {
+			st.JWTKeyIDs = append(st.JWTKeyIDs, k.GetKeyId())
+		}
+	}
 	for _, ca := range c.bundle {
 		st.BundleNotAfter = append(st.BundleNotAfter, ca.NotAfter)
 	}

@@ -26,6 +26,9 @@ import (
 // attestTimeout bounds one attestation round trip with the signer.
 const attestTimeout = 30 * time.Second
 
+// mintTimeout bounds one MintJWTSVIDs call: a caller is waiting.
+const mintTimeout = 10 * time.Second
+
 // connectParams caps gRPC's own reconnect backoff (120 s by default) well
 // below the agent's retry cap, so a signer that comes back is seen soon.
 var connectParams = grpc.ConnectParams{
@@ -209,6 +212,21 @@ func (u *upstream) agentSVIDFrom(res *signerpb.AttestResult, sess *attestor.Sess
 		return nil, fmt.Errorf("signer issued %s, not an agent SVID", id)
 	}
 	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: sess.Signer()}, nil
+}
+
+// mintJWTSVIDs asks the signer for JWT-SVIDs on the mTLS connection.
+func (u *upstream) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
+	client, _ := u.client()
+	if client == nil {
+		return nil, errors.New("not connected to the signer")
+	}
+	ctx, cancel := context.WithTimeout(ctx, mintTimeout)
+	defer cancel()
+	resp, err := client.MintJWTSVIDs(ctx, &signerpb.MintJWTSVIDsRequest{Requests: reqs})
+	if err != nil {
+		return nil, fmt.Errorf("mint %d JWT-SVIDs: %w", len(reqs), err)
+	}
+	return resp.GetSvids(), nil
 }
 
 func (u *upstream) close() {

@@ -99,7 +99,7 @@ workload "theirs" {
 // openSimTPM starts a fresh simulator (so a fresh EK) behind
 // OpenTPMChannel and returns it with its EK hash. Closing the TPM at
 // cleanup closes the simulator, which frees the singleton for the next test.
-func openSimTPM(t *testing.T) (*attestor.TPM, string) {
+func openSimTPM(t testing.TB) (*attestor.TPM, string) {
 	t.Helper()
 	sim, err := simulator.Get()
 	if err != nil {
@@ -133,7 +133,7 @@ type simSigner struct {
 
 // startSigner writes a signer config and policySrc to a temp dir, serves
 // the signer on 127.0.0.1:0 until cleanup and waits for its bundle file.
-func startSigner(t *testing.T, policySrc string) *simSigner {
+func startSigner(t testing.TB, policySrc string) *simSigner {
 	t.Helper()
 	dir := t.TempDir()
 	conf := `
@@ -207,7 +207,7 @@ type simEnv struct {
 
 // newSimEnv starts the simulator and a signer whose policy pins the
 // simulator's EK in "lab", then attests an upstream against it.
-func newSimEnv(t *testing.T) *simEnv {
+func newSimEnv(t testing.TB) *simEnv {
 	t.Helper()
 	tpm, ek := openSimTPM(t)
 	other := fakeEK("other")
@@ -220,7 +220,7 @@ func newSimEnv(t *testing.T) *simEnv {
 	return &simEnv{sig: sig, ek: ek, u: u, res: res, other: other}
 }
 
-func newSimUpstream(t *testing.T, sig *simSigner, tpm *attestor.TPM) *upstream {
+func newSimUpstream(t testing.TB, sig *simSigner, tpm *attestor.TPM) *upstream {
 	t.Helper()
 	u, err := newUpstream(sig.addr, simTD(), tpm, sig.trust, hclog.NewNullLogger())
 	if err != nil {
@@ -230,7 +230,7 @@ func newSimUpstream(t *testing.T, sig *simSigner, tpm *attestor.TPM) *upstream {
 	return u
 }
 
-func callCtx(t *testing.T) context.Context {
+func callCtx(t testing.TB) context.Context {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), simCallTimeout)
 	t.Cleanup(cancel)
@@ -238,7 +238,7 @@ func callCtx(t *testing.T) context.Context {
 }
 
 // client is the upstream's mTLS signer client, which exists once attested.
-func (e *simEnv) client(t *testing.T) signerpb.SignerClient {
+func (e *simEnv) client(t testing.TB) signerpb.SignerClient {
 	t.Helper()
 	c, _ := e.u.client()
 	if c == nil {
@@ -248,7 +248,7 @@ func (e *simEnv) client(t *testing.T) signerpb.SignerClient {
 }
 
 // firstSync opens a Sync stream and returns it with its first message.
-func (e *simEnv) firstSync(t *testing.T) (grpc.ServerStreamingClient[signerpb.SyncResponse], *signerpb.SyncResponse) {
+func (e *simEnv) firstSync(t testing.TB) (grpc.ServerStreamingClient[signerpb.SyncResponse], *signerpb.SyncResponse) {
 	t.Helper()
 	stream, err := e.client(t).Sync(callCtx(t), &signerpb.SyncRequest{})
 	if err != nil {

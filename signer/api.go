@@ -289,6 +289,7 @@ func (s *Signer) bundleMessageLocked() *signerpb.Bundle {
 	for _, c := range s.bundle.X509Authorities() {
 		b.X509Authorities = append(b.X509Authorities, c.Raw)
 	}
+	b.JwtAuthorities = jwtAuthorities(s.auth.publishedJWT())
 	return b
 }
 

@@ -29,12 +29,15 @@ const CAStateFile = "ca-certs.pem"
 // vouch for live SVIDs: fix or remove the file named in the error.
 var ErrBadCAState = errors.New("unusable CA state file")
 
-// authority is the signer's CAs over time. The active CA signs. A prepared
+// authority is the signer's CAs over time, each with its JWT signing key. The active CA signs. A prepared
 // successor is published ca_publish_lead before it takes over, so every
 // relying party already trusts it when its first SVID appears. Earlier CAs
 // stay published, certificate only, until everything they signed has
 // expired. Private keys exist for the active and prepared CAs only, in
-// memory. When to do what is rotator's decision; authority carries it out.
+// memory. A JWT key follows its CA through the same phases: published with
+// it, signing while it signs, then kept (public half only) until the last
+// token it signed expires. When to do what is rotator's decision;
+// authority carries it out.
 //
 // authority is not safe for concurrent use: the Signer's mutex guards it.
 type authority struct {
@@ -47,6 +50,11 @@ type authority struct {
 	lastSigned time.Time // latest NotAfter of anything active signed
 	next       *CA       // published, not signing yet; nil when none
 	earlier    []earlierCA
+
+	activeJWT     *jwtKey
+	jwtLastSigned time.Time // latest exp of any token activeJWT signed
+	nextJWT       *jwtKey   // set with next
+	earlierJWT    []publicJWTKey
 }
 
 // earlierCA is a published CA that no longer signs (or whose key this
@@ -56,16 +64,29 @@ type earlierCA struct {
 	keepUntil time.Time
 }
 
-// newAuthority starts with a fresh CA and publishes the restored
-// certificates of earlier CAs alongside it. What a restored CA signed is
-// unknown, so it is kept until its own NotAfter, which nothing it signed
-// can outlive; the expired ones are dropped at once.
-func newAuthority(td spiffeid.TrustDomain, ttl, lead time.Duration, restored []*x509.Certificate, now time.Time, log hclog.Logger) (*authority, error) {
+// newAuthority starts with a fresh CA and JWT key and publishes the
+// restored certificates of earlier CAs and the restored JWT keys alongside
+// them. What a restored CA signed is unknown, so it is kept until its own
+// NotAfter, which nothing it signed can outlive; a restored JWT key until
+// the keep-until time saved with it. The expired ones are dropped at once.
+func newAuthority(td spiffeid.TrustDomain, ttl, lead time.Duration, restored []*x509.Certificate, restoredJWT []publicJWTKey, now time.Time, log hclog.Logger) (*authority, error) {
 	ca, err := NewCA(td, ttl, now)
 	if err != nil {
 		return nil, err
 	}
-	a := &authority{td: td, ttl: ttl, lead: lead, log: log, active: ca}
+	key, err := newJWTKey(ca.Cert.NotAfter)
+	if err != nil {
+		return nil, err
+	}
+	a := &authority{td: td, ttl: ttl, lead: lead, log: log, active: ca, activeJWT: key}
+	for _, k := range restoredJWT {
+		if rotator.Droppable(now, k.keepUntil) {
+			log.Info("earlier JWT key expired, not published", "kid", k.kid, "keep_until", k.keepUntil.UTC().Format(time.RFC3339))
+			continue
+		}
+		a.earlierJWT = append(a.earlierJWT, k)
+		log.Info("earlier JWT key restored", "kid", k.kid, "keep_until", k.keepUntil.UTC().Format(time.RFC3339))
+	}
 	for _, c := range restored {
 		if rotator.Droppable(now, c.NotAfter) {
 			log.Info("earlier CA expired, not published", "serial", serialHex(c), "not_after", c.NotAfter.UTC().Format(time.RFC3339))
@@ -102,6 +123,22 @@ func (a *authority) sign(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration
 	return cert, nil
 }
 
+// mintJWT signs a JWT-SVID with the key current at now, and remembers
+// its expiry: that key stays published until the last token it signed
+// expires. It returns the token, the key ID and the expiry.
+func (a *authority) mintJWT(id spiffeid.ID, audience []string, ttl time.Duration, now time.Time) (string, string, time.Time, error) {
+	a.current(now)
+	k := a.activeJWT
+	tok, exp, err := k.mint(id, audience, ttl, now)
+	if err != nil {
+		return "", "", time.Time{}, err
+	}
+	if exp.After(a.jwtLastSigned) {
+		a.jwtLastSigned = exp
+	}
+	return tok, k.kid, exp, nil
+}
+
 // tick carries out every decision due at now: prepare and publish the
 // successor, hand signing over to it, drop earlier CAs whose SVIDs have
 // all expired. It reports whether the published set changed, and the next
@@ -118,9 +155,13 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 			if err != nil {
 				return changed, now, fmt.Errorf("prepare next CA: %w", err)
 			}
-			a.next = ca
+			key, err := newJWTKey(ca.Cert.NotAfter)
+			if err != nil {
+				return changed, now, fmt.Errorf("prepare next JWT key: %w", err)
+			}
+			a.next, a.nextJWT = ca, key
 			changed = true
-			a.log.Info("next CA published", "serial", serialHex(ca.Cert),
+			a.log.Info("next CA published", "serial", serialHex(ca.Cert), "kid", key.kid,
 				"signs_from", rotator.CAActivateAt(nb, na).UTC().Format(time.RFC3339),
 				"not_after", ca.Cert.NotAfter.UTC().Format(time.RFC3339))
 		}
@@ -140,6 +181,17 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 	}
 	clear(a.earlier[len(kept):])
 	a.earlier = kept
+	keptJWT := a.earlierJWT[:0]
+	for _, k := range a.earlierJWT {
+		if rotator.Droppable(now, k.keepUntil) {
+			changed = true
+			a.log.Info("earlier JWT key dropped from the bundle", "kid", k.kid)
+			continue
+		}
+		keptJWT = append(keptJWT, k)
+	}
+	clear(a.earlierJWT[len(keptJWT):])
+	a.earlierJWT = keptJWT
 
 	nb, na := issued(a.active), a.active.Cert.NotAfter
 	next = rotator.CAActivateAt(nb, na)
@@ -148,6 +200,11 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 	}
 	for _, e := range a.earlier {
 		if at := rotator.DropAt(e.keepUntil); at.Before(next) {
+			next = at
+		}
+	}
+	for _, k := range a.earlierJWT {
+		if at := rotator.DropAt(k.keepUntil); at.Before(next) {
 			next = at
 		}
 	}
@@ -161,15 +218,22 @@ func (a *authority) tick(now time.Time) (changed bool, next time.Time, err error
 // ca_ttl/2 to live, the longest SVID it may sign.
 func issued(ca *CA) time.Time { return ca.Cert.NotBefore.Add(backdate) }
 
-// activate hands signing to the prepared successor. The published set does
-// not change: the old CA joins the earlier ones, kept until the last SVID
-// it signed expires (at once if it signed none).
+// activate hands signing to the prepared successor and its JWT key. The
+// published set does not change: the old CA and JWT key join the earlier
+// ones, each kept until the last SVID or token it signed expires (at once
+// if it signed none).
 func (a *authority) activate() {
 	old := a.active
 	a.earlier = slices.Insert(a.earlier, 0, earlierCA{cert: old.Cert, keepUntil: a.lastSigned})
 	a.active, a.next, a.lastSigned = a.next, nil, time.Time{}
+	oldJWT := a.activeJWT.public()
+	oldJWT.keepUntil = a.jwtLastSigned
+	a.earlierJWT = slices.Insert(a.earlierJWT, 0, oldJWT)
+	a.activeJWT, a.nextJWT, a.jwtLastSigned = a.nextJWT, nil, time.Time{}
 	a.log.Info("CA rotated", "serial", serialHex(a.active.Cert), "previous_serial", serialHex(old.Cert),
-		"previous_kept_until", a.earlier[0].keepUntil.UTC().Format(time.RFC3339))
+		"previous_kept_until", a.earlier[0].keepUntil.UTC().Format(time.RFC3339),
+		"kid", a.activeJWT.kid, "previous_kid", oldJWT.kid,
+		"previous_kid_kept_until", oldJWT.keepUntil.UTC().Format(time.RFC3339))
 }
 
 // published is the trust bundle: the active CA, the prepared successor,
@@ -184,6 +248,17 @@ func (a *authority) published() []*x509.Certificate {
 		cas = append(cas, e.cert)
 	}
 	return cas
+}
+
+// publishedJWT is the JWT bundle: the active key, the prepared successor,
+// then the earlier keys, newest first.
+func (a *authority) publishedJWT() []publicJWTKey {
+	keys := make([]publicJWTKey, 0, 2+len(a.earlierJWT))
+	keys = append(keys, a.activeJWT.public())
+	if a.nextJWT != nil {
+		keys = append(keys, a.nextJWT.public())
+	}
+	return append(keys, a.earlierJWT...)
 }
 
 // loadCAState reads the CA certificates an earlier run kept in dir. A

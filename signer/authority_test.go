@@ -145,7 +145,7 @@ func checkPublished(t *testing.T, s *Signer, want ...*x509.Certificate) {
 
 func TestCARotationOverlap(t *testing.T) {
 	s := newTestSigner(t, t.TempDir(), "") // ca_ttl 24h, ca_publish_lead 4h
-	if err := s.publish(s.auth.published()); err != nil {
+	if err := s.publish(s.auth.published(), s.auth.publishedJWT()); err != nil {
 		t.Fatal(err)
 	}
 	ca0 := s.auth.active.Cert
@@ -197,6 +197,9 @@ func TestCARotationOverlap(t *testing.T) {
 	if c := sign(t, s, time.Hour, prepareAt); !signedBy(c, ca0) {
 		t.Error("SVID signed after the successor was published is not from the old CA")
 	}
+	// Its JWT key too keeps signing, and signs something, so it stays
+	// over the hand-over (TestJWTKeyRotation covers the JWT key itself).
+	mintJWT(t, s, s.cfg.JWTMaxTTL, activateAt.Add(-time.Second))
 	last := sign(t, s, time.Hour, activateAt.Add(-time.Nanosecond))
 	if !signedBy(last, ca0) {
 		t.Error("SVID signed just before half-life is not from the old CA")
@@ -268,6 +271,13 @@ func TestCARotationSimulation(t *testing.T) {
 			publishedAt := map[string]time.Time{initial: start}
 			signsFrom := map[string]time.Time{}
 			var live []*x509.Certificate
+			kidPublishedAt := map[string]time.Time{s.auth.activeJWT.kid: start}
+			kidSignsFrom := map[string]time.Time{}
+			type liveToken struct {
+				token string
+				exp   time.Time
+			}
+			var liveTokens []liveToken
 			nextTick, nextSign := start, start
 			rotations := 0
 			for now := start; now.Before(end); now = earliest(nextTick, nextSign) {
@@ -282,6 +292,11 @@ func TestCARotationSimulation(t *testing.T) {
 					for _, c := range s.bundle.X509Authorities() {
 						if _, ok := publishedAt[serialHex(c)]; !ok {
 							publishedAt[serialHex(c)] = now
+						}
+					}
+					for _, k := range s.auth.publishedJWT() {
+						if _, ok := kidPublishedAt[k.kid]; !ok {
+							kidPublishedAt[k.kid] = now
 						}
 					}
 				}
@@ -301,6 +316,16 @@ func TestCARotationSimulation(t *testing.T) {
 						}
 					}
 					live = append(live, c)
+					tok, kid := mintJWT(t, s, s.cfg.JWTMaxTTL, now)
+					if _, ok := kidSignsFrom[kid]; !ok {
+						kidSignsFrom[kid] = now
+						if len(kidSignsFrom) > 1 {
+							if lead := now.Sub(kidPublishedAt[kid]); lead < s.cfg.CAPublishLead {
+								t.Errorf("JWT key %s signed %v after it was published, want at least ca_publish_lead %v", kid, lead, s.cfg.CAPublishLead)
+							}
+						}
+					}
+					liveTokens = append(liveTokens, liveToken{tok, now.Truncate(time.Second).Add(s.cfg.JWTMaxTTL)})
 					nextSign = now.Add(tt.signEvery)
 				}
 				kept := live[:0]
@@ -314,12 +339,27 @@ func TestCARotationSimulation(t *testing.T) {
 					}
 				}
 				live = kept
+				jb := jwtBundle(t, s)
+				keptTokens := liveTokens[:0]
+				for _, lt := range liveTokens {
+					if now.After(lt.exp) {
+						continue
+					}
+					keptTokens = append(keptTokens, lt)
+					if err := verifyAt(t, lt.token, jb, now); err != nil {
+						t.Fatalf("at %v: live token (exp %v) does not validate against the JWT bundle: %v", now, lt.exp, err)
+					}
+				}
+				liveTokens = keptTokens
 				if n := len(s.bundle.X509Authorities()); n > tt.maxCAs {
 					t.Fatalf("at %v: %d CAs published, want at most %d", now, n, tt.maxCAs)
 				}
+				if n := len(jb.JWTAuthorities()); n > tt.maxCAs {
+					t.Fatalf("at %v: %d JWT keys published, want at most %d", now, n, tt.maxCAs)
+				}
 			}
-			if rotations < 10 {
-				t.Errorf("%d rotations in 10 CA lifetimes, want at least 10", rotations)
+			if rotations < 10 || len(kidSignsFrom) < 11 {
+				t.Errorf("%d CA rotations and %d JWT keys used in 10 CA lifetimes, want at least 10 and 11", rotations, len(kidSignsFrom))
 			}
 		})
 	}
@@ -382,7 +422,7 @@ func TestServerCertificateFollowsActiveCA(t *testing.T) {
 func TestRestartKeepsBundleContinuous(t *testing.T) {
 	dir := t.TempDir()
 	s1 := newTestSigner(t, dir, "")
-	if err := s1.publish(s1.auth.published()); err != nil {
+	if err := s1.publish(s1.auth.published(), s1.auth.publishedJWT()); err != nil {
 		t.Fatal(err)
 	}
 	t0, ca0 := issued(s1.auth.active), s1.auth.active.Cert
@@ -398,7 +438,7 @@ func TestRestartKeepsBundleContinuous(t *testing.T) {
 	before := s1.bundle.X509Authorities()
 
 	s2 := newTestSigner(t, dir, "")
-	if err := s2.publish(s2.auth.published()); err != nil {
+	if err := s2.publish(s2.auth.published(), s2.auth.publishedJWT()); err != nil {
 		t.Fatal(err)
 	}
 	got := s2.bundle.X509Authorities()
@@ -430,6 +470,9 @@ func TestRestartKeepsBundleContinuous(t *testing.T) {
 			}
 			if bytes.Contains(data, []byte("PRIVATE KEY")) {
 				t.Errorf("%s mentions a private key", path)
+			}
+			if filepath.Base(path) == JWTStateFile {
+				return nil // checked by TestRestartKeepsJWTKeys
 			}
 			readCerts(t, path) // only CERTIFICATE blocks
 			return nil

@@ -17,6 +17,7 @@ const (
 	DefaultCATTL         = 24 * time.Hour
 	DefaultX509MaxTTL    = 12 * time.Hour // or ca_ttl/2 when that is shorter
 	DefaultAgentTTL      = time.Hour      // or ca_ttl/2 when that is shorter
+	DefaultJWTMaxTTL     = time.Hour      // or ca_ttl/2 when that is shorter
 )
 
 // DefaultCAPublishLead is ca_publish_lead when the file leaves it out: a
@@ -29,6 +30,7 @@ const (
 	minCATTL        = time.Minute
 	minX509MaxTTL   = 10 * time.Second
 	minAgentSVIDTTL = 10 * time.Second
+	minJWTMaxTTL    = 10 * time.Second
 	minPublishLead  = time.Second
 )
 
@@ -43,6 +45,7 @@ type Config struct {
 	CATTL         time.Duration // lifetime of each CA
 	CAPublishLead time.Duration // how long a new CA is in the bundle before it signs
 	X509MaxTTL    time.Duration // workload X.509-SVID TTLs are capped to this
+	JWTMaxTTL     time.Duration // workload JWT-SVID TTLs (jwt_ttl) are capped to this
 	AgentTTL      time.Duration // lifetime of agent SVIDs
 	LogLevel      string        // trace, debug, info, warn or error
 	LogFormat     string        // text or json
@@ -58,6 +61,7 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "ca_ttl"},
 		{Name: "ca_publish_lead"},
 		{Name: "x509_max_ttl"},
+		{Name: "jwt_max_ttl"},
 		{Name: "agent_ttl"},
 		{Name: "log_level"},
 		{Name: "log_format"},
@@ -89,6 +93,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		StateDir:      DefaultStateDir,
 		CATTL:         DefaultCATTL,
 		X509MaxTTL:    DefaultX509MaxTTL,
+		JWTMaxTTL:     DefaultJWTMaxTTL,
 		AgentTTL:      DefaultAgentTTL,
 		LogLevel:      "info",
 		LogFormat:     "text",
@@ -132,6 +137,10 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		cfg.X509MaxTTL, d = hclconf.Duration(a, minX509MaxTTL)
 		return d
 	})
+	set("jwt_max_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.JWTMaxTTL, d = hclconf.Duration(a, minJWTMaxTTL)
+		return d
+	})
 	set("agent_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.AgentTTL, d = hclconf.Duration(a, minAgentSVIDTTL)
 		return d
@@ -156,7 +165,9 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 // takes over), so an SVID of at most ca_ttl/2 never outlives its CA; and
 // the successor is published ca_publish_lead before it takes over, which
 // the CA's signing span (ca_ttl/2 minus that lead) can only honour when
-// the lead is at most ca_ttl/4. CATTL is 0 when ca_ttl was itself wrong,
+// the lead is at most ca_ttl/4. A JWT signing key hands over with its CA
+// and stays published at most until that CA's end, so JWT-SVIDs obey the
+// same ca_ttl/2 bound. CATTL is 0 when ca_ttl was itself wrong,
 // which already has its error.
 func fitToCA(cfg *Config, attrs hcl.Attributes) hcl.Diagnostics {
 	if cfg.CATTL <= 0 {
@@ -175,5 +186,6 @@ func fitToCA(cfg *Config, attrs hcl.Attributes) hcl.Diagnostics {
 	limit("ca_publish_lead", &cfg.CAPublishLead, DefaultCAPublishLead(cfg.CATTL), cfg.CATTL/4, "ca_ttl/4")
 	limit("x509_max_ttl", &cfg.X509MaxTTL, DefaultX509MaxTTL, cfg.CATTL/2, "ca_ttl/2")
 	limit("agent_ttl", &cfg.AgentTTL, DefaultAgentTTL, cfg.CATTL/2, "ca_ttl/2")
+	limit("jwt_max_ttl", &cfg.JWTMaxTTL, DefaultJWTMaxTTL, cfg.CATTL/2, "ca_ttl/2")
 	return diags
 }

@@ -34,6 +34,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			CAPublishLead: 8 * time.Hour,
 			X509MaxTTL:    12 * time.Hour,
 			AgentTTL:      30 * time.Minute,
+			JWTMaxTTL:     time.Hour,
 			LogLevel:      "debug",
 			LogFormat:     "json",
 		}},
@@ -47,6 +48,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			CAPublishLead: 4 * time.Hour,
 			X509MaxTTL:    12 * time.Hour,
 			AgentTTL:      time.Hour,
+			JWTMaxTTL:     time.Hour,
 			LogLevel:      "info",
 			LogFormat:     "text",
 		}},
@@ -118,6 +120,15 @@ func TestParseConfigErrors(t *testing.T) {
 			`c.hcl:5: x509_max_ttl: 1h0m1s is longer than ca_ttl/2 (1h0m0s)`,
 			`c.hcl:6: agent_ttl: 2h1m0s is longer than ca_ttl/2 (1h0m0s)`,
 		}},
+		{"jwt_max_ttl below 10s", required + "jwt_max_ttl = \"9s\"\n", []string{
+			`c.hcl:4: jwt_max_ttl: 9s is below the minimum of 10s`,
+		}},
+		{"jwt_max_ttl unparsable", required + "jwt_max_ttl = \"an hour\"\n", []string{
+			`c.hcl:4: jwt_max_ttl: invalid duration "an hour" (write it like "90s", "5m" or "1h")`,
+		}},
+		{"jwt_max_ttl longer than half the CA", required + "ca_ttl = \"1h\"\njwt_max_ttl = \"31m\"\n", []string{
+			`c.hcl:5: jwt_max_ttl: 31m0s is longer than ca_ttl/2 (30m0s)`,
+		}},
 		{"x509_max_ttl above half the default ca_ttl", required + "x509_max_ttl = \"24h\"\n", []string{
 			`c.hcl:4: x509_max_ttl: 24h0m0s is longer than ca_ttl/2 (12h0m0s)`,
 		}},
@@ -166,13 +177,15 @@ func TestParseConfigCADerived(t *testing.T) {
 		name                       string
 		src                        string
 		lead, x509MaxTTL, agentTTL time.Duration
+		jwtMaxTTL                  time.Duration
 	}{
-		{"defaults", "", 4 * time.Hour, 12 * time.Hour, time.Hour},
-		{"one minute CA shortens the defaults", "ca_ttl = \"1m\"\n", 10 * time.Second, 30 * time.Second, 30 * time.Second},
-		{"long CA keeps the TTL defaults", "ca_ttl = \"720h\"\n", 120 * time.Hour, 12 * time.Hour, time.Hour},
-		{"set at the limits", "ca_ttl = \"1m\"\nca_publish_lead = \"15s\"\nx509_max_ttl = \"30s\"\nagent_ttl = \"30s\"\n",
-			15 * time.Second, 30 * time.Second, 30 * time.Second},
-		{"set lead", "ca_publish_lead = \"1h\"\n", time.Hour, 12 * time.Hour, time.Hour},
+		{"defaults", "", 4 * time.Hour, 12 * time.Hour, time.Hour, time.Hour},
+		{"one minute CA shortens the defaults", "ca_ttl = \"1m\"\n", 10 * time.Second, 30 * time.Second, 30 * time.Second, 30 * time.Second},
+		{"long CA keeps the TTL defaults", "ca_ttl = \"720h\"\n", 120 * time.Hour, 12 * time.Hour, time.Hour, time.Hour},
+		{"set at the limits", "ca_ttl = \"1m\"\nca_publish_lead = \"15s\"\nx509_max_ttl = \"30s\"\nagent_ttl = \"30s\"\njwt_max_ttl = \"30s\"\n",
+			15 * time.Second, 30 * time.Second, 30 * time.Second, 30 * time.Second},
+		{"set lead", "ca_publish_lead = \"1h\"\n", time.Hour, 12 * time.Hour, time.Hour, time.Hour},
+		{"set jwt_max_ttl", "jwt_max_ttl = \"5m\"\n", 4 * time.Hour, 12 * time.Hour, time.Hour, 5 * time.Minute},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -180,9 +193,9 @@ func TestParseConfigCADerived(t *testing.T) {
 			if err != nil {
 				t.Fatalf("ParseConfig: %v", err)
 			}
-			got := [3]time.Duration{cfg.CAPublishLead, cfg.X509MaxTTL, cfg.AgentTTL}
-			if want := [3]time.Duration{tt.lead, tt.x509MaxTTL, tt.agentTTL}; got != want {
-				t.Errorf("ca_publish_lead, x509_max_ttl, agent_ttl = %v, want %v", got, want)
+			got := [4]time.Duration{cfg.CAPublishLead, cfg.X509MaxTTL, cfg.AgentTTL, cfg.JWTMaxTTL}
+			if want := [4]time.Duration{tt.lead, tt.x509MaxTTL, tt.agentTTL, tt.jwtMaxTTL}; got != want {
+				t.Errorf("ca_publish_lead, x509_max_ttl, agent_ttl, jwt_max_ttl = %v, want %v", got, want)
 			}
 		})
 	}

@@ -1,8 +1,8 @@
-// Package signer is Lanyard's upstream signer. It holds the CA keys in
-// memory and rotates its CA with overlap (authority.go), attests agents by
-// their TPMs, streams each agent the workload entries its node may serve
-// together with the trust bundle, and signs the agents' CSRs for those
-// entries only.
+// Package signer is Lanyard's upstream signer. It holds the CA and JWT
+// signing keys in memory and rotates them with overlap (authority.go),
+// attests agents by their TPMs, streams each agent the workload entries its
+// node may serve together with the trust bundle (X.509 CAs and JWT keys),
+// and signs the agents' CSRs and JWT-SVIDs for those entries only.
 package signer
 
 import (
@@ -67,9 +67,10 @@ type agentRecord struct {
 	notAfter time.Time
 }
 
-// New loads the policy named by cfg, creates a fresh in-memory CA and
-// publishes it together with the earlier CAs kept in cfg.StateDir (an
-// unusable state file is ErrBadCAState).
+// New loads the policy named by cfg, creates a fresh in-memory CA and JWT
+// key and publishes them together with the earlier CAs and JWT keys kept
+// in cfg.StateDir (an unusable state file is ErrBadCAState or
+// ErrBadJWTState).
 func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -82,7 +83,11 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("restore earlier CAs: %w", err)
 	}
-	auth, err := newAuthority(cfg.TrustDomain, cfg.CATTL, cfg.CAPublishLead, restored, time.Now(), log)
+	restoredJWT, err := loadJWTState(cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("restore earlier JWT keys: %w", err)
+	}
+	auth, err := newAuthority(cfg.TrustDomain, cfg.CATTL, cfg.CAPublishLead, restored, restoredJWT, time.Now(), log)
 	if err != nil {
 		return nil, err
 	}
@@ -117,12 +122,12 @@ func (s *Signer) Run(ctx context.Context) error {
 
 // Serve is Run on a listener the caller opened (tests use port 0).
 func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
-	// The fresh CA is on disk before it signs anything, so a restart
-	// keeps publishing it while its SVIDs live.
+	// The fresh CA and JWT key are on disk before they sign anything, so
+	// a restart keeps publishing them while their SVIDs live.
 	s.mu.Lock()
-	cas := s.auth.published()
+	cas, keys := s.auth.published(), s.auth.publishedJWT()
 	s.mu.Unlock()
-	if err := s.publish(cas); err != nil {
+	if err := s.publish(cas, keys); err != nil {
 		lis.Close()
 		return err
 	}
@@ -262,26 +267,30 @@ func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	s.mu.Lock()
 	changed, next, tickErr := s.auth.tick(now)
 	var cas []*x509.Certificate
+	var keys []publicJWTKey
 	if changed {
-		cas = s.auth.published()
+		cas, keys = s.auth.published(), s.auth.publishedJWT()
 		s.bundle.SetX509Authorities(cas)
 		s.bundleN++
 		s.notifyLocked()
-		s.log.Info("trust bundle changed", "sequence", s.bundleN, "cas", len(cas))
+		s.log.Info("trust bundle changed", "sequence", s.bundleN, "cas", len(cas), "jwt_keys", len(keys))
 	}
 	s.mu.Unlock()
 	if changed {
-		if err := s.publish(cas); err != nil {
+		if err := s.publish(cas, keys); err != nil {
 			return next, err
 		}
 	}
 	return next, tickErr
 }
 
-// publish saves the CA state first, then bundle_path: the state is what
-// keeps the bundle continuous across a restart.
-func (s *Signer) publish(cas []*x509.Certificate) error {
+// publish saves the CA and JWT key state first, then bundle_path: the
+// state is what keeps the bundle continuous across a restart.
+func (s *Signer) publish(cas []*x509.Certificate, keys []publicJWTKey) error {
 	if err := saveCAState(s.cfg.StateDir, cas); err != nil {
+		return err
+	}
+	if err := saveJWTState(s.cfg.StateDir, keys); err != nil {
 		return err
 	}
 	return writeBundle(s.cfg.BundlePath, cas)

@@ -171,7 +171,7 @@ func (b *logBuffer) waitFor(t *testing.T, want string) string {
 }
 
 // socketDir returns a short directory for sockets (sun_path is 108 bytes).
-func socketDir(t *testing.T) string {
+func socketDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "ly")
 	if err != nil {
@@ -200,9 +200,15 @@ func startServer(t *testing.T, att Attestor, src Source) *running {
 
 func startServerAt(t *testing.T, path string, att Attestor, src Source) *running {
 	t.Helper()
-	r := &running{path: path, logs: &logBuffer{}, done: make(chan error, 1)}
-	log := hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})
-	s := New(Config{SocketPath: path, Attestor: att, Source: src, Log: log})
+	return startServerWith(t, Config{SocketPath: path, Attestor: att, Source: src})
+}
+
+// startServerWith runs a Server for cfg, logging to the returned buffer.
+func startServerWith(t *testing.T, cfg Config) *running {
+	t.Helper()
+	r := &running{path: cfg.SocketPath, logs: &logBuffer{}, done: make(chan error, 1)}
+	cfg.Log = hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})
+	s := New(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	go func() { r.done <- s.Run(ctx) }()

@@ -3,6 +3,7 @@ package workloadapi
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -10,6 +11,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	reflectionv1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 
 	"github.com/lanyard-dev/lanyard/attestor"
@@ -63,12 +66,13 @@ type JWTSource interface {
 const securityHeader = "workload.spiffe.io"
 
 // handler serves the SPIFFE Workload API. It picks every gRPC status code
-// the API returns; the JWT methods are Unimplemented for now.
+// the API returns; the JWT methods are in jwt.go.
 type handler struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
 
 	attestor Attestor
 	source   Source
+	jwt      JWTSource // nil: the JWT methods are Unimplemented
 	log      hclog.Logger
 	// stopping ends open streams when the server shuts down, so that a
 	// graceful stop does not wait on watchers that would never leave.
@@ -187,18 +191,31 @@ func checkHeader(ctx context.Context) error {
 	return nil
 }
 
+// headerExempt says whether a method may be called without the security
+// header: only server reflection, whose clients (grpcurl) cannot be told to
+// send it and which reveals nothing but the public service definition.
+// Every other method, including any registered later, needs the header.
+func headerExempt(fullMethod string) bool {
+	return strings.HasPrefix(fullMethod, "/"+reflectionv1.ServerReflection_ServiceDesc.ServiceName+"/") ||
+		strings.HasPrefix(fullMethod, "/"+reflectionv1alpha.ServerReflection_ServiceDesc.ServiceName+"/")
+}
+
 // headerUnary applies checkHeader before any unary handler runs.
-func headerUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
-	if err := checkHeader(ctx); err != nil {
-		return nil, err
+func headerUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+	if !headerExempt(info.FullMethod) {
+		if err := checkHeader(ctx); err != nil {
+			return nil, err
+		}
 	}
 	return next(ctx, req)
 }
 
 // headerStream applies checkHeader before any streaming handler runs.
-func headerStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, next grpc.StreamHandler) error {
-	if err := checkHeader(ss.Context()); err != nil {
-		return err
+func headerStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, next grpc.StreamHandler) error {
+	if !headerExempt(info.FullMethod) {
+		if err := checkHeader(ss.Context()); err != nil {
+			return err
+		}
 	}
 	return next(srv, ss)
 }

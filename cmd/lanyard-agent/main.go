@@ -16,6 +16,10 @@ const usage = `usage: lanyard-agent <command> [flags]
 commands:
   run --config FILE                      run the agent
   fetch x509 [--socket PATH]             fetch X.509-SVIDs from the Workload API as this process
+  fetch jwt --audience A [--spiffe-id ID] [--socket PATH]
+                                         fetch JWT-SVIDs for audience A as this process (prints the token)
+  validate jwt --audience A [--socket PATH] TOKEN|-
+                                         ask the agent whether TOKEN is a valid JWT-SVID for A
   status [--json] [--admin-socket PATH]  is this host healthy, and if not, why (exit 0 healthy, 1 degraded, 2 unhealthy)
   healthcheck [--admin-socket PATH]      exit code only, as status
   explain PID [--json]                   why PID does or does not get an identity (exit 0 some entry matches, 1 none, 2 error)
@@ -33,10 +37,18 @@ func main() {
 	case "run":
 		run(args[1:])
 	case "fetch":
-		if len(args) < 2 || args[1] != "x509" {
-			cli.Fatalf(2, "usage: lanyard-agent fetch x509 [--socket PATH]")
+		switch {
+		case len(args) >= 2 && args[1] == "x509":
+			os.Exit(fetchX509(args[2:], os.Stdout, os.Stderr))
+		case len(args) >= 2 && args[1] == "jwt":
+			os.Exit(fetchJWT(args[2:], os.Stdout, os.Stderr))
 		}
-		os.Exit(fetchX509(args[2:], os.Stdout, os.Stderr))
+		cli.Fatalf(2, "usage: lanyard-agent fetch x509|jwt [flags]")
+	case "validate":
+		if len(args) < 2 || args[1] != "jwt" {
+			cli.Fatalf(2, "usage: lanyard-agent validate jwt --audience A [--socket PATH] TOKEN|-")
+		}
+		os.Exit(validateJWT(args[2:], os.Stdin, os.Stdout, os.Stderr))
 	case "status":
 		os.Exit(status(args[1:], os.Stdout, os.Stderr))
 	case "explain":

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/lanyard-dev/lanyard/internal/cli"
 	"github.com/lanyard-dev/lanyard/signer"
@@ -17,7 +18,8 @@ const usage = `usage: lanyard-signer <command> [flags]
 commands:
   run --config FILE            run the signer
   policy check --config FILE   validate the policy named by the config (exit 0 when valid)
-  bundle --config FILE         print the trust bundle file the signer wrote (PEM)
+  bundle --config FILE [--jwt] print the trust bundle file the signer wrote (PEM),
+                               or with --jwt its JWT-SVID keys (JWKS)
   version                      print the version
 `
 
@@ -88,13 +90,26 @@ func policyCheck(args []string) {
 }
 
 func bundle(args []string) {
-	cfg, err := signer.LoadConfig(configFlag("bundle", args))
+	fs := flag.NewFlagSet("bundle", flag.ExitOnError)
+	path := fs.String("config", "", "signer config file (HCL)")
+	jwt := fs.Bool("jwt", false, "print the JWT-SVID signing keys (JWKS, public) instead of the CAs")
+	fs.Parse(args)
+	if *path == "" {
+		cli.Fatalf(2, "bundle: --config is required")
+	}
+	cfg, err := signer.LoadConfig(*path)
 	if err != nil {
 		cli.Fatalf(1, "%v", err)
 	}
-	b, err := os.ReadFile(cfg.BundlePath)
+	file := cfg.BundlePath
+	if *jwt {
+		// The state file is a JWKS with "use": "jwt-svid" per key; its
+		// extra keep_until members are ignored by JWKS readers.
+		file = filepath.Join(cfg.StateDir, signer.JWTStateFile)
+	}
+	b, err := os.ReadFile(file)
 	if errors.Is(err, os.ErrNotExist) {
-		cli.Fatalf(1, "no bundle at %s: is the signer running?", cfg.BundlePath)
+		cli.Fatalf(1, "no bundle at %s: is the signer running?", file)
 	} else if err != nil {
 		cli.Fatalf(1, "%v", err)
 	}

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	grpcstatus "google.golang.org/grpc/status"
+)
+
+// audiences collects repeated --audience flags.
+type audiences []string
+
+func (a *audiences) String() string { return strings.Join(*a, ",") }
+
+func (a *audiences) Set(v string) error {
+	if v == "" {
+		return fmt.Errorf("audience must not be empty")
+	}
+	*a = append(*a, v)
+	return nil
+}
+
+// fetchJWT fetches JWT-SVIDs for this process with go-spiffe's client and
+// prints, per SVID, its SPIFFE ID, audience, expiry and the token: handing
+// the token over is the command's purpose, so stdout is the one place it
+// goes.
+func fetchJWT(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("fetch jwt", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var aud audiences
+	fs.Var(&aud, "audience", "audience the token is for (required; repeat for several)")
+	rawID := fs.String("spiffe-id", "", "fetch only the JWT-SVID for this SPIFFE ID (default: every identity this process has)")
+	socket := fs.String("socket", "", "Workload API socket (default $SPIFFE_ENDPOINT_SOCKET or "+defaultSocket+")")
+	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
+	tokenOnly := fs.Bool("token-only", false, "print only the token(s), one per line, for scripts")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if len(aud) == 0 || fs.NArg() > 0 {
+		fmt.Fprintln(stderr, "usage: lanyard-agent fetch jwt --audience A [--audience B] [--spiffe-id ID] [--socket PATH] [--timeout D] [--token-only]")
+		return 2
+	}
+	params := jwtsvid.Params{Audience: aud[0], ExtraAudiences: aud[1:]}
+	if *rawID != "" {
+		id, err := spiffeid.FromString(*rawID)
+		if err != nil {
+			fmt.Fprintf(stderr, "fetch jwt: --spiffe-id %q: %v\n", *rawID, err)
+			return 2
+		}
+		params.Subject = id
+	}
+	addr := socketAddr(*socket)
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
+	if err != nil {
+		fmt.Fprintf(stderr, "fetch jwt from %s: %v\n", addr, err)
+		return 1
+	}
+	defer client.Close()
+	svids, err := client.FetchJWTSVIDs(ctx, params)
+	if err != nil {
+		fmt.Fprintf(stderr, "fetch jwt from %s: %s\n", addr, reason(err))
+		return 1
+	}
+	now := time.Now()
+	for _, s := range svids {
+		if *tokenOnly {
+			fmt.Fprintln(stdout, s.Marshal())
+			continue
+		}
+		fmt.Fprintf(stdout, "SPIFFE ID:  %s\n", s.ID)
+		if s.Hint != "" {
+			fmt.Fprintf(stdout, "  hint:       %s\n", s.Hint)
+		}
+		fmt.Fprintf(stdout, "  audience:   %s\n", strings.Join(s.Audience, ", "))
+		fmt.Fprintf(stdout, "  expires:    %s (in %s)\n", s.Expiry.UTC().Format(time.RFC3339), s.Expiry.Sub(now).Round(time.Second))
+		fmt.Fprintf(stdout, "  token:      %s\n", s.Marshal())
+	}
+	return 0
+}
+
+// validateJWT asks the agent to validate a JWT-SVID for an audience and
+// prints its SPIFFE ID and claims; on a refusal it prints the agent's
+// reason and exits 1. TOKEN "-" is read from stdin, so that it stays out of
+// the process list.
+func validateJWT(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("validate jwt", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	audience := fs.String("audience", "", "audience the token must be for (required)")
+	socket := fs.String("socket", "", "Workload API socket (default $SPIFFE_ENDPOINT_SOCKET or "+defaultSocket+")")
+	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *audience == "" || fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "usage: lanyard-agent validate jwt --audience A [--socket PATH] [--timeout D] TOKEN|-")
+		return 2
+	}
+	token := fs.Arg(0)
+	if token == "-" {
+		line, err := bufio.NewReader(io.LimitReader(stdin, 1<<20)).ReadString('\n')
+		if err != nil && err != io.EOF {
+			fmt.Fprintf(stderr, "validate jwt: read token from stdin: %v\n", err)
+			return 1
+		}
+		token = strings.TrimSpace(line)
+	}
+	addr := socketAddr(*socket)
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	client, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
+	if err != nil {
+		fmt.Fprintf(stderr, "validate jwt with %s: %v\n", addr, err)
+		return 1
+	}
+	defer client.Close()
+	svid, err := client.ValidateJWTSVID(ctx, token, *audience)
+	if err != nil {
+		fmt.Fprintf(stderr, "token refused: %s\n", reason(err))
+		return 1
+	}
+	claims, err := json.MarshalIndent(svid.Claims, "  ", "  ")
+	if err != nil {
+		fmt.Fprintf(stderr, "validate jwt: print claims: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "SPIFFE ID:  %s\n", svid.ID)
+	fmt.Fprintf(stdout, "  expires:    %s\n", svid.Expiry.UTC().Format(time.RFC3339))
+	fmt.Fprintf(stdout, "  claims:     %s\n", claims)
+	return 0
+}
+
+// reason renders a Workload API error as "Code: message", the server's own
+// words; other errors as they are.
+func reason(err error) string {
+	if st, ok := grpcstatus.FromError(err); ok {
+		return st.Code().String() + ": " + st.Message()
+	}
+	return err.Error()
+}

@@ -1,0 +1,132 @@
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// errNoJWT answers the JWT methods on an agent configured without a
+// JWTSource.
+var errNoJWT = status.Error(codes.Unimplemented, "JWT-SVIDs are not served by this agent")
+
+// FetchJWTSVID mints JWT-SVIDs for the attested caller: one per identity it
+// is entitled to, or only the one it names in spiffe_id. The audit line
+// names the caller, the SPIFFE IDs and the audience; never a token.
+func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest) (*workload.JWTSVIDResponse, error) {
+	if h.jwt == nil {
+		return nil, errNoJWT
+	}
+	audience := req.GetAudience()
+	if len(audience) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "audience is required")
+	}
+	for _, a := range audience {
+		if a == "" {
+			return nil, status.Error(codes.InvalidArgument, "audience is required: empty audience value")
+		}
+	}
+	var want string
+	if raw := req.GetSpiffeId(); raw != "" {
+		id, err := spiffeid.FromString(raw)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "spiffe_id %.200q is not a SPIFFE ID: %v", raw, err)
+		}
+		want = id.String()
+	}
+	proc, selectors, err := h.attest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	log := h.log.With("pid", proc.PID, "uid", proc.UID, "audience", audience)
+	if want != "" {
+		log = log.With("requested_spiffe_id", want)
+	}
+
+	svids, err := h.jwt.JWTSVIDs(ctx, selectors, want, audience)
+	switch {
+	case errors.Is(err, ErrNotEntitled) || (err == nil && len(svids) == 0):
+		log.Info("no identity issued", "selectors", selectors)
+		if want != "" {
+			return nil, status.Errorf(codes.PermissionDenied, "no identity issued for %s", want)
+		}
+		return nil, status.Error(codes.PermissionDenied, "no identity issued")
+	case err != nil && ctx.Err() != nil:
+		return nil, status.FromContextError(ctx.Err()).Err()
+	case err != nil:
+		log.Warn("could not mint JWT-SVIDs", "error", err)
+		return nil, status.Errorf(codes.Unavailable, "could not mint JWT-SVID: %v", err)
+	}
+	ids := make([]string, 0, len(svids))
+	for _, s := range svids {
+		ids = append(ids, s.GetSpiffeId())
+	}
+	log.Info("served JWT-SVIDs", "spiffe_ids", ids)
+	return &workload.JWTSVIDResponse{Svids: svids}, nil
+}
+
+// FetchJWTBundles streams the JWT bundles: now, and again each time they
+// change. Like the X.509 bundles they are public, so the caller is not
+// attested.
+func (h *handler) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
+	if h.jwt == nil {
+		return errNoJWT
+	}
+	ctx := stream.Context()
+	var last *workload.JWTBundlesResponse
+	for {
+		resp, changed := h.jwt.JWTBundlesResponse()
+		if len(resp.GetBundles()) == 0 {
+			// Unavailable, not an empty answer: the client retries.
+			return status.Error(codes.Unavailable, "no JWT bundle yet")
+		}
+		if resp != last {
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			last = resp
+		}
+		if err := h.wait(ctx, changed); err != nil {
+			return err
+		}
+	}
+}
+
+// ValidateJWTSVID checks a JWT-SVID against the JWT bundles (see
+// validateJWTSVID for what is checked) and returns its SPIFFE ID and claims.
+// Every refusal is InvalidArgument with the reason. The caller needs no
+// identity of its own: validating uses public keys only, as the spec
+// intends for relying parties that hold no SVID. Its PID is logged at
+// Debug, as validation is a hot path.
+func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWTSVIDRequest) (*workload.ValidateJWTSVIDResponse, error) {
+	if h.jwt == nil {
+		return nil, errNoJWT
+	}
+	if req.GetAudience() == "" {
+		return nil, status.Error(codes.InvalidArgument, "audience is required")
+	}
+	if req.GetSvid() == "" {
+		return nil, status.Error(codes.InvalidArgument, "svid is required")
+	}
+	proc, _ := callerFromContext(ctx)
+	log := h.log.With("pid", proc.PID, "uid", proc.UID, "audience", req.GetAudience())
+	id, claims, err := validateJWTSVID(req.GetSvid(), req.GetAudience(), h.jwt.JWTBundles(), time.Now())
+	if err != nil {
+		log.Debug("refused JWT-SVID", "reason", err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	st, err := structpb.NewStruct(claims)
+	if err != nil {
+		log.Debug("refused JWT-SVID", "spiffe_id", id.String(), "reason", err.Error())
+		return nil, status.Errorf(codes.InvalidArgument, "claims cannot be returned: %v", err)
+	}
+	log.Debug("validated JWT-SVID", "spiffe_id", id.String())
+	return &workload.ValidateJWTSVIDResponse{SpiffeId: id.String(), Claims: st}, nil
+}
