@@ -58,7 +58,7 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 	a := &Agent{
 		cfg:       cfg,
 		log:       log,
-		cache:     newCache(cfg.TrustDomain.String()),
+		cache:     newCache(cfg.TrustDomain.IDString()),
 		sched:     rotator.Schedule{Jitter: rotator.DefaultJitter},
 		backoff:   rotator.DefaultBackoff,
 		wakeRenew: make(chan struct{}, 1),

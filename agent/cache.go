@@ -47,7 +47,7 @@ type cache struct {
 	changed   chan struct{}
 	responses map[string]*workload.X509SVIDResponse // by matched-SVID key
 	bundles   *workload.X509BundlesResponse
-	td        string
+	td        string    // the trust domain's SPIFFE ID: bundle maps are keyed by it (Workload API spec)
 	jwt       *jwtState // nil before the first bundle with JWT keys
 }
 

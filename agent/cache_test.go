@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -41,7 +42,7 @@ func entry(id string, rev uint64, selectors ...string) *signerpb.Entry {
 func TestCacheDue(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	sched := rotator.Schedule{} // no jitter: renew exactly at half-life
-	c := newCache("example.org")
+	c := newCache("spiffe://example.org")
 	c.setEntries([]*signerpb.Entry{
 		entry("fresh", 1, "unix:uid:1"), entry("old-rev", 2, "unix:uid:1"),
 		entry("due", 1, "unix:uid:1"), entry("none", 1, "unix:uid:1"),
@@ -78,7 +79,7 @@ func ids(es []*signerpb.Entry) string {
 
 func TestCacheNeverServesExpired(t *testing.T) {
 	t0 := time.Now()
-	c := newCache("example.org")
+	c := newCache("spiffe://example.org")
 	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:1")})
 	c.putSVIDs([]*svid{
 		testSVID(t, "a", 1, t0.Add(-time.Minute), t0.Add(time.Second)),
@@ -108,7 +109,7 @@ func TestCacheNeverServesExpired(t *testing.T) {
 
 func TestCacheSharesResponses(t *testing.T) {
 	t0 := time.Now()
-	c := newCache("example.org")
+	c := newCache("spiffe://example.org")
 	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:2")})
 	c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour)), testSVID(t, "b", 1, t0, t0.Add(time.Hour))})
 
@@ -146,5 +147,20 @@ func TestMatches(t *testing.T) {
 				t.Errorf("matches(%v) = %v, want %v", tt.required, got, tt.want)
 			}
 		})
+	}
+}
+
+// TestBundlesKeyedBySPIFFEID: the Workload API spec keys bundle maps by
+// the trust domain's SPIFFE ID, which clients in every language look up.
+func TestBundlesKeyedBySPIFFEID(t *testing.T) {
+	c := newCache("spiffe://example.org")
+	if resp, _ := c.X509BundlesResponse(); len(resp.GetBundles()) != 0 {
+		t.Fatalf("bundles before any CA: %v", resp.GetBundles())
+	}
+	ca := testSVID(t, "ca", 1, time.Now(), time.Now().Add(time.Hour)).chain[0]
+	c.setBundle([]*x509.Certificate{ca})
+	resp, _ := c.X509BundlesResponse()
+	if got := resp.GetBundles()["spiffe://example.org"]; !bytes.Equal(got, ca.Raw) || len(resp.GetBundles()) != 1 {
+		t.Errorf("X.509 bundles = %v, want only spiffe://example.org with the CA", resp.GetBundles())
 	}
 }

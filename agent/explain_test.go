@@ -18,7 +18,7 @@ import (
 
 func TestCacheExplain(t *testing.T) {
 	t0 := time.Now()
-	c := newCache("example.org")
+	c := newCache("spiffe://example.org")
 	c.setEntries([]*signerpb.Entry{
 		entry("web", 1, "unix:uid:1000", "systemd:unit:web.service"),
 		entry("any-1000", 1, "unix:uid:1000"),

@@ -126,7 +126,7 @@ func (ca *fanoutCA) leaf(tb testing.TB, serial int64) *svid {
 // socket, and stops the server when the test ends.
 func startFanoutServer(tb testing.TB, ca *fanoutCA, log hclog.Logger) (*cache, string) {
 	tb.Helper()
-	c := newCache("example.org")
+	c := newCache("spiffe://example.org")
 	c.setBundle([]*x509.Certificate{ca.cert})
 	c.setEntries([]*signerpb.Entry{{
 		Id:        fanoutEntryID,

@@ -83,7 +83,7 @@ func (m *fakeMinter) mint(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) 
 func jwtTestSource(t testing.TB) (*jwtSource, *fakeMinter, *time.Time) {
 	t.Helper()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	c := newCache("example.org")
+	c := newCache("spiffe://example.org")
 	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:1"), entry("c", 1, "unix:uid:2")})
 	m := newFakeMinter(t, func() time.Time { return now })
 	j := newJWTSource(c, m.mint, hclog.NewNullLogger())
@@ -368,7 +368,7 @@ func TestJWTBundle(t *testing.T) {
 			if (resp == before) == changed {
 				t.Errorf("response shared = %v with changed = %v", resp == before, changed)
 			}
-			jwks := resp.GetBundles()["example.org"]
+			jwks := resp.GetBundles()["spiffe://example.org"]
 			b, err := jwtbundle.Parse(td, jwks)
 			if err != nil {
 				t.Fatalf("served JWKS does not parse: %v", err)

@@ -48,7 +48,7 @@ func newJWTState(td spiffeid.TrustDomain, keys []*signerpb.JWTAuthority) (*jwtSt
 	return &jwtState{
 		keys: keys,
 		set:  jwtbundle.NewSet(b),
-		resp: &workload.JWTBundlesResponse{Bundles: map[string][]byte{td.String(): jwks}},
+		resp: &workload.JWTBundlesResponse{Bundles: map[string][]byte{td.IDString(): jwks}},
 	}, nil
 }
 

@@ -133,12 +133,8 @@ func TestAgentServesJWTSVIDs(t *testing.T) {
 				Kid string `json:"kid"`
 			} `json:"keys"`
 		}
-		// The spec keys bundles by the trust domain's SPIFFE ID; go-spiffe
-		// also takes the bare name, which the agent sends today.
+		// The spec keys bundles by the trust domain's SPIFFE ID.
 		raw, ok := resp.GetBundles()[td.IDString()]
-		if !ok {
-			raw, ok = resp.GetBundles()[td.Name()]
-		}
 		if !ok || len(resp.GetBundles()) != 1 {
 			t.Fatalf("JWT bundles keyed %v, want one for %s", slices.Collect(maps.Keys(resp.GetBundles())), td.IDString())
 		}
