@@ -22,6 +22,10 @@ commands:
 `
 
 func main() {
+	// Before anything holds a key: no core file or ptrace may expose it.
+	if err := cli.Harden(); err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
 	args := os.Args[1:]
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
