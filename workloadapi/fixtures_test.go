@@ -200,9 +200,16 @@ func startServer(t *testing.T, att Attestor, src Source) *running {
 
 func startServerAt(t *testing.T, path string, att Attestor, src Source) *running {
 	t.Helper()
-	r := &running{path: path, logs: &logBuffer{}, done: make(chan error, 1)}
-	log := hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})
-	s := New(Config{SocketPath: path, Attestor: att, Source: src, Log: log})
+	return startServerConfig(t, Config{SocketPath: path, Attestor: att, Source: src})
+}
+
+// startServerConfig runs a Server for cfg, logging JSON at Debug into the
+// returned logs.
+func startServerConfig(t *testing.T, cfg Config) *running {
+	t.Helper()
+	r := &running{path: cfg.SocketPath, logs: &logBuffer{}, done: make(chan error, 1)}
+	cfg.Log = hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})
+	s := New(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	go func() { r.done <- s.Run(ctx) }()
