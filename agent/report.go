@@ -27,6 +27,9 @@ type Report struct {
 	Signer        SignerReport  `json:"signer"`
 	Bundle        []CAReport    `json:"bundle"`
 	Entries       []EntryReport `json:"entries"`
+	// OpenStreams counts open Workload API streams by method; every
+	// streaming method is present, 0 when none is open.
+	OpenStreams map[string]int64 `json:"open_streams"`
 }
 
 // AgentReport is the agent's own identity and how it got it.
@@ -76,6 +79,7 @@ func (a *Agent) Report(now time.Time) Report {
 			Address: a.cfg.SignerAddress, Connected: st.SyncConnected, LastSync: timePtr(st.LastSync),
 			ConsecutiveFailures: max(st.SyncFailures, st.AttestFailures, st.RenewFailures),
 		},
+		OpenStreams: st.OpenStreams,
 	}
 	if st.AgentID == "" {
 		r.Agent.EKSHA256 = ""

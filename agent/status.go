@@ -20,8 +20,9 @@ type Status struct {
 	BundleNotAfter   []time.Time
 	SVIDs            []SVIDStatus // one per entry, in policy order
 	StartedAt        time.Time
-	ServingSince     time.Time // zero until the Workload API listens
-	EntriesWithoutID int       // entries the node may serve that have no valid SVID now
+	ServingSince     time.Time        // zero until the Workload API listens
+	EntriesWithoutID int              // entries the node may serve that have no valid SVID now
+	OpenStreams      map[string]int64 // open Workload API streams by method
 }
 
 // SVIDStatus describes the SVID held for one entry.
@@ -43,6 +44,7 @@ func (a *Agent) Status() Status {
 		RenewFailures:  int(a.renewFailures.Load()),
 		StartedAt:      a.started,
 		ServingSince:   timeFromNanos(a.servingSince.Load()),
+		OpenStreams:    a.metrics.openStreams(),
 	}
 	if a.up != nil {
 		if svid := a.up.agentSVID(); svid != nil {
