@@ -165,11 +165,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		if work := append(missing, renew...); len(work) > 0 {
 			got, err := a.signEntries(ctx, work)
 			a.cache.putSVIDs(got)
-			a.metrics.svidsIssued.WithLabelValues("x509").Add(float64(len(got)))
-			for _, s := range got {
-				a.log.Info("x509-svid issued", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
-					"serial", s.chain[0].SerialNumber.Text(16), "not_after", s.notAfter().UTC().Format(time.RFC3339))
-			}
+			a.recordIssued(got)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil
@@ -198,5 +194,15 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		if !next.IsZero() {
 			timer.Reset(max(time.Until(next), 0))
 		}
+	}
+}
+
+// recordIssued counts and audits freshly signed SVIDs (README "Audit
+// log": entry, spiffe_id, serial, not_after; never the key).
+func (a *Agent) recordIssued(got []*svid) {
+	a.metrics.svidsIssued.WithLabelValues("x509").Add(float64(len(got)))
+	for _, s := range got {
+		a.log.Info("x509-svid issued", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
+			"serial", s.chain[0].SerialNumber.Text(16), "not_after", s.notAfter().UTC().Format(time.RFC3339))
 	}
 }

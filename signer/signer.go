@@ -15,11 +15,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/internal/telemetry"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -57,6 +59,8 @@ type Signer struct {
 	tlsCert *tls.Certificate
 	tlsCA   *CA // the CA that signed tlsCert
 	tlsKey  *ecdsa.PrivateKey
+
+	metrics *Metrics
 }
 
 // agentRecord is what the signer remembers of an attested agent. It lives in
@@ -100,9 +104,14 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 		agents:  make(map[spiffeid.ID]*agentRecord),
 		changed: make(chan struct{}),
 	}
+	s.metrics = newMetrics(s)
 	s.setPolicyLocked(pol)
 	return s, nil
 }
+
+// Metrics returns the signer's metrics, served on metrics_address when it
+// is set. The policy watcher counts its reloads here.
+func (s *Signer) Metrics() *Metrics { return s.metrics }
 
 // Run writes the trust bundle and the CA state, serves the agent API on the
 // configured address and rotates the CA until ctx ends, and returns once
@@ -145,7 +154,20 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	signerpb.RegisterSignerServer(srv, &api{s: s})
 	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
 
+	var telem net.Listener
+	if s.cfg.MetricsAddress != "" {
+		var err error
+		if telem, err = net.Listen("tcp", s.cfg.MetricsAddress); err != nil {
+			lis.Close()
+			return fmt.Errorf("metrics: listen on %s: %w", s.cfg.MetricsAddress, err)
+		}
+	}
 	g, ctx := errgroup.WithContext(ctx)
+	if telem != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", telemetry.MetricsHandler(s.metrics.reg, s.log.Named("metrics")))
+		g.Go(func() error { return telemetry.Serve(ctx, telem, mux, s.log.Named("http")) })
+	}
 	g.Go(func() error { return srv.Serve(lis) })
 	g.Go(func() error { return s.rotateCAs(ctx) })
 	g.Go(func() error {
