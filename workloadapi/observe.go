@@ -2,7 +2,8 @@ package workloadapi
 
 import (
 	"context"
-	"crypto/x509"
+	"encoding/asn1"
+	"math/big"
 	"strings"
 	"time"
 
@@ -72,14 +73,30 @@ func auditFacts(resp *workload.X509SVIDResponse) (ids, serials []string) {
 	serials = make([]string, 0, len(resp.GetSvids()))
 	for _, s := range resp.GetSvids() {
 		ids = append(ids, s.GetSpiffeId())
-		serial := "?"
-		// The chain is concatenated DER, leaf first.
-		if certs, err := x509.ParseCertificates(s.GetX509Svid()); err == nil && len(certs) > 0 {
-			serial = certs[0].SerialNumber.Text(16)
-		}
-		serials = append(serials, serial)
+		serials = append(serials, leafSerial(s.GetX509Svid()))
 	}
 	return ids, serials
+}
+
+// leafSerial returns the serial number (hex) of the first certificate in a
+// DER chain, or "?". It reads only the serial's field: a full parse costs
+// ~30µs per SVID, a tenth of a one-shot fetch, for one log field.
+func leafSerial(chain []byte) string {
+	var cert, tbs, field asn1.RawValue
+	if _, err := asn1.Unmarshal(chain, &cert); err != nil || cert.Tag != asn1.TagSequence {
+		return "?"
+	}
+	if _, err := asn1.Unmarshal(cert.Bytes, &tbs); err != nil || tbs.Tag != asn1.TagSequence {
+		return "?"
+	}
+	rest, err := asn1.Unmarshal(tbs.Bytes, &field)
+	if err == nil && field.Class == asn1.ClassContextSpecific && field.Tag == 0 {
+		_, err = asn1.Unmarshal(rest, &field) // skip the version
+	}
+	if err != nil || field.Class != asn1.ClassUniversal || field.Tag != asn1.TagInteger || len(field.Bytes) == 0 || field.Bytes[0]&0x80 != 0 {
+		return "?"
+	}
+	return new(big.Int).SetBytes(field.Bytes).Text(16)
 }
 
 // exePath returns the executable path among a caller's selectors (the

@@ -2,10 +2,12 @@ package workloadapi
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -200,5 +202,41 @@ func TestAuditLines(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestLeafSerial(t *testing.T) {
+	ca := newTestCA(t)
+	leaf := ca.svidResponse(t, "/web").GetSvids()[0].GetX509Svid()
+	cert, err := x509.ParseCertificate(leaf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name  string
+		chain []byte
+		want  string
+	}{
+		{"leaf", leaf, cert.SerialNumber.Text(16)},
+		{"chain: leaf first", append(slices.Clone(leaf), ca.cert.Raw...), cert.SerialNumber.Text(16)},
+		{"CA certificate", ca.cert.Raw, ca.cert.SerialNumber.Text(16)},
+		{"garbage", []byte("not DER"), "?"},
+		{"truncated", leaf[:10], "?"},
+		{"empty", nil, "?"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := leafSerial(tt.chain); got != tt.want {
+				t.Errorf("leafSerial = %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func BenchmarkAuditFacts(b *testing.B) {
+	ca := newTestCA(b)
+	resp := ca.svidResponse(b, "/web")
+	for b.Loop() {
+		auditFacts(resp)
 	}
 }
