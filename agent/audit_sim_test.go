@@ -51,7 +51,8 @@ func TestSignerAuditAndMetrics(t *testing.T) {
 		"agent": agentID, "entry": "mine", "spiffe_id": "spiffe://example.org/mine", "serial": nil, "not_after": nil,
 	})
 	refused := logs.lines(t, "x509-svid refused")
-	if len(refused) != 2 || refused[0]["entry"] != "theirs" || refused[0]["agent"] != agentID ||
+	if len(refused) != 2 || refused[0]["entry"] != "theirs" || refused[0]["agent"] != agentID || refused[0]["spiffe_id"] != "" ||
+		refused[1]["spiffe_id"] != "spiffe://example.org/mine" ||
 		!strings.Contains(refused[0]["reason"].(string), "not authorized") || !strings.Contains(refused[1]["reason"].(string), "parse CSR") {
 		t.Errorf("x509-svid refused lines = %v, want theirs (not authorized) and mine (parse CSR)", refused)
 	}

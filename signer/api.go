@@ -240,7 +240,11 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 		if err != nil {
 			out.Error = err.Error()
 			s.metrics.svidRefusals.WithLabelValues(refusalReason(err)).Inc()
-			s.log.Warn("x509-svid refused", "agent", id.String(), "entry", c.GetEntryId(), "reason", err.Error())
+			spiffeID := "" // unknown when the entry is not this node's
+			if w != nil {
+				spiffeID = w.SPIFFEID.String()
+			}
+			s.log.Warn("x509-svid refused", "agent", id.String(), "entry", c.GetEntryId(), "spiffe_id", spiffeID, "reason", err.Error())
 		} else {
 			out.Chain = [][]byte{cert.Raw}
 			s.metrics.svidsSigned.Inc()
@@ -277,6 +281,8 @@ func refusalReason(err error) string {
 	return refusedSignError
 }
 
+// signOne signs one CSR for agent. The workload is returned whenever the
+// entry is one the agent may serve, even on refusal, for the audit line.
 func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x509.Certificate, *policy.Workload, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -292,15 +298,15 @@ func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x5
 	w := allowed[i]
 	csr, err := x509.ParseCertificateRequest(c.GetCsr())
 	if err != nil {
-		return nil, nil, badCSRError{fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)}
+		return nil, &w, badCSRError{fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)}
 	}
 	if err := csr.CheckSignature(); err != nil {
-		return nil, nil, badCSRError{fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)}
+		return nil, &w, badCSRError{fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)}
 	}
 	ttl := min(w.X509TTL, s.cfg.X509MaxTTL)
 	cert, err := s.auth.sign(csr.PublicKey, w.SPIFFEID, ttl, w.DNSNames, now)
 	if err != nil {
-		return nil, nil, err
+		return nil, &w, err
 	}
 	return cert, &w, nil
 }
