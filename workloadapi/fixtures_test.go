@@ -200,12 +200,11 @@ func startServer(t *testing.T, att Attestor, src Source) *running {
 
 func startServerAt(t *testing.T, path string, att Attestor, src Source) *running {
 	t.Helper()
-	return startServerConfig(t, Config{SocketPath: path, Attestor: att, Source: src})
+	return startServerWith(t, Config{SocketPath: path, Attestor: att, Source: src})
 }
 
-// startServerConfig runs a Server for cfg, logging JSON at Debug into the
-// returned logs.
-func startServerConfig(t *testing.T, cfg Config) *running {
+// startServerWith runs a Server for cfg, logging to the returned buffer.
+func startServerWith(t *testing.T, cfg Config) *running {
 	t.Helper()
 	r := &running{path: cfg.SocketPath, logs: &logBuffer{}, done: make(chan error, 1)}
 	cfg.Log = hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})

@@ -88,7 +88,7 @@ func TestObserver(t *testing.T) {
 	src := newFakeSource(ca.bundlesResponse())
 	src.set(uidSelector(), ca.svidResponse(t, "/web"))
 	rec := newRecorder()
-	srv := startServerConfig(t, Config{SocketPath: filepath.Join(socketDir(t), "w.sock"), Attestor: unixOnly, Source: src, Observer: rec})
+	srv := startServerWith(t, Config{SocketPath: filepath.Join(socketDir(t), "w.sock"), Attestor: unixOnly, Source: src, Observer: rec})
 	client := newClient(t, srv.path)
 
 	// A one-shot fetch: the stream opens, and ends when the client hangs up.
