@@ -51,8 +51,8 @@ func scrape(t *testing.T, url string) map[string]float64 {
 	return out
 }
 
-// get returns the status code and body of GET url, or 0 when nothing answers.
-func get(url string) (int, string) {
+// httpGet returns the status code and body of GET url, or 0 when nothing answers.
+func httpGet(url string) (int, string) {
 	resp, err := http.Get(url)
 	if err != nil {
 		return 0, err.Error()
@@ -79,10 +79,10 @@ func TestMetricsAndHealth(t *testing.T) {
 	e.startSigner(t).stop(t)
 	agent := e.startAgent(t)
 	agent.waitLog(t, 20*time.Second, "attestation failed")
-	if code, body := get(agentURL + "/live"); code != http.StatusOK {
+	if code, body := httpGet(agentURL + "/live"); code != http.StatusOK {
 		t.Errorf("/live while not attested = %d %q, want 200", code, body)
 	}
-	if code, body := get(agentURL + "/ready"); code != http.StatusServiceUnavailable || !strings.Contains(body, "not attested") {
+	if code, body := httpGet(agentURL + "/ready"); code != http.StatusServiceUnavailable || !strings.Contains(body, "not attested") {
 		t.Errorf("/ready while not attested = %d %q, want 503 naming 'not attested'", code, body)
 	}
 	if m := scrape(t, agentURL+"/metrics"); m["lanyard_agent_attestation_failures_total"] < 1 || m["lanyard_agent_signer_connected"] != 0 {
@@ -93,7 +93,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	signer := e.startSigner(t)
 	agent.waitLog(t, 30*time.Second, "agent ready")
 	waitFor(t, 10*time.Second, "/ready to answer 200", func() bool {
-		code, _ := get(agentURL + "/ready")
+		code, _ := httpGet(agentURL + "/ready")
 		return code == http.StatusOK
 	})
 
@@ -153,7 +153,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	waitFor(t, 10*time.Second, "signer_connected to drop to 0", func() bool {
 		return scrape(t, agentURL+"/metrics")["lanyard_agent_signer_connected"] == 0
 	})
-	if code, body := get(agentURL + "/ready"); code != http.StatusOK || !strings.Contains(body, "degraded") {
+	if code, body := httpGet(agentURL + "/ready"); code != http.StatusOK || !strings.Contains(body, "degraded") {
 		t.Errorf("/ready with the signer down = %d %q, want 200 'degraded'", code, body)
 	}
 }

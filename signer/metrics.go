@@ -1,7 +1,11 @@
 package signer
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"net"
+	"net/http"
 
 	"github.com/lanyard-dev/lanyard/attestor"
 	"github.com/lanyard-dev/lanyard/internal/telemetry"
@@ -80,6 +84,25 @@ func (m *Metrics) PolicyReload(ok bool) {
 		result = "error"
 	}
 	m.policyReloads.WithLabelValues(result).Inc()
+}
+
+// listenMetrics opens metrics_address; nil when it is not set.
+func (s *Signer) listenMetrics() (net.Listener, error) {
+	if s.cfg.MetricsAddress == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", s.cfg.MetricsAddress)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: listen on %s: %w", s.cfg.MetricsAddress, err)
+	}
+	return ln, nil
+}
+
+// serveMetrics serves /metrics on ln until ctx ends.
+func (s *Signer) serveMetrics(ctx context.Context, ln net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", telemetry.MetricsHandler(s.metrics.reg, s.log.Named("metrics")))
+	return telemetry.Serve(ctx, ln, mux, s.log.Named("http"))
 }
 
 // Registry is where the signer's metrics live, for serving or tests.

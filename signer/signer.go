@@ -15,13 +15,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
-	"github.com/lanyard-dev/lanyard/internal/telemetry"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -48,6 +46,8 @@ type Signer struct {
 	log hclog.Logger
 	id  spiffeid.ID // the signer's own SPIFFE ID
 
+	metrics *Metrics // safe for concurrent use
+
 	mu      sync.Mutex
 	auth    *authority
 	bundle  *x509bundle.Bundle // the CAs agents trust; safe for concurrent use
@@ -59,8 +59,6 @@ type Signer struct {
 	tlsCert *tls.Certificate
 	tlsCA   *CA // the CA that signed tlsCert
 	tlsKey  *ecdsa.PrivateKey
-
-	metrics *Metrics
 }
 
 // agentRecord is what the signer remembers of an attested agent. It lives in
@@ -104,8 +102,8 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 		agents:  make(map[spiffeid.ID]*agentRecord),
 		changed: make(chan struct{}),
 	}
-	s.metrics = newMetrics(s)
 	s.setPolicyLocked(pol)
+	s.metrics = newMetrics(s)
 	return s, nil
 }
 
@@ -126,6 +124,12 @@ func (s *Signer) Run(ctx context.Context) error {
 
 // Serve is Run on a listener the caller opened (tests use port 0).
 func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
+	// Opened first, so that a metrics port in use stops the start.
+	metricsLn, err := s.listenMetrics()
+	if err != nil {
+		lis.Close()
+		return err
+	}
 	// The fresh CA is on disk before it signs anything, so a restart
 	// keeps publishing it while its SVIDs live.
 	s.mu.Lock()
@@ -154,20 +158,7 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	signerpb.RegisterSignerServer(srv, &api{s: s})
 	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
 
-	var telem net.Listener
-	if s.cfg.MetricsAddress != "" {
-		var err error
-		if telem, err = net.Listen("tcp", s.cfg.MetricsAddress); err != nil {
-			lis.Close()
-			return fmt.Errorf("metrics: listen on %s: %w", s.cfg.MetricsAddress, err)
-		}
-	}
 	g, ctx := errgroup.WithContext(ctx)
-	if telem != nil {
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", telemetry.MetricsHandler(s.metrics.reg, s.log.Named("metrics")))
-		g.Go(func() error { return telemetry.Serve(ctx, telem, mux, s.log.Named("http")) })
-	}
 	g.Go(func() error { return srv.Serve(lis) })
 	g.Go(func() error { return s.rotateCAs(ctx) })
 	g.Go(func() error {
@@ -175,7 +166,10 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 		stopGracefully(srv, 5*time.Second)
 		return nil
 	})
-	err := g.Wait()
+	if metricsLn != nil {
+		g.Go(func() error { return s.serveMetrics(ctx, metricsLn) })
+	}
+	err = g.Wait()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
 	}
