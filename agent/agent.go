@@ -48,6 +48,8 @@ type Agent struct {
 	syncFailures, attestFailures, renewFailures atomic.Int64
 	syncConnected                               atomic.Bool
 	tpmManufacturer                             string // read once at start
+
+	metrics *metrics
 }
 
 // New returns an agent for a validated config.
@@ -67,6 +69,7 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 		serving:   make(chan struct{}),
 	}
 	a.jwt = newJWTSource(a.cache, a.mintJWTSVIDs, log.Named("jwt"))
+	a.metrics = newMetrics(a)
 	return a
 }
 
@@ -118,11 +121,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		Source:     a.cache,
 		JWT:        a.jwt,
 		Log:        a.log.Named("workloadapi"),
+		Observer:   a.metrics,
 	})
 
 	admin := &adminServer{path: a.cfg.AdminSocketPath, log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
 
 	g, ctx := errgroup.WithContext(ctx)
+	if err := a.serveTelemetry(ctx, g); err != nil {
+		return err
+	}
 	g.Go(func() error { return admin.Run(ctx) })
 	g.Go(func() error { return a.attestLoop(ctx) })
 	g.Go(func() error { return a.syncLoop(ctx) })
@@ -157,11 +164,13 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 	failures := 0
 	for {
 		a.reloadTrust()
+		start := time.Now()
 		res, err := a.up.attest(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
+			a.metrics.attestFailures.Inc()
 			failures++
 			a.attestFailures.Store(int64(failures))
 			d := a.backoff.Delay(failures, a.rand())
@@ -171,6 +180,7 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 			}
 			continue
 		}
+		a.metrics.attestDuration.Observe(time.Since(start).Seconds())
 		failures = 0
 		a.attestFailures.Store(0)
 		// Renewals that failed on the old identity can go ahead now.
@@ -228,6 +238,7 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 		default:
 		}
 		a.checkUnauthenticated(err)
+		a.metrics.syncFailures.Inc()
 		failures++
 		a.syncFailures.Store(int64(failures))
 		d := a.backoff.Delay(failures, a.rand())

@@ -217,3 +217,16 @@ func matches(required, have []string) bool {
 	}
 	return len(required) > 0
 }
+
+// earliestNotAfter returns when the first SVID held expires; ok is false
+// when none is held.
+func (c *cache) earliestNotAfter() (t time.Time, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range c.svids {
+		if !ok || s.notAfter().Before(t) {
+			t, ok = s.notAfter(), true
+		}
+	}
+	return t, ok
+}

@@ -38,6 +38,12 @@ type Config struct {
 	WorkloadAttestors []string
 	LogLevel          string // trace, debug, info, warn or error
 	LogFormat         string // text or json
+	// MetricsAddress is the loopback host:port serving Prometheus
+	// metrics on /metrics; empty (the default) means off.
+	MetricsAddress string
+	// HealthAddress is the loopback host:port serving /live and /ready;
+	// empty (the default) means off. It may equal MetricsAddress.
+	HealthAddress string
 }
 
 // TPMConfig says how to reach the TPM: exactly one of Device (a kernel TPM
@@ -58,6 +64,8 @@ var agentConfigSchema = &hcl.BodySchema{
 		{Name: "workload_attestors"},
 		{Name: "log_level"},
 		{Name: "log_format"},
+		{Name: "metrics_address"},
+		{Name: "health_address"},
 	},
 	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}},
 }
@@ -141,6 +149,14 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	set("log_format", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.LogFormat, d = hclconf.LogFormat(a)
+		return d
+	})
+	set("metrics_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.MetricsAddress, d = hclconf.LoopbackAddress(a)
+		return d
+	})
+	set("health_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.HealthAddress, d = hclconf.LoopbackAddress(a)
 		return d
 	})
 	if cfg.SocketPath != "" && cfg.SocketPath == cfg.AdminSocketPath {

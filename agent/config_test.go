@@ -119,6 +119,18 @@ func TestParseConfigErrors(t *testing.T) {
 		{"wrong type", required + tpm + "socket_path = [\"/a\"]\n", []string{
 			`a.hcl:5: socket_path: expected a string, got tuple`,
 		}},
+		{"metrics on a public address", required + tpm + "metrics_address = \"0.0.0.0:9464\"\n", []string{
+			`a.hcl:5: metrics_address: "0.0.0.0:9464": host must be a loopback address such as 127.0.0.1 or [::1] (the endpoint has no authentication)`,
+		}},
+		{"metrics on all interfaces", required + tpm + "metrics_address = \":9464\"\n", []string{
+			`a.hcl:5: metrics_address: ":9464": host must be a loopback address such as 127.0.0.1 or [::1] (the endpoint has no authentication)`,
+		}},
+		{"health on a host name", required + tpm + "health_address = \"agent.example.org:8080\"\n", []string{
+			`a.hcl:5: health_address: "agent.example.org:8080": host must be a loopback address such as 127.0.0.1 or [::1] (the endpoint has no authentication)`,
+		}},
+		{"health without port", required + tpm + "health_address = \"127.0.0.1\"\n", []string{
+			`a.hcl:5: health_address: "127.0.0.1" is not host:port`,
+		}},
 		{"no tpm block", required, []string{
 			`a.hcl:1: a tpm block is required: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`,
 		}},
@@ -162,6 +174,31 @@ func TestParseConfigErrors(t *testing.T) {
 			}
 			if diff := cmp.Diff(strings.Join(tt.want, "\n"), err.Error()); diff != "" {
 				t.Errorf("errors (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestParseConfigLoopbackAddresses(t *testing.T) {
+	const base = "trust_domain = \"example.org\"\nsigner_address = \"s:1\"\ntrust_bundle_path = \"b.pem\"\ntpm { socket = \"tpm.sock\" }\n"
+	tests := []struct {
+		name, src             string
+		wantMetrics, wantHeal string
+	}{
+		{"off by default", base, "", ""},
+		{"ipv4 loopback", base + "metrics_address = \"127.0.0.1:9464\"\n", "127.0.0.1:9464", ""},
+		{"other 127/8 address", base + "health_address = \"127.0.0.2:8080\"\n", "", "127.0.0.2:8080"},
+		{"ipv6 loopback", base + "metrics_address = \"[::1]:9464\"\n", "[::1]:9464", ""},
+		{"localhost, shared", base + "metrics_address = \"localhost:9464\"\nhealth_address = \"localhost:9464\"\n", "localhost:9464", "localhost:9464"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig([]byte(tt.src), "/etc/lanyard/agent.hcl")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.MetricsAddress != tt.wantMetrics || cfg.HealthAddress != tt.wantHeal {
+				t.Errorf("metrics_address, health_address = %q, %q; want %q, %q", cfg.MetricsAddress, cfg.HealthAddress, tt.wantMetrics, tt.wantHeal)
 			}
 		})
 	}

@@ -57,6 +57,7 @@ func (c *cache) due(now time.Time, sched rotator.Schedule) (missing, renew []*si
 func (a *Agent) signEntries(ctx context.Context, entries []*signerpb.Entry) ([]*svid, error) {
 	client, _ := a.up.client()
 	if client == nil {
+		a.metrics.svidFailed(failNotConnected, len(entries))
 		return nil, errors.New("not connected to the signer")
 	}
 	var out []*svid
@@ -69,10 +70,12 @@ func (a *Agent) signEntries(ctx context.Context, entries []*signerpb.Entry) ([]*
 		for _, e := range batch {
 			key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 			if err != nil {
+				a.metrics.svidFailed(failLocal, len(batch)+len(entries))
 				return out, fmt.Errorf("generate key: %w", err)
 			}
 			csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 			if err != nil {
+				a.metrics.svidFailed(failLocal, len(batch)+len(entries))
 				return out, fmt.Errorf("create CSR for %s: %w", e.GetId(), err)
 			}
 			keys[e.GetId()] = key
@@ -80,11 +83,19 @@ func (a *Agent) signEntries(ctx context.Context, entries []*signerpb.Entry) ([]*
 		}
 		resp, err := client.SignX509SVIDs(ctx, req)
 		if err != nil {
+			if ctx.Err() == nil {
+				a.metrics.svidFailed(failSigner, len(batch)+len(entries))
+			}
 			return out, fmt.Errorf("sign %d SVIDs: %w", len(batch), err)
 		}
 		for _, r := range resp.GetSvids() {
 			s, err := a.svidFrom(r, keys, batch)
 			if err != nil {
+				reason := failBadResponse
+				if r.GetError() != "" {
+					reason = failRefused
+				}
+				a.metrics.svidFailed(reason, 1)
 				a.log.Warn("x509-svid not obtained", "entry", r.GetEntryId(), "error", err)
 				if firstErr == nil {
 					firstErr = err
@@ -154,10 +165,7 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		if work := append(missing, renew...); len(work) > 0 {
 			got, err := a.signEntries(ctx, work)
 			a.cache.putSVIDs(got)
-			for _, s := range got {
-				a.log.Info("x509-svid issued", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
-					"serial", s.chain[0].SerialNumber.Text(16), "not_after", s.notAfter().UTC().Format(time.RFC3339))
-			}
+			a.recordIssued(got)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil
@@ -186,5 +194,15 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		if !next.IsZero() {
 			timer.Reset(max(time.Until(next), 0))
 		}
+	}
+}
+
+// recordIssued counts and audits freshly signed SVIDs (README "Audit
+// log": entry, spiffe_id, serial, not_after; never the key).
+func (a *Agent) recordIssued(got []*svid) {
+	a.metrics.svidsIssued.WithLabelValues("x509").Add(float64(len(got)))
+	for _, s := range got {
+		a.log.Info("x509-svid issued", "entry", s.entryID, "spiffe_id", s.chain[0].URIs[0].String(),
+			"serial", s.chain[0].SerialNumber.Text(16), "not_after", s.notAfter().UTC().Format(time.RFC3339))
 	}
 }

@@ -28,6 +28,9 @@ type Report struct {
 	Bundle        []CAReport    `json:"bundle"`
 	Entries       []EntryReport `json:"entries"`
 	JWT           JWTReport     `json:"jwt"`
+	// OpenStreams counts open Workload API streams by method; every
+	// streaming method is present, 0 when none is open.
+	OpenStreams map[string]int64 `json:"open_streams"`
 }
 
 // JWTReport is the JWT-SVID side: the signing keys tokens are validated
@@ -84,6 +87,7 @@ func (a *Agent) Report(now time.Time) Report {
 			Address: a.cfg.SignerAddress, Connected: st.SyncConnected, LastSync: timePtr(st.LastSync),
 			ConsecutiveFailures: max(st.SyncFailures, st.AttestFailures, st.RenewFailures),
 		},
+		OpenStreams: st.OpenStreams,
 	}
 	if st.AgentID == "" {
 		r.Agent.EKSHA256 = ""

@@ -20,10 +20,11 @@ type Status struct {
 	BundleNotAfter   []time.Time
 	SVIDs            []SVIDStatus // one per entry, in policy order
 	StartedAt        time.Time
-	ServingSince     time.Time // zero until the Workload API listens
-	EntriesWithoutID int       // entries the node may serve that have no valid SVID now
-	JWTKeyIDs        []string  // the JWT bundle's key IDs, as the signer orders them
-	JWTTokensCached  int       // JWT-SVIDs in the token cache
+	ServingSince     time.Time        // zero until the Workload API listens
+	EntriesWithoutID int              // entries the node may serve that have no valid SVID now
+	JWTKeyIDs        []string         // the JWT bundle's key IDs, as the signer orders them
+	JWTTokensCached  int              // JWT-SVIDs in the token cache
+	OpenStreams      map[string]int64 // open Workload API streams by method
 }
 
 // SVIDStatus describes the SVID held for one entry.
@@ -45,6 +46,7 @@ func (a *Agent) Status() Status {
 		RenewFailures:  int(a.renewFailures.Load()),
 		StartedAt:      a.started,
 		ServingSince:   timeFromNanos(a.servingSince.Load()),
+		OpenStreams:    a.metrics.openStreams(),
 	}
 	if a.up != nil {
 		if svid := a.up.agentSVID(); svid != nil {

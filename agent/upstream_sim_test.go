@@ -135,6 +135,12 @@ type simSigner struct {
 // the signer on 127.0.0.1:0 until cleanup and waits for its bundle file.
 func startSigner(t testing.TB, policySrc string) *simSigner {
 	t.Helper()
+	return startSignerLog(t, policySrc, hclog.NewNullLogger())
+}
+
+// startSignerLog is startSigner with the signer logging to log.
+func startSignerLog(t testing.TB, policySrc string, log hclog.Logger) *simSigner {
+	t.Helper()
 	dir := t.TempDir()
 	conf := `
 trust_domain = "example.org"
@@ -153,7 +159,7 @@ x509_max_ttl = "2h"
 	if err != nil {
 		t.Fatalf("LoadConfig: %v", err)
 	}
-	s, err := signer.New(cfg, hclog.NewNullLogger())
+	s, err := signer.New(cfg, log)
 	if err != nil {
 		t.Fatalf("signer.New: %v", err)
 	}

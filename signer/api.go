@@ -40,10 +40,26 @@ type api struct {
 	s *Signer
 }
 
-func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
+// errLeftPolicy refuses a TPM whose node rules were removed while it
+// answered the challenge.
+var errLeftPolicy = errors.New("TPM left the policy during attestation")
+
+func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	s := a.s
 	ctx, cancel := context.WithTimeout(stream.Context(), attestTimeout)
 	defer cancel()
+	start := time.Now()
+	var refusal error // why the verifier said no, when it did
+	defer func() {
+		result := attestResult(refusal)
+		if refusal == nil && err != nil {
+			result = "error" // the stream broke or timed out
+		}
+		s.metrics.attestations.WithLabelValues(result).Inc()
+		if result == "ok" {
+			s.metrics.attestDuration.Observe(time.Since(start).Seconds())
+		}
+	}()
 
 	req, err := recv(ctx, stream)
 	if err != nil {
@@ -51,6 +67,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 	}
 	pe := req.GetEvidence()
 	if pe == nil {
+		refusal = attestor.ErrMalformedEvidence
 		return status.Error(codes.InvalidArgument, "attest: the first message must carry evidence")
 	}
 	ev := &attestor.Evidence{
@@ -71,7 +88,9 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 	s.mu.Unlock()
 	ch, err := attestor.NewChallenge(ev, rules, nil, time.Now())
 	if err != nil {
-		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "reason", err.Error())
+		refusal = err
+		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
+			"duration_ms", time.Since(start).Milliseconds())
 		return attestStatus(err)
 	}
 	cred := ch.Credential()
@@ -86,7 +105,9 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 	}
 	node, err := ch.Verify(req.GetActivationSecret())
 	if err != nil {
-		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "reason", err.Error())
+		refusal = err
+		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
+			"duration_ms", time.Since(start).Milliseconds())
 		return attestStatus(err)
 	}
 
@@ -102,7 +123,9 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 	node.Names = node.Rematch(s.rules, now)
 	if len(node.Names) == 0 {
 		s.mu.Unlock()
-		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", "TPM left the policy during attestation")
+		refusal = errLeftPolicy
+		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", errLeftPolicy.Error(),
+			"duration_ms", time.Since(start).Milliseconds())
 		return status.Error(codes.PermissionDenied, "attestation refused: the TPM left the policy during attestation")
 	}
 	cert, err := s.auth.sign(node.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
@@ -115,7 +138,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) error {
 		return status.Errorf(codes.Internal, "attest: %v", err)
 	}
 	s.log.Info("agent attested", "ek_sha256", node.EKSHA256, "spiffe_id", id.String(), "nodes", node.Names,
-		"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339))
+		"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339), "duration_ms", time.Since(start).Milliseconds())
 	return stream.Send(&signerpb.AttestResponse{Step: &signerpb.AttestResponse_Result{Result: &signerpb.AttestResult{
 		Svid:          [][]byte{cert.Raw},
 		Bundle:        bundle,
@@ -160,6 +183,8 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 		return err
 	}
 	s.log.Debug("sync stream opened", "agent", id.String())
+	s.metrics.syncStreams.Inc()
+	defer s.metrics.syncStreams.Dec()
 	var last *signerpb.SyncResponse
 	for {
 		resp, changed, err := s.syncState(id)
@@ -203,6 +228,8 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 		return nil, err
 	}
 	if n := len(req.GetCsrs()); n > maxCSRs {
+		s.metrics.svidRefusals.WithLabelValues(refusedTooMany).Add(float64(n))
+		s.log.Warn("x509-svids refused", "agent", id.String(), "csrs", n, "reason", "too many CSRs in one call")
 		return nil, status.Errorf(codes.InvalidArgument, "too many CSRs in one call: %d (limit %d)", n, maxCSRs)
 	}
 	resp := &signerpb.SignX509SVIDsResponse{}
@@ -212,9 +239,15 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 		cert, w, err := s.signOne(id, c, now)
 		if err != nil {
 			out.Error = err.Error()
-			s.log.Warn("x509-svid refused", "agent", id.String(), "entry", c.GetEntryId(), "reason", err.Error())
+			s.metrics.svidRefusals.WithLabelValues(refusalReason(err)).Inc()
+			spiffeID := "" // unknown when the entry is not this node's
+			if w != nil {
+				spiffeID = w.SPIFFEID.String()
+			}
+			s.log.Warn("x509-svid refused", "agent", id.String(), "entry", c.GetEntryId(), "spiffe_id", spiffeID, "reason", err.Error())
 		} else {
 			out.Chain = [][]byte{cert.Raw}
+			s.metrics.svidsSigned.Inc()
 			s.log.Info("x509-svid signed", "agent", id.String(), "entry", w.Name, "spiffe_id", w.SPIFFEID.String(),
 				"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339))
 		}
@@ -227,12 +260,35 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 // node may not serve.
 var ErrEntryNotAuthorized = errors.New("entry is not authorized for this node")
 
+// errNotAttested refuses a CSR from an agent the signer does not know.
+var errNotAttested = errors.New("agent is not attested with this signer")
+
+// badCSRError refuses a CSR that does not parse or whose signature fails.
+type badCSRError struct{ error }
+
+func (e badCSRError) Unwrap() error { return e.error }
+
+// refusalReason names a signOne error for svid_refusals_total.
+func refusalReason(err error) string {
+	switch {
+	case errors.Is(err, errNotAttested):
+		return refusedNotAttested
+	case errors.Is(err, ErrEntryNotAuthorized):
+		return refusedNotAuthorized
+	case errors.As(err, new(badCSRError)):
+		return refusedBadCSR
+	}
+	return refusedSignError
+}
+
+// signOne signs one CSR for agent. The workload is returned whenever the
+// entry is one the agent may serve, even on refusal, for the audit line.
 func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x509.Certificate, *policy.Workload, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rec, ok := s.agents[agent]
 	if !ok {
-		return nil, nil, fmt.Errorf("agent is not attested with this signer")
+		return nil, nil, errNotAttested
 	}
 	allowed := s.pol.WorkloadsForNodes(rec.names)
 	i := slices.IndexFunc(allowed, func(w policy.Workload) bool { return w.Name == c.GetEntryId() })
@@ -242,15 +298,15 @@ func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x5
 	w := allowed[i]
 	csr, err := x509.ParseCertificateRequest(c.GetCsr())
 	if err != nil {
-		return nil, nil, fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)
+		return nil, &w, badCSRError{fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)}
 	}
 	if err := csr.CheckSignature(); err != nil {
-		return nil, nil, fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)
+		return nil, &w, badCSRError{fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)}
 	}
 	ttl := min(w.X509TTL, s.cfg.X509MaxTTL)
 	cert, err := s.auth.sign(csr.PublicKey, w.SPIFFEID, ttl, w.DNSNames, now)
 	if err != nil {
-		return nil, nil, err
+		return nil, &w, err
 	}
 	return cert, &w, nil
 }

@@ -49,6 +49,9 @@ type Config struct {
 	AgentTTL      time.Duration // lifetime of agent SVIDs
 	LogLevel      string        // trace, debug, info, warn or error
 	LogFormat     string        // text or json
+	// MetricsAddress is the loopback host:port serving Prometheus
+	// metrics on /metrics; empty (the default) means off.
+	MetricsAddress string
 }
 
 var signerConfigSchema = &hcl.BodySchema{
@@ -65,6 +68,7 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "agent_ttl"},
 		{Name: "log_level"},
 		{Name: "log_format"},
+		{Name: "metrics_address"},
 	},
 }
 
@@ -151,6 +155,10 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	set("log_format", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.LogFormat, d = hclconf.LogFormat(a)
+		return d
+	})
+	set("metrics_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.MetricsAddress, d = hclconf.LoopbackAddress(a)
 		return d
 	})
 	diags = append(diags, fitToCA(cfg, content.Attributes)...)

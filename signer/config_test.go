@@ -101,6 +101,9 @@ func TestParseConfigErrors(t *testing.T) {
 		{"wrong type", required + "listen_address = 8443\n", []string{
 			`c.hcl:4: listen_address: expected a string, got number`,
 		}},
+		{"metrics on a public address", required + "metrics_address = \"10.0.0.1:9465\"\n", []string{
+			`c.hcl:4: metrics_address: "10.0.0.1:9465": host must be a loopback address such as 127.0.0.1 or [::1] (the endpoint has no authentication)`,
+		}},
 		{"bad listen address", required + "listen_address = \"localhost\"\n", []string{
 			`c.hcl:4: listen_address: "localhost" is not host:port`,
 		}},

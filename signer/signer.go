@@ -46,6 +46,8 @@ type Signer struct {
 	log hclog.Logger
 	id  spiffeid.ID // the signer's own SPIFFE ID
 
+	metrics *Metrics // safe for concurrent use
+
 	mu      sync.Mutex
 	auth    *authority
 	bundle  *x509bundle.Bundle // the CAs agents trust; safe for concurrent use
@@ -106,8 +108,13 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 		changed: make(chan struct{}),
 	}
 	s.setPolicyLocked(pol)
+	s.metrics = newMetrics(s)
 	return s, nil
 }
+
+// Metrics returns the signer's metrics, served on metrics_address when it
+// is set. The policy watcher counts its reloads here.
+func (s *Signer) Metrics() *Metrics { return s.metrics }
 
 // Run writes the trust bundle and the CA state, serves the agent API on the
 // configured address and rotates the CA until ctx ends, and returns once
@@ -122,6 +129,12 @@ func (s *Signer) Run(ctx context.Context) error {
 
 // Serve is Run on a listener the caller opened (tests use port 0).
 func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
+	// Opened first, so that a metrics port in use stops the start.
+	metricsLn, err := s.listenMetrics()
+	if err != nil {
+		lis.Close()
+		return err
+	}
 	// The fresh CA and JWT key are on disk before they sign anything, so
 	// a restart keeps publishing them while their SVIDs live.
 	s.mu.Lock()
@@ -129,6 +142,9 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	s.mu.Unlock()
 	if err := s.publish(cas, keys); err != nil {
 		lis.Close()
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
 		return err
 	}
 	tlsConf := &tls.Config{
@@ -158,7 +174,10 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 		stopGracefully(srv, 5*time.Second)
 		return nil
 	})
-	err := g.Wait()
+	if metricsLn != nil {
+		g.Go(func() error { return s.serveMetrics(ctx, metricsLn) })
+	}
+	err = g.Wait()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
 	}

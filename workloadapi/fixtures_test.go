@@ -31,7 +31,7 @@ type testCA struct {
 	key  *ecdsa.PrivateKey
 }
 
-func newTestCA(t *testing.T) *testCA {
+func newTestCA(t testing.TB) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -59,7 +59,7 @@ func newTestCA(t *testing.T) *testCA {
 }
 
 // svidResponse returns a response holding one fresh SVID for path.
-func (ca *testCA) svidResponse(t *testing.T, path string) *workload.X509SVIDResponse {
+func (ca *testCA) svidResponse(t testing.TB, path string) *workload.X509SVIDResponse {
 	t.Helper()
 	id := spiffeid.RequireFromPath(td, path)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)

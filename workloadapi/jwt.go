@@ -45,7 +45,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if err != nil {
 		return nil, err
 	}
-	log := h.log.With("pid", proc.PID, "uid", proc.UID, "audience", audience)
+	log := h.log.With("pid", proc.PID, "uid", proc.UID, "exe", exePath(selectors), "audience", audience)
 	if want != "" {
 		log = log.With("requested_spiffe_id", want)
 	}
@@ -53,7 +53,11 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	svids, err := h.jwt.JWTSVIDs(ctx, selectors, want, audience)
 	switch {
 	case errors.Is(err, ErrNotEntitled) || (err == nil && len(svids) == 0):
-		log.Info("no identity issued", "selectors", selectors)
+		reason := "no entry matches the caller's selectors"
+		if want != "" {
+			reason = "the requested SPIFFE ID is not among the caller's entries"
+		}
+		log.Info("no identity issued", "selectors", selectors, "reason", reason)
 		if want != "" {
 			return nil, status.Errorf(codes.PermissionDenied, "no identity issued for %s", want)
 		}
@@ -68,7 +72,7 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	for _, s := range svids {
 		ids = append(ids, s.GetSpiffeId())
 	}
-	log.Info("served JWT-SVIDs", "spiffe_ids", ids)
+	log.Info("served JWT-SVIDs", "selectors", selectors, "spiffe_ids", ids)
 	return &workload.JWTSVIDResponse{Svids: svids}, nil
 }
 

@@ -44,6 +44,9 @@ type Config struct {
 	// Log receives one line per served or refused call (the caller names
 	// it, e.g. log.Named("workloadapi")); nil discards.
 	Log hclog.Logger
+	// Observer, when set, is told of every call, stream and caller
+	// attestation (the agent's metrics and status); nil ignores them.
+	Observer Observer
 }
 
 // Server is the Workload API server. Run it once.
@@ -59,6 +62,9 @@ func New(cfg Config) *Server {
 	log := cfg.Log
 	if log == nil {
 		log = hclog.NewNullLogger()
+	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
 	}
 	return &Server{cfg: cfg, log: log, ready: make(chan struct{})}
 }
@@ -83,8 +89,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	srv := grpc.NewServer(
 		grpc.Creds(peerCredentials{}),
-		grpc.ChainUnaryInterceptor(headerUnary),
-		grpc.ChainStreamInterceptor(headerStream),
+		grpc.ChainUnaryInterceptor(observeUnary(s.cfg.Observer), headerUnary),
+		grpc.ChainStreamInterceptor(observeStream(s.cfg.Observer), headerStream),
 		// So that Run returns only after every handler has.
 		grpc.WaitForHandlers(true),
 	)
@@ -93,6 +99,7 @@ func (s *Server) Run(ctx context.Context) error {
 		source:   s.cfg.Source,
 		jwt:      s.cfg.JWT,
 		log:      s.log,
+		observer: s.cfg.Observer,
 		stopping: ctx.Done(),
 	})
 	// The SPIFFE spec recommends reflection, so that grpcurl and friends

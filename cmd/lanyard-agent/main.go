@@ -71,6 +71,12 @@ func main() {
 }
 
 func run(args []string) {
+	// Before anything holds a key: no core file or ptrace may expose the
+	// daemon's memory. Only the daemons: a non-dumpable CLI process (fetch)
+	// would need CAP_SYS_PTRACE in the agent to be attested.
+	if err := cli.Harden(); err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
 	fs := flag.NewFlagSet("run", flag.ExitOnError)
 	path := fs.String("config", "", "agent config file (HCL)")
 	fs.Parse(args)

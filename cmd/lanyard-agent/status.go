@@ -6,8 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -140,6 +142,8 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		cas = append(cas, until(now, &ca.NotAfter, "expires"))
 	}
 	fmt.Fprintf(tw, "Bundle:\t%d CAs\t%s\n", len(r.Bundle), strings.Join(cas, "; "))
+	fmt.Fprintf(tw, "JWT:\t%d signing keys\t%d tokens cached\n", len(r.JWT.KeyIDs), r.JWT.TokensCached)
+	fmt.Fprintf(tw, "Streams:\t%s\n", streams(r.OpenStreams))
 	fmt.Fprintf(tw, "Uptime:\t%s\tversion %s\n", (time.Duration(r.UptimeSeconds) * time.Second).String(), r.Version)
 	tw.Flush()
 
@@ -173,6 +177,23 @@ func until(now time.Time, t *time.Time, verb string) string {
 		return verb + " " + s
 	}
 	return s
+}
+
+// streams renders the open Workload API streams, e.g.
+// "3 open (FetchX509SVID 2, FetchX509Bundles 1)".
+func streams(open map[string]int64) string {
+	var total int64
+	var parts []string
+	for _, m := range slices.Sorted(maps.Keys(open)) {
+		total += open[m]
+		if open[m] > 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", m, open[m]))
+		}
+	}
+	if len(parts) == 0 {
+		return fmt.Sprintf("%d open", total)
+	}
+	return fmt.Sprintf("%d open (%s)", total, strings.Join(parts, ", "))
 }
 
 func orDash(s string) string {

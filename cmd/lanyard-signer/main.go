@@ -60,6 +60,12 @@ func configFlag(name string, args []string) string {
 }
 
 func run(args []string) {
+	// Before anything holds a key: no core file or ptrace may expose the
+	// daemon's memory. Only the daemons: a non-dumpable CLI process (fetch)
+	// would need CAP_SYS_PTRACE in the agent to be attested.
+	if err := cli.Harden(); err != nil {
+		cli.Fatalf(1, "%v", err)
+	}
 	cfg, err := signer.LoadConfig(configFlag("run", args))
 	if err != nil {
 		cli.Fatalf(1, "lanyard-signer: invalid config:\n%v", err)

@@ -212,3 +212,23 @@ func TrustDomain(attr *hcl.Attribute) (spiffeid.TrustDomain, hcl.Diagnostics) {
 	}
 	return td, nil
 }
+
+// LoopbackAddress decodes attr as a host:port to listen on that only this
+// host can reach: a loopback IP (127.0.0.0/8, ::1) or "localhost". Metrics
+// and health endpoints have no authentication and metrics name workloads,
+// so exposing them beyond the host is refused here rather than trusted to
+// a firewall. Port 0 picks a free port (tests).
+func LoopbackAddress(attr *hcl.Attribute) (string, hcl.Diagnostics) {
+	s, diags := HostPort(attr, true)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	host, _, _ := net.SplitHostPort(s)
+	if host == "localhost" {
+		return s, nil
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return "", hcl.Diagnostics{Errorf(attr.Expr.Range(), "%s: %q: host must be a loopback address such as 127.0.0.1 or [::1] (the endpoint has no authentication)", attr.Name, s)}
+	}
+	return s, nil
+}
