@@ -1,0 +1,98 @@
+package signer
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+
+	"github.com/lanyard-dev/lanyard/internal/filewatch"
+	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/lanyard-dev/lanyard/signer/policy"
+)
+
+// reloadCounters count policy reloads since start, for Stats (and the
+// metrics built on it).
+type reloadCounters struct {
+	ok, failed atomic.Uint64
+	mu         sync.Mutex
+	lastErr    string // first problem of the last failed reload; "" after a good one
+}
+
+// Stats is a snapshot of the signer for status lines and metrics.
+type Stats struct {
+	Agents         int    // attested agents the signer remembers
+	Nodes          int    // node blocks in the policy in force
+	Workloads      int    // workload entries in the policy in force
+	BundleSequence uint64 // bumped on every trust bundle change
+	// PolicyReloads and PolicyReloadFailures count edits of the policy file
+	// taken into force and refused since start.
+	PolicyReloads, PolicyReloadFailures uint64
+	// LastReloadError is the first problem of the last refused edit, as
+	// "file:line: message"; "" when the last edit was good.
+	LastReloadError string
+}
+
+// Stats returns the signer's counts now.
+func (s *Signer) Stats() Stats {
+	s.mu.Lock()
+	st := Stats{Agents: len(s.agents), Nodes: len(s.pol.Nodes), Workloads: len(s.pol.Workloads), BundleSequence: s.bundleN}
+	s.mu.Unlock()
+	st.PolicyReloads, st.PolicyReloadFailures = s.reloads.ok.Load(), s.reloads.failed.Load()
+	s.reloads.mu.Lock()
+	st.LastReloadError = s.reloads.lastErr
+	s.reloads.mu.Unlock()
+	return st
+}
+
+// Ready is closed once Serve has loaded the policy, published the bundle
+// and accepts agents.
+func (s *Signer) Ready() <-chan struct{} { return s.ready }
+
+// watchPolicy takes every edit of policy_path into force, until ctx ends.
+func (s *Signer) watchPolicy(ctx context.Context) error {
+	s.mu.Lock()
+	src := s.policySrc
+	s.mu.Unlock()
+	w := &filewatch.Watcher{Path: s.cfg.PolicyPath, Loaded: src, Log: s.log.Named("policy")}
+	return w.Run(ctx, s.reloadPolicy)
+}
+
+// reloadPolicy validates an edited policy file and puts it in force, which
+// pushes it to every connected agent. An invalid edit changes nothing: it
+// is logged with every file:line problem, and the last good policy stays.
+func (s *Signer) reloadPolicy(src []byte) {
+	var p *policy.Policy
+	var err error
+	if len(src) == 0 {
+		// Most likely caught between an in-place truncate and write; an
+		// empty policy would take every identity away from every host.
+		err = hclconf.Errors{{File: s.cfg.PolicyPath, Msg: "policy file is empty (to serve nothing on purpose, leave a comment in it)"}}
+	} else {
+		p, err = policy.Parse(src, s.cfg.PolicyPath, s.cfg.TrustDomain)
+	}
+	if err != nil {
+		n := s.reloads.failed.Add(1)
+		first := err.Error()
+		var es hclconf.Errors
+		if errors.As(err, &es) && len(es) > 0 {
+			first = es[0].Error()
+		}
+		s.reloads.mu.Lock()
+		s.reloads.lastErr = first
+		s.reloads.mu.Unlock()
+		s.log.Error("policy reload failed; the last good policy stays in force", "path", s.cfg.PolicyPath, "failures", n, "error", err)
+		return
+	}
+	s.mu.Lock()
+	s.policySrc = src
+	s.setPolicyLocked(p)
+	s.notifyLocked()
+	agents := len(s.agents)
+	s.mu.Unlock()
+	n := s.reloads.ok.Add(1)
+	s.reloads.mu.Lock()
+	s.reloads.lastErr = ""
+	s.reloads.mu.Unlock()
+	s.log.Info("policy reloaded", "path", s.cfg.PolicyPath, "nodes", len(p.Nodes), "workloads", len(p.Workloads), "agents", agents, "reloads", n)
+}
