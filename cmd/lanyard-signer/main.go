@@ -8,8 +8,10 @@ import (
 	"os"
 
 	"github.com/lanyard-dev/lanyard/internal/cli"
+	"github.com/lanyard-dev/lanyard/internal/sdnotify"
 	"github.com/lanyard-dev/lanyard/signer"
 	"github.com/lanyard-dev/lanyard/signer/policy"
+	"golang.org/x/sync/errgroup"
 )
 
 const usage = `usage: lanyard-signer <command> [flags]
@@ -69,7 +71,11 @@ func run(args []string) {
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
-	if err := s.Run(ctx); err != nil {
+	notify := sdnotify.FromEnv(log.Named("sdnotify"))
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.Run(ctx) })
+	g.Go(func() error { return notify.Run(ctx, notifyDaemon(s, cfg.ListenAddress)) })
+	if err := g.Wait(); err != nil {
 		log.Error("signer stopped", "error", err)
 		os.Exit(1)
 	}
