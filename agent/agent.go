@@ -41,6 +41,7 @@ type Agent struct {
 	ready     chan struct{} // attested, synced, first SVIDs signed
 	readyOnce sync.Once
 	serving   chan struct{} // ready and the Workload API socket listens
+	running   chan struct{} // Run has set up its parts: Status may be called
 	started   time.Time
 	trustWake broadcast // trust_bundle_path brought a new authority: retry now
 
@@ -66,12 +67,18 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 		reattest:  make(chan struct{}, 1),
 		ready:     make(chan struct{}),
 		serving:   make(chan struct{}),
+		running:   make(chan struct{}),
 	}
 }
 
 // Serving is closed once the agent holds its identity, the entries and
 // their SVIDs, and the Workload API socket accepts calls.
 func (a *Agent) Serving() <-chan struct{} { return a.serving }
+
+// Running is closed once Run has opened the TPM and set up its parts;
+// from then on Status and Report may be called from any goroutine (the
+// admin API and the systemd notifier do).
+func (a *Agent) Running() <-chan struct{} { return a.running }
 
 // Run opens the TPM and runs every part of the agent until ctx ends. It
 // returns only after all of them have stopped.
@@ -115,6 +122,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	admin := &adminServer{path: a.cfg.AdminSocketPath, log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
 
+	close(a.running)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return admin.Run(ctx) })
 	g.Go(func() error { return a.attestLoop(ctx) })

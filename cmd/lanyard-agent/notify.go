@@ -17,7 +17,12 @@ import (
 func notifyDaemon(a *agent.Agent, signerAddr string) sdnotify.Daemon {
 	return sdnotify.Daemon{
 		Ready:  a.Serving(),
-		Status: func() string { return statusLine(a.Report(time.Now()), isClosed(a.Serving()), signerAddr) },
+		Status: func() string {
+			if !isClosed(a.Running()) {
+				return "starting: opening the TPM"
+			}
+			return statusLine(a.Report(time.Now()), isClosed(a.Serving()), signerAddr)
+		},
 	}
 }
 
