@@ -62,15 +62,10 @@ func (s *Signer) watchPolicy(ctx context.Context) error {
 // pushes it to every connected agent. An invalid edit changes nothing: it
 // is logged with every file:line problem, and the last good policy stays.
 func (s *Signer) reloadPolicy(src []byte) {
-	var p *policy.Policy
-	var err error
-	if len(src) == 0 {
-		// Most likely caught between an in-place truncate and write; an
-		// empty policy would take every identity away from every host.
-		err = hclconf.Errors{{File: s.cfg.PolicyPath, Msg: "policy file is empty (to serve nothing on purpose, leave a comment in it)"}}
-	} else {
-		p, err = policy.Parse(src, s.cfg.PolicyPath, s.cfg.TrustDomain)
-	}
+	// The watcher never passes an empty file: that is what a reader sees
+	// between an in-place truncate and write, and an empty policy would
+	// take every identity away from every host.
+	p, err := policy.Parse(src, s.cfg.PolicyPath, s.cfg.TrustDomain)
 	if err != nil {
 		n := s.reloads.failed.Add(1)
 		first := err.Error()

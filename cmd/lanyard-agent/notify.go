@@ -16,7 +16,7 @@ import (
 // it a fair liveness check before each watchdog ping.
 func notifyDaemon(a *agent.Agent, signerAddr string) sdnotify.Daemon {
 	return sdnotify.Daemon{
-		Ready:  a.Serving(),
+		Ready: a.Serving(),
 		Status: func() string {
 			if !isClosed(a.Running()) {
 				return "starting: opening the TPM"

@@ -41,8 +41,9 @@ type Watcher struct {
 }
 
 // Run calls onChange with the file's new contents after each change, until
-// ctx ends. A missing or unreadable file is logged and skipped: the caller
-// keeps what it loaded last. Run fails only if the directory cannot be
+// ctx ends. A missing, unreadable or empty file is skipped (and logged): the
+// caller keeps what it loaded last. An in-place write can still be seen
+// half done; replacing the file by rename is atomic. Run fails only if the directory cannot be
 // watched.
 func (w *Watcher) Run(ctx context.Context, onChange func(data []byte)) error {
 	fw, err := fsnotify.NewWatcher()
@@ -89,6 +90,12 @@ func (w *Watcher) loop(ctx context.Context, events <-chan fsnotify.Event, errs <
 			return
 		}
 		missing = false
+		if len(data) == 0 {
+			// Most likely caught between an in-place truncate and the
+			// write that follows; that write brings another event.
+			log.Debug("watched file is empty; waiting for content", "path", w.Path)
+			return
+		}
 		if loaded != nil && bytes.Equal(data, loaded) {
 			return // a chmod, a touch, or an edit undone
 		}

@@ -68,6 +68,11 @@ func TestWatchEdits(t *testing.T) {
 			}
 			write(t, path, "v2")
 		}},
+		{"truncate, then write", func(t *testing.T, path string) {
+			// The empty file in between is never reported.
+			write(t, path, "")
+			write(t, path, "v2")
+		}},
 		{"chmod, then write", func(t *testing.T, path string) {
 			// The chmod alone changes no content: the first call must
 			// carry the write.
