@@ -112,6 +112,9 @@ func TestAgentNotify(t *testing.T) {
 		t.Errorf("READY=1 notification = %q, want STATUS=healthy: serving 3 entries", ready)
 	}
 	awaitNotify(t, msgs, 5*time.Second, "WATCHDOG=1", nil)
+	// The restarted signer has a new CA, which the agent learnt from its
+	// trust bundle file.
+	agent.waitLog(t, 5*time.Second, "trust bundle file reloaded")
 
 	agent.stop(t)
 	awaitNotify(t, msgs, 5*time.Second, "STOPPING=1", nil)
