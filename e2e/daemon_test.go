@@ -236,7 +236,8 @@ func TestPolicyReloadEndToEnd(t *testing.T) {
 }
 
 // TestRunRefusesInvalidConfig: an invalid file stops the binary before it
-// starts anything, with one message naming file and line, and exit 1.
+// starts anything, with one message naming file and line, and exit 78
+// (EX_CONFIG, which the units keep systemd from restarting on).
 func TestRunRefusesInvalidConfig(t *testing.T) {
 	d := shortDir(t)
 	writeFile(t, filepath.Join(d, "policy.hcl"), "node \"lab\" {\n  ek_sha256 = [\"zz\"]\n}\n")
@@ -268,8 +269,8 @@ func TestRunRefusesInvalidConfig(t *testing.T) {
 			defer cancel()
 			out, err := exec.CommandContext(ctx, filepath.Join(bin, tt.binary), "run", "--config", cfg).CombinedOutput()
 			var ee *exec.ExitError
-			if !errors.As(err, &ee) || ee.ExitCode() != 1 {
-				t.Fatalf("%s run: %v, want exit status 1\n%s", tt.binary, err, out)
+			if !errors.As(err, &ee) || ee.ExitCode() != 78 {
+				t.Fatalf("%s run: %v, want exit status 78\n%s", tt.binary, err, out)
 			}
 			if !strings.Contains(string(out), tt.want) {
 				t.Errorf("output lacks %q:\n%s", tt.want, out)

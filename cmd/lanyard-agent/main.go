@@ -66,7 +66,7 @@ func run(args []string) {
 	}
 	cfg, err := agent.LoadConfig(*path)
 	if err != nil {
-		cli.Fatalf(1, "lanyard-agent: invalid config:\n%v", err)
+		cli.Fatalf(cli.ExitConfig, "lanyard-agent: invalid config:\n%v", err)
 	}
 	log := cli.NewLogger("lanyard-agent", cfg.LogLevel, cfg.LogFormat, os.Stderr)
 	ctx, stop := cli.SignalContext()

@@ -62,12 +62,13 @@ func configFlag(name string, args []string) string {
 func run(args []string) {
 	cfg, err := signer.LoadConfig(configFlag("run", args))
 	if err != nil {
-		cli.Fatalf(1, "lanyard-signer: invalid config:\n%v", err)
+		cli.Fatalf(cli.ExitConfig, "lanyard-signer: invalid config:\n%v", err)
 	}
 	log := cli.NewLogger("lanyard-signer", cfg.LogLevel, cfg.LogFormat, os.Stderr)
 	s, err := signer.New(cfg, log)
 	if err != nil {
-		cli.Fatalf(1, "lanyard-signer: %v", err)
+		// The policy, or the CA state an operator must fix.
+		cli.Fatalf(cli.ExitConfig, "lanyard-signer: %v", err)
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
