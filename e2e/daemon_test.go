@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -145,6 +146,12 @@ func TestSignerNotify(t *testing.T) {
 		t.Errorf("READY=1 notification = %q, want the policy counts", ready)
 	}
 	awaitNotify(t, msgs, 5*time.Second, "WATCHDOG=1", nil)
+
+	// systemctl reload: the unchanged policy is read again.
+	if err := signer.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	signer.waitLog(t, 5*time.Second, "policy reloaded")
 
 	writeFile(t, filepath.Join(d, "policy.hcl"), good+"workload {\n")
 	awaitNotify(t, msgs, 10*time.Second, "STATUS=policy edit refused, last good policy in force: "+filepath.Join(d, "policy.hcl")+":4:", nil)

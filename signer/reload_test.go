@@ -115,3 +115,47 @@ func writeTestFile(t *testing.T, path, s string) {
 		t.Fatal(err)
 	}
 }
+
+// TestReloadPolicyForced is `systemctl reload`: the file is read again even
+// when unchanged, since a file it names may have changed.
+func TestReloadPolicyForced(t *testing.T) {
+	dir := t.TempDir()
+	s := newTestSigner(t, dir, "")
+	path := filepath.Join(dir, "policy.hcl")
+	src, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	steps := []struct {
+		name       string
+		prepare    func(t *testing.T)
+		wantErr    bool
+		wantOK     uint64
+		wantFailed uint64
+	}{
+		{"unchanged file", func(*testing.T) {}, false, 1, 0},
+		{"missing file", func(t *testing.T) {
+			if err := os.Remove(path); err != nil {
+				t.Fatal(err)
+			}
+		}, true, 1, 1},
+		{"invalid file", func(t *testing.T) { writeTestFile(t, path, "node {\n") }, true, 1, 2},
+		{"restored", func(t *testing.T) { writeTestFile(t, path, string(src)) }, false, 2, 2},
+	}
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			st.prepare(t)
+			err := s.ReloadPolicy()
+			if (err != nil) != st.wantErr {
+				t.Errorf("ReloadPolicy: %v, want error %v", err, st.wantErr)
+			}
+			got := s.Stats()
+			if got.PolicyReloads != st.wantOK || got.PolicyReloadFailures != st.wantFailed {
+				t.Errorf("reloads %d ok %d failed, want %d %d", got.PolicyReloads, got.PolicyReloadFailures, st.wantOK, st.wantFailed)
+			}
+			if got.Nodes != 1 {
+				t.Errorf("nodes in force = %d, want the last good policy's 1", got.Nodes)
+			}
+		})
+	}
+}

@@ -76,6 +76,7 @@ func run(args []string) {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.Run(ctx) })
 	g.Go(func() error { return notify.Run(ctx, notifyDaemon(s, cfg.ListenAddress)) })
+	g.Go(func() error { return reloadOnHangup(ctx, s) })
 	if err := g.Wait(); err != nil {
 		log.Error("signer stopped", "error", err)
 		os.Exit(1)

@@ -1,7 +1,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/lanyard-dev/lanyard/internal/sdnotify"
 	"github.com/lanyard-dev/lanyard/signer"
@@ -23,4 +27,21 @@ func statusLine(st signer.Stats, addr string) string {
 		s = "policy edit refused, last good policy in force: " + st.LastReloadError + "; " + s
 	}
 	return s
+}
+
+// reloadOnHangup re-reads the policy on every SIGHUP (`systemctl reload`)
+// until ctx ends. The file watcher already takes every edit; a hang-up is
+// for what it cannot see, such as a replaced ek_ca file.
+func reloadOnHangup(ctx context.Context, s *signer.Signer) error {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-hup:
+			s.ReloadPolicy() // logged and counted by the signer
+		}
+	}
 }
