@@ -30,7 +30,7 @@ type Stats struct {
 	BundleSequence uint64 // bumped on every trust bundle change
 	// PolicyReloads and PolicyReloadFailures count the policy file's
 	// reloads (after an edit, or on ReloadPolicy) put in force and refused
-	// since start: the lead's metrics read them.
+	// since start, for metrics.
 	PolicyReloads, PolicyReloadFailures uint64
 	// LastReloadError is the first problem of the last refused edit, as
 	// "file:line: message"; "" when the last edit was good.

@@ -2,6 +2,7 @@ package filewatch
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -166,7 +167,11 @@ func TestDebounce(t *testing.T) {
 				}()
 				events <- fsnotify.Event{Name: filepath.Join(filepath.Dir(path), "other.hcl"), Op: fsnotify.Write}
 				for i := range tt.events {
-					write(t, path, "v"+string(rune('a'+i)))
+					// By rename: the loop may read while this writes.
+					write(t, path+".tmp", fmt.Sprint("v", i+1))
+					if err := os.Rename(path+".tmp", path); err != nil {
+						t.Fatal(err)
+					}
 					events <- fsnotify.Event{Name: path, Op: fsnotify.Write}
 					time.Sleep(tt.gap) // fake time
 				}
