@@ -5,7 +5,15 @@ BIN := bin
 # apt-get needs root; CI runs as root and has no sudo.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all build swtpm-deps test lint demo bench clean help generate
+# make install: DESTDIR stages into a tree (packaging); PREFIX picks where the
+# binaries go, and the units' ExecStart= follows it.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+CONFDIR := $(SYSCONFDIR)/lanyard
+
+.PHONY: all build swtpm-deps test lint demo bench clean help generate install uninstall
 
 all: build
 
@@ -17,6 +25,8 @@ help:
 	@echo 'demo        run signer + swtpm + agent and fetch an SVID'
 	@echo 'bench       run the benchmarks'
 	@echo 'clean       remove build output'
+	@echo 'install     install binaries ($$(BINDIR)), systemd units ($$(SYSTEMD_UNIT_DIR)) and example configs ($$(CONFDIR), never overwritten); honours DESTDIR and PREFIX'
+	@echo 'uninstall   remove the binaries and units (configs and signer state stay)'
 	@echo 'generate    regenerate proto/signerpb (needs protoc, protoc-gen-go, protoc-gen-go-grpc; the output is committed)'
 
 build:
@@ -58,3 +68,26 @@ generate:
 
 clean:
 	rm -rf $(BIN)
+
+install: build
+	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSTEMD_UNIT_DIR) $(DESTDIR)$(CONFDIR)
+	install -m 0755 $(BIN)/lanyard-agent $(BIN)/lanyard-signer $(DESTDIR)$(BINDIR)/
+	for u in lanyard-agent.service lanyard-signer.service; do \
+		sed -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/etc/lanyard/|$(CONFDIR)/|g' deploy/$$u >$(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$u.tmp && \
+		chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$u.tmp && \
+		mv $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$u.tmp $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$u || exit 1; \
+	done
+	@# World-readable: the signer runs as a DynamicUser; none of these is secret.
+	@for f in agent.hcl signer.hcl policy.hcl; do \
+		if [ -e $(DESTDIR)$(CONFDIR)/$$f ]; then \
+			echo "install: keeping existing $(DESTDIR)$(CONFDIR)/$$f"; \
+		else \
+			install -m 0644 deploy/$$f $(DESTDIR)$(CONFDIR)/$$f && echo "install: $(DESTDIR)$(CONFDIR)/$$f (example: edit it)"; \
+		fi; \
+	done
+	@echo 'install: done. Then: systemctl daemon-reload && systemctl enable --now lanyard-signer (signer host) or lanyard-agent (every host)'
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/lanyard-agent $(DESTDIR)$(BINDIR)/lanyard-signer
+	rm -f $(DESTDIR)$(SYSTEMD_UNIT_DIR)/lanyard-agent.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/lanyard-signer.service
+	@echo 'uninstall: $(CONFDIR) and /var/lib/lanyard-signer are left in place'

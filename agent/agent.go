@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,7 +42,9 @@ type Agent struct {
 	ready     chan struct{} // attested, synced, first SVIDs signed
 	readyOnce sync.Once
 	serving   chan struct{} // ready and the Workload API socket listens
+	running   chan struct{} // Run has set up its parts: Status may be called
 	started   time.Time
+	trustWake broadcast // trust_bundle_path brought a new authority: retry now
 
 	// Facts for Status, written by the loops that own them.
 	lastSync, servingSince, agentRenewAt        atomic.Int64 // unix nanoseconds
@@ -67,6 +70,7 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 		reattest:  make(chan struct{}, 1),
 		ready:     make(chan struct{}),
 		serving:   make(chan struct{}),
+		running:   make(chan struct{}),
 	}
 	a.jwt = newJWTSource(a.cache, a.mintJWTSVIDs, log.Named("jwt"))
 	a.metrics = newMetrics(a)
@@ -86,13 +90,22 @@ func (a *Agent) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDReques
 // their SVIDs, and the Workload API socket accepts calls.
 func (a *Agent) Serving() <-chan struct{} { return a.serving }
 
+// Running is closed once Run has opened the TPM and set up its parts;
+// from then on Status and Report may be called from any goroutine (the
+// admin API and the systemd notifier do).
+func (a *Agent) Running() <-chan struct{} { return a.running }
+
 // Run opens the TPM and runs every part of the agent until ctx ends. It
 // returns only after all of them have stopped.
 func (a *Agent) Run(ctx context.Context) error {
 	a.started = time.Now()
-	trust, err := x509bundle.Load(a.cfg.TrustDomain, a.cfg.TrustBundlePath)
+	trustSrc, err := os.ReadFile(a.cfg.TrustBundlePath)
 	if err != nil {
 		return fmt.Errorf("load trust bundle: %w", err)
+	}
+	trust, err := x509bundle.Parse(a.cfg.TrustDomain, trustSrc)
+	if err != nil {
+		return fmt.Errorf("load trust bundle %s: %w", a.cfg.TrustBundlePath, err)
 	}
 	tpm, err := attestor.OpenTPM(attestor.TPMConfig{Device: a.cfg.TPM.Device, Socket: a.cfg.TPM.Socket})
 	if err != nil {
@@ -126,6 +139,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	admin := &adminServer{path: a.cfg.AdminSocketPath, log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
 
+	close(a.running)
 	g, ctx := errgroup.WithContext(ctx)
 	if err := a.serveTelemetry(ctx, g); err != nil {
 		return err
@@ -134,6 +148,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.attestLoop(ctx) })
 	g.Go(func() error { return a.syncLoop(ctx) })
 	g.Go(func() error { return a.renewLoop(ctx) })
+	g.Go(func() error { return a.watchTrust(ctx, trustSrc) })
 	g.Go(func() error {
 		// Listen only once there is something to serve, so a workload
 		// never sees PermissionDenied merely because the agent is young.
@@ -163,6 +178,7 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) attestLoop(ctx context.Context) error {
 	failures := 0
 	for {
+		trustChanged := a.trustWake.C()
 		a.reloadTrust()
 		start := time.Now()
 		res, err := a.up.attest(ctx)
@@ -175,7 +191,7 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 			a.attestFailures.Store(int64(failures))
 			d := a.backoff.Delay(failures, a.rand())
 			a.log.Error("attestation failed", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
-			if !sleep(ctx, d) {
+			if !sleep(ctx, d, trustChanged) {
 				return nil
 			}
 			continue
@@ -217,6 +233,7 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 	for {
 		// The signer may have restarted with a new CA since the last
 		// attempt; its bundle file is how the agent learns it.
+		trustChanged := a.trustWake.C()
 		a.reloadTrust()
 		client, replaced := a.up.client()
 		if client == nil {
@@ -247,6 +264,8 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 		select {
 		case <-t.C:
 		case <-replaced:
+			t.Stop()
+		case <-trustChanged:
 			t.Stop()
 		case <-ctx.Done():
 			t.Stop()
@@ -295,11 +314,7 @@ func (a *Agent) reloadTrust() {
 		a.log.Warn("cannot read trust bundle file", "path", a.cfg.TrustBundlePath, "error", err)
 		return
 	}
-	for _, c := range b.X509Authorities() {
-		if !a.up.trust.HasX509Authority(c) {
-			a.up.trust.AddX509Authority(c)
-		}
-	}
+	a.addTrust(b)
 }
 
 // checkUnauthenticated asks for a new attestation when the signer says it
@@ -370,12 +385,15 @@ func (a *Agent) jitter() float64 { return rand.Float64()*2 - 1 }
 // rand draws a backoff jitter in [0, 1).
 func (a *Agent) rand() float64 { return rand.Float64() }
 
-// sleep waits d or until ctx ends; it reports whether d elapsed.
-func sleep(ctx context.Context, d time.Duration) bool {
+// sleep waits d, or less if wake is closed first, or until ctx ends; it
+// reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return true
+	case <-wake:
 		return true
 	case <-ctx.Done():
 		return false

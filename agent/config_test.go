@@ -153,6 +153,33 @@ func TestParseConfigErrors(t *testing.T) {
 		{"tpm empty device", required + "tpm { device = \"\" }\n", []string{
 			`a.hcl:4: device: must not be empty`,
 		}},
+		{"unknown workload attestor", required + tpm + "workload_attestors = [\"unix\", \"docker\"]\n", []string{
+			`a.hcl:5: workload_attestors: unknown attestor "docker" (want some of unix, systemd, cgroup, container, k8s)`,
+		}},
+		{"workload attestor twice", required + tpm + "workload_attestors = [\"unix\", \"unix\"]\n", []string{
+			`a.hcl:5: workload_attestors: "unix" is listed twice`,
+		}},
+		{"no workload attestor", required + tpm + "workload_attestors = []\n", []string{
+			`a.hcl:5: workload_attestors: must name at least one attestor (leave it out to run all)`,
+		}},
+		{"workload attestors not a list", required + tpm + "workload_attestors = \"unix\"\n", []string{
+			`a.hcl:5: workload_attestors: expected a list of strings, got string`,
+		}},
+		{"key set twice", required + tpm + "log_level = \"info\"\nlog_level = \"debug\"\n", []string{
+			`a.hcl:6: Attribute redefined: The argument "log_level" was already set at a.hcl:5,1-10. Each argument may be set only once.`,
+		}},
+		{"null value", required + tpm + "socket_path = null\n", []string{
+			`a.hcl:5: socket_path: must not be null`,
+		}},
+		{"bool for a string", required + tpm + "log_level = true\n", []string{
+			`a.hcl:5: log_level: expected a string, got bool`,
+		}},
+		{"variable reference", required + tpm + "socket_path = \"${path}\"\n", []string{
+			`a.hcl:5: Variables not allowed: Variables may not be used here.`,
+		}},
+		{"tpm socket path too long", required + "tpm { socket = \"" + long + "\" }\n", []string{
+			`a.hcl:4: socket: "` + long + `" is 108 bytes; a Unix socket path can be at most 107`,
+		}},
 		{"every problem at once", "trust_domain = 1\nsigner_address = \"a\"\nlog_level = \"loud\"\nlog_format = \"\"\n", []string{
 			`a.hcl:1: Missing required argument: The argument "trust_bundle_path" is required, but no definition was found.`,
 			`a.hcl:1: trust_domain: expected a string, got number`,

@@ -148,6 +148,21 @@ func TestParseConfigErrors(t *testing.T) {
 			`c.hcl:4: log_level: "verbose" is not one of trace, debug, info, warn, error`,
 			`c.hcl:5: log_format: "xml" is not one of text, json`,
 		}},
+		{"negative duration", required + "ca_ttl = \"-1h\"\n", []string{
+			`c.hcl:4: ca_ttl: -1h is below the minimum of 1m0s`,
+		}},
+		{"null value", required + "ca_ttl = null\n", []string{
+			`c.hcl:4: ca_ttl: must not be null`,
+		}},
+		{"key set twice", required + "state_dir = \"a\"\nstate_dir = \"b\"\n", []string{
+			`c.hcl:5: Attribute redefined: The argument "state_dir" was already set at c.hcl:4,1-10. Each argument may be set only once.`,
+		}},
+		{"port out of range", required + "listen_address = \"127.0.0.1:99999\"\n", []string{
+			`c.hcl:4: listen_address: "127.0.0.1:99999": port must be a number from 1 to 65535`,
+		}},
+		{"named port", required + "listen_address = \"127.0.0.1:http\"\n", []string{
+			`c.hcl:4: listen_address: "127.0.0.1:http": port must be a number from 1 to 65535`,
+		}},
 		{"every problem at once", "trust_domain = \"\"\nbundle_path = 1\nstate_dir = \"\"\nca_ttl = \"1s\"\nx = 1\n", []string{
 			`c.hcl:1: Missing required argument: The argument "policy_path" is required, but no definition was found.`,
 			`c.hcl:1: trust_domain: must not be empty`,

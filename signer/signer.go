@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -59,6 +60,10 @@ type Signer struct {
 	tlsCert *tls.Certificate
 	tlsCA   *CA // the CA that signed tlsCert
 	tlsKey  *ecdsa.PrivateKey
+
+	policySrc []byte        // the policy file's content in force
+	ready     chan struct{} // closed once Serve accepts agents
+	reloads   reloadCounters
 }
 
 // agentRecord is what the signer remembers of an attested agent. It lives in
@@ -77,7 +82,12 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	pol, err := policy.Load(cfg.PolicyPath, cfg.TrustDomain)
+	// The bytes are kept so the policy watcher knows what is in force.
+	src, err := os.ReadFile(cfg.PolicyPath)
+	if err != nil {
+		return nil, fmt.Errorf("load policy: %w", err)
+	}
+	pol, err := policy.Parse(src, cfg.PolicyPath, cfg.TrustDomain)
 	if err != nil {
 		return nil, fmt.Errorf("load policy: %w", err)
 	}
@@ -106,6 +116,9 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 		bundleN: 1,
 		agents:  make(map[spiffeid.ID]*agentRecord),
 		changed: make(chan struct{}),
+
+		policySrc: src,
+		ready:     make(chan struct{}),
 	}
 	s.setPolicyLocked(pol)
 	s.metrics = newMetrics(s)
@@ -168,7 +181,9 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Serve(lis) })
+	close(s.ready) // the listener queues connections until Serve takes them
 	g.Go(func() error { return s.rotateCAs(ctx) })
+	g.Go(func() error { return s.watchPolicy(ctx) })
 	g.Go(func() error {
 		<-ctx.Done()
 		stopGracefully(srv, 5*time.Second)

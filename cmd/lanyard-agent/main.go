@@ -9,6 +9,8 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/cli"
+	"github.com/lanyard-dev/lanyard/internal/sdnotify"
+	"golang.org/x/sync/errgroup"
 )
 
 const usage = `usage: lanyard-agent <command> [flags]
@@ -85,12 +87,17 @@ func run(args []string) {
 	}
 	cfg, err := agent.LoadConfig(*path)
 	if err != nil {
-		cli.Fatalf(1, "lanyard-agent: invalid config:\n%v", err)
+		cli.Fatalf(cli.ExitConfig, "lanyard-agent: invalid config:\n%v", err)
 	}
 	log := cli.NewLogger("lanyard-agent", cfg.LogLevel, cfg.LogFormat, os.Stderr)
 	ctx, stop := cli.SignalContext()
 	defer stop()
-	if err := agent.New(cfg, log).Run(ctx); err != nil {
+	a := agent.New(cfg, log)
+	notify := sdnotify.FromEnv(log.Named("sdnotify"))
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.Run(ctx) })
+	g.Go(func() error { return notify.Run(ctx, notifyDaemon(a, cfg.SignerAddress)) })
+	if err := g.Wait(); err != nil {
 		log.Error("agent stopped", "error", err)
 		os.Exit(1)
 	}

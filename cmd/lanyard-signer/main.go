@@ -9,8 +9,10 @@ import (
 	"path/filepath"
 
 	"github.com/lanyard-dev/lanyard/internal/cli"
+	"github.com/lanyard-dev/lanyard/internal/sdnotify"
 	"github.com/lanyard-dev/lanyard/signer"
 	"github.com/lanyard-dev/lanyard/signer/policy"
+	"golang.org/x/sync/errgroup"
 )
 
 const usage = `usage: lanyard-signer <command> [flags]
@@ -68,16 +70,22 @@ func run(args []string) {
 	}
 	cfg, err := signer.LoadConfig(configFlag("run", args))
 	if err != nil {
-		cli.Fatalf(1, "lanyard-signer: invalid config:\n%v", err)
+		cli.Fatalf(cli.ExitConfig, "lanyard-signer: invalid config:\n%v", err)
 	}
 	log := cli.NewLogger("lanyard-signer", cfg.LogLevel, cfg.LogFormat, os.Stderr)
 	s, err := signer.New(cfg, log)
 	if err != nil {
-		cli.Fatalf(1, "lanyard-signer: %v", err)
+		// The policy, or the CA state an operator must fix.
+		cli.Fatalf(cli.ExitConfig, "lanyard-signer: %v", err)
 	}
 	ctx, stop := cli.SignalContext()
 	defer stop()
-	if err := s.Run(ctx); err != nil {
+	notify := sdnotify.FromEnv(log.Named("sdnotify"))
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.Run(ctx) })
+	g.Go(func() error { return notify.Run(ctx, notifyDaemon(s, cfg.ListenAddress)) })
+	g.Go(func() error { return reloadOnHangup(ctx, s) })
+	if err := g.Wait(); err != nil {
 		log.Error("signer stopped", "error", err)
 		os.Exit(1)
 	}

@@ -14,6 +14,11 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
+// ExitConfig is the exit status of `run` on an invalid config or policy
+// (sysexits' EX_CONFIG). The systemd units name it in
+// RestartPreventExitStatus=: restarting cannot fix a file.
+const ExitConfig = 78
+
 // Version is the binary's version, from the module build info.
 func Version() string {
 	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {

@@ -1,0 +1,140 @@
+package agent
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+func testCA(t *testing.T, name string) *x509.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func pemOf(cs ...*x509.Certificate) []byte {
+	var out []byte
+	for _, c := range cs {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return out
+}
+
+func TestWatchTrust(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	path := filepath.Join(t.TempDir(), "bundle.pem")
+	ca1, ca2 := testCA(t, "ca1"), testCA(t, "ca2")
+	initial := pemOf(ca1)
+	if err := os.WriteFile(path, initial, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logs := &lockedBuffer{}
+	a := New(&Config{TrustDomain: td, TrustBundlePath: path}, hclog.New(&hclog.LoggerOptions{Output: logs}))
+	a.up = &upstream{trust: x509bundle.FromX509Authorities(td, []*x509.Certificate{ca1})}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.watchTrust(ctx, initial) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("watchTrust: %v", err)
+		}
+	}()
+
+	steps := []struct {
+		name      string
+		content   []byte
+		wantTrust []*x509.Certificate
+		wantWake  bool
+		wantLog   string // the watcher's verdict on this step
+	}{
+		// Garbage changes nothing; the next good file is taken.
+		{"unusable file", []byte("not a bundle"), []*x509.Certificate{ca1}, false, "trust bundle file unusable"},
+		{"new authority", pemOf(ca1, ca2), []*x509.Certificate{ca1, ca2}, true, "trust bundle file reloaded"},
+		{"authority dropped from the file stays trusted", pemOf(ca2), []*x509.Certificate{ca1, ca2}, false, "trust bundle file reloaded"},
+	}
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			wake := a.trustWake.C()
+			seen := strings.Count(logs.String(), st.wantLog)
+			tmp := path + ".tmp"
+			if err := os.WriteFile(tmp, st.content, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(tmp, path); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for strings.Count(logs.String(), st.wantLog) == seen && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if strings.Count(logs.String(), st.wantLog) == seen {
+				t.Fatalf("no %q log line within 5s:\n%s", st.wantLog, logs)
+			}
+			for _, c := range st.wantTrust {
+				if !a.up.trust.HasX509Authority(c) {
+					t.Errorf("%s not trusted", c.Subject.CommonName)
+				}
+			}
+			if len(a.up.trust.X509Authorities()) != len(st.wantTrust) {
+				t.Errorf("%d authorities trusted, want %d", len(a.up.trust.X509Authorities()), len(st.wantTrust))
+			}
+			if st.wantWake {
+				select {
+				case <-wake:
+				case <-time.After(5 * time.Second):
+					t.Error("retry loops not woken by a new authority")
+				}
+			}
+		})
+	}
+}
+
+// lockedBuffer collects log output written from the watcher's goroutine.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}

@@ -1,0 +1,22 @@
+# lanyard-agent configuration: /etc/lanyard/agent.hcl
+# Every key and its default: README.md, "Configuration reference".
+
+trust_domain   = "example.org"
+# host:port of lanyard-signer.
+signer_address = "signer.example.org:8443"
+# The signer's trust bundle (its bundle_path file), copied to this host.
+# Relative paths are relative to this file. The agent follows edits of it.
+trust_bundle_path = "bundle.pem"
+
+# Both under RuntimeDirectory=lanyard of the unit.
+socket_path       = "/run/lanyard/workload.sock"
+admin_socket_path = "/run/lanyard/admin.sock"
+
+# The kernel's TPM resource manager (DeviceAllow= in the unit), or a swtpm
+# socket: tpm { socket = "/run/swtpm/tpm.sock" }
+tpm {
+  device = "/dev/tpmrm0"
+}
+
+log_level  = "info"
+log_format = "text"

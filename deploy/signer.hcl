@@ -1,0 +1,16 @@
+# lanyard-signer configuration: /etc/lanyard/signer.hcl
+# Every key and its default: README.md, "Configuration reference".
+
+trust_domain   = "example.org"
+# Agents on other hosts connect here: listen on every interface.
+listen_address = "0.0.0.0:8443"
+# Relative to this file: /etc/lanyard/policy.hcl. Edits take effect at
+# once; an invalid edit is logged and the last good policy stays in force.
+policy_path    = "policy.hcl"
+# Public. Copy it to every agent host as its trust_bundle_path. Under
+# StateDirectory=lanyard-signer of the unit, where the signer may write.
+bundle_path    = "/var/lib/lanyard-signer/bundle.pem"
+state_dir      = "/var/lib/lanyard-signer"
+
+log_level  = "info"
+log_format = "text"
