@@ -71,6 +71,7 @@ func (s *Signer) ReloadPolicy() error {
 	src, err := os.ReadFile(s.cfg.PolicyPath)
 	if err != nil {
 		s.reloads.failed.Add(1)
+		s.metrics.PolicyReload(false)
 		s.setReloadError(err.Error())
 		s.log.Error("policy reload failed; the last good policy stays in force", "path", s.cfg.PolicyPath, "error", err)
 		return fmt.Errorf("reload policy: %w", err)
@@ -96,6 +97,7 @@ func (s *Signer) reloadPolicy(src []byte) error {
 	p, err := policy.Parse(src, s.cfg.PolicyPath, s.cfg.TrustDomain)
 	if err != nil {
 		n := s.reloads.failed.Add(1)
+		s.metrics.PolicyReload(false)
 		first := err.Error()
 		var es hclconf.Errors
 		if errors.As(err, &es) && len(es) > 0 {
@@ -112,6 +114,7 @@ func (s *Signer) reloadPolicy(src []byte) error {
 	agents := len(s.agents)
 	s.mu.Unlock()
 	n := s.reloads.ok.Add(1)
+	s.metrics.PolicyReload(true)
 	s.setReloadError("")
 	s.log.Info("policy reloaded", "path", s.cfg.PolicyPath, "nodes", len(p.Nodes), "workloads", len(p.Workloads), "agents", agents, "reloads", n)
 	return nil

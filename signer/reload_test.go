@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // eventually polls cond until it holds, failing after 5s.
@@ -95,6 +97,10 @@ func TestPolicyReload(t *testing.T) {
 				return got.PolicyReloads == st.wantOK && got.PolicyReloadFailures == st.wantFailed
 			})
 			got := s.Stats()
+			m := s.Metrics().policyReloads
+			if ok, failed := testutil.ToFloat64(m.WithLabelValues("ok")), testutil.ToFloat64(m.WithLabelValues("error")); ok != float64(st.wantOK) || failed != float64(st.wantFailed) {
+				t.Errorf("policy_reloads_total ok=%v error=%v, want %d and %d", ok, failed, st.wantOK, st.wantFailed)
+			}
 			if got.Workloads != st.wantWorkloads {
 				t.Errorf("workloads in force = %d, want %d", got.Workloads, st.wantWorkloads)
 			}
