@@ -173,7 +173,13 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 				a.checkUnauthenticated(err)
 				failures++
 				a.renewFailures.Store(int64(failures))
-				retry := time.Now().Add(a.backoff.Delay(failures, a.rand()))
+				// Retry sooner as the first SVID held nears expiry, so a
+				// signer that comes back is found while it is still valid.
+				var remaining time.Duration
+				if earliest, ok := a.cache.earliestNotAfter(); ok {
+					remaining = time.Until(earliest)
+				}
+				retry := time.Now().Add(a.backoff.DelayBefore(failures, a.rand(), remaining))
 				a.log.Error("x509-svid renewal failed", "error", err, "failures", failures, "retry_at", retry.Format(time.RFC3339Nano))
 				if next.IsZero() || retry.Before(next) {
 					next = retry

@@ -65,6 +65,26 @@ func (b Backoff) Delay(failures int, r float64) time.Duration {
 	return max(time.Duration(float64(ceil)*r), b.Base/4)
 }
 
+// DelayBefore is Delay for a retry that must succeed before a deadline
+// remaining away, such as renewing an SVID that expires then: the wait is
+// capped at a quarter of remaining, so at least a few attempts land before
+// the deadline however long the failures have grown the backoff. A signer
+// back from an outage is then found within a fraction of the SVID's
+// remaining life, not after a full Max. With nothing remaining it is Delay.
+func (b Backoff) DelayBefore(failures int, r float64, remaining time.Duration) time.Duration {
+	d := b.Delay(failures, r)
+	if remaining <= 0 || d == 0 {
+		return d
+	}
+	limit := max(remaining/4, b.Base/4)
+	if d <= limit {
+		return d
+	}
+	// Still jittered, so a fleet whose SVIDs expire together does not
+	// retry in lockstep; never below the floor of Delay.
+	return max(time.Duration(float64(limit)*min(max(r, 0), 1)), b.Base/4)
+}
+
 // CAActivateAt is when the successor of a CA valid from notBefore to
 // notAfter takes over signing: at half the CA's lifetime. An SVID the CA
 // signs just before then, with a TTL of at most half the CA TTL (the

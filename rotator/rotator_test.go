@@ -69,6 +69,41 @@ func TestBackoff(t *testing.T) {
 	}
 }
 
+func TestBackoffDelayBefore(t *testing.T) {
+	b := Backoff{Base: time.Second, Max: 30 * time.Second}
+	tests := []struct {
+		name      string
+		failures  int
+		r         float64
+		remaining time.Duration
+		want      time.Duration
+	}{
+		{"no failure no wait", 0, 1, time.Minute, 0},
+		{"far deadline: plain backoff", 3, 1, time.Hour, 4 * time.Second},
+		{"no deadline: plain backoff", 10, 1, 0, 30 * time.Second},
+		{"expired already: plain backoff", 10, 1, -time.Second, 30 * time.Second},
+		{"near deadline caps at a quarter", 10, 1, 20 * time.Second, 5 * time.Second},
+		{"cap is jittered", 10, 0.5, 20 * time.Second, 2500 * time.Millisecond},
+		{"under the cap untouched", 2, 0.5, 20 * time.Second, time.Second},
+		{"last moments keep the floor", 10, 1, 100 * time.Millisecond, 250 * time.Millisecond},
+		{"floor holds with zero draw", 10, 0, 20 * time.Second, 250 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := b.DelayBefore(tt.failures, tt.r, tt.remaining); got != tt.want {
+				t.Errorf("DelayBefore(%d, %v, %v) = %v, want %v", tt.failures, tt.r, tt.remaining, got, tt.want)
+			}
+		})
+	}
+	// However many failures, an SVID with 20 s left sees a retry at least
+	// every 5 s: four or more attempts before it expires.
+	for f := 1; f < 64; f++ {
+		if d := b.DelayBefore(f, 1, 20*time.Second); d > 5*time.Second {
+			t.Fatalf("DelayBefore(%d, 1, 20s) = %v, want at most 5s", f, d)
+		}
+	}
+}
+
 func TestCAPhase(t *testing.T) {
 	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	na := nb.Add(24 * time.Hour) // activate at +12h
