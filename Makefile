@@ -15,7 +15,7 @@ help:
 	@echo 'test        lint, then every test with the race detector (needs swtpm)'
 	@echo 'lint        gofmt check and go vet'
 	@echo 'demo        run signer + swtpm + agent and fetch an SVID'
-	@echo 'bench       run the benchmarks'
+	@echo 'bench       build, start swtpm + signer + agent, run lanyard-bench and the Go benchmarks, print one table (BENCHMARKS.md)'
 	@echo 'clean       remove build output'
 	@echo 'generate    regenerate proto/signerpb (needs protoc, protoc-gen-go, protoc-gen-go-grpc; the output is committed)'
 
@@ -48,8 +48,10 @@ test: swtpm-deps lint
 demo: build swtpm-deps
 	bash scripts/demo.sh
 
-bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+# One table: Go benchmarks of the hot paths, the signer scale run, then
+# lanyard-bench against real processes (scripts/bench.sh; BENCHMARKS.md).
+bench: swtpm-deps
+	GO=$(GO) bash scripts/bench.sh
 
 generate:
 	protoc --go_out=. --go_opt=paths=source_relative \
