@@ -7,7 +7,7 @@
 # its stand-in manufacturer CA stay in the temporary folder, as in make demo.
 #
 # Knobs (environment): BENCH_CALLS (2000), BENCH_STREAMS (1000,10000),
-# BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_SCALE_AGENTS (1000),
+# BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (3s), BENCH_SCALE_AGENTS (1000),
 # BENCH_SCALE_TPMS (100), BENCH_GO (1: run the Go benchmarks and the scale run).
 set -euo pipefail
 
@@ -49,5 +49,5 @@ files=$(IFS=,; echo "${gobench[*]:-}")
   --agent-bin "$bin/lanyard-agent" --signer-bin "$bin/lanyard-signer" \
   --tpm-socket "$sock" --ek-ca "$work/tpm/ek-ca.pem" --dir "$work" \
   --calls "${BENCH_CALLS:-2000}" --streams "${BENCH_STREAMS:-1000,10000}" \
-  --rotations "${BENCH_ROTATIONS:-3}" --starts "${BENCH_STARTS:-3}" \
+  --rotations "${BENCH_ROTATIONS:-3}" --starts "${BENCH_STARTS:-3}" --duration "${BENCH_DURATION:-3s}" \
   ${files:+--gobench "$files"}

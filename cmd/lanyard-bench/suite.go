@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -38,6 +39,11 @@ func suite(cfg suiteConfig) ([]row, error) {
 		return nil, err
 	}
 	w := &suiteRun{cfg: cfg, port: port, uid: uid}
+	// The agent holds a socket and a pidfd per connection, and this
+	// process the other end: both need room for the largest level.
+	if err := raiseNoFile(uint64(2*slices.Max(append(cfg.Streams, 0)) + 1024)); err != nil {
+		return nil, err
+	}
 
 	// Phase 1: one entry with a long TTL, so no rotation disturbs the
 	// one-shot figures.
