@@ -8,7 +8,8 @@
 #
 # Knobs (environment): BENCH_CALLS (2000), BENCH_STREAMS (1000,10000),
 # BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (3s), BENCH_SCALE_AGENTS (1000),
-# BENCH_SCALE_TPMS (100), BENCH_GO (1: run the Go benchmarks and the scale run).
+# BENCH_SCALE_TPMS (100), BENCH_GO (1: run the Go benchmarks and the scale run),
+# BENCH_KEEP (set: keep the logs and configs, the TPM state is removed).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +20,12 @@ work=$(mktemp -d /tmp/lybench.XXXXXX)
 
 cleanup() {
   "$root/scripts/swtpm.sh" stop "$work/tpm" >/dev/null 2>&1 || true
-  rm -rf "$work"
+  if [[ -n "${BENCH_KEEP:-}" ]]; then
+    rm -rf "$work/tpm"
+    echo "logs and configs kept in $work" >&2
+  else
+    rm -rf "$work"
+  fi
 }
 trap cleanup EXIT
 
@@ -28,10 +34,13 @@ echo "== build (agent and signer with CGO_ENABLED=0)" >&2
 
 gobench=()
 if [[ "${BENCH_GO:-1}" == 1 ]]; then
-  echo "== Go benchmarks of the hot paths" >&2
-  (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 1s \
-    -bench 'BenchmarkSignX509SVID$|BenchmarkVerifyAttestation$|BenchmarkEntryMatching|BenchmarkResponseBuilding|BenchmarkAttestSelf$' \
-    ./signer/ ./attestor/ ./agent/) | tee "$work/gobench.txt" >&2
+  echo "== Go benchmarks of the hot paths (one goroutine: figures are per core)" >&2
+  {
+    (cd "$root" && "$go" test -run '^$' -cpu 1 -bench 'BenchmarkSignX509SVID$' ./signer/)
+    (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 100x -bench 'BenchmarkVerifyAttestation$' ./attestor/)
+    (cd "$root" && "$go" test -run '^$' -cpu 1 -bench 'BenchmarkAttestSelf/warm' ./attestor/)
+    (cd "$root" && "$go" test -run '^$' -cpu 1 -bench 'BenchmarkEntryMatching|BenchmarkResponseBuilding' ./agent/)
+  } | tee "$work/gobench.txt" >&2
   gobench+=("$work/gobench.txt")
   echo "== signer scale run (simulated agents, cgo TPM simulator)" >&2
   (cd "$root" && LANYARD_SCALE_AGENTS="${BENCH_SCALE_AGENTS:-1000}" LANYARD_SCALE_TPMS="${BENCH_SCALE_TPMS:-100}" \

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
-	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -43,24 +42,31 @@ func newStreamSet(socket string) *streamSet {
 	return &streamSet{socket: socket, ctx: ctx, cancel: cancel, seen: make(map[string]*arrival), change: make(chan struct{})}
 }
 
-// grow opens streams until there are n, each on a new connection, and waits
-// until every one holds a response.
-func (s *streamSet) grow(n int, timeout time.Duration) error {
-	if err := raiseNoFile(uint64(n + 1024)); err != nil {
+// grow opens streams until there are n, perConn on each new connection,
+// and waits until every one holds a response.
+func (s *streamSet) grow(n, perConn int, timeout time.Duration) error {
+	if _, err := raiseNoFile(uint64(n + 1024)); err != nil {
 		return err
 	}
-	for i := len(s.conns); i < n; i++ {
-		cc, err := dial(s.socket)
-		if err != nil {
-			return err
+	var cc *grpc.ClientConn
+	s.mu.Lock()
+	start := len(s.current)
+	s.mu.Unlock()
+	for i := start; i < n; i++ {
+		if (i-start)%perConn == 0 {
+			var err error
+			if cc, err = dial(s.socket); err != nil {
+				return err
+			}
+			s.mu.Lock()
+			s.conns = append(s.conns, cc)
+			s.mu.Unlock()
 		}
 		stream, err := workload.NewSpiffeWorkloadAPIClient(cc).FetchX509SVID(s.ctx, &workload.X509SVIDRequest{})
 		if err != nil {
-			cc.Close()
 			return fmt.Errorf("open stream %d: %w", i, err)
 		}
 		s.mu.Lock()
-		s.conns = append(s.conns, cc)
 		s.current = append(s.current, "")
 		s.mu.Unlock()
 		s.wg.Add(1)
@@ -211,26 +217,41 @@ func leafSerial(resp *workload.X509SVIDResponse) (string, error) {
 	return cert.TBS.Serial.Text(16), nil
 }
 
-// raiseNoFile raises RLIMIT_NOFILE to need: the soft limit up to the hard
-// one, and the hard one too when running as root. Children started later
-// (the agent under "suite") inherit it.
-func raiseNoFile(need uint64) error {
+// raiseNoFile raises the soft RLIMIT_NOFILE towards need, as far as the
+// hard limit allows, and returns the soft limit now in force. Children
+// started later (the agent under "suite") inherit it.
+func raiseNoFile(need uint64) (uint64, error) {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err)
+		return 0, fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err)
 	}
 	if lim.Cur >= need {
-		return nil
+		return lim.Cur, nil
 	}
-	if lim.Max < need {
-		if os.Geteuid() != 0 {
-			return fmt.Errorf("need %d file descriptors, the hard RLIMIT_NOFILE is %d: raise it (ulimit -Hn)", need, lim.Max)
-		}
-		lim.Max = need
-	}
-	lim.Cur = need
+	lim.Cur = min(need, lim.Max)
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return fmt.Errorf("setrlimit RLIMIT_NOFILE to %d: %w", need, err)
+		return 0, fmt.Errorf("setrlimit RLIMIT_NOFILE to %d: %w", lim.Cur, err)
 	}
-	return nil
+	return lim.Cur, nil
+}
+
+// hardNoFile is the hard RLIMIT_NOFILE: the most an agent started by this
+// process (or, as a guess, any agent on this host) can raise its own to.
+func hardNoFile() (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err)
+	}
+	return lim.Max, nil
+}
+
+// perConnection is how many streams share a connection so that n streams
+// fit in limit file descriptors on the agent's side, which holds a socket
+// and the caller's pidfd per connection: 1 whenever it fits.
+func perConnection(n int, limit uint64) int {
+	conns := (int(limit) - 1024) / 2
+	if conns <= 0 {
+		return n
+	}
+	return (n + conns - 1) / conns
 }

@@ -41,7 +41,7 @@ func suite(cfg suiteConfig) ([]row, error) {
 	w := &suiteRun{cfg: cfg, port: port, uid: uid}
 	// The agent holds a socket and a pidfd per connection, and this
 	// process the other end: both need room for the largest level.
-	if err := raiseNoFile(uint64(2*slices.Max(append(cfg.Streams, 0)) + 1024)); err != nil {
+	if _, err := raiseNoFile(uint64(2*slices.Max(append(cfg.Streams, 0)) + 1024)); err != nil {
 		return nil, err
 	}
 
@@ -230,17 +230,26 @@ func (w *suiteRun) fanout(base float64) ([]row, error) {
 func (w *suiteRun) fanoutOn(socket string, pid int, base float64) ([]row, error) {
 	set := newStreamSet(socket)
 	defer set.close()
+	limit, err := hardNoFile()
+	if err != nil {
+		return nil, err
+	}
 	var rows []row
 	for _, n := range w.cfg.Streams {
-		if err := set.grow(n, 2*time.Minute); err != nil {
+		perConn := perConnection(n, limit)
+		if err := set.grow(n, perConn, 2*time.Minute); err != nil {
 			return rows, fmt.Errorf("open %d streams: %w", n, err)
+		}
+		layout := "one stream per connection"
+		if perConn > 1 {
+			layout = fmt.Sprintf("new streams %d per connection: RLIMIT_NOFILE %d, the agent holds a socket and a pidfd per connection", perConn, limit)
 		}
 		if pid != 0 {
 			rss, err := settledRSS(pid)
 			if err != nil {
 				return rows, err
 			}
-			rows = append(rows, singleRow(fmt.Sprintf("agent RSS with %d open streams", n), "MiB", 1, rss, "VmRSS"))
+			rows = append(rows, singleRow(fmt.Sprintf("agent RSS with %d open streams", n), "MiB", 1, rss, layout))
 			if base > 0 {
 				per := (rss - base) / (float64(n) / 1000)
 				rows = append(rows, singleRow(fmt.Sprintf("agent RSS added per 1,000 streams (at %d)", n), "MiB", 1, per, "over the idle figure above"))
