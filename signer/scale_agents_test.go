@@ -146,6 +146,7 @@ func attestAgent(b *testing.B, ctx context.Context, s *scaleSigner, tpm *attesto
 // scale_bench_test.go. Metrics:
 //
 //	agents, tpms                 Sync streams held, distinct TPMs (agent IDs) behind them
+//	edits                        policy edits timed
 //	attest-ms                    median wall time of one attestation, TPM (simulator) work included
 //	edit-last-p50-ms, -p99-ms    policy edit (reload: read, parse, SetPolicy) until the last stream has it
 //	signer-rss-idle-mib          signer RSS before any agent
@@ -256,6 +257,7 @@ func BenchmarkSignerScale(b *testing.B) {
 	slices.Sort(attests)
 	b.ReportMetric(float64(agents), "agents")
 	b.ReportMetric(float64(tpms), "tpms")
+	b.ReportMetric(scaleEdits, "edits")
 	b.ReportMetric(msOf(attests[len(attests)/2]), "attest-ms")
 	b.ReportMetric(msOf(lasts[len(lasts)/2]), "edit-last-p50-ms")
 	b.ReportMetric(msOf(lasts[len(lasts)-1]), "edit-last-p99-ms")

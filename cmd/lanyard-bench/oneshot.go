@@ -73,6 +73,32 @@ func sequential(ctx context.Context, socket string, n int) ([]time.Duration, err
 	return ds, nil
 }
 
+// sequentialPair runs n one-shot calls against each of a and b, taking
+// turns call by call (and swapping who goes first each time), so both see
+// the same load from the rest of the machine.
+func sequentialPair(ctx context.Context, a, b string, n int) ([]time.Duration, []time.Duration, error) {
+	da := make([]time.Duration, 0, n)
+	db := make([]time.Duration, 0, n)
+	for i := 0; i < n; i++ {
+		order := []string{a, b}
+		if i%2 == 1 {
+			order = []string{b, a}
+		}
+		for _, socket := range order {
+			t0 := time.Now()
+			if _, err := oneShot(ctx, socket); err != nil {
+				return da, db, fmt.Errorf("call %d of %d to %s: %w", i+1, n, socket, err)
+			}
+			if socket == a {
+				da = append(da, time.Since(t0))
+			} else {
+				db = append(db, time.Since(t0))
+			}
+		}
+	}
+	return da, db, nil
+}
+
 // concurrentResult is what clients one-shot calls in a loop achieved.
 type concurrentResult struct {
 	calls     int
@@ -124,4 +150,24 @@ func concurrent(ctx context.Context, socket string, clients int, d time.Duration
 		return res, fmt.Errorf("%d concurrent clients: %w", clients, first)
 	}
 	return res, nil
+}
+
+// concurrentPair runs concurrent against a and b in two halves each, in the
+// order a b b a, so a change of load on the machine falls on both alike.
+func concurrentPair(ctx context.Context, a, b string, clients int, d time.Duration, maxCalls int) (concurrentResult, concurrentResult, error) {
+	var ra, rb concurrentResult
+	for _, socket := range []string{a, b, b, a} {
+		r, err := concurrent(ctx, socket, clients, d/2, maxCalls/2)
+		if err != nil {
+			return ra, rb, fmt.Errorf("%s: %w", socket, err)
+		}
+		acc := &rb
+		if socket == a {
+			acc = &ra
+		}
+		acc.calls += r.calls
+		acc.elapsed += r.elapsed
+		acc.latencies = append(acc.latencies, r.latencies...)
+	}
+	return ra, rb, nil
 }

@@ -190,27 +190,19 @@ func (w *suiteRun) oneShotsOn(socket string) ([]row, error) {
 	if _, err := sequential(ctx, floor.socket, 20); err != nil {
 		return nil, fmt.Errorf("floor warm-up: %w", err)
 	}
-	agentSeq, err := sequential(ctx, socket, w.cfg.Calls)
+	agentSeq, floorSeq, err := sequentialPair(ctx, socket, floor.socket, w.cfg.Calls)
 	if err != nil {
-		return nil, fmt.Errorf("agent one-shot: %w", err)
+		return nil, fmt.Errorf("one-shot: %w", err)
 	}
-	floorSeq, err := sequential(ctx, floor.socket, w.cfg.Calls)
-	if err != nil {
-		return nil, fmt.Errorf("floor one-shot: %w", err)
-	}
-	r := durationRow("one-shot FetchX509SVID, sequential", agentSeq, "dial, attest, first response, hang up")
+	r := durationRow("one-shot FetchX509SVID, sequential", agentSeq, "dial, attest, first response, hang up; calls alternate with the floor's")
 	r.Floor = durationRow("", floorSeq, "").Median
 	rows := []row{r}
 	for _, c := range w.cfg.Clients {
-		a, err := concurrent(ctx, socket, c, w.cfg.Duration, w.cfg.MaxCalls)
+		a, f, err := concurrentPair(ctx, socket, floor.socket, c, w.cfg.Duration, w.cfg.MaxCalls)
 		if err != nil {
-			return rows, fmt.Errorf("agent: %w", err)
+			return rows, err
 		}
-		f, err := concurrent(ctx, floor.socket, c, w.cfg.Duration, w.cfg.MaxCalls)
-		if err != nil {
-			return rows, fmt.Errorf("floor: %w", err)
-		}
-		rate := singleRow(fmt.Sprintf("one-shot calls/s, %d clients", c), "calls/s", a.calls, a.perSecond(), fmt.Sprintf("%v run", a.elapsed.Round(10*time.Millisecond)))
+		rate := singleRow(fmt.Sprintf("one-shot calls/s, %d clients", c), "calls/s", a.calls, a.perSecond(), fmt.Sprintf("%v in all, in halves alternating with the floor", a.elapsed.Round(10*time.Millisecond)))
 		rate.Floor = f.perSecond()
 		lat := durationRow(fmt.Sprintf("one-shot latency, %d clients", c), a.latencies, "")
 		lat.Floor = durationRow("", f.latencies, "").Median
