@@ -9,7 +9,8 @@
 # Knobs (environment): BENCH_CALLS (2000), BENCH_STREAMS (1000,10000),
 # BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (3s), BENCH_SCALE_AGENTS (1000),
 # BENCH_SCALE_TPMS (100), BENCH_GO (1: run the Go benchmarks and the scale run),
-# BENCH_KEEP (set: keep the logs and configs, the TPM state is removed).
+# BENCH_KEEP (set: keep the logs and configs, the TPM state is removed),
+# BENCH_AGENT_LOG_LEVEL (the agent's log_level; default its own, info).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,4 +60,4 @@ files=$(IFS=,; echo "${gobench[*]:-}")
   --tpm-socket "$sock" --ek-ca "$work/tpm/ek-ca.pem" --dir "$work" \
   --calls "${BENCH_CALLS:-2000}" --streams "${BENCH_STREAMS:-1000,10000}" \
   --rotations "${BENCH_ROTATIONS:-3}" --starts "${BENCH_STARTS:-3}" --duration "${BENCH_DURATION:-3s}" \
-  ${files:+--gobench "$files"}
+  ${BENCH_AGENT_LOG_LEVEL:+--agent-log-level "$BENCH_AGENT_LOG_LEVEL"} ${files:+--gobench "$files"}

@@ -25,6 +25,7 @@ type suiteConfig struct {
 	Starts              int   // agent starts measured
 	Entries             int   // workload entries in the "many entries" phase
 	GoBench             []string
+	AgentLogLevel       string // the agent's log_level; "" leaves its default (info)
 }
 
 // suite runs every figure against real processes and returns the rows.
@@ -157,6 +158,9 @@ func (w *suiteRun) startAgent(name string) error {
 	dir := w.cfg.Dir
 	conf := fmt.Sprintf("trust_domain = \"example.org\"\nsigner_address = \"127.0.0.1:%d\"\ntrust_bundle_path = \"bundle.pem\"\nsocket_path = %q\nadmin_socket_path = %q\ntpm { socket = %q }\n",
 		w.port, w.socket(), filepath.Join(dir, "admin.sock"), w.cfg.TPMSocket)
+	if w.cfg.AgentLogLevel != "" {
+		conf += fmt.Sprintf("log_level = %q\n", w.cfg.AgentLogLevel)
+	}
 	if err := os.WriteFile(filepath.Join(dir, "agent.hcl"), []byte(conf), 0o644); err != nil {
 		return err
 	}
