@@ -23,7 +23,7 @@ help:
 	@echo 'test        lint, then every test with the race detector (needs swtpm)'
 	@echo 'lint        gofmt check and go vet'
 	@echo 'demo        run signer + swtpm + agent and fetch an SVID'
-	@echo 'bench       run the benchmarks'
+	@echo 'bench       build, start swtpm + signer + agent, run lanyard-bench and the Go benchmarks, print one table (BENCHMARKS.md)'
 	@echo 'clean       remove build output'
 	@echo 'install     install binaries ($$(BINDIR)), systemd units ($$(SYSTEMD_UNIT_DIR)) and example configs ($$(CONFDIR), never overwritten); honours DESTDIR and PREFIX'
 	@echo 'uninstall   remove the binaries and units (configs and signer state stay)'
@@ -58,8 +58,10 @@ test: swtpm-deps lint
 demo: build swtpm-deps
 	bash scripts/demo.sh
 
-bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+# One table: Go benchmarks of the hot paths, the signer scale run, then
+# lanyard-bench against real processes (scripts/bench.sh; BENCHMARKS.md).
+bench: swtpm-deps
+	GO=$(GO) bash scripts/bench.sh
 
 generate:
 	protoc --go_out=. --go_opt=paths=source_relative \

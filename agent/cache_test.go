@@ -8,6 +8,8 @@ import (
 	"crypto/x509"
 	"math/big"
 	"net/url"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -162,5 +164,45 @@ func TestBundlesKeyedBySPIFFEID(t *testing.T) {
 	resp, _ := c.X509BundlesResponse()
 	if got := resp.GetBundles()["spiffe://example.org"]; !bytes.Equal(got, ca.Raw) || len(resp.GetBundles()) != 1 {
 		t.Errorf("X.509 bundles = %v, want only spiffe://example.org with the CA", resp.GetBundles())
+	}
+}
+
+// TestCacheRemembersMatchesUntilTheyChange checks that the per-selector
+// memo of matches never serves a stale answer: each step changes what a
+// caller with uid 1 matches, and it must see the change at once.
+func TestCacheRemembersMatchesUntilTheyChange(t *testing.T) {
+	t0 := time.Now()
+	c := newCache("spiffe://example.org")
+	caller := []string{"unix:gid:5", "unix:uid:1"}
+	steps := []struct {
+		name   string
+		change func()
+		want   []string // SPIFFE IDs served, in policy order
+	}{
+		{"entries without SVIDs", func() {
+			c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:gid:5"), entry("c", 1, "unix:uid:2")})
+		}, nil},
+		{"first SVID arrives", func() { c.putSVIDs([]*svid{testSVID(t, "b", 1, t0, t0.Add(time.Hour))}) }, []string{"b"}},
+		{"second SVID arrives", func() { c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour))}) }, []string{"a", "b"}},
+		{"SVID of another caller's entry", func() { c.putSVIDs([]*svid{testSVID(t, "c", 1, t0, t0.Add(time.Hour))}) }, []string{"a", "b"}},
+		{"rotation keeps the match", func() { c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(2*time.Hour))}) }, []string{"a", "b"}},
+		{"entry now asks for more", func() {
+			c.setEntries([]*signerpb.Entry{entry("a", 2, "unix:uid:1", "unix:user:x"), entry("b", 1, "unix:gid:5"), entry("c", 1, "unix:uid:2")})
+		}, []string{"b"}},
+		{"SVID expires", func() { c.expire(t0.Add(time.Hour)) }, nil},
+	}
+	for _, st := range steps {
+		st.change()
+		// Twice: the first call fills the memo, the second reads it.
+		for _, pass := range []string{"first", "second"} {
+			resp, _ := c.X509SVIDResponse(caller)
+			var got []string
+			for _, s := range resp.GetSvids() {
+				got = append(got, strings.TrimPrefix(s.GetSpiffeId(), "spiffe://example.org/"))
+			}
+			if !slices.Equal(got, st.want) {
+				t.Errorf("%s, %s call: served %q, want %q", st.name, pass, got, st.want)
+			}
+		}
 	}
 }

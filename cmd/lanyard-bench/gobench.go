@@ -1,0 +1,97 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"math"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// goBenchLine is one result line of `go test -bench` output.
+type goBenchLine struct {
+	name    string // without the -GOMAXPROCS suffix
+	n       int
+	metrics map[string]float64 // by unit
+}
+
+var procsSuffix = regexp.MustCompile(`-\d+$`)
+
+// parseGoBench reads the result lines of `go test -bench` output.
+func parseGoBench(path string) ([]goBenchLine, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read go bench output: %w", err)
+	}
+	defer f.Close()
+	var out []goBenchLine
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 4 || !strings.HasPrefix(fields[0], "Benchmark") {
+			continue
+		}
+		n, err := strconv.Atoi(fields[1])
+		if err != nil {
+			continue
+		}
+		l := goBenchLine{name: procsSuffix.ReplaceAllString(fields[0], ""), n: n, metrics: make(map[string]float64)}
+		for i := 2; i+1 < len(fields); i += 2 {
+			v, err := strconv.ParseFloat(fields[i], 64)
+			if err != nil {
+				break
+			}
+			l.metrics[fields[i+1]] = v
+		}
+		out = append(out, l)
+	}
+	return out, sc.Err()
+}
+
+// goBenchRows turns `go test -bench` output into rows: per benchmark its
+// time per operation and, in the note, operations per second per core
+// (the benchmarks run one goroutine, -cpu 1); the signer scale run's own
+// metrics become rows of their own.
+func goBenchRows(path string) ([]row, error) {
+	lines, err := parseGoBench(path)
+	if err != nil {
+		return nil, err
+	}
+	var rows []row
+	for _, l := range lines {
+		if l.name == "BenchmarkSignerScale" {
+			rows = append(rows, scaleRows(l)...)
+			continue
+		}
+		ns, ok := l.metrics["ns/op"]
+		if !ok || ns == 0 {
+			continue
+		}
+		rows = append(rows, singleRow(l.name, "µs/op", l.n, ns/1000, fmt.Sprintf("%.0f/s per core", 1e9/ns)))
+	}
+	return rows, nil
+}
+
+// scaleRows names the figures of BenchmarkSignerScale.
+func scaleRows(l goBenchLine) []row {
+	m := func(unit string) float64 {
+		if v, ok := l.metrics[unit]; ok {
+			return v
+		}
+		return math.NaN()
+	}
+	agents, tpms := int(m("agents")), int(m("tpms"))
+	edits := int(m("edits"))
+	edit := singleRow(fmt.Sprintf("signer: policy edit reaches %d agents' Sync streams", agents), "ms", edits, m("edit-last-p50-ms"),
+		fmt.Sprintf("edit to last stream; %d distinct TPMs, signer in its own process", tpms))
+	edit.P99 = m("edit-last-p99-ms")
+	return []row{
+		edit,
+		singleRow("signer: CPU per policy edit", "ms", edits, m("signer-cpu-ms/edit"), fmt.Sprintf("user+sys, pushing to %d streams", agents)),
+		singleRow("signer: RSS idle", "MiB", 1, m("signer-rss-idle-mib"), "VmRSS"),
+		singleRow(fmt.Sprintf("signer: RSS with %d agents' Sync streams", agents), "MiB", 1, m("signer-rss-mib"), "VmRSS, one mTLS connection per stream"),
+		singleRow("signer: one attestation, wall time", "ms", tpms, m("attest-ms"), "agent side (simulator TPM) included; signer's part: BenchmarkVerifyAttestation"),
+	}
+}
