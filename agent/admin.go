@@ -22,6 +22,7 @@ import (
 // loosened permissions do not open it to other users.
 type adminServer struct {
 	path    string
+	apiDir  string // the Workload API socket's directory
 	log     hclog.Logger
 	handler http.Handler
 	ready   chan struct{}
@@ -33,11 +34,17 @@ var ErrUnsafeAdminDir = errors.New("admin socket directory is writable by non-ro
 
 func (s *adminServer) Run(ctx context.Context) error {
 	dir := filepath.Dir(s.path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	// A directory of its own that only root may enter: the socket's mode
+	// and the peer check are then a second and third line, not the only.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("admin socket: %w", err)
 	}
 	if err := checkAdminDir(dir); err != nil {
 		return err
+	}
+	if dir == s.apiDir {
+		s.log.Warn("the admin socket shares the Workload API socket's directory, which every user can enter; it stays root-only (mode 0600, peer uid checked), but a directory of its own is safer",
+			"admin_socket_path", s.path, "default", DefaultAdminSocketPath)
 	}
 	if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("admin socket: remove stale %s: %w", s.path, err)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -137,7 +138,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		Observer:   a.metrics,
 	})
 
-	admin := &adminServer{path: a.cfg.AdminSocketPath, log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
+	admin := &adminServer{path: a.cfg.AdminSocketPath, apiDir: filepath.Dir(a.cfg.SocketPath), log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
 
 	close(a.running)
 	g, ctx := errgroup.WithContext(ctx)

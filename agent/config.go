@@ -16,7 +16,11 @@ import (
 // Defaults of the agent config, as documented in the README.
 const (
 	DefaultSocketPath      = "/run/lanyard/workload.sock"
-	DefaultAdminSocketPath = "/run/lanyard/admin.sock"
+	DefaultAdminSocketPath = "/run/lanyard/admin/admin.sock"
+	// SharedAdminSocketPath is where DESIGN.md's example config puts the
+	// admin socket, next to the Workload API's. The admin commands look
+	// there when no socket is named and the default does not exist.
+	SharedAdminSocketPath = "/run/lanyard/admin.sock"
 )
 
 // maxSocketPath is the longest path a Unix socket can bind: sun_path holds

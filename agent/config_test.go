@@ -38,7 +38,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			SignerAddress:   "127.0.0.1:8443",
 			TrustBundlePath: "/etc/lanyard/bundle.pem",
 			SocketPath:      "/run/lanyard/workload.sock",
-			AdminSocketPath: "/run/lanyard/admin.sock",
+			AdminSocketPath: DefaultAdminSocketPath,
 			TPM:             TPMConfig{Device: "/dev/tpmrm0"},
 			LogLevel:        "info",
 			LogFormat:       "text",

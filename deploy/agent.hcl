@@ -8,9 +8,10 @@ signer_address = "signer.example.org:8443"
 # Relative paths are relative to this file. The agent follows edits of it.
 trust_bundle_path = "bundle.pem"
 
-# Both under RuntimeDirectory=lanyard of the unit.
+# Both under RuntimeDirectory=lanyard of the unit; the agent makes the
+# admin socket's directory root-only (0700).
 socket_path       = "/run/lanyard/workload.sock"
-admin_socket_path = "/run/lanyard/admin.sock"
+admin_socket_path = "/run/lanyard/admin/admin.sock"
 
 # The kernel's TPM resource manager (DeviceAllow= in the unit), or a swtpm
 # socket: tpm { socket = "/run/swtpm/tpm.sock" }

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -30,7 +31,7 @@ type adminFlags struct {
 }
 
 func (f *adminFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.socket, "admin-socket", "", "agent admin socket (default: from --config, else "+agent.DefaultAdminSocketPath+")")
+	fs.StringVar(&f.socket, "admin-socket", "", "agent admin socket (default: from --config, else "+agent.DefaultAdminSocketPath+", else "+agent.SharedAdminSocketPath+")")
 	fs.StringVar(&f.config, "config", "", "agent config file to read admin_socket_path from")
 }
 
@@ -44,6 +45,13 @@ func (f *adminFlags) path() (string, error) {
 			return "", err
 		}
 		return cfg.AdminSocketPath, nil
+	}
+	// Configs written after DESIGN.md's example keep the admin socket next
+	// to the Workload API's: look there when the default is absent.
+	if _, err := os.Stat(agent.DefaultAdminSocketPath); err != nil {
+		if _, err := os.Stat(agent.SharedAdminSocketPath); err == nil {
+			return agent.SharedAdminSocketPath, nil
+		}
 	}
 	return agent.DefaultAdminSocketPath, nil
 }
