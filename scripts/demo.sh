@@ -93,5 +93,15 @@ step "timing"
 echo "agent start to first SVID fetched: $(( (t1 - t0) / 1000000 )) ms (wall clock, includes TPM attestation)"
 grep -o 'startup_ms=[0-9]*' "$work/agent.log" | head -1 | sed 's/^/agent reports /' || true
 
+if [ "$(id -u)" -eq 0 ]; then
+  step "lanyard-agent status (what an SRE runs first)"
+  "$bin/lanyard-agent" status --config "$work/agent.hcl" || true
+  step "lanyard-agent explain $$ (why this shell gets its identity)"
+  "$bin/lanyard-agent" explain --config "$work/agent.hcl" "$$" || true
+else
+  step "lanyard-agent status and explain"
+  echo "skipped: the admin socket answers root only (run the demo as root to see them)"
+fi
+
 step "agent log"
 cat "$work/agent.log"

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -131,10 +132,10 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 	if r.Agent.SPIFFEID == "" {
 		fmt.Fprintf(tw, "Agent:\tnot attested\n")
 	} else {
-		fmt.Fprintf(tw, "Agent:\t%s\t%s, renews %s\n", r.Agent.SPIFFEID, until(now, r.Agent.NotAfter, "expires"), until(now, r.Agent.RenewAt, ""))
+		fmt.Fprintf(tw, "Agent:\t%s, %s, renews %s\n", r.Agent.SPIFFEID, until(now, r.Agent.NotAfter, "expires"), until(now, r.Agent.RenewAt, ""))
 	}
 	if r.Agent.TPMManufacturer != "" || r.Agent.EKSHA256 != "" {
-		fmt.Fprintf(tw, "TPM:\t%s\tEK SHA-256 %s\n", orDash(r.Agent.TPMManufacturer), orDash(r.Agent.EKSHA256))
+		fmt.Fprintf(tw, "TPM:\t%s, EK SHA-256 %s\n", orDash(r.Agent.TPMManufacturer), orDash(r.Agent.EKSHA256))
 	}
 	conn := "connected"
 	if !r.Signer.Connected {
@@ -144,15 +145,15 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 	if r.Signer.LastSync != nil {
 		last = "last sync " + now.Sub(*r.Signer.LastSync).Round(time.Second).String() + " ago"
 	}
-	fmt.Fprintf(tw, "Signer:\t%s\t%s, %s, %d consecutive failures\n", r.Signer.Address, conn, last, r.Signer.ConsecutiveFailures)
+	fmt.Fprintf(tw, "Signer:\t%s, %s, %s, %d consecutive failures\n", r.Signer.Address, conn, last, r.Signer.ConsecutiveFailures)
 	var cas []string
 	for _, ca := range r.Bundle {
 		cas = append(cas, until(now, &ca.NotAfter, "expires"))
 	}
-	fmt.Fprintf(tw, "Bundle:\t%d CAs\t%s\n", len(r.Bundle), strings.Join(cas, "; "))
-	fmt.Fprintf(tw, "JWT:\t%d signing keys\t%d tokens cached\n", len(r.JWT.KeyIDs), r.JWT.TokensCached)
+	fmt.Fprintf(tw, "Bundle:\t%s: %s\n", pluralS(len(r.Bundle), "CA"), strings.Join(cas, "; "))
+	fmt.Fprintf(tw, "JWT:\t%s, %s cached\n", pluralS(len(r.JWT.KeyIDs), "signing key"), pluralS(r.JWT.TokensCached, "token"))
 	fmt.Fprintf(tw, "Streams:\t%s\n", streams(r.OpenStreams))
-	fmt.Fprintf(tw, "Uptime:\t%s\tversion %s\n", (time.Duration(r.UptimeSeconds) * time.Second).String(), r.Version)
+	fmt.Fprintf(tw, "Uptime:\t%s, version %s\n", (time.Duration(r.UptimeSeconds) * time.Second).String(), r.Version)
 	tw.Flush()
 
 	fmt.Fprintf(w, "\n")
@@ -202,6 +203,14 @@ func streams(open map[string]int64) string {
 		return fmt.Sprintf("%d open", total)
 	}
 	return fmt.Sprintf("%d open (%s)", total, strings.Join(parts, ", "))
+}
+
+// pluralS counts n things: "1 CA", "2 CAs".
+func pluralS(n int, thing string) string {
+	if n == 1 {
+		return "1 " + thing
+	}
+	return strconv.Itoa(n) + " " + thing + "s"
 }
 
 func orDash(s string) string {

@@ -1,0 +1,51 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/agent"
+)
+
+// TestPrintReport: the human status answers "healthy, and if not, why" in
+// its first line, and every fact line starts its value in one column.
+func TestPrintReport(t *testing.T) {
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	at := func(d time.Duration) *time.Time { x := now.Add(d); return &x }
+	r := agent.Report{
+		Version: "v1.2.3", Health: agent.Degraded, Reasons: []string{"signer unreachable (sync stream down)"},
+		UptimeSeconds: 3720,
+		Agent: agent.AgentReport{SPIFFEID: "spiffe://example.org/lanyard/agent/tpm/9f2c", NotAfter: at(time.Hour), RenewAt: at(30 * time.Minute),
+			EKSHA256: "9f2c", TPMManufacturer: "IBM"},
+		Signer:      agent.SignerReport{Address: "127.0.0.1:8443", LastSync: at(-12 * time.Second), ConsecutiveFailures: 3},
+		Bundle:      []agent.CAReport{{NotAfter: now.Add(24 * time.Hour)}},
+		Entries:     []agent.EntryReport{{ID: "web", SPIFFEID: "spiffe://example.org/web", Serial: "5be1", NotAfter: at(50 * time.Minute), RenewAt: at(20 * time.Minute)}, {ID: "db", SPIFFEID: "spiffe://example.org/db"}},
+		JWT:         agent.JWTReport{KeyIDs: []string{"k1", "k2"}, TokensCached: 1},
+		OpenStreams: map[string]int64{"FetchX509SVID": 2, "FetchX509Bundles": 0},
+	}
+	var out bytes.Buffer
+	printReport(&out, r, now)
+	lines := strings.Split(out.String(), "\n")
+
+	want := []string{
+		"Health:   degraded: signer unreachable (sync stream down)",
+		"Agent:    spiffe://example.org/lanyard/agent/tpm/9f2c, expires in 1h0m0s, renews in 30m0s",
+		"TPM:      IBM, EK SHA-256 9f2c",
+		"Signer:   127.0.0.1:8443, DISCONNECTED, last sync 12s ago, 3 consecutive failures",
+		"Bundle:   1 CA: expires in 24h0m0s",
+		"JWT:      2 signing keys, 1 token cached",
+		"Streams:  2 open (FetchX509SVID 2)",
+		"Uptime:   1h2m0s, version v1.2.3",
+		"",
+	}
+	for i, w := range want {
+		if i >= len(lines) || lines[i] != w {
+			t.Errorf("line %d = %q, want %q\nwhole output:\n%s", i, lines[min(i, len(lines)-1)], w, out.String())
+		}
+	}
+	if !strings.Contains(out.String(), "db     spiffe://example.org/db   NO VALID SVID") {
+		t.Errorf("an entry without an SVID is not flagged:\n%s", out.String())
+	}
+}
