@@ -130,13 +130,26 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 // FetchX509Bundles streams the trust bundles. Bundles are public, so the
 // caller is not attested.
 func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
+	return streamBundles(h, stream, h.source.X509BundlesResponse, "no trust bundle yet")
+}
+
+// bundlesResponse is what the bundle streams send: a pointer to a message
+// holding a map per trust domain.
+type bundlesResponse[R any] interface {
+	*R
+	GetBundles() map[string][]byte
+}
+
+// streamBundles sends the current bundles at once and again on every
+// change until the caller leaves. No bundle yet is Unavailable, not an
+// empty answer, so the client retries.
+func streamBundles[R any, P bundlesResponse[R]](h *handler, stream grpc.ServerStreamingServer[R], current func() (P, <-chan struct{}), none string) error {
 	ctx := stream.Context()
-	var last *workload.X509BundlesResponse
+	var last P
 	for {
-		resp, changed := h.source.X509BundlesResponse()
+		resp, changed := current()
 		if len(resp.GetBundles()) == 0 {
-			// Unavailable, not an empty answer: the client retries.
-			return status.Error(codes.Unavailable, "no trust bundle yet")
+			return status.Error(codes.Unavailable, none)
 		}
 		if resp != last {
 			if err := stream.Send(resp); err != nil {

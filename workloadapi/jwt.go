@@ -83,24 +83,7 @@ func (h *handler) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.Ser
 	if h.jwt == nil {
 		return errNoJWT
 	}
-	ctx := stream.Context()
-	var last *workload.JWTBundlesResponse
-	for {
-		resp, changed := h.jwt.JWTBundlesResponse()
-		if len(resp.GetBundles()) == 0 {
-			// Unavailable, not an empty answer: the client retries.
-			return status.Error(codes.Unavailable, "no JWT bundle yet")
-		}
-		if resp != last {
-			if err := stream.Send(resp); err != nil {
-				return err
-			}
-			last = resp
-		}
-		if err := h.wait(ctx, changed); err != nil {
-			return err
-		}
-	}
+	return streamBundles(h, stream, h.jwt.JWTBundlesResponse, "no JWT bundle yet")
 }
 
 // ValidateJWTSVID checks a JWT-SVID against the JWT bundles (see
