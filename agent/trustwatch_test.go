@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -59,7 +58,7 @@ func TestWatchTrust(t *testing.T) {
 	if err := os.WriteFile(path, initial, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	logs := &lockedBuffer{}
+	logs := &jsonLog{} // its Write and String are safe from the watcher's goroutine
 	a := New(&Config{TrustDomain: td, TrustBundlePath: path}, hclog.New(&hclog.LoggerOptions{Output: logs}))
 	a.up = &upstream{trust: x509bundle.FromX509Authorities(td, []*x509.Certificate{ca1})}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -119,22 +118,4 @@ func TestWatchTrust(t *testing.T) {
 			}
 		})
 	}
-}
-
-// lockedBuffer collects log output written from the watcher's goroutine.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
