@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"maps"
 	"os"
 	"os/exec"
@@ -29,18 +28,7 @@ import (
 
 // jwtPolicy gives this test process JWT-SVIDs for each name, with jwtTTL.
 func jwtPolicy(tpm *swtpmtest.TPM, jwtTTL string, names ...string) string {
-	p := fmt.Sprintf("node \"lab\" {\n  ek_ca = [%q]\n}\n", tpm.EKCAPath)
-	for _, n := range names {
-		p += fmt.Sprintf(`workload %q {
-  spiffe_id = "spiffe://example.org/%[1]s"
-  nodes     = ["lab"]
-  selectors = ["unix:uid:%d"]
-  x509_ttl  = "30s"
-  jwt_ttl   = %q
-}
-`, n, os.Getuid(), jwtTTL)
-	}
-	return p
+	return selfPolicy(tpm, "30s", jwtTTL, names...)
 }
 
 // tokenHeader decodes a token's JOSE header, which is not secret.

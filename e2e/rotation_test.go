@@ -26,17 +26,28 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// ttlPolicy gives this test process one identity with the given TTL.
+// ttlPolicy gives this test process one identity per name, its X.509-SVIDs
+// with the given TTL.
 func ttlPolicy(tpm *swtpmtest.TPM, ttl string, names ...string) string {
+	return selfPolicy(tpm, ttl, "", names...)
+}
+
+// selfPolicy gives this test process one identity per name: X.509-SVIDs
+// with x509TTL and, when jwtTTL is set, JWT-SVIDs with jwtTTL.
+func selfPolicy(tpm *swtpmtest.TPM, x509TTL, jwtTTL string, names ...string) string {
 	p := fmt.Sprintf("node \"lab\" {\n  ek_ca = [%q]\n}\n", tpm.EKCAPath)
 	for _, n := range names {
+		jwt := ""
+		if jwtTTL != "" {
+			jwt = fmt.Sprintf("  jwt_ttl   = %q\n", jwtTTL)
+		}
 		p += fmt.Sprintf(`workload %q {
   spiffe_id = "spiffe://example.org/%[1]s"
   nodes     = ["lab"]
   selectors = ["unix:uid:%d"]
   x509_ttl  = %q
-}
-`, n, os.Getuid(), ttl)
+%s}
+`, n, os.Getuid(), x509TTL, jwt)
 	}
 	return p
 }
