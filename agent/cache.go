@@ -81,13 +81,16 @@ func (c *cache) wakeLocked() {
 	c.changed = make(chan struct{})
 }
 
-// setEntries replaces the entries and drops SVIDs of entries that are gone.
+// setEntries replaces the entries. An SVID is served only for the exact
+// entry revision it was signed for, so SVIDs of entries that are gone or
+// changed are dropped here, keys and all: a changed entry serves nothing
+// until its new SVID is signed (renewLoop sees it missing at once).
 func (c *cache) setEntries(entries []*signerpb.Entry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.entries = entries
-	for id := range c.svids {
-		if !slices.ContainsFunc(entries, func(e *signerpb.Entry) bool { return e.GetId() == id }) {
+	for id, s := range c.svids {
+		if e := c.entryLocked(id); e == nil || e.GetRevision() != s.revision {
 			delete(c.svids, id)
 		}
 	}
@@ -110,24 +113,36 @@ func (c *cache) setBundle(cas []*x509.Certificate) bool {
 	return true
 }
 
-// putSVIDs stores freshly signed SVIDs and wakes streams once.
-func (c *cache) putSVIDs(ss []*svid) {
+// putSVIDs stores freshly signed SVIDs and wakes streams once. An SVID
+// signed for a revision the entry no longer has (the policy changed while
+// it was being signed) or for an entry that is gone is not stored; the
+// count of those is returned.
+func (c *cache) putSVIDs(ss []*svid) (stale int) {
 	if len(ss) == 0 {
-		return
+		return 0
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	var stored []*svid
 	for _, s := range ss {
-		if _, ok := c.svids[s.entryID]; !ok {
+		if e := c.entryLocked(s.entryID); e == nil || e.GetRevision() != s.revision {
+			stale++
+			continue
+		}
+		if old, ok := c.svids[s.entryID]; !ok || old.revision != s.revision {
 			clear(c.matched) // an entry starts to match
 		}
 		c.svids[s.entryID] = s
+		stored = append(stored, s)
+	}
+	if len(stored) == 0 {
+		return stale
 	}
 	// Keep the shared responses that contain none of the new SVIDs, so
 	// streams of unrelated callers wake, find the same response, and send
 	// nothing.
 	for key := range c.responses {
-		for _, s := range ss {
+		for _, s := range stored {
 			if strings.Contains("\x00"+key, "\x00"+s.entryID+"\x00") {
 				delete(c.responses, key)
 				break
@@ -135,6 +150,7 @@ func (c *cache) putSVIDs(ss []*svid) {
 		}
 	}
 	c.wakeLocked()
+	return stale
 }
 
 // expire removes SVIDs past their NotAfter so no caller is ever handed an
@@ -184,7 +200,10 @@ func (c *cache) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse
 			chain.Write(cert.Raw)
 		}
 		r.Svids = append(r.Svids, &workload.X509SVID{
-			SpiffeId:    e.GetSpiffeId(),
+			// The certificate's own ID: the label can never differ from
+			// what the SVID proves (matchLocked already demands the
+			// revision it was signed for).
+			SpiffeId:    s.chain[0].URIs[0].String(),
 			X509Svid:    chain.Bytes(),
 			X509SvidKey: s.keyPKCS8,
 			Bundle:      c.bundleDER,
@@ -193,6 +212,24 @@ func (c *cache) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse
 	}
 	c.responses[key] = r
 	return r, c.changed
+}
+
+// Pending reports whether a caller with these selectors matches an entry
+// whose SVID for the current revision is not held right now (just added
+// or changed, or lapsed while the signer was away). Such a caller is
+// entitled: it waits, or is told Unavailable, never PermissionDenied.
+func (c *cache) Pending(selectors []string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, e := range c.entries {
+		if s, ok := c.svids[e.GetId()]; ok && s.revision == e.GetRevision() {
+			continue
+		}
+		if matches(e.GetSelectors(), selectors) {
+			return true
+		}
+	}
+	return false
 }
 
 // maxMatched bounds cache.matched.
@@ -204,7 +241,7 @@ const maxMatched = 4096
 func (c *cache) matchLocked(selectors []string) string {
 	var keyb strings.Builder
 	for _, e := range c.entries {
-		if _, ok := c.svids[e.GetId()]; !ok || !matches(e.GetSelectors(), selectors) {
+		if s, ok := c.svids[e.GetId()]; !ok || s.revision != e.GetRevision() || !matches(e.GetSelectors(), selectors) {
 			continue
 		}
 		keyb.WriteString(e.GetId())

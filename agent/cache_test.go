@@ -8,10 +8,12 @@ import (
 	"crypto/x509"
 	"math/big"
 	"net/url"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
@@ -204,5 +206,87 @@ func TestCacheRemembersMatchesUntilTheyChange(t *testing.T) {
 				t.Errorf("%s, %s call: served %q, want %q", st.name, pass, got, st.want)
 			}
 		}
+	}
+}
+
+// TestCachePolicyEditNeverRelabels is issue 11's first finding: entry
+// "root" (unix:uid:0) is edited to a new SPIFFE ID and selector
+// unix:uid:65534. The SVID signed for the old revision must never reach the
+// newly entitled caller, under either label; the new caller waits until the
+// SVID of the new revision arrives.
+func TestCachePolicyEditNeverRelabels(t *testing.T) {
+	t0 := time.Now()
+	c := newCache("spiffe://example.org")
+	root := entry("root", 1, "unix:uid:0")
+	c.setEntries([]*signerpb.Entry{root})
+	old := testSVID(t, "root", 1, t0, t0.Add(time.Hour))
+	c.putSVIDs([]*svid{old})
+	nobody := []string{"unix:uid:65534"}
+	if resp, _ := c.X509SVIDResponse(nobody); resp != nil {
+		t.Fatalf("uid 65534 served %v before the edit", resp.GetSvids())
+	}
+	oldKey := weak.Make(&old.keyPKCS8[0])
+	old = nil
+
+	edited := &signerpb.Entry{Id: "root", SpiffeId: "spiffe://example.org/nobody", Selectors: nobody, Revision: 2}
+	c.setEntries([]*signerpb.Entry{edited})
+	if resp, _ := c.X509SVIDResponse(nobody); resp != nil {
+		t.Fatalf("after the edit uid 65534 was served %v, signed for the old revision", resp.GetSvids())
+	}
+	if !c.Pending(nobody) {
+		t.Error("Pending = false for the newly entitled caller while its SVID is being signed")
+	}
+	if c.Pending([]string{"unix:uid:0"}) {
+		t.Error("Pending = true for uid 0, which the edit no longer entitles")
+	}
+	runtime.GC()
+	if oldKey.Value() != nil {
+		t.Error("the old revision's private key is still held after the edit")
+	}
+
+	// An SVID signed for revision 1 while the edit was syncing arrives late.
+	if stale := c.putSVIDs([]*svid{testSVID(t, "root", 1, t0, t0.Add(time.Hour))}); stale != 1 {
+		t.Errorf("putSVIDs of an old-revision SVID: stale = %d, want 1", stale)
+	}
+	if resp, _ := c.X509SVIDResponse(nobody); resp != nil {
+		t.Fatalf("late old-revision SVID served: %v", resp.GetSvids())
+	}
+
+	_, changed := c.X509SVIDResponse(nobody)
+	fresh := testSVID(t, "nobody", 2, t0, t0.Add(time.Hour)) // its URI is .../nobody
+	fresh.entryID = "root"
+	c.putSVIDs([]*svid{fresh})
+	select {
+	case <-changed:
+	default:
+		t.Fatal("the new revision's SVID did not wake the waiting stream")
+	}
+	resp, _ := c.X509SVIDResponse(nobody)
+	if len(resp.GetSvids()) != 1 {
+		t.Fatalf("served %d SVIDs after the new one was signed, want 1", len(resp.GetSvids()))
+	}
+	got := resp.GetSvids()[0]
+	cert, err := x509.ParseCertificate(got.GetX509Svid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.GetSpiffeId() != "spiffe://example.org/nobody" || cert.URIs[0].String() != got.GetSpiffeId() {
+		t.Errorf("served label %s for a certificate of %s", got.GetSpiffeId(), cert.URIs[0])
+	}
+	if c.Pending(nobody) {
+		t.Error("Pending = true once the SVID is held")
+	}
+}
+
+// TestCacheLabelIsCertificateID: even if an entry's SPIFFE ID and the
+// certificate held for it disagreed, the response carries the certificate's.
+func TestCacheLabelIsCertificateID(t *testing.T) {
+	t0 := time.Now()
+	c := newCache("spiffe://example.org")
+	c.setEntries([]*signerpb.Entry{{Id: "a", SpiffeId: "spiffe://example.org/label", Selectors: []string{"unix:uid:1"}, Revision: 1}})
+	c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour))})
+	resp, _ := c.X509SVIDResponse([]string{"unix:uid:1"})
+	if got := resp.GetSvids()[0].GetSpiffeId(); got != "spiffe://example.org/a" {
+		t.Errorf("label = %s, want the certificate's spiffe://example.org/a", got)
 	}
 }

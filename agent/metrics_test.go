@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -27,7 +28,7 @@ func TestMetrics(t *testing.T) {
 	}
 
 	now := time.Now()
-	a.cache.setEntries(nil)
+	a.cache.setEntries([]*signerpb.Entry{entry("late", 1, "unix:uid:1"), entry("early", 1, "unix:uid:1")})
 	a.cache.putSVIDs([]*svid{
 		testSVID(t, "late", 1, now.Add(-time.Minute), now.Add(time.Hour)),
 		testSVID(t, "early", 1, now.Add(-time.Minute), now.Add(10*time.Minute)),

@@ -79,7 +79,7 @@ func (a *Agent) signEntries(ctx context.Context, entries []*signerpb.Entry) ([]*
 				return out, fmt.Errorf("create CSR for %s: %w", e.GetId(), err)
 			}
 			keys[e.GetId()] = key
-			req.Csrs = append(req.Csrs, &signerpb.CSR{EntryId: e.GetId(), Csr: csr})
+			req.Csrs = append(req.Csrs, &signerpb.CSR{EntryId: e.GetId(), Csr: csr, Revision: e.GetRevision()})
 		}
 		resp, err := client.SignX509SVIDs(ctx, req)
 		if err != nil {
@@ -108,6 +108,22 @@ func (a *Agent) signEntries(ctx context.Context, entries []*signerpb.Entry) ([]*
 	return out, firstErr
 }
 
+// checkSignedFor makes sure leaf was signed for exactly the revision of e
+// the agent asked for: the signer says which revision it signed (a signer
+// that predates revisions says 0, and then the SPIFFE ID must at least be
+// the entry's). The cache serves an SVID only under the entry revision it
+// records, so recording the wrong one would put one entry's identity under
+// another revision's selectors.
+func checkSignedFor(leaf *x509.Certificate, e *signerpb.Entry, rev uint64) error {
+	if rev != 0 && rev != e.GetRevision() {
+		return fmt.Errorf("entry %q: signed for revision %x, asked for %x", e.GetId(), rev, e.GetRevision())
+	}
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != e.GetSpiffeId() {
+		return fmt.Errorf("entry %q: SVID is not for %s", e.GetId(), e.GetSpiffeId())
+	}
+	return nil
+}
+
 func (a *Agent) svidFrom(r *signerpb.SignedX509SVID, keys map[string]*ecdsa.PrivateKey, batch []*signerpb.Entry) (*svid, error) {
 	if r.GetError() != "" {
 		return nil, fmt.Errorf("entry %q refused by signer: %s", r.GetEntryId(), r.GetError())
@@ -132,6 +148,9 @@ func (a *Agent) svidFrom(r *signerpb.SignedX509SVID, keys map[string]*ecdsa.Priv
 	}
 	if !publicKeysEqual(chain[0].PublicKey, key.Public()) {
 		return nil, fmt.Errorf("entry %q: SVID is not for the key we generated", e.GetId())
+	}
+	if err := checkSignedFor(chain[0], e, r.GetRevision()); err != nil {
+		return nil, err
 	}
 	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
@@ -164,7 +183,11 @@ func (a *Agent) renewLoop(ctx context.Context) error {
 		renew = renew[:min(len(renew), renewBatch)]
 		if work := append(missing, renew...); len(work) > 0 {
 			got, err := a.signEntries(ctx, work)
-			a.cache.putSVIDs(got)
+			if stale := a.cache.putSVIDs(got); stale > 0 {
+				// The policy changed while they were signed: the sync
+				// that changed it woke this loop to sign them again.
+				a.log.Info("x509-svids discarded: entry changed while signing", "count", stale)
+			}
 			a.recordIssued(got)
 			if err != nil {
 				if ctx.Err() != nil {

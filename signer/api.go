@@ -236,7 +236,7 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 	now := time.Now()
 	for _, c := range req.GetCsrs() {
 		out := &signerpb.SignedX509SVID{EntryId: c.GetEntryId()}
-		cert, w, err := s.signOne(id, c, now)
+		cert, w, rev, err := s.signOne(id, c, now)
 		if err != nil {
 			out.Error = err.Error()
 			s.metrics.svidRefusals.WithLabelValues(refusalReason(err)).Inc()
@@ -246,7 +246,7 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 			}
 			s.log.Warn("x509-svid refused", "agent", id.String(), "entry", c.GetEntryId(), "spiffe_id", spiffeID, "reason", err.Error())
 		} else {
-			out.Chain = [][]byte{cert.Raw}
+			out.Chain, out.Revision = [][]byte{cert.Raw}, rev
 			s.metrics.svidsSigned.Inc()
 			s.log.Info("x509-svid signed", "agent", id.String(), "entry", w.Name, "spiffe_id", w.SPIFFEID.String(),
 				"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339))
@@ -259,6 +259,12 @@ func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequ
 // ErrEntryNotAuthorized is returned for a CSR naming an entry the calling
 // node may not serve.
 var ErrEntryNotAuthorized = errors.New("entry is not authorized for this node")
+
+// ErrEntryChanged refuses a CSR made for an entry revision that is no
+// longer the policy's: the agent has not synced the change yet. Signing it
+// anyway would hand the agent an SVID of the new revision that it would
+// serve by the old revision's selectors.
+var ErrEntryChanged = errors.New("entry changed since the agent synced it")
 
 // errNotAttested refuses a CSR from an agent the signer does not know.
 var errNotAttested = errors.New("agent is not attested with this signer")
@@ -275,40 +281,49 @@ func refusalReason(err error) string {
 		return refusedNotAttested
 	case errors.Is(err, ErrEntryNotAuthorized):
 		return refusedNotAuthorized
+	case errors.Is(err, ErrEntryChanged):
+		return refusedEntryChanged
 	case errors.As(err, new(badCSRError)):
 		return refusedBadCSR
 	}
 	return refusedSignError
 }
 
-// signOne signs one CSR for agent. The workload is returned whenever the
-// entry is one the agent may serve, even on refusal, for the audit line.
-func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x509.Certificate, *policy.Workload, error) {
+// signOne signs one CSR for agent and returns the entry revision it signed
+// for. The workload is returned whenever the entry is one the agent may
+// serve, even on refusal, for the audit line. A CSR that names a revision
+// (every current agent does) must name the policy's current one; revision 0
+// is an older agent's, which checks the certificate's SPIFFE ID instead.
+func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x509.Certificate, *policy.Workload, uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rec, ok := s.agents[agent]
 	if !ok {
-		return nil, nil, errNotAttested
+		return nil, nil, 0, errNotAttested
 	}
 	allowed := s.pol.WorkloadsForNodes(rec.names)
 	i := slices.IndexFunc(allowed, func(w policy.Workload) bool { return w.Name == c.GetEntryId() })
 	if i < 0 {
-		return nil, nil, fmt.Errorf("entry %q: %w", c.GetEntryId(), ErrEntryNotAuthorized)
+		return nil, nil, 0, fmt.Errorf("entry %q: %w", c.GetEntryId(), ErrEntryNotAuthorized)
 	}
 	w := allowed[i]
+	rev := entryMessage(w).GetRevision()
+	if c.GetRevision() != 0 && c.GetRevision() != rev {
+		return nil, &w, 0, fmt.Errorf("entry %q: revision %x, policy has %x: %w", w.Name, c.GetRevision(), rev, ErrEntryChanged)
+	}
 	csr, err := x509.ParseCertificateRequest(c.GetCsr())
 	if err != nil {
-		return nil, &w, badCSRError{fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)}
+		return nil, &w, 0, badCSRError{fmt.Errorf("entry %q: parse CSR: %w", w.Name, err)}
 	}
 	if err := csr.CheckSignature(); err != nil {
-		return nil, &w, badCSRError{fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)}
+		return nil, &w, 0, badCSRError{fmt.Errorf("entry %q: CSR signature: %w", w.Name, err)}
 	}
 	ttl := min(w.X509TTL, s.cfg.X509MaxTTL)
 	cert, err := s.auth.sign(csr.PublicKey, w.SPIFFEID, ttl, w.DNSNames, now)
 	if err != nil {
-		return nil, &w, err
+		return nil, &w, 0, err
 	}
-	return cert, &w, nil
+	return cert, &w, rev, nil
 }
 
 // authenticate returns the agent on the other end of ctx's connection: the

@@ -32,6 +32,7 @@ const (
 	refusedBadCSR        = "bad_csr"
 	refusedSignError     = "sign_error"
 	refusedTooMany       = "too_many_csrs"
+	refusedEntryChanged  = "entry_changed"
 )
 
 func newMetrics(s *Signer) *Metrics {

@@ -103,6 +103,7 @@ func (ca *testCA) bundlesResponse() *workload.X509BundlesResponse {
 type fakeSource struct {
 	mu      sync.Mutex
 	svids   map[string]*workload.X509SVIDResponse
+	pending map[string]bool // selectors whose SVID is being signed
 	bundles *workload.X509BundlesResponse
 	changed chan struct{}
 }
@@ -120,6 +121,28 @@ func (s *fakeSource) X509SVIDResponse(selectors []string) (*workload.X509SVIDRes
 		}
 	}
 	return nil, s.changed
+}
+
+// Pending implements pendingSource.
+func (s *fakeSource) Pending(selectors []string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sel := range selectors {
+		if s.pending[sel] {
+			return true
+		}
+	}
+	return false
+}
+
+// setPending marks a selector as entitled to an SVID being signed.
+func (s *fakeSource) setPending(selector string, pending bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending == nil {
+		s.pending = map[string]bool{}
+	}
+	s.pending[selector] = pending
 }
 
 func (s *fakeSource) X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{}) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"time"
+	"weak"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -79,6 +80,27 @@ type handler struct {
 	// stopping ends open streams when the server shuts down, so that a
 	// graceful stop does not wait on watchers that would never leave.
 	stopping <-chan struct{}
+	// pendingWait is Config.PendingWait, defaulted.
+	pendingWait time.Duration
+}
+
+// defaultPendingWait is Config.PendingWait's default: a policy edit is
+// signed in well under a second, and a caller should not wait long on a
+// signer that is away.
+const defaultPendingWait = 3 * time.Second
+
+// pendingSource is a Source that can tell a caller entitled to an SVID it
+// does not hold right now from one entitled to nothing. The agent's cache
+// is one.
+type pendingSource interface {
+	// Pending reports whether a caller with these selectors matches an
+	// entry whose SVID for the current revision is not held.
+	Pending(selectors []string) bool
+}
+
+func pending(src Source, selectors []string) bool {
+	p, ok := src.(pendingSource)
+	return ok && p.Pending(selectors)
 }
 
 // FetchX509SVID streams the caller's X.509-SVIDs: now, and again each time
@@ -93,18 +115,42 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 	// saw them.
 	log := h.log.With("pid", proc.PID, "uid", proc.UID, "exe", exePath(selectors))
 
-	var last *workload.X509SVIDResponse
+	// The last response sent, held weakly: all a stream needs of it is to
+	// know it again, and holding it would keep a replaced SVID's private
+	// key in memory for as long as the stream stays idle.
+	var last weak.Pointer[workload.X509SVIDResponse]
+	sent := false
+	var pendingSince time.Time
 	for {
 		resp, changed := h.source.X509SVIDResponse(selectors)
 		if len(resp.GetSvids()) == 0 {
+			if pending(h.source, selectors) {
+				// Entitled, but the SVID of the entry's current revision
+				// is not held: it is being signed (a policy edit) or it
+				// lapsed while the signer was away. Wait a little for it;
+				// then Unavailable, which clients retry, never an old SVID.
+				if pendingSince.IsZero() {
+					pendingSince = time.Now()
+				}
+				left := h.pendingWait - time.Since(pendingSince)
+				if left <= 0 {
+					log.Info("no identity issued", "selectors", selectors, "reason", "the caller's SVID is not signed yet")
+					return status.Error(codes.Unavailable, "identity not available yet: its X.509-SVID is being signed; retry")
+				}
+				if err := h.waitFor(ctx, changed, left); err != nil {
+					return err
+				}
+				continue
+			}
 			reason := "no entry matches the caller's selectors"
-			if last != nil {
-				reason = "the caller's entries were removed or their SVIDs expired"
+			if sent {
+				reason = "the caller's entries were removed"
 			}
 			log.Info("no identity issued", "selectors", selectors, "reason", reason)
 			return status.Error(codes.PermissionDenied, "no identity issued")
 		}
-		if resp != last {
+		pendingSince = time.Time{}
+		if cur := weak.Make(resp); cur != last {
 			if err := stream.Send(resp); err != nil {
 				return err
 			}
@@ -112,15 +158,16 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			// rotation reaching 1,000 streams must not cost 1,000
 			// certificate parses and Info lines.
 			switch {
-			case last == nil:
+			case !sent:
 				ids, serials := auditFacts(resp)
 				log.Info("served X.509-SVIDs", "selectors", selectors, "spiffe_ids", ids, "serials", serials)
 			case log.IsDebug():
 				ids, serials := auditFacts(resp)
 				log.Debug("pushed rotated X.509-SVIDs", "spiffe_ids", ids, "serials", serials)
 			}
-			last = resp
+			last, sent = cur, true
 		}
+		resp = nil
 		if err := h.wait(ctx, changed); err != nil {
 			return err
 		}
@@ -204,6 +251,22 @@ func (h *handler) wait(ctx context.Context, changed <-chan struct{}) error {
 		return status.FromContextError(ctx.Err()).Err()
 	case <-h.stopping:
 		// Unavailable makes clients reconnect, to this agent's successor.
+		return status.Error(codes.Unavailable, "agent is shutting down")
+	}
+}
+
+// waitFor is wait bounded by d: it returns nil when d passes first.
+func (h *handler) waitFor(ctx context.Context, changed <-chan struct{}, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-changed:
+		return nil
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	case <-h.stopping:
 		return status.Error(codes.Unavailable, "agent is shutting down")
 	}
 }

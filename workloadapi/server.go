@@ -9,6 +9,7 @@
 package workloadapi
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -47,6 +48,11 @@ type Config struct {
 	// Observer, when set, is told of every call, stream and caller
 	// attestation (the agent's metrics and status); nil ignores them.
 	Observer Observer
+	// PendingWait is how long a caller entitled to an X.509-SVID that is
+	// being signed (its entry was just added or edited) waits for it
+	// before it is told Unavailable; 0 means 3 s. It applies only to a
+	// Source that reports such callers (Pending).
+	PendingWait time.Duration
 }
 
 // Server is the Workload API server. Run it once.
@@ -102,12 +108,13 @@ func (s *Server) Run(ctx context.Context) error {
 		grpc.ReadBufferSize(0),
 	)
 	workload.RegisterSpiffeWorkloadAPIServer(srv, &handler{
-		attestor: s.cfg.Attestor,
-		source:   s.cfg.Source,
-		jwt:      s.cfg.JWT,
-		log:      s.log,
-		observer: s.cfg.Observer,
-		stopping: ctx.Done(),
+		attestor:    s.cfg.Attestor,
+		source:      s.cfg.Source,
+		jwt:         s.cfg.JWT,
+		log:         s.log,
+		observer:    s.cfg.Observer,
+		stopping:    ctx.Done(),
+		pendingWait: cmp.Or(s.cfg.PendingWait, defaultPendingWait),
 	})
 	// The SPIFFE spec recommends reflection, so that grpcurl and friends
 	// can list the API; it serves only the public proto descriptors.

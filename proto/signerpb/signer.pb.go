@@ -766,9 +766,13 @@ func (x *SyncResponse) GetBundle() *Bundle {
 }
 
 type CSR struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
-	Csr           []byte                 `protobuf:"bytes,2,opt,name=csr,proto3" json:"csr,omitempty"` // DER
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	EntryId string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
+	Csr     []byte                 `protobuf:"bytes,2,opt,name=csr,proto3" json:"csr,omitempty"` // DER
+	// The entry revision the agent holds (Entry.revision): the signer refuses
+	// to sign when its entry has changed since, so that an SVID is only ever
+	// served for the exact entry revision it was signed for.
+	Revision      uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -815,6 +819,13 @@ func (x *CSR) GetCsr() []byte {
 		return x.Csr
 	}
 	return nil
+}
+
+func (x *CSR) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 type SignX509SVIDsRequest struct {
@@ -864,8 +875,9 @@ func (x *SignX509SVIDsRequest) GetCsrs() []*CSR {
 type SignedX509SVID struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
-	Chain         [][]byte               `protobuf:"bytes,2,rep,name=chain,proto3" json:"chain,omitempty"` // DER, leaf first
-	Error         string                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"` // set instead of chain when this entry was refused
+	Chain         [][]byte               `protobuf:"bytes,2,rep,name=chain,proto3" json:"chain,omitempty"`        // DER, leaf first
+	Error         string                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`        // set instead of chain when this entry was refused
+	Revision      uint64                 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"` // the entry revision it was signed for
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -919,6 +931,13 @@ func (x *SignedX509SVID) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *SignedX509SVID) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 type SignX509SVIDsResponse struct {
@@ -1222,16 +1241,18 @@ const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\vSyncRequest\"u\n" +
 	"\fSyncResponse\x122\n" +
 	"\aentries\x18\x01 \x03(\v2\x18.lanyard.signer.v1.EntryR\aentries\x121\n" +
-	"\x06bundle\x18\x02 \x01(\v2\x19.lanyard.signer.v1.BundleR\x06bundle\"2\n" +
+	"\x06bundle\x18\x02 \x01(\v2\x19.lanyard.signer.v1.BundleR\x06bundle\"N\n" +
 	"\x03CSR\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x10\n" +
-	"\x03csr\x18\x02 \x01(\fR\x03csr\"B\n" +
+	"\x03csr\x18\x02 \x01(\fR\x03csr\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x04R\brevision\"B\n" +
 	"\x14SignX509SVIDsRequest\x12*\n" +
-	"\x04csrs\x18\x01 \x03(\v2\x16.lanyard.signer.v1.CSRR\x04csrs\"W\n" +
+	"\x04csrs\x18\x01 \x03(\v2\x16.lanyard.signer.v1.CSRR\x04csrs\"s\n" +
 	"\x0eSignedX509SVID\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x14\n" +
 	"\x05chain\x18\x02 \x03(\fR\x05chain\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"P\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\x12\x1a\n" +
+	"\brevision\x18\x04 \x01(\x04R\brevision\"P\n" +
 	"\x15SignX509SVIDsResponse\x127\n" +
 	"\x05svids\x18\x01 \x03(\v2!.lanyard.signer.v1.SignedX509SVIDR\x05svids\"G\n" +
 	"\x0eJWTSVIDRequest\x12\x19\n" +
