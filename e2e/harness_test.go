@@ -19,6 +19,7 @@ import (
 var bin string
 
 func TestMain(m *testing.M) {
+	runHelper()
 	dir, err := os.MkdirTemp("", "lybin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -29,6 +30,11 @@ func TestMain(m *testing.M) {
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build binaries: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	if err := copyTestBinary(dir); err != nil {
+		fmt.Fprintf(os.Stderr, "copy test binary: %v\n", err)
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}
