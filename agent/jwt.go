@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -101,10 +102,19 @@ func normalizeAudience(aud []string) []string {
 	return slices.Compact(out)
 }
 
-// tokenKey names a cached token. NUL cannot appear in a SPIFFE ID, and
-// audience values are separated by it too.
+// tokenKey names a cached token. Each audience value is length-prefixed,
+// so that no value, whatever it holds, can make two different audience
+// sets share a key (a separator alone let "p\x00q" pass for "p", "q").
 func tokenKey(spiffeID string, aud []string) string {
-	return spiffeID + "\x00" + strings.Join(aud, "\x00")
+	var b strings.Builder
+	b.WriteString(spiffeID)
+	for _, a := range aud {
+		b.WriteByte(0)
+		b.WriteString(strconv.Itoa(len(a)))
+		b.WriteByte(':')
+		b.WriteString(a)
+	}
+	return b.String()
 }
 
 // JWTSVIDs implements workloadapi.JWTSource: one token per entry the

@@ -419,3 +419,29 @@ func TestReportJWT(t *testing.T) {
 		t.Errorf("report jwt = %+v, want key_ids [k] and tokens_cached 1", got)
 	}
 }
+
+// TestTokenKeyUnambiguous: no audience value can make two different
+// (SPIFFE ID, audience set) pairs share a cached token.
+func TestTokenKeyUnambiguous(t *testing.T) {
+	pairs := []struct {
+		id  string
+		aud []string
+	}{
+		{"spiffe://example.org/a", []string{"p\x00q"}},
+		{"spiffe://example.org/a", []string{"p", "q"}},
+		{"spiffe://example.org/a", []string{"p\x001:q"}},
+		{"spiffe://example.org/a", []string{"p:q"}},
+		{"spiffe://example.org/a", []string{"1:p"}},
+		{"spiffe://example.org/a\x001:p", nil},
+		{"spiffe://example.org/a", []string{""}},
+		{"spiffe://example.org/a", nil},
+	}
+	seen := map[string]int{}
+	for i, p := range pairs {
+		k := tokenKey(p.id, p.aud)
+		if j, ok := seen[k]; ok {
+			t.Errorf("pair %d (%q, %q) shares key %q with pair %d (%q, %q)", i, p.id, p.aud, k, j, pairs[j].id, pairs[j].aud)
+		}
+		seen[k] = i
+	}
+}

@@ -3,7 +3,10 @@ package workloadapi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -28,9 +31,12 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	if len(audience) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "audience is required")
 	}
-	for _, a := range audience {
-		if a == "" {
-			return nil, status.Error(codes.InvalidArgument, "audience is required: empty audience value")
+	if len(audience) > maxAudiences {
+		return nil, status.Errorf(codes.InvalidArgument, "too many audience values: %d (limit %d)", len(audience), maxAudiences)
+	}
+	for i, a := range audience {
+		if err := checkAudience(a); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "audience %d: %v", i, err)
 		}
 	}
 	var want string
@@ -99,6 +105,9 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	if req.GetAudience() == "" {
 		return nil, status.Error(codes.InvalidArgument, "audience is required")
 	}
+	if err := checkAudience(req.GetAudience()); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "audience: %v", err)
+	}
 	if req.GetSvid() == "" {
 		return nil, status.Error(codes.InvalidArgument, "svid is required")
 	}
@@ -116,4 +125,33 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	}
 	log.Debug("validated JWT-SVID", "spiffe_id", id.String())
 	return &workload.ValidateJWTSVIDResponse{SpiffeId: id.String(), Claims: st}, nil
+}
+
+// Bounds on a JWT-SVID request's audience: far above any real use (a
+// token names one or a few services), low enough that one call cannot make
+// the agent and the signer carry megabytes.
+const (
+	maxAudiences     = 32
+	maxAudienceBytes = 1024
+)
+
+// checkAudience refuses an audience value no relying party could mean: an
+// empty one, an oversized one, and one holding control characters (NUL
+// included), which no printable audience has and which once made two
+// different audience sets share a cache key.
+func checkAudience(a string) error {
+	switch {
+	case a == "":
+		return errors.New("empty audience value")
+	case len(a) > maxAudienceBytes:
+		return fmt.Errorf("audience value of %d bytes (limit %d)", len(a), maxAudienceBytes)
+	case !utf8.ValidString(a):
+		return errors.New("audience value is not valid UTF-8")
+	}
+	for i, r := range a {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("audience value holds control character %U at byte %d", r, i)
+		}
+	}
+	return nil
 }
