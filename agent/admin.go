@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/safedir"
 	"golang.org/x/sys/unix"
 )
 
@@ -78,15 +79,11 @@ func (s *adminServer) Run(ctx context.Context) error {
 	return nil
 }
 
+// checkAdminDir refuses an admin socket directory that someone other than
+// root could write, or that lies under one (safedir's rules).
 func checkAdminDir(dir string) error {
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		return fmt.Errorf("admin socket: %w", err)
-	}
-	ownerOK := st.Uid == 0 || os.Geteuid() != 0 // an unprivileged test agent owns its own dirs
-	othersWrite := st.Mode&0o022 != 0 && st.Mode&unix.S_ISVTX == 0
-	if !ownerOK || othersWrite {
-		return fmt.Errorf("%s (owner %d, mode %o): %w", dir, st.Uid, st.Mode&0o7777, ErrUnsafeAdminDir)
+	if err := safedir.Check(dir); err != nil {
+		return fmt.Errorf("admin socket: %w: %w", ErrUnsafeAdminDir, err)
 	}
 	return nil
 }

@@ -102,4 +102,18 @@ func TestAdminSocketDirectory(t *testing.T) {
 			t.Errorf("socket created in an unsafe directory: %v", err)
 		}
 	})
+	t.Run("parent directory others may write", func(t *testing.T) {
+		open := filepath.Join(base, "open-parent")
+		if err := os.Mkdir(open, 0o777); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(open, 0o777)
+		s := &adminServer{path: filepath.Join(open, "admin", "a.sock"), log: hclog.NewNullLogger(), handler: http.NewServeMux(), ready: make(chan struct{})}
+		if err := s.Run(context.Background()); !errors.Is(err, ErrUnsafeAdminDir) {
+			t.Errorf("Run under a 0777 parent = %v, want ErrUnsafeAdminDir", err)
+		}
+		if _, err := os.Stat(s.path); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("socket created under an unsafe parent: %v", err)
+		}
+	})
 }

@@ -55,7 +55,7 @@ func TestUnitsVerify(t *testing.T) {
 // TestUnitsDirectives pins the directives the README promises, so an edit
 // that drops one fails here and not on a host.
 func TestUnitsDirectives(t *testing.T) {
-	common := []string{"Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78", "LimitCORE=0",
+	common := []string{"Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78", "LimitCORE=0", "MemorySwapMax=0",
 		"NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "MemoryDenyWriteExecute=yes",
 		"ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectControlGroups=yes",
 		"RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "LockPersonality=yes", "RestrictRealtime=yes",

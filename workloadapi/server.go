@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/safedir"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/reflection"
@@ -162,6 +163,11 @@ func stop(srv *grpc.Server) {
 func listen(path string) (*net.UnixListener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	// Every local user trusts this socket to be the agent's, so nobody
+	// else may be able to create, remove or rename it.
+	if err := safedir.Check(filepath.Dir(path)); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
 	}
 	if err := removeStale(path); err != nil {
 		return nil, err

@@ -349,10 +349,34 @@ func TestServerRunRefuses(t *testing.T) {
 			},
 			wantErr: "in use by another server",
 		},
+		{
+			name: "socket directory writable by others",
+			prepare: func(t *testing.T, path string) {
+				if err := os.Chmod(filepath.Dir(path), 0o777); err != nil {
+					t.Fatal(err)
+				}
+				// A would-be squatter's stale socket stays where it is.
+				leaveStaleSocket(t, path)
+			},
+			wantErr: "is writable by other users",
+		},
+		{
+			name: "parent directory writable by others",
+			prepare: func(t *testing.T, path string) {
+				if err := os.Chmod(filepath.Dir(filepath.Dir(path)), 0o777); err != nil {
+					t.Fatal(err)
+				}
+				leaveStaleSocket(t, path)
+			},
+			wantErr: "is writable by other users",
+		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(socketDir(t), "w.sock")
+			path := filepath.Join(socketDir(t), "sub", "w.sock")
+			if err := os.Mkdir(filepath.Dir(path), 0o755); err != nil {
+				t.Fatal(err)
+			}
 			tc.prepare(t, path)
 			s := New(Config{SocketPath: path, Attestor: unixOnly, Source: newFakeSource(nil)})
 			err := s.Run(context.Background())
