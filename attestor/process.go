@@ -96,10 +96,21 @@ func Identify(p Process) (Process, error) {
 		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, err)
 	}
 	if err := errors.Join(startErr, exeErr); err != nil {
-		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, err)
+		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, exiting(err))
 	}
 	p.StartTime, p.Exe = start, exe
 	return p, nil
+}
+
+// exiting marks a failed /proc read of a process its pidfd still shows
+// alive as ErrCallerExited when the entry was gone: the process is
+// exiting (its memory, and with it exe, goes before the pidfd reports the
+// exit). Either way it is refused; this only names the reason right.
+func exiting(err error) error {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("%w: exiting: %w", ErrCallerExited, err)
+	}
+	return err
 }
 
 // Recheck confirms that the process p pins is still the one that was

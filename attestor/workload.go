@@ -175,7 +175,7 @@ func (c *caller) confirm(withStart bool) error {
 	if err := checkAlive(c.PIDFD); err != nil {
 		return err
 	}
-	return errors.Join(startErr, exeErr, idsErr)
+	return exiting(errors.Join(startErr, exeErr, idsErr))
 }
 
 // checkExe compares the executable /proc/<pid>/exe leads to with the one

@@ -92,8 +92,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 	// The audit keys (README "Audit log"): who called, as this attestation
 	// saw them.
 	log := h.log.With("pid", proc.PID, "uid", proc.UID, "exe", exePath(selectors))
+	exited := callerExit(ctx)
 
 	var last *workload.X509SVIDResponse
+	fresh := true // attested just now; false once the loop has waited
 	for {
 		resp, changed := h.source.X509SVIDResponse(selectors)
 		if len(resp.GetSvids()) == 0 {
@@ -105,6 +107,13 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			return status.Error(codes.PermissionDenied, "no identity issued")
 		}
 		if resp != last {
+			// Nothing goes to a process that exec'd, changed uid or
+			// exited since it was attested (pinned.go).
+			if !fresh {
+				if err := h.recheckStream(log, proc); err != nil {
+					return err
+				}
+			}
 			if err := stream.Send(resp); err != nil {
 				return err
 			}
@@ -121,9 +130,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			}
 			last = resp
 		}
-		if err := h.wait(ctx, changed); err != nil {
+		if err := h.waitPinned(ctx, changed, exited, log); err != nil {
 			return err
 		}
+		fresh = false
 	}
 }
 
@@ -165,7 +175,8 @@ func streamBundles[R any, P bundlesResponse[R]](h *handler, stream grpc.ServerSt
 
 // attest finds who is calling and what selectors they have. A caller that
 // cannot be attested gets Unavailable (clients retry) with the reason, and
-// a log line with its PID.
+// a log line with its PID; one that exec'd or changed uid or gid since it
+// connected gets PermissionDenied and an audit line.
 func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error) {
 	proc, err := callerFromContext(ctx)
 	var selectors []string
@@ -187,8 +198,9 @@ func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error
 		return proc, nil, status.Error(codes.Unavailable, msg)
 	case errors.Is(err, attestor.ErrCallerExited):
 		msg = "caller exited during attestation"
-	case errors.Is(err, attestor.ErrCallerChanged):
-		msg = "caller changed identity during attestation"
+	case errors.Is(err, attestor.ErrCallerExeced), errors.Is(err, attestor.ErrCallerChanged):
+		// Not the process that connected any more (pinned.go).
+		return proc, nil, h.refuseChanged(proc, err)
 	}
 	h.log.Warn(msg, "pid", proc.PID, "uid", proc.UID, "error", err)
 	return proc, nil, status.Error(codes.Unavailable, msg)
