@@ -355,12 +355,12 @@ func TestPinPeer(t *testing.T) {
 	}
 
 	tests := []struct {
-		name      string
-		proc      attestor.Process
-		pidfd     func(*testing.T) int
-		pidfdErr  error
-		wantGone  bool
-		wantErr   string
+		name     string
+		proc     attestor.Process
+		pidfd    func(*testing.T) int
+		pidfdErr error
+		wantGone bool
+		wantErr  string
 	}{
 		{name: "SO_PEERPIDFD", proc: self, pidfd: ownPIDFD},
 		{name: "no SO_PEERPIDFD, pinned by PID", proc: self, pidfdErr: unix.ENOPROTOOPT},
