@@ -136,7 +136,11 @@ func TestJWTBoundToConnectingProcess(t *testing.T) {
 			}
 			r := <-done
 			if st := status.Convert(r.err); st.Code() != codes.PermissionDenied || st.Message() != "no identity issued: "+reason {
-				t.Fatalf("FetchJWTSVID = %v, %v; want PermissionDenied: no identity issued: %s", r.resp, r.err, reason)
+				var ids []string
+				for _, s := range r.resp.GetSvids() {
+					ids = append(ids, s.GetSpiffeId())
+				}
+				t.Fatalf("FetchJWTSVID = tokens for %v, %v; want PermissionDenied: no identity issued: %s", ids, r.err, reason)
 			}
 			srv.logs.waitForLine(t, `"@message":"no identity issued"`, `"reason":"`+reason+`"`,
 				`"pid":`+strconv.Itoa(owner.cmd.Process.Pid)+`,`, `"exe":"`+sleep+`"`)
