@@ -74,8 +74,12 @@ func (w *exitWatch) watch() {
 	}
 	_ = raw.Read(func(fd uintptr) bool {
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		n, err := unix.Poll(fds, 0)
-		return (err != nil && !errors.Is(err, unix.EINTR)) || n > 0
+		for {
+			n, err := unix.Poll(fds, 0)
+			if !errors.Is(err, unix.EINTR) {
+				return err != nil || n > 0
+			}
+		}
 	})
 }
 
