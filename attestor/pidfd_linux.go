@@ -19,7 +19,29 @@ func openPIDFD(pid int32) (*os.File, error) {
 	case err != nil:
 		return nil, fmt.Errorf("pidfd_open: %w", err)
 	}
+	return NewPIDFD(fd)
+}
+
+// NewPIDFD wraps the pidfd fd as an *os.File that Go's poller can wait on:
+// it is made non-blocking first, so that a watcher can wait for the exit
+// (SyscallConn().Read) without holding a thread. It closes fd on error.
+func NewPIDFD(fd int) (*os.File, error) {
+	if err := unix.SetNonblock(fd, true); err != nil {
+		_ = unix.Close(fd)
+		return nil, fmt.Errorf("pidfd: set non-blocking: %w", err)
+	}
 	return os.NewFile(uintptr(fd), "pidfd"), nil
+}
+
+// readExeID stats <dir>/exe: stat, not lstat, so that it names the file
+// the process runs (found through the kernel's own reference, even if
+// unlinked), not the symlink procfs shows.
+func readExeID(dir string) (FileID, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(dir+"/exe", &st); err != nil {
+		return FileID{}, fmt.Errorf("stat exe: %w", err)
+	}
+	return FileID{Dev: st.Dev, Ino: st.Ino}, nil
 }
 
 // checkAlive returns nil while the process fd pins has not exited, and an

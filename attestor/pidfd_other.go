@@ -20,3 +20,12 @@ func checkAlive(*os.File) error {
 }
 
 func fdKey(int) (exeKey, bool, error) { return exeKey{}, false, nil }
+
+// NewPIDFD fails: there are no pidfds here.
+func NewPIDFD(int) (*os.File, error) {
+	return nil, fmt.Errorf("pidfd: %w", errors.ErrUnsupported)
+}
+
+func readExeID(string) (FileID, error) {
+	return FileID{}, fmt.Errorf("stat exe: %w", errors.ErrUnsupported)
+}

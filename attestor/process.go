@@ -21,9 +21,16 @@ var (
 	// a process that reused its PID. Nothing read is used.
 	ErrCallerExited = errors.New("caller exited during attestation")
 	// ErrCallerChanged means the caller's effective uid or gid is no longer
-	// the one the kernel recorded when it connected (it ran setuid, or the
-	// PID now names another process).
-	ErrCallerChanged = errors.New("caller changed identity during attestation")
+	// the one the kernel recorded when it connected: it ran setuid (or a
+	// setuid program) since. The Workload API refuses it for good
+	// (PermissionDenied): retrying on the same connection cannot help.
+	ErrCallerChanged = errors.New("caller changed uid or gid since it connected")
+	// ErrCallerExeced means the caller runs another executable than when
+	// it connected: it called execve since. Its connection may be held by
+	// another process (a fork, or one it passed the descriptor to) that
+	// wants the new program's identity, so the Workload API refuses it for
+	// good (PermissionDenied). Real clients connect after their exec.
+	ErrCallerExeced = errors.New("caller ran another executable since it connected")
 )
 
 // Process is the kernel's account of a caller, taken from the socket when
@@ -51,13 +58,88 @@ type Process struct {
 	// only use it.
 	PIDFD *os.File
 	// StartTime is the process start time (clock ticks after boot, field
-	// 22 of /proc/<pid>/stat) read when PIDFD was opened from the PID, or 0.
-	// Attest checks it has not changed, a second witness next to PIDFD.
+	// 22 of /proc/<pid>/stat) read when the process was pinned (Identify,
+	// PinPID), or 0. Attest checks it has not changed, a second witness
+	// next to PIDFD. It does not change on exec; Exe does.
 	StartTime uint64
+	// Exe is the executable the process ran when it was pinned (Identify,
+	// PinPID): the device and inode /proc/<pid>/exe leads to. Attest and
+	// Recheck refuse a process whose executable is no longer this one
+	// (ErrCallerExeced). The zero value means not recorded: nothing is
+	// compared.
+	Exe FileID
+}
+
+// FileID names a file by device and inode: the same however it is reached,
+// and different for another file, even one at the same path.
+type FileID struct {
+	Dev, Ino uint64
+}
+
+// String returns "dev:ino", as logs show it.
+func (f FileID) String() string {
+	return strconv.FormatUint(f.Dev, 10) + ":" + strconv.FormatUint(f.Ino, 10)
+}
+
+// Identify returns p with what identifies its process at this moment
+// recorded: Exe and StartTime. The Workload API calls it when it accepts a
+// connection, after taking p.PIDFD, so that later calls can tell whether
+// the process that connected has run another executable since. The reads
+// are confirmed through p.PIDFD afterwards: a process that is gone is an
+// error wrapping ErrCallerExited, and nothing read is used.
+func Identify(p Process) (Process, error) {
+	dir := procDir(p.PID)
+	start, startErr := readStartTime(dir)
+	exe, exeErr := readExeID(dir)
+	// Checked after the reads, so that they were of the pinned process.
+	if err := checkAlive(p.PIDFD); err != nil {
+		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, err)
+	}
+	if err := errors.Join(startErr, exeErr); err != nil {
+		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, exiting(err))
+	}
+	p.StartTime, p.Exe = start, exe
+	return p, nil
+}
+
+// exiting marks a failed /proc read of a process its pidfd still shows
+// alive as ErrCallerExited when the entry was gone: the process is
+// exiting (its memory, and with it exe, goes before the pidfd reports the
+// exit). Either way it is refused; this only names the reason right.
+func exiting(err error) error {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("%w: exiting: %w", ErrCallerExited, err)
+	}
+	return err
+}
+
+// Recheck confirms that the process p pins is still the one that was
+// identified: alive, running the same executable, with the same effective
+// uid and gid. It is what the Workload API does before each push on a
+// stream: two small /proc reads (a stat of exe and status) and a poll of
+// the pidfd, last, so that the reads were of that process. The error wraps
+// ErrCallerExited, ErrCallerExeced or ErrCallerChanged.
+func (p Process) Recheck() error {
+	c := &caller{Process: p, dir: procDir(p.PID)}
+	if err := c.confirm(false); err != nil {
+		return fmt.Errorf("recheck pid %d: %w", p.PID, err)
+	}
+	return nil
+}
+
+// ExePath returns where /proc/<pid>/exe leads now, for log lines only
+// (what a refused caller runs), or "" when it cannot be read.
+func (p Process) ExePath() string {
+	exe, err := os.Readlink(procDir(p.PID) + "/exe")
+	if err != nil {
+		return ""
+	}
+	return exe
 }
 
 // PinPID returns the process that holds pid now, pinned: a pidfd open on
-// it (the caller closes Process.PIDFD), its start time, and its effective
+// it (the caller closes Process.PIDFD), its start time and executable
+// (as Identify records them), and its effective
 // uid and gid from /proc/<pid>/status. It is for callers that know only a
 // PID: the Workload API on kernels without SO_PEERPIDFD (which then takes
 // UID and GID from SO_PEERCRED instead) and lanyard-agent explain. A
@@ -79,15 +161,16 @@ func PinPID(pid int32) (Process, error) {
 func pinned(pid int32, fd *os.File) (Process, error) {
 	dir := procDir(pid)
 	start, startErr := readStartTime(dir)
+	exe, exeErr := readExeID(dir)
 	uid, gid, idsErr := readIDs(dir)
 	// Checked after the reads, so that they were of the pinned process.
 	if err := checkAlive(fd); err != nil {
 		return Process{}, err
 	}
-	if err := errors.Join(startErr, idsErr); err != nil {
+	if err := errors.Join(startErr, exeErr, idsErr); err != nil {
 		return Process{}, err
 	}
-	return Process{PID: pid, UID: uid, GID: gid, PIDFD: fd, StartTime: start}, nil
+	return Process{PID: pid, UID: uid, GID: gid, PIDFD: fd, StartTime: start, Exe: exe}, nil
 }
 
 // procDir is where procfs shows pid. The agent must see the host's procfs

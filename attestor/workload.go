@@ -2,6 +2,7 @@ package attestor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -91,8 +92,9 @@ func NewWorkload(cfg WorkloadConfig) (*Workload, error) {
 //
 // It reads /proc/<pid> (status, exe, cgroup, as the attestors need) and
 // then confirms, through p.PIDFD, that the process that connected is still
-// alive and still has the uid and gid it connected with. Otherwise nothing
-// read is used: the error wraps ErrCallerExited or ErrCallerChanged. An
+// alive and still has the uid, gid and executable (p.Exe) it connected
+// with. Otherwise nothing read is used: the error wraps ErrCallerExited,
+// ErrCallerChanged or ErrCallerExeced. An
 // executable that was deleted is an error wrapping ErrExeDeleted. A name or
 // path no selector could express only leaves its selector out.
 func (w *Workload) Attest(ctx context.Context, p Process) ([]string, error) {
@@ -119,7 +121,7 @@ func attestWorkload(ctx context.Context, p Process, sources []selectorSource, af
 	}
 	// Confirm even when a read failed: a read that failed because the
 	// caller exited is reported as the exit, not as the read.
-	if err := c.confirm(); err != nil {
+	if err := c.confirm(true); err != nil {
 		return nil, fmt.Errorf("attest pid %d: %w", p.PID, err)
 	}
 	if readErr != nil {
@@ -145,7 +147,10 @@ func (c *caller) read(sources []selectorSource) ([]string, error) {
 }
 
 // confirm proves that everything read came from the process that
-// connected, and that it is still who it connected as.
+// connected, and that it is still who it connected as: the same
+// executable (when Exe was recorded) and the same uid and gid. withStart
+// also re-reads the start time, a second witness for attestation; Recheck,
+// which runs before every push on a stream, leaves it to the pidfd.
 //
 // Why this makes PID reuse harmless: PIDFD refers to a process, not a
 // number. The kernel hands a PID out again only after its process has
@@ -154,11 +159,9 @@ func (c *caller) read(sources []selectorSource) ([]string, error) {
 // named that process from the moment the pidfd was taken until now, and
 // every /proc/<pid> file was that process's. The liveness check therefore
 // comes last; checking before reading would leave the window open.
-func (c *caller) confirm() error {
+func (c *caller) confirm(withStart bool) error {
 	var startErr error
-	if c.StartTime != 0 {
-		// Pinned from a bare PID (older kernels): a second witness that
-		// the PID still names the process pinned at accept.
+	if withStart && c.StartTime != 0 {
 		st, err := readStartTime(c.dir)
 		switch {
 		case err != nil:
@@ -167,14 +170,29 @@ func (c *caller) confirm() error {
 			startErr = fmt.Errorf("%w: start time changed from %d to %d", ErrCallerExited, c.StartTime, st)
 		}
 	}
+	exeErr := c.checkExe()
 	idsErr := c.checkIDs()
 	if err := checkAlive(c.PIDFD); err != nil {
 		return err
 	}
-	if startErr != nil {
-		return startErr
+	return exiting(errors.Join(startErr, exeErr, idsErr))
+}
+
+// checkExe compares the executable /proc/<pid>/exe leads to with the one
+// recorded when the process was pinned. Exec keeps the PID, the pidfd and
+// the start time; only the executable tells that another program runs.
+func (c *caller) checkExe() error {
+	if c.Exe == (FileID{}) {
+		return nil
 	}
-	return idsErr
+	exe, err := readExeID(c.dir)
+	if err != nil {
+		return err
+	}
+	if exe != c.Exe {
+		return fmt.Errorf("%w: connected running file %s, now %s", ErrCallerExeced, c.Exe, exe)
+	}
+	return nil
 }
 
 // checkIDs compares the effective uid and gid in /proc/<pid>/status with

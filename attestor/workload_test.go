@@ -138,8 +138,8 @@ func BenchmarkAttestSelf(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer p.PIDFD.Close()
-	// As SO_PEERPIDFD delivers it: no start time to re-read.
-	p.StartTime = 0
+	// As the Workload API pins a connection: with the start time and the
+	// executable (attestor.Identify), both re-checked on every call.
 	exe, err := os.Executable()
 	if err != nil {
 		b.Fatal(err)

@@ -50,6 +50,9 @@ func TestMain(m *testing.M) {
 //     wait for stdin to close.
 func runHelper(mode, socket string) int {
 	fmt.Fprintln(os.Stderr, helperMarker)
+	if code, ok := runPinnedHelper(mode, socket); ok {
+		return code
+	}
 	switch mode {
 	case "fetch":
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

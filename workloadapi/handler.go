@@ -114,12 +114,14 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 	// The audit keys (README "Audit log"): who called, as this attestation
 	// saw them.
 	log := h.log.With("pid", proc.PID, "uid", proc.UID, "exe", exePath(selectors))
+	exited := callerExit(ctx)
 
 	// The last response sent, held weakly: all a stream needs of it is to
 	// know it again, and holding it would keep a replaced SVID's private
 	// key in memory for as long as the stream stays idle.
 	var last weak.Pointer[workload.X509SVIDResponse]
 	sent := false
+	fresh := true // attested just now; false once the loop has waited
 	var pendingSince time.Time
 	for {
 		resp, changed := h.source.X509SVIDResponse(selectors)
@@ -137,9 +139,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 					log.Info("no identity issued", "selectors", selectors, "reason", "the caller's SVID is not signed yet")
 					return status.Error(codes.Unavailable, "identity not available yet: its X.509-SVID is being signed; retry")
 				}
-				if err := h.waitFor(ctx, changed, left); err != nil {
+				if err := h.waitPinned(ctx, changed, exited, log, left); err != nil {
 					return err
 				}
+				fresh = false
 				continue
 			}
 			reason := "no entry matches the caller's selectors"
@@ -151,6 +154,13 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 		}
 		pendingSince = time.Time{}
 		if cur := weak.Make(resp); cur != last {
+			// Nothing goes to a process that exec'd, changed uid or
+			// exited since it was attested (pinned.go).
+			if !fresh {
+				if err := h.recheckStream(log, proc); err != nil {
+					return err
+				}
+			}
 			if err := stream.Send(resp); err != nil {
 				return err
 			}
@@ -168,9 +178,10 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 			last, sent = cur, true
 		}
 		resp = nil
-		if err := h.wait(ctx, changed); err != nil {
+		if err := h.waitPinned(ctx, changed, exited, log, 0); err != nil {
 			return err
 		}
+		fresh = false
 	}
 }
 
@@ -212,7 +223,8 @@ func streamBundles[R any, P bundlesResponse[R]](h *handler, stream grpc.ServerSt
 
 // attest finds who is calling and what selectors they have. A caller that
 // cannot be attested gets Unavailable (clients retry) with the reason, and
-// a log line with its PID.
+// a log line with its PID; one that exec'd or changed uid or gid since it
+// connected gets PermissionDenied and an audit line.
 func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error) {
 	proc, err := callerFromContext(ctx)
 	var selectors []string
@@ -234,8 +246,9 @@ func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error
 		return proc, nil, status.Error(codes.Unavailable, msg)
 	case errors.Is(err, attestor.ErrCallerExited):
 		msg = "caller exited during attestation"
-	case errors.Is(err, attestor.ErrCallerChanged):
-		msg = "caller changed identity during attestation"
+	case errors.Is(err, attestor.ErrCallerExeced), errors.Is(err, attestor.ErrCallerChanged):
+		// Not the process that connected any more (pinned.go).
+		return proc, nil, h.refuseChanged(proc, err)
 	}
 	h.log.Warn(msg, "pid", proc.PID, "uid", proc.UID, "error", err)
 	return proc, nil, status.Error(codes.Unavailable, msg)
@@ -251,22 +264,6 @@ func (h *handler) wait(ctx context.Context, changed <-chan struct{}) error {
 		return status.FromContextError(ctx.Err()).Err()
 	case <-h.stopping:
 		// Unavailable makes clients reconnect, to this agent's successor.
-		return status.Error(codes.Unavailable, "agent is shutting down")
-	}
-}
-
-// waitFor is wait bounded by d: it returns nil when d passes first.
-func (h *handler) waitFor(ctx context.Context, changed <-chan struct{}, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-changed:
-		return nil
-	case <-ctx.Done():
-		return status.FromContextError(ctx.Err()).Err()
-	case <-h.stopping:
 		return status.Error(codes.Unavailable, "agent is shutting down")
 	}
 }

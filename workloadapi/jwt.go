@@ -74,6 +74,11 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 		log.Warn("could not mint JWT-SVIDs", "error", err)
 		return nil, status.Errorf(codes.Unavailable, "could not mint JWT-SVID: %v", err)
 	}
+	// Minting may have waited on the signer: the tokens go only to the
+	// process that was attested, if it still is that process.
+	if err := h.recheckCall(proc); err != nil {
+		return nil, err
+	}
 	ids := make([]string, 0, len(svids))
 	for _, s := range svids {
 		ids = append(ids, s.GetSpiffeId())

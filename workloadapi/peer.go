@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -43,7 +42,7 @@ func (l peerListener) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
-		return &peerConn{UnixConn: c, proc: proc, gone: goneErr}, nil
+		return &peerConn{UnixConn: c, proc: proc, gone: goneErr, exit: newExitWatch(proc.PIDFD)}, nil
 	}
 }
 
@@ -79,13 +78,33 @@ func peerProcess(c *net.UnixConn) (proc attestor.Process, gone, err error) {
 }
 
 // pinPeer gives proc the pidfd that getsockopt(SO_PEERPIDFD) returned, or
-// when the kernel has no such option, one opened from the PID.
+// when the kernel has no such option, one opened from the PID, and records
+// what the process runs (attestor.Identify), so that calls can refuse it
+// once it has exec'd.
+//
+// The kernel records only pid, uid and gid at connect(2): a process that
+// execs between its connect and this moment is recorded as the program it
+// became (README, "Security model").
 func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Process, gone, err error) {
 	switch {
 	case pidfdErr == nil:
 		// The pidfd of the very process that called connect(2).
-		proc.PIDFD = os.NewFile(uintptr(pidfd), "pidfd")
-		return proc, nil, nil
+		f, err := attestor.NewPIDFD(pidfd)
+		if err != nil {
+			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
+		}
+		proc.PIDFD = f
+		id, err := attestor.Identify(proc)
+		if errors.Is(err, attestor.ErrCallerExited) {
+			_ = f.Close()
+			proc.PIDFD = nil
+			return proc, err, nil
+		}
+		if err != nil {
+			_ = f.Close()
+			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
+		}
+		return id, nil, nil
 	case errors.Is(pidfdErr, unix.ENOPROTOOPT):
 		// Before Linux 6.5: pin whatever holds the PID now. A PID reused
 		// between connect and this moment would go unnoticed unless its
@@ -98,7 +117,7 @@ func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Proce
 		if err != nil {
 			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
 		}
-		proc.PIDFD, proc.StartTime = pinned.PIDFD, pinned.StartTime
+		proc.PIDFD, proc.StartTime, proc.Exe = pinned.PIDFD, pinned.StartTime, pinned.Exe
 		return proc, nil, nil
 	case errors.Is(pidfdErr, unix.ESRCH), errors.Is(pidfdErr, unix.EINVAL):
 		// Kernels that cannot give a pidfd for a peer that has exited
@@ -115,7 +134,8 @@ func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Proce
 type peerConn struct {
 	*net.UnixConn
 	proc attestor.Process
-	gone error // set when the caller had exited by accept
+	gone error      // set when the caller had exited by accept
+	exit *exitWatch // shared by the connection's streams (pinned.go)
 }
 
 // Close closes the connection and the caller's pidfd.
@@ -133,6 +153,7 @@ type callerInfo struct {
 	credentials.CommonAuthInfo
 	proc attestor.Process
 	gone error
+	exit *exitWatch
 }
 
 // AuthType implements credentials.AuthInfo.
@@ -168,6 +189,7 @@ func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthIn
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity},
 		proc:           pc.proc,
 		gone:           pc.gone,
+		exit:           pc.exit,
 	}, nil
 }
 

@@ -208,7 +208,8 @@ func TestCallerExitsBeforeAttestation(t *testing.T) {
 }
 
 // TestCallerChangesUIDAfterConnect: a root process that connects and then
-// becomes uid 65534 gets nothing, though /proc now shows a uid with entries.
+// becomes uid 65534 gets nothing, though /proc now shows a uid with
+// entries: PermissionDenied, and an audit line with the reason.
 func TestCallerChangesUIDAfterConnect(t *testing.T) {
 	needRoot(t)
 	exe, _ := helperCopies(t)
@@ -238,12 +239,15 @@ func TestCallerChangesUIDAfterConnect(t *testing.T) {
 	}
 
 	err = callOver(t, f)
-	if st := status.Convert(err); st.Code() != codes.Unavailable || st.Message() != "caller changed identity during attestation" {
-		t.Fatalf("call = %v; want Unavailable: caller changed identity during attestation", err)
+	const reason = "the caller changed uid or gid since it connected"
+	if st := status.Convert(err); st.Code() != codes.PermissionDenied || st.Message() != "no identity issued: "+reason {
+		t.Fatalf("call = %v; want PermissionDenied: no identity issued: %s", err, reason)
 	}
-	logs := srv.logs.waitFor(t, `"@message":"caller changed identity during attestation"`)
-	if want := `"pid":` + strconv.Itoa(child.Process.Pid) + ","; !strings.Contains(logs, want) {
-		t.Errorf("logs lack %s:\n%s", want, logs)
+	logs := srv.logs.waitFor(t, `"reason":"`+reason+`"`)
+	for _, want := range []string{`"@message":"no identity issued"`, `"pid":` + strconv.Itoa(child.Process.Pid) + ",", `"uid":0`, `"exe":"` + exe + `"`} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("logs lack %s:\n%s", want, logs)
+		}
 	}
 }
 
@@ -319,8 +323,10 @@ func TestPeerProcessTakesPIDFD(t *testing.T) {
 	if proc.PIDFD == nil {
 		t.Fatal("no pidfd")
 	}
-	// A start time means the pidfd came from the PID (no SO_PEERPIDFD).
-	t.Logf("pinned through SO_PEERPIDFD: %v", proc.StartTime == 0)
+	// What identifies the process was recorded with the pidfd.
+	if proc.StartTime == 0 || proc.Exe == (attestor.FileID{}) {
+		t.Errorf("caller = %+v, want a start time and an executable", proc)
+	}
 	// The pidfd names this process: its fdinfo says so.
 	info, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(int(proc.PIDFD.Fd())))
 	if err != nil {
@@ -349,16 +355,15 @@ func TestPinPeer(t *testing.T) {
 	}
 
 	tests := []struct {
-		name      string
-		proc      attestor.Process
-		pidfd     func(*testing.T) int
-		pidfdErr  error
-		wantStart bool // pinned from the PID, with a start time
-		wantGone  bool
-		wantErr   string
+		name     string
+		proc     attestor.Process
+		pidfd    func(*testing.T) int
+		pidfdErr error
+		wantGone bool
+		wantErr  string
 	}{
 		{name: "SO_PEERPIDFD", proc: self, pidfd: ownPIDFD},
-		{name: "no SO_PEERPIDFD, pinned by PID", proc: self, pidfdErr: unix.ENOPROTOOPT, wantStart: true},
+		{name: "no SO_PEERPIDFD, pinned by PID", proc: self, pidfdErr: unix.ENOPROTOOPT},
 		{name: "no SO_PEERPIDFD, caller gone", proc: exited, pidfdErr: unix.ENOPROTOOPT, wantGone: true},
 		{name: "peer exited, EINVAL", proc: self, pidfdErr: unix.EINVAL, wantGone: true},
 		{name: "peer exited, ESRCH", proc: self, pidfdErr: unix.ESRCH, wantGone: true},
@@ -392,8 +397,9 @@ func TestPinPeer(t *testing.T) {
 			if goneErr != nil || got.PIDFD == nil {
 				t.Fatalf("pinPeer = %+v, gone %v; want a pidfd", got, goneErr)
 			}
-			if (got.StartTime != 0) != tc.wantStart {
-				t.Errorf("start time %d, want one: %v", got.StartTime, tc.wantStart)
+			// Either way, what identifies the process is recorded.
+			if got.StartTime == 0 || got.Exe == (attestor.FileID{}) {
+				t.Errorf("pinPeer = %+v, want a start time and an executable", got)
 			}
 			if got.PID != tc.proc.PID || got.UID != tc.proc.UID || got.GID != tc.proc.GID {
 				t.Errorf("pinPeer changed the credentials: %+v, want those of %+v", got, tc.proc)

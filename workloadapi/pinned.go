@@ -1,0 +1,197 @@
+package workloadapi
+
+import (
+	"context"
+	"errors"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/lanyard-dev/lanyard/attestor"
+)
+
+// An identity is bound to the process that connected, not to the
+// connection: the descriptor can outlive that process (a fork holds it too,
+// or it was passed over SCM_RIGHTS), and the process can become another
+// program (execve) or user (setuid). So every call refuses a process that
+// changed since it connected (attest, through attestor.ErrCallerExeced and
+// ErrCallerChanged), every push on a stream after a wait is preceded by
+// attestor.Process.Recheck, and a stream ends as soon as the process that
+// connected exits, woken by its pidfd rather than by polling. What the
+// owner hands over while it lives is its own choice; nothing survives it.
+
+// exitGrace is how long a stream whose caller exited waits for its
+// connection to close before it reports the exit. A process that exits
+// closes its socket first, so the ordinary end of a client comes as a
+// cancelled call within this time and logs nothing; only a connection
+// still held by another process (a fork, an fd passed away) outlives it
+// and earns the audit line. It stays well under the second within which
+// such a stream must end.
+const exitGrace = 200 * time.Millisecond
+
+// exitWatch tells the streams of one connection that the process that
+// connected has exited. One goroutine per connection, started by the first
+// stream that asks, waits on the pidfd in Go's poller (no thread, no
+// polling), so 10,000 idle streams cost no wake-ups.
+type exitWatch struct {
+	pidfd *os.File
+	once  sync.Once
+	done  chan struct{}
+}
+
+func newExitWatch(pidfd *os.File) *exitWatch { return &exitWatch{pidfd: pidfd} }
+
+// exited returns a channel closed once the process exits or its pidfd is
+// closed (the connection ended). Nil (never closed) when there is nothing
+// to watch: a caller that was gone at accept never gets a stream.
+func (w *exitWatch) exited() <-chan struct{} {
+	if w == nil || w.pidfd == nil {
+		return nil
+	}
+	w.once.Do(func() {
+		w.done = make(chan struct{})
+		go w.watch()
+	})
+	return w.done
+}
+
+// watch waits until the pidfd is readable: its process has exited. The
+// pidfd is non-blocking (attestor.NewPIDFD), so RawConn.Read parks this
+// goroutine in the poller between checks. Any error (the pidfd closed with
+// the connection, or could not be waited on) also closes done: a stream
+// then ends rather than outlive a process nobody watches.
+func (w *exitWatch) watch() {
+	defer close(w.done)
+	raw, err := w.pidfd.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = raw.Read(func(fd uintptr) bool {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		for {
+			n, err := unix.Poll(fds, 0)
+			if !errors.Is(err, unix.EINTR) {
+				return err != nil || n > 0
+			}
+		}
+	})
+}
+
+// callerExit returns the exit channel of the caller of the call in ctx.
+func callerExit(ctx context.Context) <-chan struct{} {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil
+	}
+	info, ok := p.AuthInfo.(callerInfo)
+	if !ok {
+		return nil
+	}
+	return info.exit.exited()
+}
+
+// changeReason is the audit reason for a caller refused because it is no
+// longer the process that connected, or "" for any other error.
+func changeReason(err error) string {
+	switch {
+	case errors.Is(err, attestor.ErrCallerExited):
+		return "the caller exited"
+	case errors.Is(err, attestor.ErrCallerExeced):
+		return "the caller ran another executable since it connected"
+	case errors.Is(err, attestor.ErrCallerChanged):
+		return "the caller changed uid or gid since it connected"
+	}
+	return ""
+}
+
+// refuseChanged answers a call whose caller exec'd or changed uid or gid
+// since it connected: PermissionDenied, since no retry on this connection
+// can succeed, and an audit line that names what the process runs now.
+func (h *handler) refuseChanged(proc attestor.Process, err error) error {
+	reason := changeReason(err)
+	h.log.Info("no identity issued", "pid", proc.PID, "uid", proc.UID, "exe", proc.ExePath(),
+		"reason", reason, "error", err)
+	return status.Error(codes.PermissionDenied, "no identity issued: "+reason)
+}
+
+// recheckStream confirms, before a push that follows a wait, that the
+// caller is still the process that was attested. If not, the stream ends
+// with Unavailable (the client reconnects, and whoever connects then is
+// attested afresh) and an audit line; nothing is sent.
+func (h *handler) recheckStream(log hclog.Logger, proc attestor.Process) error {
+	err := proc.Recheck()
+	if err == nil {
+		return nil
+	}
+	return h.endStream(log, changeReason(err), err)
+}
+
+// endStream logs why a stream ends because of its caller and returns the
+// Unavailable it ends with.
+func (h *handler) endStream(log hclog.Logger, reason string, err error) error {
+	if reason == "" {
+		// /proc could not be read while the process lives: still no
+		// proof that it is who was attested.
+		reason = "the caller could not be re-checked"
+	}
+	log.Info("ended X.509-SVID stream", "reason", reason, "error", err)
+	return status.Error(codes.Unavailable, reason)
+}
+
+// recheckCall confirms, before a one-shot answer that took time (a JWT
+// mint may wait on the signer), that the caller is still the process that
+// was attested; if not, it is refused as attest would refuse it.
+func (h *handler) recheckCall(proc attestor.Process) error {
+	err := proc.Recheck()
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, attestor.ErrCallerExeced), errors.Is(err, attestor.ErrCallerChanged):
+		return h.refuseChanged(proc, err)
+	}
+	h.log.Warn("caller exited during attestation", "pid", proc.PID, "uid", proc.UID, "error", err)
+	return status.Error(codes.Unavailable, "caller exited during attestation")
+}
+
+// waitPinned is wait, plus the end of the stream when the caller exits,
+// and a return after d when d > 0 (a caller waiting for a pending SVID).
+// An exit is looked at first, so that a change that is also ready cannot
+// win the race and lead to a push.
+func (h *handler) waitPinned(ctx context.Context, changed, exited <-chan struct{}, log hclog.Logger, d time.Duration) error {
+	var timeout <-chan time.Time
+	if d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		timeout = t.C
+	}
+	select {
+	case <-exited:
+	default:
+		select {
+		case <-exited:
+		case <-changed:
+			return nil
+		case <-timeout:
+			return nil
+		case <-ctx.Done():
+			return status.FromContextError(ctx.Err()).Err()
+		case <-h.stopping:
+			return status.Error(codes.Unavailable, "agent is shutting down")
+		}
+	}
+	// The ordinary end of a client: its connection closes with it.
+	t := time.NewTimer(exitGrace)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	case <-t.C:
+		return h.endStream(log, "the caller exited", attestor.ErrCallerExited)
+	}
+}
