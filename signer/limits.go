@@ -253,7 +253,6 @@ func (l *logLimiter) pruneLocked(now time.Time) {
 	}
 }
 
-
 // warnLimited logs a warning about a refused call at most once per
 // message and source per refusal_log_interval; the line that gets through
 // counts, under "suppressed", those held back since the last.

@@ -64,13 +64,13 @@ type Signer struct {
 	// bundle_path, so no agent ever trusts a CA the file does not hold.
 	// Never modified, only replaced.
 	agentBundle *signerpb.Bundle
-	pol     *policy.Policy
-	rules   []attestor.NodeRule
-	agents  map[spiffeid.ID]*agentRecord
-	changed chan struct{} // closed and replaced on every change of policy or bundle
-	tlsCert *tls.Certificate
-	tlsCA   *CA // the CA that signed tlsCert
-	tlsKey  *ecdsa.PrivateKey
+	pol         *policy.Policy
+	rules       []attestor.NodeRule
+	agents      map[spiffeid.ID]*agentRecord
+	changed     chan struct{} // closed and replaced on every change of policy or bundle
+	tlsCert     *tls.Certificate
+	tlsCA       *CA // the CA that signed tlsCert
+	tlsKey      *ecdsa.PrivateKey
 
 	policySrc []byte        // the policy file's content in force
 	ready     chan struct{} // closed once Serve accepts agents
