@@ -189,7 +189,7 @@ func wholeNumber(attr *hcl.Attribute, lo, hi int) (int, hcl.Diagnostics) {
 	bf := v.AsBigFloat()
 	n, acc := bf.Int64()
 	if acc != big.Exact || n < int64(lo) || n > int64(hi) {
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: %s is not a whole number from %d to %d", attr.Name, bf.Text('g', 10), lo, hi)}
+		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: %s is not a whole number from %d to %d", attr.Name, bf.Text('f', -1), lo, hi)}
 	}
 	return int(n), nil
 }
