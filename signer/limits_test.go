@@ -213,14 +213,14 @@ func serveTestSigner(t *testing.T, policySrc, extra string) *servedSigner {
 
 // dial connects to the signer from source IP from (e.g. "127.0.0.2": the
 // whole of 127/8 is loopback), as an agent before attestation does: TLS,
-// no client certificate.
+// no client certificate. The connection closes when the test ends.
 func (s *servedSigner) dial(t *testing.T, from string) signerpb.SignerClient {
 	t.Helper()
-	return s.dialAs(t, from, nil)
+	return signerpb.NewSignerClient(s.dialAs(t, from, nil))
 }
 
 // dialAs is dial presenting svid, when not nil, as an attested agent does.
-func (s *servedSigner) dialAs(t *testing.T, from string, svid *x509svid.SVID) signerpb.SignerClient {
+func (s *servedSigner) dialAs(t *testing.T, from string, svid *x509svid.SVID) *grpc.ClientConn {
 	t.Helper()
 	signerID := spiffeid.RequireFromSegments(testTD, "lanyard", "signer")
 	tlsConf := tlsconfig.TLSClientConfig(s.trust, tlsconfig.AuthorizeID(signerID))
@@ -236,7 +236,7 @@ func (s *servedSigner) dialAs(t *testing.T, from string, svid *x509svid.SVID) si
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return signerpb.NewSignerClient(cc)
+	return cc
 }
 
 // agentSVID makes id a known agent of node "lab" and returns an SVID for
@@ -353,7 +353,7 @@ func TestSyncStreamsPerAgent(t *testing.T) {
 	sync := func(svid *x509svid.SVID) signerpb.Signer_SyncClient {
 		t.Helper()
 		// One connection per stream, as an agent reconnecting would.
-		st, err := s.dialAs(t, "127.0.0.1", svid).Sync(ctx, &signerpb.SyncRequest{})
+		st, err := signerpb.NewSignerClient(s.dialAs(t, "127.0.0.1", svid)).Sync(ctx, &signerpb.SyncRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -493,7 +493,7 @@ func TestMintAudienceChecks(t *testing.T) {
 // receives the new bundle at all.
 func TestBundlePersistedBeforePush(t *testing.T) {
 	s := serveTestSigner(t, jwtPolicy, "")
-	stream, err := s.dialAs(t, "127.0.0.1", s.agentSVID(t, testAgent)).Sync(t.Context(), &signerpb.SyncRequest{})
+	stream, err := signerpb.NewSignerClient(s.dialAs(t, "127.0.0.1", s.agentSVID(t, testAgent))).Sync(t.Context(), &signerpb.SyncRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
