@@ -37,7 +37,7 @@ func TestUpstreamMintJWTSVIDs(t *testing.T) {
 		{name: "own entry", reqs: []*signerpb.JWTSVIDRequest{{EntryId: "mine", Audience: []string{"aud"}}}},
 		{name: "another node's entry", reqs: []*signerpb.JWTSVIDRequest{{EntryId: "theirs", Audience: []string{"aud"}}}, wantErr: `entry "theirs": entry is not authorized for this node`},
 		{name: "unknown entry", reqs: []*signerpb.JWTSVIDRequest{{EntryId: "nosuch", Audience: []string{"aud"}}}, wantErr: `entry "nosuch": no such entry in the policy`},
-		{name: "no audience", reqs: []*signerpb.JWTSVIDRequest{{EntryId: "mine"}}, wantErr: `entry "mine": a JWT-SVID needs at least one audience`},
+		{name: "no audience", reqs: []*signerpb.JWTSVIDRequest{{EntryId: "mine"}}, wantCode: codes.InvalidArgument},
 		{name: "too many requests", reqs: slices.Repeat([]*signerpb.JWTSVIDRequest{{EntryId: "mine", Audience: []string{"aud"}}}, 1001), wantCode: codes.InvalidArgument},
 	}
 	for _, tc := range tests {

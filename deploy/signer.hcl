@@ -14,3 +14,9 @@ state_dir      = "/var/lib/lanyard-signer"
 
 log_level  = "info"
 log_format = "text"
+
+# Resource limits (README.md, "Limits"): the defaults suit a large fleet.
+# Agents behind one NAT share its address's attestation slots:
+# limits {
+#   max_pending_attestations_per_address = 64
+# }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"net"
 	"slices"
 	"strings"
 	"time"
@@ -46,6 +47,20 @@ var errLeftPolicy = errors.New("TPM left the policy during attestation")
 
 func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	s := a.s
+	// Every Attest stream is unauthenticated until it succeeds: it takes
+	// a slot of the gate before anything else, so a flood of streams
+	// costs the signer a bounded number of handlers.
+	addr := peerIP(stream.Context())
+	if err := s.gate.enter(addr); err != nil {
+		limit := limitPending
+		if errors.Is(err, ErrTooManyFromAddress) {
+			limit = limitPendingPerAddress
+		}
+		s.metrics.limitRefusals.WithLabelValues(limit).Inc()
+		s.warnLimited("attestation refused: limit reached", addr, "peer", addr, "limit", limit)
+		return status.Error(codes.ResourceExhausted, "attest: "+err.Error())
+	}
+	defer s.gate.leave(addr)
 	ctx, cancel := context.WithTimeout(stream.Context(), attestTimeout)
 	defer cancel()
 	start := time.Now()
@@ -61,7 +76,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 		}
 	}()
 
-	req, err := recv(ctx, stream)
+	req, err := s.recvEvidence(ctx, stream, addr)
 	if err != nil {
 		return err
 	}
@@ -89,7 +104,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	ch, err := attestor.NewChallenge(ev, rules, nil, time.Now())
 	if err != nil {
 		refusal = err
-		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
+		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
 			"duration_ms", time.Since(start).Milliseconds())
 		return attestStatus(err)
 	}
@@ -106,7 +121,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	node, err := ch.Verify(req.GetActivationSecret())
 	if err != nil {
 		refusal = err
-		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
+		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
 			"duration_ms", time.Since(start).Milliseconds())
 		return attestStatus(err)
 	}
@@ -124,7 +139,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	if len(node.Names) == 0 {
 		s.mu.Unlock()
 		refusal = errLeftPolicy
-		s.log.Warn("attestation refused", "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", errLeftPolicy.Error(),
+		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", errLeftPolicy.Error(),
 			"duration_ms", time.Since(start).Milliseconds())
 		return status.Error(codes.PermissionDenied, "attestation refused: the TPM left the policy during attestation")
 	}
@@ -166,6 +181,22 @@ func recv(ctx context.Context, stream signerpb.Signer_AttestServer) (*signerpb.A
 	}
 }
 
+// recvEvidence waits for an Attest stream's first message, the evidence,
+// for attest_first_message_timeout at most: an agent sends it right after
+// its handshake, and a stream that sends nothing only holds a slot.
+func (s *Signer) recvEvidence(ctx context.Context, stream signerpb.Signer_AttestServer, addr string) (*signerpb.AttestRequest, error) {
+	d := s.cfg.Limits.AttestFirstMessageTimeout
+	fctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	req, err := recv(fctx, stream)
+	if err != nil && ctx.Err() == nil && fctx.Err() != nil {
+		s.metrics.limitRefusals.WithLabelValues(limitFirstMessage).Inc()
+		s.warnLimited("attestation refused: no evidence in time", addr, "peer", addr, "limit", limitFirstMessage, "timeout", d.String())
+		return nil, status.Errorf(codes.DeadlineExceeded, "attest: no evidence within %s (limits.attest_first_message_timeout)", d)
+	}
+	return req, err
+}
+
 // attestStatus maps an attestation refusal to its gRPC code. The error
 // texts name the failed check and never carry a secret.
 func attestStatus(err error) error {
@@ -181,6 +212,15 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 	id, err := s.authenticate(ctx)
 	if err != nil {
 		return err
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	evicted, release := s.syncs.open(id, cancel)
+	defer release()
+	if evicted > 0 {
+		s.metrics.limitRefusals.WithLabelValues(limitSyncStreams).Add(float64(evicted))
+		s.warnLimited("sync stream replaced: limit reached", id.String(), "agent", id.String(), "limit", limitSyncStreams,
+			"ended", evicted, "max", s.cfg.Limits.MaxSyncStreamsPerAgent)
 	}
 	s.log.Debug("sync stream opened", "agent", id.String())
 	s.metrics.syncStreams.Inc()
@@ -200,6 +240,9 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 		select {
 		case <-changed:
 		case <-ctx.Done():
+			if errors.Is(context.Cause(ctx), ErrSyncReplaced) {
+				return status.Errorf(codes.Aborted, "sync: %v: at most %d per agent", ErrSyncReplaced, s.cfg.Limits.MaxSyncStreamsPerAgent)
+			}
 			return nil
 		}
 	}
@@ -355,12 +398,17 @@ func (s *Signer) authenticate(ctx context.Context) (spiffeid.ID, error) {
 	return id, nil
 }
 
-func (s *Signer) bundleMessageLocked() *signerpb.Bundle {
+// bundleMessageLocked is the bundle agents are sent now: the one on disk.
+func (s *Signer) bundleMessageLocked() *signerpb.Bundle { return s.agentBundle }
+
+// bundleMessage builds the agents' bundle message of sequence s.bundleN
+// (read under s.mu, or before the signer is shared).
+func (s *Signer) bundleMessage(cas []*x509.Certificate, keys []publicJWTKey) *signerpb.Bundle {
 	b := &signerpb.Bundle{TrustDomain: s.cfg.TrustDomain.String(), Sequence: s.bundleN}
-	for _, c := range s.bundle.X509Authorities() {
+	for _, c := range cas {
 		b.X509Authorities = append(b.X509Authorities, c.Raw)
 	}
-	b.JwtAuthorities = jwtAuthorities(s.auth.publishedJWT())
+	b.JwtAuthorities = jwtAuthorities(keys)
 	return b
 }
 
@@ -384,6 +432,22 @@ func entryMessage(w policy.Workload) *signerpb.Entry {
 }
 
 func serialHex(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
+
+// peerIP is the source IP of ctx's connection, the key of the per-address
+// limits: a peer's port changes with every connection, its IP does not.
+func peerIP(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return ""
+	}
+	if ta, ok := p.Addr.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	if host, _, err := net.SplitHostPort(p.Addr.String()); err == nil {
+		return host
+	}
+	return p.Addr.String()
+}
 
 func peerAddr(ctx context.Context) string {
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {

@@ -52,6 +52,8 @@ type Config struct {
 	// MetricsAddress is the loopback host:port serving Prometheus
 	// metrics on /metrics; empty (the default) means off.
 	MetricsAddress string
+	// Limits is the file's limits block over DefaultLimits.
+	Limits Limits
 }
 
 var signerConfigSchema = &hcl.BodySchema{
@@ -70,6 +72,7 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "log_format"},
 		{Name: "metrics_address"},
 	},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}},
 }
 
 // LoadConfig reads and validates the signer config file at path. Problems
@@ -101,6 +104,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		AgentTTL:      DefaultAgentTTL,
 		LogLevel:      "info",
 		LogFormat:     "text",
+		Limits:        DefaultLimits(),
 	}
 	// set runs decode on the attribute name when it is present, keeping the
 	// default otherwise; every diagnostic is kept.
@@ -162,6 +166,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		return d
 	})
 	diags = append(diags, fitToCA(cfg, content.Attributes)...)
+	diags = append(diags, decodeLimits(content.Blocks.OfType("limits"), &cfg.Limits)...)
 	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
 		return nil, err
 	}

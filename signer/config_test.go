@@ -37,6 +37,14 @@ func TestLoadConfigTestdata(t *testing.T) {
 			JWTMaxTTL:     time.Hour,
 			LogLevel:      "debug",
 			LogFormat:     "json",
+			Limits: func() Limits {
+				l := DefaultLimits()
+				l.AttestFirstMessageTimeout = 2 * time.Second
+				l.MaxPendingAttestations = 512
+				l.MaxSyncStreamsPerAgent = 3
+				l.JWTMintsPerSecond = 50
+				return l
+			}(),
 		}},
 		{"signer-minimal.hcl", &Config{
 			TrustDomain:   td,
@@ -51,6 +59,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			JWTMaxTTL:     time.Hour,
 			LogLevel:      "info",
 			LogFormat:     "text",
+			Limits:        DefaultLimits(),
 		}},
 	}
 	for _, tt := range tests {

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
@@ -27,7 +30,8 @@ const (
 var ErrUnknownEntry = errors.New("no such entry in the policy")
 
 // ErrBadAudience is returned for a JWT-SVID request whose audience list is
-// too long or holds an empty or oversized value.
+// too long or holds an empty, oversized, non-UTF-8 or control-character
+// value.
 var ErrBadAudience = errors.New("bad audience")
 
 func (a *api) MintJWTSVIDs(ctx context.Context, req *signerpb.MintJWTSVIDsRequest) (*signerpb.MintJWTSVIDsResponse, error) {
@@ -39,8 +43,21 @@ func (a *api) MintJWTSVIDs(ctx context.Context, req *signerpb.MintJWTSVIDsReques
 	if n := len(req.GetRequests()); n > maxJWTRequests {
 		return nil, status.Errorf(codes.InvalidArgument, "too many JWT-SVID requests in one call: %d (limit %d)", n, maxJWTRequests)
 	}
-	resp := &signerpb.MintJWTSVIDsResponse{Svids: make([]*signerpb.MintedJWTSVID, 0, len(req.GetRequests()))}
+	// A malformed audience refuses the whole call before anything is
+	// minted or charged: the agent sends one audience list per call.
+	for i, r := range req.GetRequests() {
+		if err := checkAudience(r.GetAudience()); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "request %d (entry %q): %v", i+1, r.GetEntryId(), err)
+		}
+	}
 	now := time.Now()
+	if n := len(req.GetRequests()); n > 0 && !s.mints.take(id, n, now) {
+		s.metrics.limitRefusals.WithLabelValues(limitJWTMintRate).Inc()
+		s.warnLimited("jwt-svids refused: limit reached", id.String(), "agent", id.String(), "limit", limitJWTMintRate, "requests", n)
+		return nil, status.Errorf(codes.ResourceExhausted, "%v: %d per second, burst %d", ErrMintRate,
+			s.cfg.Limits.JWTMintsPerSecond, s.cfg.Limits.JWTMintBurst)
+	}
+	resp := &signerpb.MintJWTSVIDsResponse{Svids: make([]*signerpb.MintedJWTSVID, 0, len(req.GetRequests()))}
 	for _, r := range req.GetRequests() {
 		out := &signerpb.MintedJWTSVID{EntryId: r.GetEntryId()}
 		m, err := s.mintOne(id, r, now)
@@ -103,7 +120,10 @@ func (s *Signer) authorizedLocked(rec *agentRecord, entryID string) (policy.Work
 }
 
 // checkAudience bounds a request's audience list. Audience values are
-// opaque to the signer; only their count and size are its business.
+// opaque to the signer beyond their count and size, except that each must
+// be printable UTF-8: a NUL or other control character lets two different
+// audience lists look alike to a cache, a log or a relying party, and
+// invalid UTF-8 would come out of the token's JSON as something else.
 func checkAudience(aud []string) error {
 	switch {
 	case len(aud) == 0:
@@ -112,8 +132,17 @@ func checkAudience(aud []string) error {
 		return fmt.Errorf("%w: %d values (limit %d)", ErrBadAudience, len(aud), maxAudiences)
 	}
 	for i, a := range aud {
-		if a == "" || len(a) > maxAudienceBytes {
-			return fmt.Errorf("%w: value %d is empty or longer than %d bytes", ErrBadAudience, i+1, maxAudienceBytes)
+		switch {
+		case a == "":
+			return fmt.Errorf("%w: value %d is empty", ErrBadAudience, i+1)
+		case len(a) > maxAudienceBytes:
+			return fmt.Errorf("%w: value %d is %d bytes (limit %d)", ErrBadAudience, i+1, len(a), maxAudienceBytes)
+		case !utf8.ValidString(a):
+			return fmt.Errorf("%w: value %d is not valid UTF-8", ErrBadAudience, i+1)
+		}
+		if j := strings.IndexFunc(a, unicode.IsControl); j >= 0 {
+			r, _ := utf8.DecodeRuneInString(a[j:])
+			return fmt.Errorf("%w: value %d holds control character %U at byte %d", ErrBadAudience, i+1, r, j)
 		}
 	}
 	return nil

@@ -44,7 +44,6 @@ func TestMintJWTSVIDsRPC(t *testing.T) {
 		{EntryId: "theirs", Audience: []string{"x"}},
 		{EntryId: "mine", Audience: []string{"x", "y"}},
 		{EntryId: "nosuch", Audience: []string{"x"}},
-		{EntryId: "short"},
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -57,7 +56,6 @@ func TestMintJWTSVIDsRPC(t *testing.T) {
 		`theirs: entry "theirs": entry is not authorized for this node`,
 		"mine: ",
 		`nosuch: entry "nosuch": no such entry in the policy`,
-		`short: entry "short": a JWT-SVID needs at least one audience`,
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("answers, in order:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
@@ -103,6 +101,53 @@ func TestMintJWTSVIDsRPC(t *testing.T) {
 	}
 	if _, err := a.MintJWTSVIDs(t.Context(), &signerpb.MintJWTSVIDsRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Errorf("call without an agent SVID: error %v, want Unauthenticated", err)
+	}
+}
+
+func TestMintAudienceChecks(t *testing.T) {
+	s := newJWTTestSigner(t, t.TempDir(), "")
+	a := &api{s: s}
+	ctx := agentContext(t, s)
+	tests := []struct {
+		name    string
+		aud     []string
+		wantMsg string // "" for success
+	}{
+		{"plain", []string{"spiffe://example.org/db", "https://api.example.com"}, ""},
+		{"non-ASCII letters", []string{"für-dich"}, ""},
+		{"no audience", nil, `request 1 (entry "mine"): a JWT-SVID needs at least one audience`},
+		{"empty value", []string{"a", ""}, `request 1 (entry "mine"): bad audience: value 2 is empty`},
+		{"NUL", []string{"p\x00q"}, `request 1 (entry "mine"): bad audience: value 1 holds control character U+0000 at byte 1`},
+		{"newline", []string{"a\nb"}, `bad audience: value 1 holds control character U+000A at byte 1`},
+		{"DEL", []string{"a\x7f"}, `bad audience: value 1 holds control character U+007F at byte 1`},
+		{"C1 control", []string{"ab\u0085"}, `bad audience: value 1 holds control character U+0085 at byte 2`},
+		{"invalid UTF-8", []string{"a\xffb"}, `bad audience: value 1 is not valid UTF-8`},
+		{"too long", []string{strings.Repeat("a", maxAudienceBytes+1)}, `bad audience: value 1 is 1025 bytes (limit 1024)`},
+		{"too many", make([]string, maxAudiences+1), `bad audience: 33 values (limit 32)`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp, err := a.MintJWTSVIDs(ctx, &signerpb.MintJWTSVIDsRequest{Requests: []*signerpb.JWTSVIDRequest{
+				{EntryId: "mine", Audience: tt.aud},
+			}})
+			if tt.wantMsg == "" {
+				if err != nil || resp.GetSvids()[0].GetToken() == "" {
+					t.Fatalf("MintJWTSVIDs: %v %v, want a token", resp, err)
+				}
+				return
+			}
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), tt.wantMsg) {
+				t.Fatalf("MintJWTSVIDs: %v, want InvalidArgument with %q", err, tt.wantMsg)
+			}
+		})
+	}
+	// A bad audience in any request refuses the call: nothing is minted.
+	resp, err := a.MintJWTSVIDs(ctx, &signerpb.MintJWTSVIDsRequest{Requests: []*signerpb.JWTSVIDRequest{
+		{EntryId: "mine", Audience: []string{"ok"}},
+		{EntryId: "short", Audience: []string{"p\x00q"}},
+	}})
+	if status.Code(err) != codes.InvalidArgument || resp != nil || !strings.Contains(err.Error(), `request 2 (entry "short")`) {
+		t.Errorf("call with one bad request: %v %v, want InvalidArgument naming request 2 and no tokens", resp, err)
 	}
 }
 

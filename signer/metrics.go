@@ -23,6 +23,7 @@ type Metrics struct {
 	attestDuration prometheus.Histogram
 	syncStreams    prometheus.Gauge
 	policyReloads  *prometheus.CounterVec
+	limitRefusals  *prometheus.CounterVec
 }
 
 // Reasons a CSR was refused (svid_refusals_total's reason label).
@@ -52,12 +53,22 @@ func newMetrics(s *Signer) *Metrics {
 			Help: "Open Sync streams: agents connected now."}),
 		policyReloads: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "policy_reloads_total",
 			Help: "Policy file reloads by result: ok, or error (the last good policy stays in force)."}, []string{"result"}),
+		limitRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "limit_refusals_total",
+			Help: "Calls refused or ended by a limit, by the limits field that was reached."}, []string{"limit"}),
+	}
+	for _, l := range []string{limitPending, limitPendingPerAddress, limitFirstMessage, limitSyncStreams, limitJWTMintRate} {
+		m.limitRefusals.WithLabelValues(l)
 	}
 	for _, r := range []string{"ok", "error"} {
 		m.policyReloads.WithLabelValues(r) // present at 0, so alerts on increase() work from the start
 	}
 	m.attestations.WithLabelValues("ok")
-	m.reg.MustRegister(m.svidsSigned, m.svidRefusals, m.attestations, m.attestDuration, m.syncStreams, m.policyReloads)
+	m.reg.MustRegister(m.svidsSigned, m.svidRefusals, m.attestations, m.attestDuration, m.syncStreams, m.policyReloads, m.limitRefusals)
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: "pending_attestations",
+		Help: "Attest streams in flight (unauthenticated until they succeed)."}, func() float64 {
+		n, _ := s.gate.inFlight()
+		return float64(n)
+	}))
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: "attested_agents",
 		Help: "Agents attested with this signer and still in policy (since its start)."}, func() float64 {
 		s.mu.Lock()

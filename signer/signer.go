@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 )
 
 // signerSVIDTTL is the lifetime of the signer's own TLS identity (at most
@@ -49,17 +50,27 @@ type Signer struct {
 
 	metrics *Metrics // safe for concurrent use
 
+	// The limits' state; each is safe for concurrent use.
+	gate    *attestGate
+	syncs   *syncSlots
+	mints   *mintLimiter
+	warnLog *logLimiter
+
 	mu      sync.Mutex
 	auth    *authority
-	bundle  *x509bundle.Bundle // the CAs agents trust; safe for concurrent use
-	bundleN uint64             // bumped on every bundle change
-	pol     *policy.Policy
-	rules   []attestor.NodeRule
-	agents  map[spiffeid.ID]*agentRecord
-	changed chan struct{} // closed and replaced on every change of policy or bundle
-	tlsCert *tls.Certificate
-	tlsCA   *CA // the CA that signed tlsCert
-	tlsKey  *ecdsa.PrivateKey
+	bundle  *x509bundle.Bundle // the CAs the TLS layer verifies agents by; safe for concurrent use
+	bundleN uint64             // bumped on every bundle change, once it is on disk
+	// agentBundle is the bundle agents are sent: the one last written to
+	// bundle_path, so no agent ever trusts a CA the file does not hold.
+	// Never modified, only replaced.
+	agentBundle *signerpb.Bundle
+	pol         *policy.Policy
+	rules       []attestor.NodeRule
+	agents      map[spiffeid.ID]*agentRecord
+	changed     chan struct{} // closed and replaced on every change of policy or bundle
+	tlsCert     *tls.Certificate
+	tlsCA       *CA // the CA that signed tlsCert
+	tlsKey      *ecdsa.PrivateKey
 
 	policySrc []byte        // the policy file's content in force
 	ready     chan struct{} // closed once Serve accepts agents
@@ -119,7 +130,13 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 
 		policySrc: src,
 		ready:     make(chan struct{}),
+
+		gate:    newAttestGate(cfg.Limits),
+		syncs:   newSyncSlots(cfg.Limits),
+		mints:   newMintLimiter(cfg.Limits),
+		warnLog: newLogLimiter(cfg.Limits.RefusalLogInterval),
 	}
+	s.agentBundle = s.bundleMessage(auth.published(), auth.publishedJWT())
 	s.setPolicyLocked(pol)
 	s.metrics = newMetrics(s)
 	return s, nil
@@ -175,7 +192,7 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 			return err
 		},
 	}
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(tlsConf)))
+	srv := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(tlsConf))}, serverLimits(s.cfg.Limits)...)...)
 	signerpb.RegisterSignerServer(srv, &api{s: s})
 	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
 
@@ -197,6 +214,26 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 		err = nil
 	}
 	return err
+}
+
+// serverLimits are the gRPC server's share of the limits: streams per
+// connection, and keepalive both ways. The signer pings quiet connections
+// so a half-open agent connection (and its Sync stream) is noticed; it
+// lets clients ping too, as often as gRPC clients can (the agent sets no
+// keepalive today, and one it adds must never be punished), but no more.
+func serverLimits(l Limits) []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.MaxConcurrentStreams(uint32(l.MaxStreamsPerConnection)),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			Time:              l.KeepaliveTime,
+			Timeout:           l.KeepaliveTimeout,
+			MaxConnectionIdle: l.MaxConnectionIdle,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             l.MinPingInterval,
+			PermitWithoutStream: true,
+		}),
+	}
 }
 
 // stopGracefully lets in-flight calls finish, but not for longer than d:
@@ -293,10 +330,10 @@ func (s *Signer) rotateCAs(ctx context.Context) error {
 }
 
 // advanceCAs runs the authority's decisions due at now and, when the
-// bundle changed, pushes it to every Sync stream and the TLS verifier and
-// saves it. It returns when to look again. Only Serve (before it starts
-// the rotation) and the rotation itself write the files, one after the
-// other, so writing outside the lock cannot reorder them.
+// bundle changed, saves it, then pushes it to every Sync stream. It
+// returns when to look again. Only Serve (before it starts the rotation)
+// and the rotation itself write the files, one after the other, so
+// writing outside the lock cannot reorder them.
 func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	s.mu.Lock()
 	changed, next, tickErr := s.auth.tick(now)
@@ -304,17 +341,28 @@ func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	var keys []publicJWTKey
 	if changed {
 		cas, keys = s.auth.published(), s.auth.publishedJWT()
+		// The TLS verifier follows at once: a new CA signs nothing before
+		// its publish lead, and a dropped one must stop being accepted.
 		s.bundle.SetX509Authorities(cas)
-		s.bundleN++
-		s.notifyLocked()
-		s.log.Info("trust bundle changed", "sequence", s.bundleN, "cas", len(cas), "jwt_keys", len(keys))
 	}
 	s.mu.Unlock()
-	if changed {
-		if err := s.publish(cas, keys); err != nil {
-			return next, err
-		}
+	if !changed {
+		return next, tickErr
 	}
+	// On disk before any agent hears of it: bundle_path is what relying
+	// parties and restarted agents trust, so an agent must never hold a
+	// bundle the file lacks. When the write fails nothing is pushed, and
+	// the error ends the signer.
+	if err := s.publish(cas, keys); err != nil {
+		return next, err
+	}
+	s.mu.Lock()
+	s.bundleN++
+	s.agentBundle = s.bundleMessage(cas, keys)
+	s.notifyLocked()
+	seq := s.bundleN
+	s.mu.Unlock()
+	s.log.Info("trust bundle changed", "sequence", seq, "cas", len(cas), "jwt_keys", len(keys))
 	return next, tickErr
 }
 

@@ -142,6 +142,7 @@ func cmdSuite(args []string) ([]row, error) {
 	fs.IntVar(&c.Starts, "starts", 3, "agent starts measured")
 	fs.IntVar(&c.Entries, "entries", 1000, "workload entries in the many-entries phase")
 	fs.StringVar(&c.AgentLogLevel, "agent-log-level", "", "the agent's log_level (default: the agent's own, info)")
+	fs.IntVar(&c.AttestFlood, "attest-flood", 20000, "Attest streams sending nothing, opened on one connection to a lone signer (0: skip)")
 	gobench := fs.String("gobench", "", "files of `go test -bench` output to add to the table, comma-separated")
 	fs.Parse(args)
 	if c.TPMSocket == "" || c.EKCA == "" || c.Dir == "" {

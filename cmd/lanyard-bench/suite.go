@@ -26,6 +26,7 @@ type suiteConfig struct {
 	Entries             int   // workload entries in the "many entries" phase
 	GoBench             []string
 	AgentLogLevel       string // the agent's log_level; "" leaves its default (info)
+	AttestFlood         int    // Attest streams sending nothing, on one connection to a lone signer; 0 skips
 }
 
 // suite runs every figure against real processes and returns the rows.
@@ -109,6 +110,13 @@ func suite(cfg suiteConfig) ([]row, error) {
 	rows = append(rows, fanRows...)
 	if err != nil {
 		return rows, err
+	}
+	if cfg.AttestFlood > 0 {
+		floodRows, err := w.floodPhase(cfg.AttestFlood) // phase 3: the signer alone (attestflood.go)
+		rows = append(rows, floodRows...)
+		if err != nil {
+			return rows, err
+		}
 	}
 	for _, path := range cfg.GoBench {
 		gb, err := goBenchRows(path)

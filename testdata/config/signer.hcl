@@ -8,3 +8,10 @@ x509_max_ttl   = "12h"
 agent_ttl      = "30m"
 log_level      = "debug"
 log_format     = "json"
+
+limits {
+  attest_first_message_timeout = "2s"
+  max_pending_attestations     = 512
+  max_sync_streams_per_agent   = 3
+  jwt_mints_per_second         = 50
+}
