@@ -52,6 +52,7 @@ type TPMConfig struct {
 // carries one command at a time.
 type TPM struct {
 	mu     sync.Mutex
+	ch     *framedChannel // what at talks through: Err and Probe look at it
 	at     *attest.TPM
 	ek     *attest.EK // read once: the EK never changes, and reading it may create a primary key
 	closed bool
@@ -122,7 +123,7 @@ func open(ch *framedChannel) (*TPM, error) {
 		at.Close()
 		return nil, fmt.Errorf("read TPM properties: %w", err)
 	}
-	return &TPM{at: at}, nil
+	return &TPM{ch: ch, at: at}, nil
 }
 
 // flushStale flushes the transient objects and loaded sessions an earlier
@@ -171,6 +172,36 @@ func (t *TPM) Close() error {
 	t.closed = true
 	if err := t.at.Close(); err != nil {
 		return fmt.Errorf("attestor: close TPM: %w", err)
+	}
+	return nil
+}
+
+// Err reports whether the TPM's command stream failed (swtpm died, the
+// device failed): an error wrapping ErrTPMUnreachable, or nil. It never
+// waits for a command in progress, so a status page can call it at any
+// time. go-tpm
+// and go-attestation do not always wrap the errors they pass on, so after
+// a failed operation this, not errors.Is on that operation's error, is how
+// a caller tells a dead TPM from a refused command.
+func (t *TPM) Err() error {
+	return t.ch.err()
+}
+
+// Probe sends the TPM one cheap command (read one property), so that a
+// TPM that went away while nobody used it is noticed. It returns Err's
+// answer when the stream has failed, or the TPM's refusal.
+func (t *TPM) Probe() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return ErrTPMClosed
+	}
+	_, _, err := tpm2.GetCapability(t.ch, tpm2.CapabilityTPMProperties, 1, uint32(tpm2.Manufacturer))
+	if cerr := t.ch.err(); cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		return fmt.Errorf("attestor: probe TPM: %w", err)
 	}
 	return nil
 }
