@@ -4,6 +4,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"fmt"
@@ -36,16 +37,19 @@ type Agent struct {
 	backoff rotator.Backoff
 
 	up        *upstream
+	tpm       *tpmLink           // set by Run: the TPM, reopened when it goes away
 	workload  *attestor.Workload // set by Run before anything serves
 	wakeRenew chan struct{}      // a sync changed the entries: look for work
 	reattest  chan struct{}      // the signer no longer knows us: attest again
-	synced    atomic.Bool
-	ready     chan struct{} // attested, synced, first SVIDs signed
-	readyOnce sync.Once
-	serving   chan struct{} // ready and the Workload API socket listens
-	running   chan struct{} // Run has set up its parts: Status may be called
-	started   time.Time
-	trustWake broadcast // trust_bundle_path brought a new authority: retry now
+	// jwtReattestWait is jwtReattestWait but for tests.
+	jwtReattestWait time.Duration
+	synced          atomic.Bool
+	ready           chan struct{} // attested, synced, first SVIDs signed
+	readyOnce       sync.Once
+	serving         chan struct{} // ready and the Workload API socket listens
+	running         chan struct{} // Run has set up its parts: Status may be called
+	started         time.Time
+	trustWake       broadcast // trust_bundle_path brought a new authority, or a call got through: retry now (retryNow)
 
 	// Facts for Status, written by the loops that own them.
 	lastSync, servingSince, agentRenewAt        atomic.Int64 // unix nanoseconds
@@ -62,29 +66,51 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 		log = hclog.NewNullLogger()
 	}
 	a := &Agent{
-		cfg:       cfg,
-		log:       log,
-		cache:     newCache(cfg.TrustDomain.IDString()),
-		sched:     rotator.Schedule{Jitter: rotator.DefaultJitter},
-		backoff:   rotator.DefaultBackoff,
-		wakeRenew: make(chan struct{}, 1),
-		reattest:  make(chan struct{}, 1),
-		ready:     make(chan struct{}),
-		serving:   make(chan struct{}),
-		running:   make(chan struct{}),
+		cfg:             cfg,
+		log:             log,
+		cache:           newCache(cfg.TrustDomain.IDString()),
+		sched:           rotator.Schedule{Jitter: rotator.DefaultJitter},
+		backoff:         rotator.DefaultBackoff,
+		wakeRenew:       make(chan struct{}, 1),
+		reattest:        make(chan struct{}, 1),
+		jwtReattestWait: jwtReattestWait,
+		ready:           make(chan struct{}),
+		serving:         make(chan struct{}),
+		running:         make(chan struct{}),
 	}
 	a.jwt = newJWTSource(a.cache, a.mintJWTSVIDs, log.Named("jwt"))
 	a.metrics = newMetrics(a)
 	return a
 }
 
+// jwtReattestWait bounds how long a JWT-SVID call that found this agent
+// unknown to the signer waits for the new attestation it triggers: one
+// takes well under a second against swtpm and a few seconds on a slow
+// hardware TPM, and the caller is waiting.
+const jwtReattestWait = 10 * time.Second
+
 // mintJWTSVIDs is the JWT token cache's way to the signer. Like a failed
-// renewal, a signer that no longer knows this agent triggers a new
-// attestation at once.
+// renewal, a signer that no longer knows this agent (it restarted)
+// triggers a new attestation at once; the caller is answered after it,
+// with one more try on the new identity, rather than failed for a state
+// the agent repairs in a moment.
 func (a *Agent) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
+	_, replaced := a.up.client()
 	resp, err := a.up.mintJWTSVIDs(ctx, reqs)
-	a.checkUnauthenticated(err)
-	return resp, err
+	if status.Code(err) != codes.Unauthenticated {
+		return resp, err
+	}
+	a.requestReattest()
+	t := time.NewTimer(a.jwtReattestWait)
+	defer t.Stop()
+	select {
+	case <-replaced:
+	case <-t.C:
+		return nil, fmt.Errorf("%w (no new attestation within %v)", err, a.jwtReattestWait)
+	case <-ctx.Done():
+		return nil, err
+	}
+	return a.up.mintJWTSVIDs(ctx, reqs)
 }
 
 // Serving is closed once the agent holds its identity, the entries and
@@ -108,18 +134,27 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("load trust bundle %s: %w", a.cfg.TrustBundlePath, err)
 	}
-	tpm, err := attestor.OpenTPM(attestor.TPMConfig{Device: a.cfg.TPM.Device, Socket: a.cfg.TPM.Socket})
+	// A TPM that cannot be opened at start is a config error (a wrong
+	// path) as often as an outage: fail, and let the operator see it. One
+	// that goes away later is reopened by a.tpm.
+	tpmCfg := attestor.TPMConfig{Device: a.cfg.TPM.Device, Socket: a.cfg.TPM.Socket}
+	tpm, err := attestor.OpenTPM(tpmCfg)
 	if err != nil {
 		return fmt.Errorf("open TPM: %w", err)
 	}
-	defer tpm.Close()
+	a.tpm = newTPMLink(tpm, func() (*attestor.TPM, error) { return attestor.OpenTPM(tpmCfg) }, a.log.Named("tpm"))
+	defer a.tpm.close()
+	a.tpm.probe = cmp.Or(a.cfg.TPM.ProbeInterval, DefaultTPMProbeInterval)
+	a.tpm.backoff.Max = cmp.Or(a.cfg.TPM.ReopenMax, DefaultTPMReopenMax)
+	a.tpm.rand = a.rand
+	a.tpm.reopened = a.requestReattest
 	if info, err := tpm.Info(); err == nil {
 		a.tpmManufacturer = info.Manufacturer
 		a.log.Info("TPM opened", "ek_sha256", info.EKSHA256, "manufacturer", info.Manufacturer, "ek_certificate", info.EKCertificate != nil)
 	} else {
 		a.log.Warn("cannot read TPM info", "error", err)
 	}
-	a.up, err = newUpstream(a.cfg.SignerAddress, a.cfg.TrustDomain, tpm, trust, a.log.Named("upstream"))
+	a.up, err = newUpstream(a.cfg.SignerAddress, a.cfg.TrustDomain, a.tpm, trust, a.log.Named("upstream"))
 	if err != nil {
 		return err
 	}
@@ -146,6 +181,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	g.Go(func() error { return admin.Run(ctx) })
+	g.Go(func() error { return a.tpm.Run(ctx) })
 	g.Go(func() error { return a.attestLoop(ctx) })
 	g.Go(func() error { return a.syncLoop(ctx) })
 	g.Go(func() error { return a.renewLoop(ctx) })
@@ -192,10 +228,13 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 			a.attestFailures.Store(int64(failures))
 			d := a.backoff.Delay(failures, a.rand())
 			a.log.Error("attestation failed", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
-			if !sleep(ctx, d, trustChanged) {
+			if !a.waitRetry(ctx, d, trustChanged, nil, a.reattest) {
 				return nil
 			}
 			continue
+		}
+		if failures > 0 {
+			a.retryNow()
 		}
 		a.metrics.attestDuration.Observe(time.Since(start).Seconds())
 		failures = 0
@@ -261,22 +300,49 @@ func (a *Agent) syncLoop(ctx context.Context) error {
 		a.syncFailures.Store(int64(failures))
 		d := a.backoff.Delay(failures, a.rand())
 		a.log.Warn("sync stream broken", "signer", a.cfg.SignerAddress, "error", err, "failures", failures, "retry_in", d.String())
-		t := time.NewTimer(d)
-		select {
-		case <-t.C:
-		case <-replaced:
-			t.Stop()
-		case <-trustChanged:
-			t.Stop()
-		case <-ctx.Done():
-			t.Stop()
+		if !a.waitRetry(ctx, d, trustChanged, replaced, nil) {
 			return nil
 		}
 	}
 }
 
+// waitRetry waits out a retry delay d after a failed call to the signer,
+// and reports whether ctx is still live. It ends early when waiting longer
+// cannot help: the trust file brought a new authority or a call found the
+// signer back (retry, a trustWake channel), the connection was replaced
+// by a new attestation, the current connection to the signer comes back
+// up (gRPC redials in the background, so this is how a signer's return is
+// seen within a second without a hint), or, for the attestation loop
+// (reattest), a new attestation is asked for (the TPM came back).
+func (a *Agent) waitRetry(ctx context.Context, d time.Duration, retry, replaced, reattest <-chan struct{}) bool {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	up := a.up.becameReady(wctx)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-retry:
+	case <-replaced:
+	case <-up:
+	case <-reattest:
+	case <-ctx.Done():
+		return false
+	}
+	return true
+}
+
+// retryNow tells every loop waiting out a backoff, and gRPC's reconnect
+// backoff, that the signer can be reached now (a call got through, or the
+// trust file brought the authority a restarted signer is known by), so
+// they retry at once rather than after their full delay.
+func (a *Agent) retryNow() {
+	a.up.resetBackoff()
+	a.trustWake.notify()
+}
+
 func (a *Agent) syncOnce(ctx context.Context, client signerpb.SignerClient, failures *int) error {
-	stream, err := client.Sync(ctx, &signerpb.SyncRequest{})
+	stream, err := a.up.openSync(ctx, client)
 	if err != nil {
 		return err
 	}
@@ -284,6 +350,9 @@ func (a *Agent) syncOnce(ctx context.Context, client signerpb.SignerClient, fail
 		msg, err := stream.Recv()
 		if err != nil {
 			return err
+		}
+		if *failures > 0 {
+			a.retryNow()
 		}
 		*failures = 0
 		a.syncFailures.Store(0)
@@ -324,10 +393,16 @@ func (a *Agent) reloadTrust() {
 // backoff timer to run out.
 func (a *Agent) checkUnauthenticated(err error) {
 	if status.Code(err) == codes.Unauthenticated {
-		select {
-		case a.reattest <- struct{}{}:
-		default:
-		}
+		a.requestReattest()
+	}
+}
+
+// requestReattest makes the attestation loop attest at once, whether it
+// is waiting for the renewal point or for a retry.
+func (a *Agent) requestReattest() {
+	select {
+	case a.reattest <- struct{}{}:
+	default:
 	}
 }
 
@@ -385,18 +460,3 @@ func (a *Agent) jitter() float64 { return rand.Float64()*2 - 1 }
 
 // rand draws a backoff jitter in [0, 1).
 func (a *Agent) rand() float64 { return rand.Float64() }
-
-// sleep waits d, or less if wake is closed first, or until ctx ends; it
-// reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-wake:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
@@ -56,7 +57,21 @@ type Config struct {
 type TPMConfig struct {
 	Device string
 	Socket string
+	// ProbeInterval is how often the TPM is probed while nothing uses it
+	// (probe_interval); zero means DefaultTPMProbeInterval.
+	ProbeInterval time.Duration
+	// ReopenMax caps the backoff between attempts to open a lost TPM
+	// again (reopen_max_interval); zero means DefaultTPMReopenMax.
+	ReopenMax time.Duration
 }
+
+// Bounds of the tpm block's tuning fields: a probe or a reopen attempt
+// more often than every 100 ms would only load the TPM, and one rarer
+// than every 10 minutes leaves a lost TPM unnoticed or unused too long.
+const (
+	minTPMInterval = 100 * time.Millisecond
+	maxTPMInterval = 10 * time.Minute
+)
 
 var agentConfigSchema = &hcl.BodySchema{
 	Attributes: []hcl.AttributeSchema{
@@ -75,7 +90,7 @@ var agentConfigSchema = &hcl.BodySchema{
 }
 
 var agentTPMSchema = &hcl.BodySchema{
-	Attributes: []hcl.AttributeSchema{{Name: "device"}, {Name: "socket"}},
+	Attributes: []hcl.AttributeSchema{{Name: "device"}, {Name: "socket"}, {Name: "probe_interval"}, {Name: "reopen_max_interval"}},
 }
 
 // LoadConfig reads and validates the agent config file at path. Problems
@@ -210,6 +225,22 @@ func decodeTPM(blocks hcl.Blocks, file hcl.Body, dir string, tpm *TPMConfig) hcl
 		diags = append(diags, d...)
 	default:
 		diags = append(diags, hclconf.Errorf(b.DefRange, "tpm: set device (e.g. /dev/tpmrm0) or socket"))
+	}
+	for _, f := range []struct {
+		name string
+		dst  *time.Duration
+	}{{"probe_interval", &tpm.ProbeInterval}, {"reopen_max_interval", &tpm.ReopenMax}} {
+		if attr, ok := content.Attributes[f.name]; ok {
+			d, dd := hclconf.Duration(attr, minTPMInterval)
+			diags = append(diags, dd...)
+			switch {
+			case dd.HasErrors():
+			case d > maxTPMInterval:
+				diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: %s is over the maximum of %s", f.name, d, maxTPMInterval))
+			default:
+				*f.dst = d
+			}
+		}
 	}
 	return diags
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
@@ -201,6 +202,38 @@ func TestParseConfigErrors(t *testing.T) {
 			}
 			if diff := cmp.Diff(strings.Join(tt.want, "\n"), err.Error()); diff != "" {
 				t.Errorf("errors (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestParseConfigTPMTuning(t *testing.T) {
+	const base = "trust_domain = \"example.org\"\nsigner_address = \"s:1\"\ntrust_bundle_path = \"b.pem\"\n"
+	tests := []struct {
+		name, tpm          string
+		wantProbe, wantMax time.Duration
+		wantErr            string
+	}{
+		{name: "defaults", tpm: `tpm { socket = "/s" }`},
+		{name: "both set", tpm: "tpm {\n  socket = \"/s\"\n  probe_interval = \"1s\"\n  reopen_max_interval = \"500ms\"\n}", wantProbe: time.Second, wantMax: 500 * time.Millisecond},
+		{name: "probe too often", tpm: "tpm {\n  device = \"/dev/tpmrm0\"\n  probe_interval = \"10ms\"\n}", wantErr: `a.hcl:6: probe_interval: 10ms is below the minimum of 100ms`},
+		{name: "reopen too rare", tpm: "tpm {\n  socket = \"/s\"\n  reopen_max_interval = \"1h\"\n}", wantErr: `a.hcl:6: reopen_max_interval: 1h0m0s is over the maximum of 10m0s`},
+		{name: "not a duration", tpm: "tpm {\n  socket = \"/s\"\n  probe_interval = \"soon\"\n}", wantErr: `a.hcl:6: probe_interval: invalid duration "soon" (write it like "90s", "5m" or "1h")`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig([]byte(base+tt.tpm+"\n"), "a.hcl")
+			if tt.wantErr != "" {
+				if err == nil || err.Error() != tt.wantErr {
+					t.Fatalf("ParseConfig error = %v, want %s", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.TPM.ProbeInterval != tt.wantProbe || cfg.TPM.ReopenMax != tt.wantMax {
+				t.Errorf("probe_interval, reopen_max_interval = %v, %v; want %v, %v", cfg.TPM.ProbeInterval, cfg.TPM.ReopenMax, tt.wantProbe, tt.wantMax)
 			}
 		})
 	}

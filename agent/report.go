@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -31,6 +32,18 @@ type Report struct {
 	// OpenStreams counts open Workload API streams by method; every
 	// streaming method is present, 0 when none is open.
 	OpenStreams map[string]int64 `json:"open_streams"`
+	TPM         TPMReport        `json:"tpm"`
+}
+
+// TPMReport is the state of the agent's link to its TPM. While the TPM is
+// unreachable the agent serves the SVIDs it holds and keeps renewing them
+// on its open signer connection, but cannot attest again: it reopens the
+// TPM with backoff and attests on it as soon as it answers.
+type TPMReport struct {
+	Reachable        bool       `json:"reachable"`
+	Error            string     `json:"error,omitempty"` // why not, while unreachable
+	UnreachableSince *time.Time `json:"unreachable_since,omitempty"`
+	ReopenFailures   int        `json:"reopen_failures"`
 }
 
 // JWTReport is the JWT-SVID side: the signing keys tokens are validated
@@ -88,6 +101,8 @@ func (a *Agent) Report(now time.Time) Report {
 			ConsecutiveFailures: max(st.SyncFailures, st.AttestFailures, st.RenewFailures),
 		},
 		OpenStreams: st.OpenStreams,
+		TPM: TPMReport{Reachable: st.TPMError == "", Error: st.TPMError, UnreachableSince: timePtr(st.TPMLostAt),
+			ReopenFailures: st.TPMReopenFailures},
 	}
 	if st.AgentID == "" {
 		r.Agent.EKSHA256 = ""
@@ -115,6 +130,11 @@ func health(st Status, now time.Time) (string, []string) {
 	}
 	if st.EntriesWithoutID > 0 {
 		bad = append(bad, pluralize(st.EntriesWithoutID, "entry has", "entries have")+" no valid SVID")
+	}
+	if st.TPMError != "" {
+		// First of the warnings: it is why attestations fail.
+		warn = append(warn, fmt.Sprintf("TPM unreachable for %s (%s): %s", now.Sub(st.TPMLostAt).Round(time.Second),
+			pluralize(st.TPMReopenFailures, "reopen attempt", "reopen attempts")+" failed", st.TPMError))
 	}
 	if st.AttestFailures > 0 {
 		warn = append(warn, pluralize(st.AttestFailures, "attestation", "attestations")+" failed in a row")

@@ -23,6 +23,9 @@ func TestHealth(t *testing.T) {
 		{"signer down, SVIDs valid", func(s *Status) { s.SyncConnected = false }, Degraded, []string{"signer unreachable (sync stream down)"}},
 		{"renewals failing", func(s *Status) { s.RenewFailures = 1 }, Degraded, []string{"1 renewal round failed in a row"}},
 		{"attestations failing", func(s *Status) { s.AttestFailures = 3 }, Degraded, []string{"3 attestations failed in a row"}},
+		{"TPM unreachable", func(s *Status) {
+			s.TPMError, s.TPMLostAt, s.TPMReopenFailures, s.AttestFailures = "attestor: TPM unreachable: read TPM response from socket /s: EOF", now.Add(-12*time.Second), 4, 2
+		}, Degraded, []string{"TPM unreachable for 12s (4 reopen attempts failed): attestor: TPM unreachable: read TPM response from socket /s: EOF", "2 attestations failed in a row"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -25,6 +25,11 @@ type Status struct {
 	JWTKeyIDs        []string         // the JWT bundle's key IDs, as the signer orders them
 	JWTTokensCached  int              // JWT-SVIDs in the token cache
 	OpenStreams      map[string]int64 // open Workload API streams by method
+	// TPMError says why the TPM is unreachable (its command stream broke
+	// and reopening it fails so far); "" while it answers.
+	TPMError          string
+	TPMLostAt         time.Time // when it was found unreachable; zero while it answers
+	TPMReopenFailures int       // failed attempts to open it again since then
 }
 
 // SVIDStatus describes the SVID held for one entry.
@@ -60,6 +65,11 @@ func (a *Agent) Status() Status {
 	}
 	if a.jwt != nil {
 		st.JWTTokensCached = a.jwt.cached()
+	}
+	if a.tpm != nil {
+		if ts := a.tpm.state(); !ts.Reachable {
+			st.TPMError, st.TPMLostAt, st.TPMReopenFailures = ts.Error, ts.LostAt, ts.ReopenFailures
+		}
 	}
 	c := a.cache
 	c.mu.Lock()

@@ -11,8 +11,8 @@ import (
 // watchTrust follows edits of trust_bundle_path until ctx ends. The file is
 // how an operator tells the agent about a signer it cannot know otherwise
 // (one restarted with a new CA), so a new authority in it is trusted at
-// once, and the attestation and sync loops stop waiting out their backoff
-// to use it. loaded is the content Run started with.
+// once, and the attestation and sync loops, and gRPC's reconnect, stop
+// waiting out their backoff to use it. loaded is the content Run started with.
 func (a *Agent) watchTrust(ctx context.Context, loaded []byte) error {
 	w := &filewatch.Watcher{Path: a.cfg.TrustBundlePath, Loaded: loaded, Log: a.log.Named("trust")}
 	return w.Run(ctx, func(data []byte) {
@@ -24,7 +24,7 @@ func (a *Agent) watchTrust(ctx context.Context, loaded []byte) error {
 		added := a.addTrust(b)
 		a.log.Info("trust bundle file reloaded", "path", a.cfg.TrustBundlePath, "authorities", len(b.X509Authorities()), "new", added)
 		if added > 0 {
-			a.trustWake.notify()
+			a.retryNow()
 		}
 	})
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/x509"
@@ -20,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 )
 
@@ -29,12 +31,23 @@ const attestTimeout = 30 * time.Second
 // mintTimeout bounds one MintJWTSVIDs call: a caller is waiting.
 const mintTimeout = 10 * time.Second
 
-// connectParams caps gRPC's own reconnect backoff (120 s by default) well
-// below the agent's retry cap, so a signer that comes back is seen soon.
+// connectParams caps gRPC's own reconnect backoff (120 s by default) at a
+// second, so that a signer that comes back is seen within a second: the
+// agent's loops wait for the connection to come up (waitRetry) rather than
+// for their own, longer, backoff. While the signer is down that is one
+// refused TCP connect per second per agent, which a host answers from the
+// kernel; the herd of a fleet reconnecting at once is spread by the jitter
+// and capped by the signer's own limits.
 var connectParams = grpc.ConnectParams{
-	Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+	Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 	MinConnectTimeout: 5 * time.Second,
 }
+
+// syncConnectWait bounds how long opening the sync stream waits for the
+// connection to come up. Without waiting, a call made in the instant the
+// connection is still marked down from the last refused attempt fails at
+// once; with it, the stream opens as soon as the signer answers.
+const syncConnectWait = 10 * time.Second
 
 // upstream is the agent's side of the signer API. It owns the agent's
 // identity: a TPM session whose key never leaves the TPM, the SVID the
@@ -42,7 +55,7 @@ var connectParams = grpc.ConnectParams{
 type upstream struct {
 	addr     string
 	signerID spiffeid.ID
-	tpm      *attestor.TPM
+	tpm      *tpmLink
 	trust    *x509bundle.Bundle // what the signer is verified against; updated from Sync
 	log      hclog.Logger
 
@@ -54,7 +67,7 @@ type upstream struct {
 	newCon chan struct{} // closed when a new connection replaces conn
 }
 
-func newUpstream(addr string, td spiffeid.TrustDomain, tpm *attestor.TPM, trust *x509bundle.Bundle, log hclog.Logger) (*upstream, error) {
+func newUpstream(addr string, td spiffeid.TrustDomain, tpm *tpmLink, trust *x509bundle.Bundle, log hclog.Logger) (*upstream, error) {
 	id, err := spiffeid.FromSegments(td, "lanyard", "signer")
 	if err != nil {
 		return nil, fmt.Errorf("signer ID: %w", err)
@@ -97,8 +110,15 @@ func (u *upstream) client() (signerpb.SignerClient, <-chan struct{}) {
 func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, attestTimeout)
 	defer cancel()
-	sess, err := u.tpm.NewSession()
+	// A session lives on the TPM it was made on: after a reopen, a new
+	// attestation makes a new AK and key on the new TPM.
+	tpm, err := u.tpm.current()
 	if err != nil {
+		return nil, fmt.Errorf("attest: %w", err)
+	}
+	sess, err := tpm.NewSession()
+	if err != nil {
+		u.tpm.check(tpm)
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	keep := false
@@ -109,6 +129,7 @@ func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
 	}()
 	ev, err := sess.Evidence()
 	if err != nil {
+		u.tpm.check(tpm)
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	conn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(
@@ -141,6 +162,7 @@ func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
 	}
 	secret, err := sess.Activate(attest.EncryptedCredential{Credential: ch.GetCredential(), Secret: ch.GetSecret()})
 	if err != nil {
+		u.tpm.check(tpm)
 		return nil, fmt.Errorf("attest: %w", err)
 	}
 	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_ActivationSecret{ActivationSecret: secret}}); err != nil {
@@ -227,6 +249,83 @@ func (u *upstream) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDReq
 		return nil, fmt.Errorf("mint %d JWT-SVIDs: %w", len(reqs), err)
 	}
 	return resp.GetSvids(), nil
+}
+
+// openSync opens the sync stream on client, waiting up to
+// syncConnectWait for the connection to be ready.
+func (u *upstream) openSync(ctx context.Context, client signerpb.SignerClient) (grpc.ServerStreamingClient[signerpb.SyncResponse], error) {
+	ctx, cancel := context.WithCancel(ctx)
+	// The stream's context: cancelled by the timer only if the stream
+	// is not open by then, else when the stream ends (the stream owns
+	// it from here; AfterFunc's Stop reports which).
+	timer := time.AfterFunc(syncConnectWait, cancel)
+	stream, err := client.Sync(ctx, &signerpb.SyncRequest{}, grpc.WaitForReady(true))
+	if !timer.Stop() {
+		cancel()
+		return nil, fmt.Errorf("signer %s: no connection within %v: %w", u.addr, syncConnectWait, cmp.Or(err, ctx.Err()))
+	}
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	return cancelOnEnd{stream, cancel}, nil
+}
+
+// cancelOnEnd releases the stream's context when Recv ends the stream.
+type cancelOnEnd struct {
+	grpc.ServerStreamingClient[signerpb.SyncResponse]
+	cancel context.CancelFunc
+}
+
+func (s cancelOnEnd) Recv() (*signerpb.SyncResponse, error) {
+	m, err := s.ServerStreamingClient.Recv()
+	if err != nil {
+		s.cancel()
+	}
+	return m, err
+}
+
+// resetBackoff makes the connection to the signer, if it is waiting out
+// gRPC's reconnect backoff, try again now: the caller has reason to think
+// the signer is back.
+func (u *upstream) resetBackoff() {
+	u.mu.Lock()
+	conn := u.conn
+	u.mu.Unlock()
+	if conn != nil {
+		conn.ResetConnectBackoff()
+	}
+}
+
+// becameReady returns a channel closed when the current connection to the
+// signer, down now, comes up, until ctx ends; nil when there is no
+// connection or it is up (a call that failed on a live connection was
+// refused, and a reconnect would not change that).
+func (u *upstream) becameReady(ctx context.Context) <-chan struct{} {
+	u.mu.Lock()
+	conn := u.conn
+	u.mu.Unlock()
+	if conn == nil {
+		return nil
+	}
+	s := conn.GetState()
+	if s == connectivity.Ready {
+		return nil
+	}
+	conn.Connect() // an idle connection does not redial by itself
+	up := make(chan struct{})
+	go func() {
+		for conn.WaitForStateChange(ctx, s) {
+			switch s = conn.GetState(); s {
+			case connectivity.Ready:
+				close(up)
+				return
+			case connectivity.Shutdown:
+				return
+			}
+		}
+	}()
+	return up
 }
 
 func (u *upstream) close() {

@@ -228,7 +228,7 @@ func newSimEnv(t testing.TB) *simEnv {
 
 func newSimUpstream(t testing.TB, sig *simSigner, tpm *attestor.TPM) *upstream {
 	t.Helper()
-	u, err := newUpstream(sig.addr, simTD(), tpm, sig.trust, hclog.NewNullLogger())
+	u, err := newUpstream(sig.addr, simTD(), newTPMLink(tpm, nil, nil), sig.trust, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatalf("newUpstream: %v", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 )
 
 const (
@@ -34,6 +35,14 @@ type framedChannel struct {
 	name    string // "socket /run/swtpm/tpm.sock", for error messages
 	buf     []byte
 	pending []byte // the unread part of the last response
+
+	// broken is the first I/O error, kept for good: a stream that failed
+	// mid-command is out of step with the TPM (or the TPM is gone, as
+	// when swtpm dies), so every later command fails with it at once and
+	// only a new channel helps. Set and read under the TPM's mutex, like
+	// every other use of the channel; atomic so that TPM.Err can look
+	// without waiting behind a long command.
+	broken atomic.Pointer[error]
 }
 
 // newFramedChannel wraps rw; name says what rw is, for errors.
@@ -45,9 +54,12 @@ func newFramedChannel(rw io.ReadWriteCloser, name string) *framedChannel {
 // dropped: it answers a command nobody waits for any more.
 func (c *framedChannel) Write(p []byte) (int, error) {
 	c.pending = nil
+	if err := c.err(); err != nil {
+		return 0, err
+	}
 	n, err := c.rw.Write(p)
 	if err != nil {
-		return n, fmt.Errorf("attestor: write TPM command to %s: %w", c.name, err)
+		return n, c.fail(fmt.Errorf("write TPM command to %s: %w", c.name, err))
 	}
 	return n, nil
 }
@@ -56,15 +68,35 @@ func (c *framedChannel) Write(p []byte) (int, error) {
 // stream first when nothing is pending.
 func (c *framedChannel) Read(p []byte) (int, error) {
 	if len(c.pending) == 0 {
+		if err := c.err(); err != nil {
+			return 0, err
+		}
 		resp, err := c.readResponse()
 		if err != nil {
-			return 0, fmt.Errorf("attestor: read TPM response from %s: %w", c.name, err)
+			return 0, c.fail(fmt.Errorf("read TPM response from %s: %w", c.name, err))
 		}
 		c.pending = resp
 	}
 	n := copy(p, c.pending)
 	c.pending = c.pending[n:]
 	return n, nil
+}
+
+// err returns the error that broke the channel, or nil.
+func (c *framedChannel) err() error {
+	if p := c.broken.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// fail marks the channel broken by err (the first failure wins) and
+// returns the error every caller gets from now on: ErrTPMUnreachable
+// with the cause.
+func (c *framedChannel) fail(err error) error {
+	wrapped := fmt.Errorf("%w: %w", ErrTPMUnreachable, err)
+	c.broken.CompareAndSwap(nil, &wrapped)
+	return c.err()
 }
 
 // readResponse reads exactly one response: at least the header (in as many

@@ -187,6 +187,14 @@ func TestFramedChannelWriteError(t *testing.T) {
 // socket path; the process is killed at cleanup.
 func startSwtpm(t *testing.T) string {
 	t.Helper()
+	sock, _ := startSwtpmProcess(t)
+	return sock
+}
+
+// startSwtpmProcess is startSwtpm that also returns the swtpm process, for
+// tests that kill it.
+func startSwtpmProcess(t *testing.T) (string, *os.Process) {
+	t.Helper()
 	bin, err := exec.LookPath("swtpm")
 	if err != nil {
 		t.Skip("swtpm is not installed: the socket transport is tested against the simulator framing only")
@@ -214,7 +222,7 @@ func startSwtpm(t *testing.T) string {
 	})
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		if _, err := os.Stat(sock); err == nil {
-			return sock
+			return sock, cmd.Process
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("swtpm did not create %s: %s", sock, stderr.String())
@@ -306,4 +314,72 @@ func TestOpenTPMSocket(t *testing.T) {
 			old = sess
 		}
 	})
+}
+
+// TestFramedChannelBreaksForGood: after one failed command every later one
+// fails at once with the same ErrTPMUnreachable, without touching the
+// stream again (it is out of step with the TPM, or the TPM is gone).
+func TestFramedChannelBreaksForGood(t *testing.T) {
+	client, server := net.Pipe()
+	go fakeTPMPeer(server, [][]byte{tpmResponse(20)}, nil) // answers once, then hangs up
+	ch := newFramedChannel(client, "pipe")
+	defer ch.Close()
+	buf := make([]byte, 4096)
+	if _, err := ch.Write([]byte("cmd1")); err != nil {
+		t.Fatalf("first command: %v", err)
+	}
+	if _, err := ch.Read(buf); err != nil {
+		t.Fatalf("first response: %v", err)
+	}
+	if err := ch.err(); err != nil {
+		t.Fatalf("channel broken after a good exchange: %v", err)
+	}
+	_, werr := ch.Write([]byte("cmd2"))
+	_, rerr := ch.Read(buf)
+	first := errors.Join(werr, rerr)
+	if !errors.Is(first, ErrTPMUnreachable) || !strings.Contains(first.Error(), "pipe") {
+		t.Fatalf("command to a closed peer: %v, want ErrTPMUnreachable naming the channel", first)
+	}
+	for _, op := range []struct {
+		name string
+		do   func() error
+	}{
+		{"write", func() error { _, err := ch.Write([]byte("cmd3")); return err }},
+		{"read", func() error { _, err := ch.Read(buf); return err }},
+	} {
+		if err := op.do(); err == nil || err.Error() != ch.err().Error() || !errors.Is(err, ErrTPMUnreachable) {
+			t.Errorf("%s after the failure: %v, want the first error %v", op.name, err, ch.err())
+		}
+	}
+}
+
+// TestTPMUnreachableWhenSwtpmDies: a TPM whose swtpm is killed reports
+// ErrTPMUnreachable from Probe and Err, and every operation fails fast,
+// so the agent knows to open it again.
+func TestTPMUnreachableWhenSwtpmDies(t *testing.T) {
+	sock, proc := startSwtpmProcess(t)
+	tpm, err := OpenTPM(TPMConfig{Socket: sock})
+	if err != nil {
+		t.Fatalf("OpenTPM: %v", err)
+	}
+	defer tpm.Close()
+	if err := tpm.Probe(); err != nil {
+		t.Fatalf("Probe of a live TPM: %v", err)
+	}
+	if err := tpm.Err(); err != nil {
+		t.Fatalf("Err of a live TPM: %v", err)
+	}
+	if err := proc.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	proc.Wait()
+	if err := tpm.Probe(); !errors.Is(err, ErrTPMUnreachable) || !strings.Contains(err.Error(), sock) {
+		t.Fatalf("Probe after swtpm died: %v, want ErrTPMUnreachable naming %s", err, sock)
+	}
+	if err := tpm.Err(); !errors.Is(err, ErrTPMUnreachable) {
+		t.Errorf("Err after swtpm died: %v, want ErrTPMUnreachable", err)
+	}
+	if _, err := tpm.NewSession(); err == nil {
+		t.Error("NewSession on a dead TPM succeeded")
+	}
 }

@@ -44,6 +44,12 @@ var (
 // after TPM.Close.
 var ErrTPMClosed = errors.New("attestor: TPM is closed")
 
+// ErrTPMUnreachable means the command stream to the TPM failed: the swtpm
+// behind a socket died or restarted, or the device returned an I/O error.
+// The TPM stays unusable (TPM.Err says why) until it is opened again, and
+// the keys of its sessions, held as blobs of the old connection, go with it.
+var ErrTPMUnreachable = errors.New("attestor: TPM unreachable")
+
 // refuse wraps a sentinel with a detail. The detail must hold public facts
 // only (EK hash, rule names, parser messages).
 func refuse(sentinel error, format string, args ...any) error {

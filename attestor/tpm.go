@@ -52,6 +52,7 @@ type TPMConfig struct {
 // carries one command at a time.
 type TPM struct {
 	mu     sync.Mutex
+	ch     *framedChannel // what at talks through: Err and Probe look at it
 	at     *attest.TPM
 	ek     *attest.EK // read once: the EK never changes, and reading it may create a primary key
 	closed bool
@@ -122,7 +123,7 @@ func open(ch *framedChannel) (*TPM, error) {
 		at.Close()
 		return nil, fmt.Errorf("read TPM properties: %w", err)
 	}
-	return &TPM{at: at}, nil
+	return &TPM{ch: ch, at: at}, nil
 }
 
 // flushStale flushes the transient objects and loaded sessions an earlier

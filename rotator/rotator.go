@@ -43,10 +43,25 @@ func (s Schedule) Due(now, notBefore, notAfter time.Time, r float64) bool {
 // lost its signer at the same moment does not come back in lockstep.
 type Backoff struct {
 	Base, Max time.Duration
+	// Floor is the shortest wait ever returned, however the jitter falls
+	// and however near a deadline: it caps retries at 1/Floor per
+	// second. Zero means Base/4.
+	Floor time.Duration
 }
 
-// DefaultBackoff is used when the agent has no reason to differ.
-var DefaultBackoff = Backoff{Base: 250 * time.Millisecond, Max: 30 * time.Second}
+// DefaultBackoff is used when the agent has no reason to differ. Its
+// floor holds retries to four a second even in an SVID's last moments: a
+// signer that is down gains nothing from more, and one that is back is
+// still found within a quarter of a second.
+var DefaultBackoff = Backoff{Base: 250 * time.Millisecond, Max: 30 * time.Second, Floor: 250 * time.Millisecond}
+
+// floor is the shortest wait b returns.
+func (b Backoff) floor() time.Duration {
+	if b.Floor > 0 {
+		return b.Floor
+	}
+	return b.Base / 4
+}
 
 // Delay is how long to wait after the given number of consecutive failures
 // (1 for the first). r in [0, 1) draws the point in [0, cap]; it is clamped.
@@ -62,7 +77,7 @@ func (b Backoff) Delay(failures int, r float64) time.Duration {
 	ceil = min(ceil, b.Max)
 	r = min(max(r, 0), 1)
 	// Never zero: a tight retry loop against a down signer helps no one.
-	return max(time.Duration(float64(ceil)*r), b.Base/4)
+	return max(time.Duration(float64(ceil)*r), b.floor())
 }
 
 // DelayBefore is Delay for a retry that must succeed before a deadline
@@ -70,19 +85,21 @@ func (b Backoff) Delay(failures int, r float64) time.Duration {
 // capped at a quarter of remaining, so at least a few attempts land before
 // the deadline however long the failures have grown the backoff. A signer
 // back from an outage is then found within a fraction of the SVID's
-// remaining life, not after a full Max. With nothing remaining it is Delay.
+// remaining life, not after a full Max. Never below the floor, so the
+// retries in the last second stay at a few. With nothing remaining it is
+// Delay.
 func (b Backoff) DelayBefore(failures int, r float64, remaining time.Duration) time.Duration {
 	d := b.Delay(failures, r)
 	if remaining <= 0 || d == 0 {
 		return d
 	}
-	limit := max(remaining/4, b.Base/4)
+	limit := max(remaining/4, b.floor())
 	if d <= limit {
 		return d
 	}
 	// Still jittered, so a fleet whose SVIDs expire together does not
-	// retry in lockstep; never below the floor of Delay.
-	return max(time.Duration(float64(limit)*min(max(r, 0), 1)), b.Base/4)
+	// retry in lockstep; never below the floor.
+	return max(time.Duration(float64(limit)*min(max(r, 0), 1)), b.floor())
 }
 
 // CAActivateAt is when the successor of a CA valid from notBefore to

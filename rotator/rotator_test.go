@@ -95,6 +95,46 @@ func TestBackoffDelayBefore(t *testing.T) {
 			}
 		})
 	}
+	t.Run("floor", func(t *testing.T) {
+		// Near expiry the quarter of what remains shrinks toward zero;
+		// the floor keeps retries at four a second (14/s were seen
+		// without it).
+		tests := []struct {
+			name      string
+			b         Backoff
+			failures  int
+			r         float64
+			remaining time.Duration
+			want      time.Duration
+		}{
+			{"last second, zero draw", DefaultBackoff, 20, 0, time.Second, 250 * time.Millisecond},
+			{"last second, full draw", DefaultBackoff, 20, 1, time.Second, 250 * time.Millisecond},
+			{"last 100ms", DefaultBackoff, 20, 0.5, 100 * time.Millisecond, 250 * time.Millisecond},
+			{"first failure, zero draw", DefaultBackoff, 1, 0, time.Minute, 250 * time.Millisecond},
+			{"above the floor untouched", DefaultBackoff, 20, 1, 4 * time.Second, time.Second},
+			{"explicit floor", Backoff{Base: time.Second, Max: 30 * time.Second, Floor: 500 * time.Millisecond}, 10, 0, time.Second, 500 * time.Millisecond},
+			{"zero floor is Base/4", Backoff{Base: time.Second, Max: 30 * time.Second}, 10, 0, time.Second, 250 * time.Millisecond},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				if got := tt.b.DelayBefore(tt.failures, tt.r, tt.remaining); got != tt.want {
+					t.Errorf("DelayBefore(%d, %v, %v) = %v, want %v", tt.failures, tt.r, tt.remaining, got, tt.want)
+				}
+			})
+		}
+		// Over an SVID's last second, however the draws fall, at most
+		// four retries.
+		for _, r := range []float64{0, 0.001, 0.3, 0.999} {
+			n, left := 0, time.Second
+			for left > 0 {
+				left -= DefaultBackoff.DelayBefore(50, r, left)
+				n++
+			}
+			if n > 4 {
+				t.Errorf("draw %v: %d retries in the last second, want at most 4", r, n)
+			}
+		}
+	})
 	// However many failures, an SVID with 20 s left sees a retry at least
 	// every 5 s: four or more attempts before it expires.
 	for f := 1; f < 64; f++ {

@@ -36,6 +36,8 @@ func statusLine(r agent.Report, serving bool, signerAddr string) string {
 			s += "; " + strings.Join(r.Reasons, "; ")
 		}
 		return s
+	case r.TPM.Error != "":
+		return "not serving yet: TPM unreachable, reopening it: " + r.TPM.Error
 	case r.Agent.SPIFFEID == "" && failures == 0:
 		return "attesting to the signer at " + signerAddr
 	case r.Agent.SPIFFEID == "":

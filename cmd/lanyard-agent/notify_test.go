@@ -24,6 +24,11 @@ func TestStatusLine(t *testing.T) {
 		{"degraded says why", agent.Report{Agent: attested, Health: agent.Degraded, Entries: make([]agent.EntryReport, 2),
 			Reasons: []string{"signer unreachable (sync stream down)", "2 renewal rounds failed in a row"}}, true,
 			"degraded: serving 2 entries; signer unreachable (sync stream down); 2 renewal rounds failed in a row"},
+		{"TPM lost while serving", agent.Report{Agent: attested, Health: agent.Degraded, Entries: make([]agent.EntryReport, 1),
+			Reasons: []string{"TPM unreachable for 3s (2 reopen attempts failed): dial: refused"}, TPM: agent.TPMReport{Error: "dial: refused"}}, true,
+			"degraded: serving 1 entry; TPM unreachable for 3s (2 reopen attempts failed): dial: refused"},
+		{"TPM lost before serving", agent.Report{Signer: agent.SignerReport{ConsecutiveFailures: 2}, TPM: agent.TPMReport{Error: "dial: refused"}}, false,
+			"not serving yet: TPM unreachable, reopening it: dial: refused"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -134,8 +134,13 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 	} else {
 		fmt.Fprintf(tw, "Agent:\t%s, %s, renews %s\n", r.Agent.SPIFFEID, until(now, r.Agent.NotAfter, "expires"), until(now, r.Agent.RenewAt, ""))
 	}
-	if r.Agent.TPMManufacturer != "" || r.Agent.EKSHA256 != "" {
-		fmt.Fprintf(tw, "TPM:\t%s, EK SHA-256 %s\n", orDash(r.Agent.TPMManufacturer), orDash(r.Agent.EKSHA256))
+	if r.Agent.TPMManufacturer != "" || r.Agent.EKSHA256 != "" || r.TPM.Error != "" {
+		tpm := fmt.Sprintf("%s, EK SHA-256 %s", orDash(r.Agent.TPMManufacturer), orDash(r.Agent.EKSHA256))
+		if r.TPM.Error != "" {
+			tpm += fmt.Sprintf(", UNREACHABLE %s, %s: %s", sinceStr(now, r.TPM.UnreachableSince),
+				pluralS(r.TPM.ReopenFailures, "reopen attempt")+" failed", r.TPM.Error)
+		}
+		fmt.Fprintf(tw, "TPM:\t%s\n", tpm)
 	}
 	conn := "connected"
 	if !r.Signer.Connected {
@@ -186,6 +191,14 @@ func until(now time.Time, t *time.Time, verb string) string {
 		return verb + " " + s
 	}
 	return s
+}
+
+// sinceStr renders a past instant relative to now, e.g. "for 12s".
+func sinceStr(now time.Time, t *time.Time) string {
+	if t == nil {
+		return "-"
+	}
+	return "for " + now.Sub(*t).Round(time.Second).String()
 }
 
 // streams renders the open Workload API streams, e.g.

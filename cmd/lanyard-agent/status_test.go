@@ -49,3 +49,21 @@ func TestPrintReport(t *testing.T) {
 		t.Errorf("an entry without an SVID is not flagged:\n%s", out.String())
 	}
 }
+
+// TestPrintReportTPMUnreachable: a lost TPM shows on the TPM line, with
+// how long, how many reopen attempts failed and the error.
+func TestPrintReportTPMUnreachable(t *testing.T) {
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	lost := now.Add(-7 * time.Second)
+	r := agent.Report{
+		Health: agent.Degraded,
+		Agent:  agent.AgentReport{SPIFFEID: "spiffe://example.org/lanyard/agent/tpm/9f2c", EKSHA256: "9f2c", TPMManufacturer: "IBM"},
+		TPM:    agent.TPMReport{Error: "dial TPM socket /run/swtpm/tpm.sock: connection refused", UnreachableSince: &lost, ReopenFailures: 3},
+	}
+	var out bytes.Buffer
+	printReport(&out, r, now)
+	want := "TPM:      IBM, EK SHA-256 9f2c, UNREACHABLE for 7s, 3 reopen attempts failed: dial TPM socket /run/swtpm/tpm.sock: connection refused\n"
+	if !strings.Contains(out.String(), want) {
+		t.Errorf("output lacks %q:\n%s", want, out.String())
+	}
+}

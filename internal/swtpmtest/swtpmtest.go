@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -51,6 +52,8 @@ type TPM struct {
 	// EKCertPath is the RSA EK certificate in PEM; the TPM holds the same
 	// certificate, DER-encoded, in NV index 0x01c00002.
 	EKCertPath string
+
+	script string // scripts/swtpm.sh
 }
 
 // Start provisions and starts a swtpm in a fresh short temporary directory,
@@ -104,6 +107,56 @@ func Start(t testing.TB) *TPM {
 		Socket:     sock,
 		EKCAPath:   caPath,
 		EKCertPath: filepath.Join(dir, "ek.pem"),
+		script:     script,
+	}
+}
+
+// Kill ends the swtpm at once (SIGKILL), as a crash would, and returns
+// once it is gone. Its state stays in Dir, and the socket file stays
+// behind with nobody listening, as after a real crash.
+func (p *TPM) Kill(t testing.TB) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(p.Dir, "swtpm.pid"))
+	if err != nil {
+		t.Fatalf("swtpmtest: read pid: %v", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatalf("swtpmtest: pid file: %v", err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("swtpmtest: kill swtpm %d: %v", pid, err)
+	}
+	// swtpm --daemon is not our child: wait for /proc to let it go (or
+	// show a zombie, which nobody may reap in a container).
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return
+		}
+		if i := bytes.LastIndexByte(stat, ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("swtpmtest: swtpm %d still alive 10s after SIGKILL", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Restart starts the swtpm again, on the same socket and the same state:
+// the same TPM, with the same EK, but none of the objects and sessions
+// its clients had loaded.
+func (p *TPM) Restart(t testing.TB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), scriptTimeout)
+	defer cancel()
+	sock, err := runScript(ctx, p.script, "start", p.Dir)
+	if err != nil {
+		t.Fatalf("swtpmtest: %v", err)
+	}
+	if sock != p.Socket {
+		t.Fatalf("swtpmtest: restarted on %s, want %s", sock, p.Socket)
 	}
 }
 

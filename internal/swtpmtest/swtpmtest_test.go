@@ -1,6 +1,7 @@
 package swtpmtest
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -82,6 +83,37 @@ func TestStartServesRawCommands(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestKillAndRestart: a killed swtpm stops answering on its socket; the
+// restarted one answers on the same path, with the same EK (same state).
+func TestKillAndRestart(t *testing.T) {
+	t.Parallel()
+	tpm := Start(t)
+	ekBefore := readEKPublic(t, tpm.Socket)
+	tpm.Kill(t)
+	if c, err := net.DialTimeout("unix", tpm.Socket, time.Second); err == nil {
+		c.Close()
+		t.Fatal("the socket of a killed swtpm still accepts connections")
+	}
+	tpm.Restart(t)
+	if got := readEKPublic(t, tpm.Socket); !bytes.Equal(got, ekBefore) {
+		t.Error("the restarted swtpm has another EK: its state was not kept")
+	}
+}
+
+// readEKPublic reads the RSA EK's public area over a fresh connection.
+func readEKPublic(t *testing.T, sock string) []byte {
+	t.Helper()
+	conn := dial(t, sock)
+	defer conn.Close()
+	h := make([]byte, 4)
+	binary.BigEndian.PutUint32(h, rsaEKHandle)
+	_, rc, body := transmit(t, conn, rawCmd(0x00000173, h)) // TPM2_ReadPublic
+	if rc != tpmRCSuccess {
+		t.Fatalf("ReadPublic of the EK: response code %#x", rc)
+	}
+	return body
 }
 
 // TestEKCertificate checks what the signer's verifier will rely on: Go's
