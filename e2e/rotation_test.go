@@ -204,11 +204,13 @@ func TestNeverServesExpiredSVID(t *testing.T) {
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
-			if status.Code(err) != codes.PermissionDenied {
-				t.Fatalf("stream ended with %v, want PermissionDenied once the SVID expired", err)
+			// Still entitled, only without a valid SVID: Unavailable, which
+			// clients retry, not PermissionDenied (issue 11, item 5).
+			if status.Code(err) != codes.Unavailable {
+				t.Fatalf("stream ended with %v, want Unavailable once the SVID expired", err)
 			}
 			if now := time.Now(); now.Before(last) {
-				t.Errorf("PermissionDenied at %v, before the last SVID expired at %v", now, last)
+				t.Errorf("Unavailable at %v, before the last SVID expired at %v", now, last)
 			}
 			break
 		}
@@ -225,8 +227,8 @@ func TestNeverServesExpiredSVID(t *testing.T) {
 		}
 	}
 	_, err = workloadapi.FetchX509SVID(ctxFor(t, 5*time.Second), workloadapi.WithAddr("unix://"+e.socket))
-	if status.Code(err) != codes.PermissionDenied && !strings.Contains(fmt.Sprint(err), "PermissionDenied") {
-		t.Errorf("a new fetch after expiry: %v, want PermissionDenied", err)
+	if status.Code(err) != codes.Unavailable && !strings.Contains(fmt.Sprint(err), "Unavailable") {
+		t.Errorf("a new fetch after expiry: %v, want Unavailable", err)
 	}
 }
 
