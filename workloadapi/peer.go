@@ -133,6 +133,7 @@ type callerInfo struct {
 	credentials.CommonAuthInfo
 	proc attestor.Process
 	gone error
+	conn *connState // the connection's limits; nil when not limited
 }
 
 // AuthType implements credentials.AuthInfo.
@@ -160,14 +161,15 @@ type peerCredentials struct{}
 
 // ServerHandshake implements credentials.TransportCredentials.
 func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	pc, ok := c.(*peerConn)
-	if !ok {
+	pc, limits := peerConnOf(c)
+	if pc == nil {
 		return nil, nil, errNoPeerCred
 	}
 	return c, callerInfo{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity},
 		proc:           pc.proc,
 		gone:           pc.gone,
+		conn:           limits,
 	}, nil
 }
 
