@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -110,6 +111,10 @@ type limiter struct {
 	lim  Limits
 	obs  LimitObserver
 	warn *warnLimiter
+
+	// parked counts push streams holding their next message until the
+	// last has left (a client that does not read); for tests and status.
+	parked atomic.Int64
 
 	mu        sync.Mutex
 	conns     int
@@ -334,7 +339,7 @@ func (ln limitListener) Accept() (net.Conn, error) {
 // wrap gives an admitted connection its state, its idle deadline and its
 // frame tracker.
 func (l *limiter) wrap(pc *peerConn) *limitedConn {
-	c := &limitedConn{peerConn: pc, state: &connState{l: l, uid: pc.proc.UID, out: newSendTracker()}}
+	c := &limitedConn{peerConn: pc, state: &connState{l: l, uid: pc.proc.UID, out: newSendTracker(&l.parked)}}
 	if d := l.lim.IdleTimeout; d > 0 {
 		// Real clients open a call right after they connect (go-spiffe
 		// dials on the first call), so an unused connection is someone

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"strconv"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
@@ -57,6 +58,7 @@ type sendTracker struct {
 	next    uint64
 	pending map[string]*streamOut // by trackHeader value, until bound
 	bound   map[uint32]*streamOut // by HTTP/2 stream ID
+	parked  *atomic.Int64         // streams waiting in drained, server-wide
 
 	// The frame being parsed.
 	hdr       [9]byte
@@ -74,11 +76,11 @@ type sendTracker struct {
 	frameHead []byte // HEADERS: pad length and priority bytes to strip
 }
 
-func newSendTracker() *sendTracker {
+func newSendTracker(parked *atomic.Int64) *sendTracker {
 	dec := hpack.NewDecoder(4096, nil)
 	dec.SetAllowedMaxDynamicTableSize(1 << 16)
 	dec.SetMaxStringLength(maxHeaderBlock)
-	return &sendTracker{pending: map[string]*streamOut{}, bound: map[uint32]*streamOut{}, dec: dec}
+	return &sendTracker{pending: map[string]*streamOut{}, bound: map[uint32]*streamOut{}, parked: parked, dec: dec}
 }
 
 // streamOut counts the messages one push stream has queued and the ones
@@ -137,6 +139,13 @@ func (o *streamOut) idle() bool {
 // drained waits until every message queued on o has been written to the
 // socket, the call ends, or stop is closed.
 func (o *streamOut) drained(ctx context.Context, stop <-chan struct{}) error {
+	if o.idle() {
+		return nil
+	}
+	if p := o.t.parked; p != nil {
+		p.Add(1)
+		defer p.Add(-1)
+	}
 	for !o.idle() {
 		select {
 		case <-o.notify:
