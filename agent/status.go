@@ -3,6 +3,8 @@ package agent
 import (
 	"slices"
 	"time"
+
+	"github.com/lanyard-dev/lanyard/workloadapi"
 )
 
 // Status is a snapshot of what the agent holds and how its upstream is
@@ -25,6 +27,9 @@ type Status struct {
 	JWTKeyIDs        []string         // the JWT bundle's key IDs, as the signer orders them
 	JWTTokensCached  int              // JWT-SVIDs in the token cache
 	OpenStreams      map[string]int64 // open Workload API streams by method
+	// Exhaustion lists the Workload API limits callers reached now or
+	// within the last minute, and failed accepts.
+	Exhaustion []workloadapi.Exhaustion
 }
 
 // SVIDStatus describes the SVID held for one entry.
@@ -47,6 +52,9 @@ func (a *Agent) Status() Status {
 		StartedAt:      a.started,
 		ServingSince:   timeFromNanos(a.servingSince.Load()),
 		OpenStreams:    a.metrics.openStreams(),
+	}
+	if a.api != nil {
+		st.Exhaustion = a.api.Exhaustion(time.Now())
 	}
 	if a.up != nil {
 		if svid := a.up.agentSVID(); svid != nil {
