@@ -6,6 +6,7 @@ import (
 	"net"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -207,5 +208,81 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("not true after 10s: %s", what)
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestSendTracker feeds the tracker frames as a server writes them, cut
+// into chunks of every size, and checks when each message counts as
+// written: only once its last byte has gone, whatever the framing.
+func TestSendTracker(t *testing.T) {
+	msg := func(n int) []byte {
+		b := make([]byte, 5+n)
+		binary.BigEndian.PutUint32(b[1:5], uint32(n))
+		return b
+	}
+	var hdrs bytes.Buffer
+	enc := hpack.NewEncoder(&hdrs)
+	block := func(fields ...string) []byte {
+		hdrs.Reset()
+		for i := 0; i < len(fields); i += 2 {
+			_ = enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
+		}
+		return bytes.Clone(hdrs.Bytes())
+	}
+	var wire bytes.Buffer
+	fr := http2.NewFramer(&wire, nil)
+	_ = fr.WriteSettings()
+	// Stream 3 names itself "1" in a HEADERS frame split by a CONTINUATION.
+	b := block(":status", "200", "content-type", "application/grpc", trackHeader, "1")
+	_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: b[:3]})
+	_ = fr.WriteContinuation(3, true, b[3:])
+	// An untracked stream 5 in between, with the same header name reused
+	// from the HPACK table.
+	_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 5, BlockFragment: block(":status", "200", trackHeader, "9"), EndHeaders: true})
+	_ = fr.WriteData(5, false, msg(10))
+	// Message 1 over two frames, the second padded; message 2 of size 0.
+	m1 := msg(40)
+	_ = fr.WriteData(3, false, m1[:20])
+	_ = fr.WriteDataPadded(3, false, append(m1[20:], msg(0)...), make([]byte, 7))
+	firstDone := wire.Len() // after message 2
+	m3 := msg(100)
+	_ = fr.WriteData(3, false, m3[:99])
+	partial := wire.Len()
+	_ = fr.WriteData(3, false, m3[99:])
+
+	for _, chunk := range []int{1, 2, 7, 9, 64, wire.Len()} {
+		t.Run("chunks of "+strconv.Itoa(chunk), func(t *testing.T) {
+			tr := newSendTracker(nil)
+			o := tr.register()
+			for range 3 {
+				o.queued()
+			}
+			written := func() int {
+				tr.mu.Lock()
+				defer tr.mu.Unlock()
+				return o.sentOK
+			}
+			data := wire.Bytes()
+			fed := 0
+			feed := func(upto int) {
+				for fed < upto {
+					n := min(chunk, upto-fed)
+					tr.wrote(data[fed : fed+n])
+					fed += n
+				}
+			}
+			feed(firstDone)
+			if got := written(); got != 2 {
+				t.Errorf("after two messages, %d counted written, want 2", got)
+			}
+			feed(partial)
+			if got := written(); got != 2 || o.idle() {
+				t.Errorf("with the third message one byte short, %d counted written (idle %v), want 2 and not idle", got, o.idle())
+			}
+			feed(len(data))
+			if !o.idle() || tr.broken {
+				t.Errorf("after every byte: idle %v, broken %v; want idle, not broken", o.idle(), tr.broken)
+			}
+		})
 	}
 }
