@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,6 +43,11 @@ func floodRow(socket string, pid int) (row, error) {
 	cmd := exec.Command(self, "flood", "--socket", socket, "--streams", fmt.Sprint(floodStreams), "--conns", fmt.Sprint(floodConns))
 	who := "this uid"
 	if os.Geteuid() == 0 {
+		// The work directory is mktemp's 0700: let the other uid reach the
+		// socket (search only; it still cannot list or read the files).
+		if err := os.Chmod(filepath.Dir(socket), 0o711); err != nil {
+			return row{}, err
+		}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: floodUID, Gid: floodUID}}
 		who = fmt.Sprintf("uid %d", floodUID)
 	}
@@ -91,6 +97,7 @@ func cmdFlood(args []string, stdin io.Reader, stdout io.Writer) error {
 	ctx, cancel := context.WithTimeout(workloadCtx(context.Background()), floodTimeout)
 	defer cancel()
 	var held, refused, failed atomic.Int64
+	var firstErr atomic.Value // the first unexpected error, for the row's note
 	var wg sync.WaitGroup
 	var ccs []*grpc.ClientConn
 	defer func() {
@@ -128,12 +135,17 @@ func cmdFlood(args []string, stdin io.Reader, stdout io.Writer) error {
 					refused.Add(1)
 				default:
 					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err.Error())
 				}
 			}
 		}()
 	}
 	wg.Wait()
-	fmt.Fprintf(stdout, "%d held, %d refused (ResourceExhausted), %d failed otherwise\n", held.Load(), refused.Load(), failed.Load())
+	why := ""
+	if e, ok := firstErr.Load().(string); ok {
+		why = " (first: " + e + ")"
+	}
+	fmt.Fprintf(stdout, "%d held, %d refused (ResourceExhausted), %d failed otherwise%s\n", held.Load(), refused.Load(), failed.Load(), why)
 	_, _ = io.Copy(io.Discard, stdin) // hold them until the parent is done
 	return nil
 }
