@@ -58,6 +58,8 @@ type Agent struct {
 	tpmManufacturer                             string // read once at start
 
 	metrics *metrics
+
+	api *workloadapi.Server // set by Run before running closes; its limits feed Status
 }
 
 // New returns an agent for a validated config.
@@ -164,6 +166,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("workload attestors: %w", err)
 	}
 	a.workload = wl
+	limits, err := a.cfg.Limits.workloadLimits()
+	if err != nil {
+		return err
+	}
 	api := workloadapi.New(workloadapi.Config{
 		SocketPath: a.cfg.SocketPath,
 		Attestor:   wl,
@@ -171,7 +177,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		JWT:        a.jwt,
 		Log:        a.log.Named("workloadapi"),
 		Observer:   a.metrics,
+		Limits:     limits,
 	})
+	a.api = api
 
 	admin := &adminServer{path: a.cfg.AdminSocketPath, apiDir: filepath.Dir(a.cfg.SocketPath), log: a.log.Named("admin"), handler: a.adminHandler(), ready: make(chan struct{})}
 

@@ -49,6 +49,9 @@ type Config struct {
 	// HealthAddress is the loopback host:port serving /live and /ready;
 	// empty (the default) means off. It may equal MetricsAddress.
 	HealthAddress string
+	// Limits bounds what Workload API callers can make the agent hold
+	// (the optional limits block; see limits.go).
+	Limits LimitsConfig
 }
 
 // TPMConfig says how to reach the TPM: exactly one of Device (a kernel TPM
@@ -86,7 +89,7 @@ var agentConfigSchema = &hcl.BodySchema{
 		{Name: "metrics_address"},
 		{Name: "health_address"},
 	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}, {Type: "limits"}},
 }
 
 var agentTPMSchema = &hcl.BodySchema{
@@ -187,6 +190,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: the Workload API and the admin API need different sockets", attr.Name))
 	}
 	diags = append(diags, decodeTPM(content.Blocks.OfType("tpm"), body, dir, &cfg.TPM)...)
+	diags = append(diags, decodeLimits(content.Blocks.OfType("limits"), &cfg.Limits)...)
 	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
 		return nil, err
 	}

@@ -33,6 +33,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			TPM:             TPMConfig{Socket: "/run/swtpm/tpm.sock"},
 			LogLevel:        "warn",
 			LogFormat:       "json",
+			Limits:          DefaultLimits(),
 		}},
 		{"agent-minimal.hcl", &Config{
 			TrustDomain:     td,
@@ -43,6 +44,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			TPM:             TPMConfig{Device: "/dev/tpmrm0"},
 			LogLevel:        "info",
 			LogFormat:       "text",
+			Limits:          DefaultLimits(),
 		}},
 	}
 	for _, tt := range tests {

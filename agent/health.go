@@ -22,6 +22,9 @@ func readiness(r Report) (ok bool, reason string) {
 	case r.Signer.LastSync == nil:
 		return false, "not synced with the signer yet"
 	}
+	if len(r.Reasons) > 0 {
+		return true, r.Health + ": " + strings.Join(r.Reasons, "; ")
+	}
 	return true, r.Health
 }
 

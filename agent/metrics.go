@@ -36,6 +36,7 @@ type metrics struct {
 	attestFailures         prometheus.Counter
 	workloadAttestDuration prometheus.Histogram
 	syncFailures           prometheus.Counter
+	refusals               *prometheus.CounterVec
 	streams                map[string]*atomic.Int64 // keys fixed at construction
 }
 
@@ -59,10 +60,12 @@ func newMetrics(a *Agent) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.00005, 2.5, 10)}),
 		syncFailures: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "sync_failures_total",
 			Help: "Times the sync stream to the signer broke or could not open."}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "workload_api_refusals_total",
+			Help: "Workload API connections and calls refused or closed by a limit, and failed accepts, by reason (README \"Limits\")."}, []string{"reason"}),
 		streams: make(map[string]*atomic.Int64, len(streamMethods)),
 	}
 	m.svidsIssued.WithLabelValues("x509") // present at 0 from the start
-	m.reg.MustRegister(m.svidsIssued, m.svidFailures, m.calls, m.attestDuration, m.attestFailures, m.workloadAttestDuration, m.syncFailures)
+	m.reg.MustRegister(m.svidsIssued, m.svidFailures, m.calls, m.attestDuration, m.attestFailures, m.workloadAttestDuration, m.syncFailures, m.refusals)
 	for _, method := range streamMethods {
 		n := new(atomic.Int64)
 		m.streams[method] = n
@@ -113,6 +116,11 @@ func (m *metrics) StreamClosed(method string) {
 	if n, ok := m.streams[method]; ok {
 		n.Add(-1)
 	}
+}
+
+// Refused implements workloadapi.LimitObserver.
+func (m *metrics) Refused(reason string) {
+	m.refusals.WithLabelValues(reason).Inc()
 }
 
 // CallerAttested implements workloadapi.Observer.

@@ -100,7 +100,7 @@ func TestReadiness(t *testing.T) {
 		reason string
 	}{
 		{"healthy", Report{Health: Healthy, Agent: AgentReport{SPIFFEID: "x"}, Signer: SignerReport{LastSync: &synced}}, true, "healthy"},
-		{"degraded is ready", Report{Health: Degraded, Reasons: []string{"signer unreachable (sync stream down)"}, Agent: AgentReport{SPIFFEID: "x"}, Signer: SignerReport{LastSync: &synced}}, true, "degraded"},
+		{"degraded is ready", Report{Health: Degraded, Reasons: []string{"signer unreachable (sync stream down)"}, Agent: AgentReport{SPIFFEID: "x"}, Signer: SignerReport{LastSync: &synced}}, true, "degraded: signer unreachable (sync stream down)"},
 		{"not attested", Report{Health: Unhealthy, Reasons: []string{"not attested", "signer unreachable (sync stream down)"}}, false, "not attested; signer unreachable (sync stream down)"},
 		{"attested, never synced", Report{Health: Degraded, Agent: AgentReport{SPIFFEID: "x"}}, false, "not synced with the signer yet"},
 		{"entry without SVID", Report{Health: Unhealthy, Reasons: []string{"1 entry has no valid SVID"}, Signer: SignerReport{LastSync: &synced}}, false, "1 entry has no valid SVID"},

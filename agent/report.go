@@ -145,6 +145,9 @@ func health(st Status, now time.Time) (string, []string) {
 	if st.RenewFailures > 0 {
 		warn = append(warn, pluralize(st.RenewFailures, "renewal round", "renewal rounds")+" failed in a row")
 	}
+	// A caller at a cap, or an accept failing, means some callers are
+	// being turned away right now or were within the last minute.
+	warn = append(warn, exhaustionReasons(st.Exhaustion, now)...)
 	switch {
 	case len(bad) > 0:
 		return Unhealthy, append(bad, warn...)

@@ -3,6 +3,8 @@ package agent
 import (
 	"slices"
 	"time"
+
+	"github.com/lanyard-dev/lanyard/workloadapi"
 )
 
 // Status is a snapshot of what the agent holds and how its upstream is
@@ -30,6 +32,9 @@ type Status struct {
 	TPMError          string
 	TPMLostAt         time.Time // when it was found unreachable; zero while it answers
 	TPMReopenFailures int       // failed attempts to open it again since then
+	// Exhaustion lists the Workload API limits callers reached now or
+	// within the last minute, and failed accepts.
+	Exhaustion []workloadapi.Exhaustion
 }
 
 // SVIDStatus describes the SVID held for one entry.
@@ -52,6 +57,9 @@ func (a *Agent) Status() Status {
 		StartedAt:      a.started,
 		ServingSince:   timeFromNanos(a.servingSince.Load()),
 		OpenStreams:    a.metrics.openStreams(),
+	}
+	if a.api != nil {
+		st.Exhaustion = a.api.Exhaustion(time.Now())
 	}
 	if a.up != nil {
 		if svid := a.up.agentSVID(); svid != nil {

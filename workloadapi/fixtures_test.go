@@ -209,6 +209,7 @@ var errRunHung = errors.New("Run did not return within 10s of cancel")
 // running is a Server under test.
 type running struct {
 	path   string
+	server *Server
 	logs   *logBuffer
 	cancel context.CancelFunc
 	done   chan error
@@ -232,6 +233,7 @@ func startServerWith(t *testing.T, cfg Config) *running {
 	r := &running{path: cfg.SocketPath, logs: &logBuffer{}, done: make(chan error, 1)}
 	cfg.Log = hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})
 	s := New(cfg)
+	r.server = s
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	go func() { r.done <- s.Run(ctx) }()

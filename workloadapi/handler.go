@@ -77,6 +77,7 @@ type handler struct {
 	jwt      JWTSource // nil: the JWT methods are Unimplemented
 	log      hclog.Logger
 	observer Observer
+	warn     *warnLimiter // per-uid rate limit on warnings (limits.go)
 	// stopping ends open streams when the server shuts down, so that a
 	// graceful stop does not wait on watchers that would never leave.
 	stopping <-chan struct{}
@@ -250,7 +251,7 @@ func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error
 		// Not the process that connected any more (pinned.go).
 		return proc, nil, h.refuseChanged(proc, err)
 	}
-	h.log.Warn(msg, "pid", proc.PID, "uid", proc.UID, "error", err)
+	h.warn.Warn(proc.UID, msg, "pid", proc.PID, "uid", proc.UID, "error", err)
 	return proc, nil, status.Error(codes.Unavailable, msg)
 }
 
@@ -259,7 +260,9 @@ func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error
 func (h *handler) wait(ctx context.Context, changed <-chan struct{}) error {
 	select {
 	case <-changed:
-		return nil
+		// A client that does not read holds the next push until the last
+		// one has left, so rotations coalesce into the latest state.
+		return waitSent(ctx, h.stopping)
 	case <-ctx.Done():
 		return status.FromContextError(ctx.Err()).Err()
 	case <-h.stopping:

@@ -154,6 +154,7 @@ type callerInfo struct {
 	proc attestor.Process
 	gone error
 	exit *exitWatch
+	conn *connState // the connection's limits; nil when not limited
 }
 
 // AuthType implements credentials.AuthInfo.
@@ -181,8 +182,8 @@ type peerCredentials struct{}
 
 // ServerHandshake implements credentials.TransportCredentials.
 func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	pc, ok := c.(*peerConn)
-	if !ok {
+	pc, limits := peerConnOf(c)
+	if pc == nil {
 		return nil, nil, errNoPeerCred
 	}
 	return c, callerInfo{
@@ -190,6 +191,7 @@ func (peerCredentials) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthIn
 		proc:           pc.proc,
 		gone:           pc.gone,
 		exit:           pc.exit,
+		conn:           limits,
 	}, nil
 }
 

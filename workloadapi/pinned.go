@@ -176,7 +176,9 @@ func (h *handler) waitPinned(ctx context.Context, changed, exited <-chan struct{
 		select {
 		case <-exited:
 		case <-changed:
-			return nil
+			// A client that does not read holds the next push until the
+			// last one has left, so rotations coalesce (sendtrack.go).
+			return waitSent(ctx, h.stopping)
 		case <-timeout:
 			return nil
 		case <-ctx.Done():

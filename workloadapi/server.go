@@ -47,19 +47,25 @@ type Config struct {
 	// it, e.g. log.Named("workloadapi")); nil discards.
 	Log hclog.Logger
 	// Observer, when set, is told of every call, stream and caller
-	// attestation (the agent's metrics and status); nil ignores them.
+	// attestation (the agent's metrics and status); nil ignores them. If
+	// it is also a LimitObserver, it is told of every refusal.
 	Observer Observer
 	// PendingWait is how long a caller entitled to an X.509-SVID that is
 	// being signed (its entry was just added or edited) waits for it
 	// before it is told Unavailable; 0 means 3 s. It applies only to a
 	// Source that reports such callers (Pending).
 	PendingWait time.Duration
+	// Limits bounds the connections and calls callers can hold; the zero
+	// value sets no limit.
+	Limits Limits
 }
 
 // Server is the Workload API server. Run it once.
 type Server struct {
 	cfg       Config
 	log       hclog.Logger
+	limits    *limiter
+	warn      *warnLimiter
 	ready     chan struct{}
 	readyOnce sync.Once
 }
@@ -73,8 +79,14 @@ func New(cfg Config) *Server {
 	if cfg.Observer == nil {
 		cfg.Observer = nopObserver{}
 	}
-	return &Server{cfg: cfg, log: log, ready: make(chan struct{})}
+	warn := newWarnLimiter(log, cfg.Limits.WarnInterval)
+	obs, _ := cfg.Observer.(LimitObserver)
+	return &Server{cfg: cfg, log: log, warn: warn, limits: newLimiter(cfg.Limits, obs, warn), ready: make(chan struct{})}
 }
+
+// Exhaustion lists the limits callers reached now or within the last
+// minute, and accept failures in that time (for status).
+func (s *Server) Exhaustion(now time.Time) []Exhaustion { return s.limits.Exhaustion(now) }
 
 // Ready is closed once the socket is listening.
 func (s *Server) Ready() <-chan struct{} { return s.ready }
@@ -94,10 +106,12 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(
+	opts := []grpc.ServerOption{
 		grpc.Creds(peerCredentials{}),
-		grpc.ChainUnaryInterceptor(observeUnary(s.cfg.Observer), headerUnary),
-		grpc.ChainStreamInterceptor(observeStream(s.cfg.Observer), headerStream),
+		// Limits first, so a refused call costs no header check, and
+		// observed, so refusals are counted by code.
+		grpc.ChainUnaryInterceptor(observeUnary(s.cfg.Observer), limitUnary, headerUnary),
+		grpc.ChainStreamInterceptor(observeStream(s.cfg.Observer), limitStream(ctx.Done()), headerStream),
 		// So that Run returns only after every handler has.
 		grpc.WaitForHandlers(true),
 		// gRPC's default 32 KiB read buffer per connection would be most
@@ -107,13 +121,22 @@ func (s *Server) Run(ctx context.Context) error {
 		// nothing while idle. (gRPC pools read buffers by itself only for
 		// a bare *net.UnixConn, and ours carries the caller's pidfd.)
 		grpc.ReadBufferSize(0),
-	)
+	}
+	if n := s.cfg.Limits.MaxStreamsPerConn; n > 0 {
+		// A backstop for clients that ignore SETTINGS: gRPC resets
+		// streams past twice the cap, which the interceptor refuses with
+		// ResourceExhausted from the cap on (at the cap itself gRPC would
+		// make polite clients queue, not fail).
+		opts = append(opts, grpc.MaxConcurrentStreams(uint32(2*n)))
+	}
+	srv := grpc.NewServer(opts...)
 	workload.RegisterSpiffeWorkloadAPIServer(srv, &handler{
 		attestor:    s.cfg.Attestor,
 		source:      s.cfg.Source,
 		jwt:         s.cfg.JWT,
 		log:         s.log,
 		observer:    s.cfg.Observer,
+		warn:        s.warn,
 		stopping:    ctx.Done(),
 		pendingWait: cmp.Or(s.cfg.PendingWait, defaultPendingWait),
 	})
@@ -122,9 +145,14 @@ func (s *Server) Run(ctx context.Context) error {
 	reflection.Register(srv)
 
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(peerListener{UnixListener: ln, log: s.log}) }()
+	go func() {
+		served <- srv.Serve(limitListener{Listener: peerListener{UnixListener: ln, log: s.log}, l: s.limits})
+	}()
 	s.readyOnce.Do(func() { close(s.ready) })
-	s.log.Info("serving the Workload API", "socket", path)
+	lim := s.cfg.Limits
+	s.log.Info("serving the Workload API", "socket", path, "max_connections", lim.MaxConns,
+		"max_connections_per_uid", lim.MaxConnsPerUID, "max_streams_per_connection", lim.MaxStreamsPerConn,
+		"max_streams_per_uid", lim.MaxStreamsPerUID, "idle_connection_timeout", lim.IdleTimeout.String())
 
 	var runErr error
 	select {

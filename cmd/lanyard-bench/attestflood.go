@@ -19,10 +19,10 @@ import (
 )
 
 const (
-	// floodTimeout bounds the whole flood: streams still open then are
+	// attestFloodTimeout bounds the whole flood: streams still open then are
 	// cancelled and reported as "open at the cut". With the default
 	// limits the flood lasts about attest_first_message_timeout (5 s).
-	floodTimeout = 15 * time.Second
+	attestFloodTimeout = 15 * time.Second
 	// rssSampleEvery is how often the signer's VmRSS is read meanwhile.
 	rssSampleEvery = 50 * time.Millisecond
 )
@@ -74,7 +74,7 @@ func attestFlood(addr, bundlePath string, pid, n int) (peak float64, ended strin
 	}
 	defer cc.Close()
 	client := signerpb.NewSignerClient(cc)
-	ctx, cancel := context.WithTimeout(context.Background(), floodTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), attestFloodTimeout)
 	defer cancel()
 
 	done := make(chan struct{})

@@ -63,6 +63,11 @@ func main() {
 			cli.Fatalf(1, "lanyard-bench: %v", err)
 		}
 		return
+	case "flood": // the attacker side of the flood figure (flood.go)
+		if err := cmdFlood(args, os.Stdin, os.Stdout); err != nil {
+			cli.Fatalf(1, "lanyard-bench: %v", err)
+		}
+		return
 	case "help", "-h", "--help":
 		fmt.Print(usage)
 		return

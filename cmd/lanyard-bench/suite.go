@@ -83,6 +83,13 @@ func suite(cfg suiteConfig) ([]row, error) {
 	rows = append(rows, singleRow("agent RSS idle, 1 entry", "MiB", 1, rss, "VmRSS"))
 
 	oneRows, err := w.oneShots()
+	if err == nil {
+		// With the agent's default limits, unlike phase 2's.
+		var fr row
+		if fr, err = floodRow(w.socket(), w.agent.pid()); err == nil {
+			oneRows = append(oneRows, fr)
+		}
+	}
 	w.stopAll()
 	if err != nil {
 		return nil, err
@@ -95,6 +102,9 @@ func suite(cfg suiteConfig) ([]row, error) {
 		return nil, err
 	}
 	defer w.stopAll()
+	// The fan-out opens up to max(Streams) streams from this one uid, as
+	// many workloads would from many: raise the per-uid caps past it.
+	w.extraAgentConf = fmt.Sprintf("limits {\n  max_connections_per_uid = %[1]d\n  max_streams_per_uid = %[1]d\n}\n", slices.Max(append(cfg.Streams, 0))+1024)
 	if err := w.startAgent("agent-many"); err != nil {
 		return nil, err
 	}
@@ -132,6 +142,8 @@ type suiteRun struct {
 	cfg           suiteConfig
 	port, uid     int
 	signer, agent *daemon
+	// extraAgentConf is appended to the agent's config (phase 2's limits).
+	extraAgentConf string
 }
 
 func (w *suiteRun) socket() string { return filepath.Join(w.cfg.Dir, "workload.sock") }
@@ -169,6 +181,7 @@ func (w *suiteRun) startAgent(name string) error {
 	if w.cfg.AgentLogLevel != "" {
 		conf += fmt.Sprintf("log_level = %q\n", w.cfg.AgentLogLevel)
 	}
+	conf += w.extraAgentConf
 	if err := os.WriteFile(filepath.Join(dir, "agent.hcl"), []byte(conf), 0o644); err != nil {
 		return err
 	}
