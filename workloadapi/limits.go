@@ -251,9 +251,9 @@ func (l *limiter) Exhaustion(now time.Time) []Exhaustion {
 type connState struct {
 	l     *limiter
 	uid   uint32
-	calls int  // under l.mu
-	used  bool // a call was opened (under l.mu)
-	idle  *time.Timer
+	calls int         // under l.mu
+	used  bool        // a call was opened (under l.mu)
+	idle  *time.Timer // under l.mu
 	out   *sendTracker
 }
 
@@ -328,8 +328,10 @@ func (ln limitListener) Accept() (net.Conn, error) {
 		}
 		uid := pc.proc.UID
 		if ok, limit, cap := ln.l.admit(uid); !ok {
-			_ = pc.Close()
+			// Counted before the close, so whoever sees the close sees
+			// the count.
 			ln.l.report(limit, uid, "refused connection: limit reached", "cap", cap, "pid", pc.proc.PID)
+			_ = pc.Close()
 			continue
 		}
 		return ln.l.wrap(pc), nil
@@ -344,12 +346,14 @@ func (l *limiter) wrap(pc *peerConn) *limitedConn {
 		// Real clients open a call right after they connect (go-spiffe
 		// dials on the first call), so an unused connection is someone
 		// holding a descriptor of ours.
+		l.mu.Lock() // idle is under l.mu: the timer's Close and openCall read it
 		c.state.idle = time.AfterFunc(d, func() {
 			if c.state.expire() {
 				l.report(LimitIdle, c.state.uid, "closed idle connection", "pid", pc.proc.PID, "after", d.String())
 				_ = c.Close()
 			}
 		})
+		l.mu.Unlock()
 	}
 	return c
 }
@@ -375,9 +379,11 @@ func (c *limitedConn) Write(p []byte) (int, error) {
 // Close closes the connection once and gives back its place.
 func (c *limitedConn) Close() error {
 	c.once.Do(func() {
+		c.state.l.mu.Lock()
 		if c.state.idle != nil {
 			c.state.idle.Stop()
 		}
+		c.state.l.mu.Unlock()
 		c.err = c.peerConn.Close()
 		c.state.l.release(c.state.uid)
 	})
