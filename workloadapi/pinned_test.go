@@ -51,6 +51,13 @@ func runPinnedHelper(mode, socket string) (code int, ok bool) {
 		if err := unix.Connect(fd, &unix.SockaddrUnix{Name: socket}); err != nil {
 			return fail("connect", err), true
 		}
+		// Wait, without consuming it, for the server's first frame: it is
+		// sent only once the agent has accepted and pinned the connection.
+		// An exec before that would fall in the window README's "The
+		// window at connect" describes, which these tests are not about.
+		if _, _, err := unix.Recvfrom(fd, make([]byte, 1), unix.MSG_PEEK); err != nil {
+			return fail("wait for the server", err), true
+		}
 		if mode == "owner-pass" {
 			if err := unix.Sendmsg(3, []byte{0}, unix.UnixRights(fd), nil, 0); err != nil {
 				return fail("sendmsg", err), true
