@@ -220,8 +220,12 @@ func startSwtpmProcess(t *testing.T) (string, *os.Process) {
 		cmd.Process.Kill()
 		cmd.Wait()
 	})
+	// The socket file appears at bind, before swtpm listens: only a
+	// connection that succeeds says it serves (it takes the next one once
+	// this one hangs up).
 	for deadline := time.Now().Add(10 * time.Second); ; {
-		if _, err := os.Stat(sock); err == nil {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
 			return sock, cmd.Process
 		}
 		if time.Now().After(deadline) {
