@@ -2,13 +2,11 @@ package agent
 
 import (
 	"fmt"
-	"math/big"
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
 	"github.com/lanyard-dev/lanyard/workloadapi"
-	"github.com/zclconf/go-cty/cty"
 )
 
 // Defaults of the limits block: each far above what a busy host uses and
@@ -72,18 +70,13 @@ var agentLimitsSchema = &hcl.BodySchema{
 // defaults.
 func decodeLimits(blocks hcl.Blocks, out *LimitsConfig) hcl.Diagnostics {
 	*out = DefaultLimits()
-	if len(blocks) == 0 {
-		return nil
+	content, diags := hclconf.OneBlock(blocks, agentLimitsSchema)
+	if content == nil {
+		return diags
 	}
-	var diags hcl.Diagnostics
-	for _, b := range blocks[1:] {
-		diags = append(diags, hclconf.Errorf(b.DefRange, "only one limits block is allowed (first at line %d)", blocks[0].DefRange.Start.Line))
-	}
-	content, d := blocks[0].Body.Content(agentLimitsSchema)
-	diags = append(diags, d...)
 	count := func(name string, dst *int) {
 		if a, ok := content.Attributes[name]; ok {
-			n, d := positiveInt(a)
+			n, d := hclconf.Int(a, 1, maxLimit)
 			diags = append(diags, d...)
 			*dst = n
 		}
@@ -106,24 +99,6 @@ func decodeLimits(blocks hcl.Blocks, out *LimitsConfig) hcl.Diagnostics {
 
 // maxLimit keeps a count within an int32, which every cap fits in.
 const maxLimit = 1 << 30
-
-// positiveInt decodes attr as a whole number from 1 to maxLimit.
-func positiveInt(attr *hcl.Attribute) (int, hcl.Diagnostics) {
-	v, diags := attr.Expr.Value(nil)
-	if diags.HasErrors() {
-		return 0, diags
-	}
-	rng := attr.Expr.Range()
-	if !v.IsWhollyKnown() || v.IsNull() || !v.Type().Equals(cty.Number) {
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: expected a whole number, got %s", attr.Name, v.Type().FriendlyName())}
-	}
-	f := v.AsBigFloat()
-	if !f.IsInt() || f.Cmp(big.NewFloat(1)) < 0 || f.Cmp(big.NewFloat(maxLimit)) > 0 {
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: must be a whole number from 1 to %d, got %s", attr.Name, maxLimit, f.Text('g', -1))}
-	}
-	n, _ := f.Int64()
-	return int(n), nil
-}
 
 // workloadLimits turns the config into the server's limits, deriving the
 // total connection cap from RLIMIT_NOFILE when it is not set. A set value

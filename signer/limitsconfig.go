@@ -1,12 +1,10 @@
 package signer
 
 import (
-	"math/big"
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
-	"github.com/zclconf/go-cty/cty"
 )
 
 // Limits bound what any network peer, and any one agent, can make the
@@ -114,15 +112,10 @@ var signerLimitsSchema = &hcl.BodySchema{
 
 // decodeLimits fills l from the file's limits blocks (at most one).
 func decodeLimits(blocks hcl.Blocks, l *Limits) hcl.Diagnostics {
-	if len(blocks) == 0 {
-		return nil
+	content, diags := hclconf.OneBlock(blocks, signerLimitsSchema)
+	if content == nil {
+		return diags
 	}
-	var diags hcl.Diagnostics
-	for _, b := range blocks[1:] {
-		diags = append(diags, hclconf.Errorf(b.DefRange, "only one limits block is allowed (first at line %d)", blocks[0].DefRange.Start.Line))
-	}
-	content, d := blocks[0].Body.Content(signerLimitsSchema)
-	diags = append(diags, d...)
 	dur := func(name string, v *time.Duration, minimum time.Duration) {
 		if a, ok := content.Attributes[name]; ok {
 			x, d := hclconf.Duration(a, minimum)
@@ -134,7 +127,7 @@ func decodeLimits(blocks hcl.Blocks, l *Limits) hcl.Diagnostics {
 	}
 	count := func(name string, v *int) {
 		if a, ok := content.Attributes[name]; ok {
-			x, d := wholeNumber(a, 1, maxLimitCount)
+			x, d := hclconf.Int(a, 1, maxLimitCount)
 			diags = append(diags, d...)
 			if !d.HasErrors() {
 				*v = x
@@ -168,28 +161,4 @@ func decodeLimits(blocks hcl.Blocks, l *Limits) hcl.Diagnostics {
 		}
 	}
 	return diags
-}
-
-// wholeNumber decodes attr as an integer from lo to hi. Only a number is
-// accepted: a quoted "64" is as likely a mistake as x509_ttl = 60.
-func wholeNumber(attr *hcl.Attribute, lo, hi int) (int, hcl.Diagnostics) {
-	v, diags := attr.Expr.Value(nil)
-	if diags.HasErrors() {
-		return 0, diags
-	}
-	rng := attr.Expr.Range()
-	switch {
-	case !v.IsWhollyKnown():
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: value is not known", attr.Name)}
-	case v.IsNull():
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: must not be null", attr.Name)}
-	case !v.Type().Equals(cty.Number):
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: expected a whole number, got %s", attr.Name, v.Type().FriendlyName())}
-	}
-	bf := v.AsBigFloat()
-	n, acc := bf.Int64()
-	if acc != big.Exact || n < int64(lo) || n > int64(hi) {
-		return 0, hcl.Diagnostics{hclconf.Errorf(rng, "%s: %s is not a whole number from %d to %d", attr.Name, bf.Text('f', -1), lo, hi)}
-	}
-	return int(n), nil
 }

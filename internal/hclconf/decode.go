@@ -2,6 +2,7 @@ package hclconf
 
 import (
 	"fmt"
+	"math/big"
 	"net"
 	"path/filepath"
 	"slices"
@@ -144,6 +145,45 @@ func Duration(attr *hcl.Attribute, minimum time.Duration) (time.Duration, hcl.Di
 		return 0, hcl.Diagnostics{Errorf(rng, "%s: %s is below the minimum of %s", attr.Name, s, minimum)}
 	}
 	return d, nil
+}
+
+// Int decodes attr as a whole number from lo to hi. Only a number is
+// accepted: a quoted "64" is as likely a mistake as x509_ttl = 60.
+func Int(attr *hcl.Attribute, lo, hi int) (int, hcl.Diagnostics) {
+	v, diags := attr.Expr.Value(nil)
+	if diags.HasErrors() {
+		return 0, diags
+	}
+	rng := attr.Expr.Range()
+	switch {
+	case !v.IsWhollyKnown():
+		return 0, hcl.Diagnostics{Errorf(rng, "%s: value is not known", attr.Name)}
+	case v.IsNull():
+		return 0, hcl.Diagnostics{Errorf(rng, "%s: must not be null", attr.Name)}
+	case !v.Type().Equals(cty.Number):
+		return 0, hcl.Diagnostics{Errorf(rng, "%s: expected a whole number, got %s", attr.Name, v.Type().FriendlyName())}
+	}
+	bf := v.AsBigFloat()
+	n, acc := bf.Int64()
+	if acc != big.Exact || n < int64(lo) || n > int64(hi) {
+		return 0, hcl.Diagnostics{Errorf(rng, "%s: %s is not a whole number from %d to %d", attr.Name, bf.Text('f', -1), lo, hi)}
+	}
+	return int(n), nil
+}
+
+// OneBlock decodes the first of blocks (all of one type) with schema, and
+// reports every further one as an error: blocks such as limits or tpm may
+// appear once. It returns nil content when there is no block.
+func OneBlock(blocks hcl.Blocks, schema *hcl.BodySchema) (*hcl.BodyContent, hcl.Diagnostics) {
+	if len(blocks) == 0 {
+		return nil, nil
+	}
+	var diags hcl.Diagnostics
+	for _, b := range blocks[1:] {
+		diags = append(diags, Errorf(b.DefRange, "only one %s block is allowed (first at line %d)", b.Type, blocks[0].DefRange.Start.Line))
+	}
+	content, d := blocks[0].Body.Content(schema)
+	return content, append(diags, d...)
 }
 
 // OneOf decodes attr as a string that must be one of allowed.

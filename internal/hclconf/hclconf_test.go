@@ -116,6 +116,7 @@ func TestDecoders(t *testing.T) {
 	str := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return String(a) }
 	nonEmpty := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return NonEmptyString(a) }
 	dur := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return Duration(a, 10*time.Second) }
+	count := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return Int(a, 1, 100) }
 	level := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return LogLevel(a) }
 	format := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return LogFormat(a) }
 	listen := func(a *hcl.Attribute) (any, hcl.Diagnostics) { return HostPort(a, true) }
@@ -157,6 +158,13 @@ func TestDecoders(t *testing.T) {
 		{"list, null given", list, `v = null`, []string(nil), "f.hcl:1: v: must not be null"},
 		{"list, bad elements", list, "v = [\n \"a\",\n 1,\n null,\n]\n", []string{"a@2"}, "f.hcl:3: v[1]: expected a string, got number\nf.hcl:4: v[2]: must not be null"},
 		{"list from a for expression", list, "v = [for s in [\"a\"] : s]", []string{"a@1"}, ""},
+		{"int", count, `v = 64`, 64, ""},
+		{"int, quoted", count, `v = "64"`, 0, "f.hcl:1: v: expected a whole number, got string"},
+		{"int, fraction", count, `v = 1.5`, 0, "f.hcl:1: v: 1.5 is not a whole number from 1 to 100"},
+		{"int, below", count, `v = 0`, 0, "f.hcl:1: v: 0 is not a whole number from 1 to 100"},
+		{"int, above", count, `v = 101`, 0, "f.hcl:1: v: 101 is not a whole number from 1 to 100"},
+		{"int, huge", count, `v = 1e30`, 0, "f.hcl:1: v: 1000000000000000000000000000000 is not a whole number from 1 to 100"},
+		{"int, null", count, `v = null`, 0, "f.hcl:1: v: must not be null"},
 		{"duration", dur, `v = "1h30m"`, 90 * time.Minute, ""},
 		{"duration at the minimum", dur, `v = "10s"`, 10 * time.Second, ""},
 		{"duration below the minimum", dur, `v = "9.5s"`, time.Duration(0), "f.hcl:1: v: 9.5s is below the minimum of 10s"},
@@ -220,5 +228,30 @@ func TestBaseDirAndResolve(t *testing.T) {
 				t.Errorf("Resolve(BaseDir(%q), %q) = %q, want %q", tt.file, tt.path, got, tt.want)
 			}
 		})
+	}
+}
+
+func TestOneBlock(t *testing.T) {
+	schema := &hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: "n"}}}
+	blocks := func(src string) hcl.Blocks {
+		body, diags := Parse([]byte(src), "f.hcl")
+		if diags.HasErrors() {
+			t.Fatal(diags)
+		}
+		c, diags := body.Content(&hcl.BodySchema{Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}}})
+		if diags.HasErrors() {
+			t.Fatal(diags)
+		}
+		return c.Blocks
+	}
+	if c, d := OneBlock(blocks(""), schema); c != nil || d.HasErrors() {
+		t.Errorf("no block: content %v, diags %v; want nil, none", c, d)
+	}
+	c, d := OneBlock(blocks("limits {\n  n = 1\n}\nlimits {\n  n = 2\n}\n"), schema)
+	if c == nil || c.Attributes["n"] == nil {
+		t.Fatal("two blocks: the first one's content is missing")
+	}
+	if got, want := FromDiagnostics(d).Error(), "f.hcl:4: only one limits block is allowed (first at line 1)"; got != want {
+		t.Errorf("two blocks: %q, want %q", got, want)
 	}
 }
