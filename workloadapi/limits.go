@@ -11,7 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -405,14 +404,7 @@ func peerConnOf(c net.Conn) (*peerConn, *connState) {
 // connFromContext returns the limits state of the call's connection, or
 // nil.
 func connFromContext(ctx context.Context) *connState {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return nil
-	}
-	info, ok := p.AuthInfo.(callerInfo)
-	if !ok {
-		return nil
-	}
+	info, _ := callerInfoFrom(ctx)
 	return info.conn
 }
 

@@ -164,15 +164,22 @@ func (callerInfo) AuthType() string { return "peercred" }
 // cannot be attested: errNoPeerCred, or an error wrapping
 // attestor.ErrCallerExited when it was gone by accept.
 func callerFromContext(ctx context.Context) (attestor.Process, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return attestor.Process{}, errNoPeerCred
-	}
-	info, ok := p.AuthInfo.(callerInfo)
+	info, ok := callerInfoFrom(ctx)
 	if !ok {
 		return attestor.Process{}, errNoPeerCred
 	}
 	return info.proc, info.gone
+}
+
+// callerInfoFrom returns the AuthInfo of the call in ctx's connection; ok
+// is false for a connection that did not come through peerListener.
+func callerInfoFrom(ctx context.Context) (info callerInfo, ok bool) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return callerInfo{}, false
+	}
+	info, ok = p.AuthInfo.(callerInfo)
+	return info, ok
 }
 
 // peerCredentials is a server-only, plaintext gRPC transport (the socket is

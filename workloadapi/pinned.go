@@ -10,7 +10,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	"github.com/lanyard-dev/lanyard/attestor"
@@ -85,11 +84,7 @@ func (w *exitWatch) watch() {
 
 // callerExit returns the exit channel of the caller of the call in ctx.
 func callerExit(ctx context.Context) <-chan struct{} {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return nil
-	}
-	info, ok := p.AuthInfo.(callerInfo)
+	info, ok := callerInfoFrom(ctx)
 	if !ok {
 		return nil
 	}
