@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -21,6 +22,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 )
 
 var td = spiffeid.RequireTrustDomainFromString("example.org")
@@ -264,4 +267,24 @@ func (r *running) stop() error {
 	case <-time.After(10 * time.Second):
 		return errRunHung
 	}
+}
+
+// clientOver returns a gRPC client whose one connection is the socket in
+// f: a caller that holds a connection another process opened (inherited
+// over fork or exec, or received over SCM_RIGHTS) and cannot dial again.
+func clientOver(f *os.File) (*grpc.ClientConn, error) {
+	conn, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	dial := func(context.Context, string) (net.Conn, error) {
+		var c net.Conn
+		once.Do(func() { c = conn })
+		if c == nil {
+			return nil, errors.New("the one connection is used up")
+		}
+		return c, nil
+	}
+	return grpc.NewClient("passthrough:///caller", grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithContextDialer(dial))
 }

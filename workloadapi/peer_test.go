@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -21,9 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	wlclient "github.com/spiffe/go-spiffe/v2/workloadapi"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -107,20 +104,7 @@ func connectAs(t *testing.T, exe, mode, socket string, cred *syscall.Credential)
 // callOver makes one FetchX509SVID call over the connection in f.
 func callOver(t *testing.T, f *os.File) error {
 	t.Helper()
-	conn, err := net.FileConn(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	dial := func(context.Context, string) (net.Conn, error) {
-		var c net.Conn
-		once.Do(func() { c = conn })
-		if c == nil {
-			return nil, errors.New("the caller's one connection is used up")
-		}
-		return c, nil
-	}
-	cc, err := grpc.NewClient("passthrough:///caller", grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithContextDialer(dial))
+	cc, err := clientOver(f)
 	if err != nil {
 		t.Fatal(err)
 	}

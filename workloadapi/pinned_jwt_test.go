@@ -2,12 +2,9 @@ package workloadapi
 
 import (
 	"context"
-	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -15,9 +12,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -45,20 +40,7 @@ func (s *gatedJWTSource) JWTSVIDs(ctx context.Context, selectors []string, spiff
 
 // fetchJWTOver makes one FetchJWTSVID call over the connection in f.
 func fetchJWTOver(t *testing.T, f *os.File) (*workload.JWTSVIDResponse, error) {
-	conn, err := net.FileConn(f)
-	if err != nil {
-		return nil, err
-	}
-	var once sync.Once
-	dial := func(context.Context, string) (net.Conn, error) {
-		var c net.Conn
-		once.Do(func() { c = conn })
-		if c == nil {
-			return nil, errors.New("the one connection is used up")
-		}
-		return c, nil
-	}
-	cc, err := grpc.NewClient("passthrough:///owner", grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithContextDialer(dial))
+	cc, err := clientOver(f)
 	if err != nil {
 		return nil, err
 	}

@@ -3,10 +3,8 @@ package workloadapi
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,8 +18,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -132,21 +128,7 @@ func receiveFD(fd int) (int, error) {
 // readStream prints "svid <ids>" per response of a FetchX509SVID stream on
 // the connection in f, then "end <code>: <message>".
 func readStream(f *os.File) {
-	conn, err := net.FileConn(f)
-	if err != nil {
-		fmt.Println("end", err)
-		return
-	}
-	var once sync.Once
-	dial := func(context.Context, string) (net.Conn, error) {
-		var c net.Conn
-		once.Do(func() { c = conn })
-		if c == nil {
-			return nil, errors.New("the one connection is used up")
-		}
-		return c, nil
-	}
-	cc, err := grpc.NewClient("passthrough:///owner", grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithContextDialer(dial))
+	cc, err := clientOver(f)
 	if err != nil {
 		fmt.Println("end", err)
 		return
