@@ -167,7 +167,7 @@ func (l *limiter) acceptFailed(err error) {
 		l.obs.Refused(LimitAccept)
 	}
 	// Not per uid: the kernel names no caller for a failed accept.
-	l.warn.Warn(^uint32(0), "cannot accept Workload API connections", "error", err)
+	l.warn.Warn(unknownUID, "cannot accept Workload API connections", "error", err)
 }
 
 // admit counts a new connection of uid, or says which cap refuses it.

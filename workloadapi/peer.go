@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -23,7 +22,7 @@ var errNoPeerCred = errors.New("connection carries no peer credentials")
 // pidfd that pins the process, which attestation later re-checks.
 type peerListener struct {
 	*net.UnixListener
-	log hclog.Logger
+	warn *warnLimiter // refusals are rate-limited, as churn could flood the log
 }
 
 // Accept returns the next connection whose caller could be identified;
@@ -38,7 +37,9 @@ func (l peerListener) Accept() (net.Conn, error) {
 		}
 		proc, goneErr, err := peerProcess(c)
 		if err != nil {
-			l.log.Warn("refused connection", "error", err)
+			// Unidentified, so no uid to count it under: all such
+			// refusals share one rate limit.
+			l.warn.Warn(unknownUID, "refused connection", "error", err)
 			_ = c.Close()
 			continue
 		}

@@ -146,7 +146,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 	served := make(chan error, 1)
 	go func() {
-		served <- srv.Serve(limitListener{Listener: peerListener{UnixListener: ln, log: s.log}, l: s.limits})
+		served <- srv.Serve(limitListener{Listener: peerListener{UnixListener: ln, warn: s.warn}, l: s.limits})
 	}()
 	s.readyOnce.Do(func() { close(s.ready) })
 	lim := s.cfg.Limits

@@ -26,6 +26,10 @@ type warnWindow struct {
 	lastMsg    string
 }
 
+// unknownUID counts warnings about callers the kernel named no uid for
+// (a failed accept, a connection that could not be identified).
+const unknownUID = ^uint32(0)
+
 func newWarnLimiter(log hclog.Logger, interval time.Duration) *warnLimiter {
 	return &warnLimiter{log: log, interval: interval, uids: map[uint32]*warnWindow{}}
 }
