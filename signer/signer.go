@@ -21,6 +21,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/internal/grpcstop"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -203,7 +204,7 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	g.Go(func() error { return s.watchPolicy(ctx) })
 	g.Go(func() error {
 		<-ctx.Done()
-		stopGracefully(srv, 5*time.Second)
+		grpcstop.Stop(srv, 5*time.Second) // Sync streams never finish by themselves
 		return nil
 	})
 	if metricsLn != nil {
@@ -233,19 +234,6 @@ func serverLimits(l Limits) []grpc.ServerOption {
 			MinTime:             l.MinPingInterval,
 			PermitWithoutStream: true,
 		}),
-	}
-}
-
-// stopGracefully lets in-flight calls finish, but not for longer than d:
-// Sync streams never finish by themselves.
-func stopGracefully(srv *grpc.Server, d time.Duration) {
-	done := make(chan struct{})
-	go func() { srv.GracefulStop(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(d):
-		srv.Stop()
-		<-done
 	}
 }
 

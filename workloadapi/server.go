@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/grpcstop"
 	"github.com/lanyard-dev/lanyard/internal/safedir"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
@@ -157,34 +158,17 @@ func (s *Server) Run(ctx context.Context) error {
 	var runErr error
 	select {
 	case <-ctx.Done():
-		stop(srv)
+		grpcstop.Stop(srv, gracefulStopTimeout)
 		<-served // nil once stopped
 	case err := <-served:
 		runErr = fmt.Errorf("serve %s: %w", path, err)
-		stop(srv)
+		grpcstop.Stop(srv, gracefulStopTimeout)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		runErr = errors.Join(runErr, fmt.Errorf("remove socket: %w", err))
 	}
 	s.log.Info("stopped serving the Workload API", "socket", path)
 	return runErr
-}
-
-// stop tries GracefulStop, then cuts what is left after gracefulStopTimeout.
-func stop(srv *grpc.Server) {
-	done := make(chan struct{})
-	go func() {
-		srv.GracefulStop()
-		close(done)
-	}()
-	t := time.NewTimer(gracefulStopTimeout)
-	defer t.Stop()
-	select {
-	case <-done:
-	case <-t.C:
-		srv.Stop() // makes the GracefulStop in progress return too
-		<-done
-	}
 }
 
 // listen creates the socket at path, replacing a stale one.
