@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/peer"
 
 	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/internal/peercred"
 )
 
 // errNoPeerCred refuses a connection that did not come through peerListener:
@@ -51,31 +52,20 @@ func (l peerListener) Accept() (net.Conn, error) {
 // attestor.ErrCallerExited) when the kernel says the caller has already
 // exited; err when it cannot be identified at all.
 func peerProcess(c *net.UnixConn) (proc attestor.Process, gone, err error) {
-	raw, err := c.SyscallConn()
+	cred, err := peercred.Read(c, true)
 	if err != nil {
-		return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
-	}
-	var cred *unix.Ucred
-	var credErr, pidfdErr error
-	pidfd := -1
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-		if credErr == nil {
-			pidfd, pidfdErr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD)
-		}
-	}); err != nil {
-		return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
-	}
-	if credErr != nil {
-		return attestor.Process{}, nil, fmt.Errorf("peer credentials: getsockopt SO_PEERCRED: %w", credErr)
+		return attestor.Process{}, nil, err
 	}
 	// The kernel reports PID 0 when the caller lives in a PID namespace we
 	// cannot see into: there is no /proc entry to attest. Callers in child
 	// namespaces (containers) appear under their PID in ours.
-	if cred.Pid <= 0 {
-		return attestor.Process{}, nil, fmt.Errorf("peer credentials: caller pid %d is not visible here", cred.Pid)
+	if cred.PID <= 0 {
+		if cred.PIDFD >= 0 {
+			_ = unix.Close(cred.PIDFD)
+		}
+		return attestor.Process{}, nil, fmt.Errorf("peer credentials: caller pid %d is not visible here", cred.PID)
 	}
-	return pinPeer(attestor.Process{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, pidfd, pidfdErr)
+	return pinPeer(attestor.Process{PID: cred.PID, UID: cred.UID, GID: cred.GID}, cred.PIDFD, cred.PIDFDErr)
 }
 
 // pinPeer gives proc the pidfd that getsockopt(SO_PEERPIDFD) returned, or
