@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testwait"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -211,7 +212,7 @@ func TestConnectionFloodRefused(t *testing.T) {
 		for _, c := range conns {
 			waitClosed(t, c)
 		}
-		waitUntil(t, "idle connections counted", func() bool { return obs.count(LimitIdle) == 5 })
+		testwait.For(t, 10*time.Second, "idle connections counted", func() bool { return obs.count(LimitIdle) == 5 })
 		// Their places are free again: this uid is served.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -237,7 +238,7 @@ func TestConnectionFloodRefused(t *testing.T) {
 		for _, c := range conns {
 			_ = c.Close()
 		}
-		waitUntil(t, "connections released", func() bool {
+		testwait.For(t, 10*time.Second, "connections released", func() bool {
 			return !hasExhaustion(srv.server.Exhaustion(time.Now()), LimitConns, -1, true)
 		})
 		if got := fetchAsNobody(t, srv.path); got != "spiffe://example.org/nobody" {

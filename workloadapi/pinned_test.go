@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testwait"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/metadata"
@@ -296,16 +297,10 @@ func sleepBinary(t *testing.T) string {
 // waitRuns polls until /proc/<pid>/exe leads to path.
 func waitRuns(t *testing.T, pid int, path string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if exe, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe"); exe == path {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pid %d does not run %s after 10s", pid, path)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testwait.For(t, 10*time.Second, fmt.Sprintf("pid %d to run %s", pid, path), func() bool {
+		exe, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
+		return exe == path
+	})
 }
 
 // TestStreamBoundToConnectingProcess: the identity on a connection is that

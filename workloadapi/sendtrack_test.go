@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testwait"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -162,7 +163,7 @@ func TestNonReadingStreamsCoalesce(t *testing.T) {
 		// Each stream either fetches the new state or holds it back until
 		// its last push has left. (Before, a stream blocked in Send, its
 		// 64 KiB full, did neither, and this wait failed.)
-		waitUntil(t, "every stream fetched the rotation or is held", func() bool {
+		testwait.For(t, 10*time.Second, "every stream fetched the rotation or is held", func() bool {
 			return int(counted.fetches.Load()-before)+int(srv.server.limits.parked.Load()) == streams
 		})
 	}
@@ -197,18 +198,6 @@ type countingSource struct {
 func (s *countingSource) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse, <-chan struct{}) {
 	s.fetches.Add(1)
 	return s.fakeSource.X509SVIDResponse(selectors)
-}
-
-// waitUntil polls cond until it holds, failing the test after 10s.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not true after 10s: %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
 }
 
 // TestSendTracker feeds the tracker frames as a server writes them, cut

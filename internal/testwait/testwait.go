@@ -1,0 +1,26 @@
+// Package testwait is for tests: it waits for a condition by polling it
+// until a deadline, so that no test sleeps for correctness (STYLE.md). A
+// test that can run in a synctest bubble should do that instead.
+package testwait
+
+import (
+	"testing"
+	"time"
+)
+
+// interval is how often For looks again: short next to what tests wait
+// for, long next to the cost of the conditions they pass.
+const interval = 5 * time.Millisecond
+
+// For polls cond until it holds, and fails the test (naming what it waited
+// for) when d passes first.
+func For(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(interval)
+	}
+}
