@@ -15,7 +15,7 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/swtpmtest"
 )
 
-// TestPolicyEditNeverRelabels is issue 11's first finding, end to end:
+// TestPolicyEditNeverRelabels, end to end:
 // entry "root" (this process's uid) is edited to a new SPIFFE ID and
 // selector unix:uid:65534. A uid-65534 stream that was already open must
 // receive the new entry's SVID, signed for the new revision, and never the

@@ -205,7 +205,7 @@ func TestNeverServesExpiredSVID(t *testing.T) {
 		resp, err := stream.Recv()
 		if err != nil {
 			// Still entitled, only without a valid SVID: Unavailable, which
-			// clients retry, not PermissionDenied (issue 11, item 5).
+			// clients retry, not PermissionDenied.
 			if status.Code(err) != codes.Unavailable {
 				t.Fatalf("stream ended with %v, want Unavailable once the SVID expired", err)
 			}

@@ -1,5 +1,5 @@
 // Package testwait is for tests: it waits for a condition by polling it
-// until a deadline, so that no test sleeps for correctness (STYLE.md). A
+// until a deadline, so that no test sleeps for correctness. A
 // test that can run in a synctest bubble should do that instead.
 package testwait
 
