@@ -35,4 +35,4 @@
 // Renewal is a new attestation: cheap, and it re-proves the hardware. The
 // package exceeds the ~800-line guideline because it holds both halves of one
 // protocol plus workload attestation; each file stays small.
-package attestor
+package node

@@ -4,7 +4,7 @@
 // simulator.Get blocks until the previous one is closed, so these tests never
 // run in parallel and always close their TPM.
 
-package attestor
+package node
 
 import (
 	"bytes"

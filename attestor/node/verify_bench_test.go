@@ -1,6 +1,6 @@
 //go:build cgo
 
-package attestor
+package node
 
 import (
 	"testing"
