@@ -1,3 +1,10 @@
+// Package selector is the grammar of Lanyard's selectors, "type:key:value".
+// Workload selectors are what the agent derives from the kernel's facts
+// about a caller (attestor/workload) and what a policy's workload blocks
+// require (signer/policy); node selectors are what the signer derives from
+// an attested TPM (attestor/node). Both sides read this one grammar, so the
+// agent never produces a selector no policy could write, and a policy never
+// accepts a selector no process could carry.
 package selector
 
 import (
@@ -10,38 +17,86 @@ import (
 	"unicode/utf8"
 )
 
-// ErrInvalidSelector is wrapped by every error ValidateSelector returns, so
-// a caller can tell a bad selector from other failures.
-var ErrInvalidSelector = errors.New("invalid selector")
+// Prefixes of the workload selectors, "type:key:". The value follows in the
+// form Validate checks.
+const (
+	UnixUID     = "unix:uid:"     // effective uid, decimal
+	UnixGID     = "unix:gid:"     // effective gid, decimal
+	UnixUser    = "unix:user:"    // the uid's user name
+	UnixGroup   = "unix:group:"   // the gid's group name
+	UnixPath    = "unix:path:"    // the executable's absolute, clean path
+	UnixSHA256  = "unix:sha256:"  // the executable's SHA-256, lowercase hex
+	SystemdUnit = "systemd:unit:" // the systemd unit the process runs in
+	CgroupPath  = "cgroup:path:"  // the process's cgroup
+	ContainerID = "container:id:" // the container's full ID, 64 lowercase hex
+	K8sPodUID   = "k8s:pod-uid:"  // the Kubernetes pod UID, a lowercase dashed UUID
+)
 
-// ValidateSelector reports whether s is a well-formed workload selector,
+// Prefixes of the node selectors the signer derives from an attested TPM.
+// Policy does not write them (a workload names node blocks instead), so
+// Validate refuses them.
+const (
+	TPMEKSHA256     = "tpm:ek-sha256:"    // hex SHA-256 of the EK's PKIX public key
+	TPMManufacturer = "tpm:manufacturer:" // from the EK certificate's TCG subjectAltName
+	TPMModel        = "tpm:model:"        // likewise
+	TPMVersion      = "tpm:version:"      // likewise
+)
+
+// ErrInvalid is wrapped by every error Validate returns, so a caller can
+// tell a bad selector from other failures.
+var ErrInvalid = errors.New("invalid selector")
+
+// Validate reports whether s is a well-formed workload selector,
 // "type:key:value" (the value may itself contain ':'). It checks the form
 // the agent derives selectors in, not just the shape: a selector written in
 // any other form (uid "0100", an upper-case hash, "/usr//bin/x") could
 // never match a process, and would silently authorize nothing.
-func ValidateSelector(s string) error {
+func Validate(s string) error {
 	typ, rest, ok1 := strings.Cut(s, ":")
 	key, value, ok2 := strings.Cut(rest, ":")
 	if !ok1 || !ok2 {
-		return fmt.Errorf("%w %q: want type:key:value", ErrInvalidSelector, s)
+		return fmt.Errorf("%w %q: want type:key:value", ErrInvalid, s)
 	}
-	if !utf8.ValidString(s) || strings.IndexFunc(s, unicode.IsControl) >= 0 {
-		return fmt.Errorf("%w %q: contains a control character or invalid UTF-8", ErrInvalidSelector, s)
+	if !validText(s) {
+		return fmt.Errorf("%w %q: contains a control character or invalid UTF-8", ErrInvalid, s)
 	}
-	check, err := selectorCheck(typ, key)
+	check, err := valueCheck(typ, key)
 	if err == nil {
 		err = check(value)
 	}
 	if err != nil {
-		return fmt.Errorf("%w %q: %w", ErrInvalidSelector, s, err)
+		return fmt.Errorf("%w %q: %w", ErrInvalid, s, err)
 	}
 	return nil
 }
 
-// selectorCheck returns the value check for a type and key. A switch
+// ValidValue reports whether prefix+value is a valid workload selector,
+// where prefix is one of the workload prefixes above, without building the
+// string. Attestors use it to leave out a selector no policy could express
+// (a user name with a space, a path with a control character), which can
+// only narrow what a caller is given. With TPMEKSHA256 it checks the form
+// policy pins EKs in: 64 lowercase hex digits.
+func ValidValue(prefix, value string) bool {
+	if prefix == TPMEKSHA256 {
+		return checkSHA256(value) == nil
+	}
+	typ, key, ok := strings.Cut(strings.TrimSuffix(prefix, ":"), ":")
+	if !ok || !validText(value) {
+		return false
+	}
+	check, err := valueCheck(typ, key)
+	return err == nil && check(value) == nil
+}
+
+// validText refuses what no selector may hold.
+func validText(s string) bool {
+	return utf8.ValidString(s) && strings.IndexFunc(s, unicode.IsControl) < 0
+}
+
+// valueCheck returns the value check for a type and key. A switch
 // rather than a map keeps the grammar in one readable place without a
 // package-level variable.
-func selectorCheck(typ, key string) (func(string) error, error) {
+func valueCheck(typ, key string) (func(string) error, error) {
 	var keys string
 	switch typ {
 	case "unix":
@@ -146,8 +201,8 @@ func checkPodUID(v string) error {
 	return nil
 }
 
-// unitSuffixes are the unit types a process can run in (a slice holds
-// scopes and services, so it can name a process's cgroup too).
+// unitSuffixes are the unit types systemd knows (a slice holds scopes and
+// services, so it can name a process's cgroup too).
 var unitSuffixes = [...]string{".service", ".scope", ".slice", ".socket", ".mount", ".swap", ".target", ".timer", ".path", ".device", ".automount"}
 
 // checkUnit follows systemd's unit name rules: letters, digits and ":-_.\@",

@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-func TestValidateSelector(t *testing.T) {
+func TestValidate(t *testing.T) {
 	sha := strings.Repeat("0123456789abcdef", 4)
 	tests := []struct {
 		name     string
@@ -63,56 +63,18 @@ func TestValidateSelector(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := ValidateSelector(tt.selector)
+			err := Validate(tt.selector)
 			if tt.wantErr == "" {
 				if err != nil {
-					t.Fatalf("ValidateSelector(%q) = %v, want nil", tt.selector, err)
+					t.Fatalf("Validate(%q) = %v, want nil", tt.selector, err)
 				}
 				return
 			}
 			if err == nil || err.Error() != tt.wantErr {
-				t.Fatalf("ValidateSelector(%q) = %v\nwant %s", tt.selector, err, tt.wantErr)
+				t.Fatalf("Validate(%q) = %v\nwant %s", tt.selector, err, tt.wantErr)
 			}
-			if !errors.Is(err, ErrInvalidSelector) {
-				t.Errorf("error does not wrap ErrInvalidSelector")
-			}
-		})
-	}
-}
-
-func TestValidateDNSName(t *testing.T) {
-	tests := []struct {
-		name    string
-		dns     string
-		wantErr string
-	}{
-		{"simple", "web", ""},
-		{"dotted", "web.example.org", ""},
-		{"wildcard", "*.example.org", ""},
-		{"digits and hyphens", "a-1.b2.example", ""},
-		{"upper case", "Web.Example.Org", ""},
-		{"63-byte label", strings.Repeat("a", 63) + ".example", ""},
-		{"empty", "", "empty name"},
-		{"64-byte label", strings.Repeat("a", 64) + ".example", "label longer than 63 bytes"},
-		{"too long", strings.Repeat("a.", 127) + "ab", "longer than 253 bytes"},
-		{"empty label", "a..b", "empty label"},
-		{"trailing dot", "example.org.", "empty label"},
-		{"leading hyphen", "-a.example", "label starts or ends with '-'"},
-		{"underscore", "_srv.example", "label contains a character other than a letter, digit or '-'"},
-		{"bare wildcard", "*", "label contains a character other than a letter, digit or '-'"},
-		{"inner wildcard", "a.*.example", "label contains a character other than a letter, digit or '-'"},
-		{"IPv4", "192.0.2.1", "an IP address, not a DNS name"},
-		{"IPv6", "::1", "an IP address, not a DNS name"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			err := validateDNSName(tt.dns)
-			got := ""
-			if err != nil {
-				got = err.Error()
-			}
-			if got != tt.wantErr {
-				t.Errorf("validateDNSName(%q) = %q, want %q", tt.dns, got, tt.wantErr)
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("error does not wrap ErrInvalid")
 			}
 		})
 	}

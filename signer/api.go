@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -82,10 +82,10 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	}
 	pe := req.GetEvidence()
 	if pe == nil {
-		refusal = attestor.ErrMalformedEvidence
+		refusal = node.ErrMalformedEvidence
 		return status.Error(codes.InvalidArgument, "attest: the first message must carry evidence")
 	}
-	ev := &attestor.Evidence{
+	ev := &node.Evidence{
 		EKCertificate: pe.GetEkCertificate(),
 		EKPublic:      pe.GetEkPublic(),
 		AK: attest.AttestationParameters{
@@ -101,7 +101,7 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	s.mu.Lock()
 	rules := s.rules
 	s.mu.Unlock()
-	ch, err := attestor.NewChallenge(ev, rules, nil, time.Now())
+	ch, err := node.NewChallenge(ev, rules, nil, time.Now())
 	if err != nil {
 		refusal = err
 		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
@@ -200,7 +200,7 @@ func (s *Signer) recvEvidence(ctx context.Context, stream signerpb.Signer_Attest
 // attestStatus maps an attestation refusal to its gRPC code. The error
 // texts name the failed check and never carry a secret.
 func attestStatus(err error) error {
-	if errors.Is(err, attestor.ErrMalformedEvidence) {
+	if errors.Is(err, node.ErrMalformedEvidence) {
 		return status.Error(codes.InvalidArgument, "attestation refused: "+err.Error())
 	}
 	return status.Error(codes.PermissionDenied, "attestation refused: "+err.Error())

@@ -12,7 +12,7 @@ import (
 // or an ek_ca takes a host's entries away at once, not at its next
 // attestation. The TPM proved possession of this EK when the node was
 // accepted; only policy is re-evaluated here.
-func (n *Node) Rematch(rules []NodeRule, now time.Time) []string {
+func (n *Node) Rematch(rules []Rule, now time.Time) []string {
 	ek := &parsedEK{hash: n.EKSHA256, cert: n.EKCertificate}
 	if ek.cert != nil {
 		ek.pub = ek.cert.PublicKey
