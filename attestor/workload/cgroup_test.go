@@ -12,7 +12,7 @@ import (
 	"github.com/lanyard-dev/lanyard/selector"
 )
 
-const cgroupSamples = "../testdata/cgroup"
+const cgroupSamples = "../../testdata/cgroup"
 
 // Container IDs and pod UIDs the samples use.
 const (
