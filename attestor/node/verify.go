@@ -154,6 +154,15 @@ type parsedEK struct {
 	profileErr error
 }
 
+// setCert takes cert as the EK's certificate, and its key as the EK, and
+// reads it along the TCG EK profile. ToEKCertificate also clears the TCG
+// subjectAltName from the unhandled critical extensions, which x509
+// verification would otherwise reject.
+func (ek *parsedEK) setCert(cert *x509.Certificate) {
+	ek.cert, ek.pub = cert, cert.PublicKey
+	ek.ekc, ek.profileErr = x509ext.ToEKCertificate(cert)
+}
+
 // parseEK decodes the EK certificate and public key. Either may be absent,
 // not both, and when both are given they must hold the same key.
 func parseEK(ev *Evidence) (*parsedEK, error) {
@@ -168,10 +177,7 @@ func parseEK(ev *Evidence) (*parsedEK, error) {
 			// certificate cannot be tied to the EK that activation uses.
 			return nil, refuse(ErrMalformedEvidence, "EK certificate key (%v) is not supported", cert.PublicKeyAlgorithm)
 		}
-		ek.cert, ek.pub = cert, cert.PublicKey
-		// ToEKCertificate clears the TCG subjectAltName from the unhandled
-		// critical extensions, which x509 verification would otherwise reject.
-		ek.ekc, ek.profileErr = x509ext.ToEKCertificate(cert)
+		ek.setCert(cert)
 	}
 	if len(ev.EKPublic) > 0 {
 		pub, err := x509.ParsePKIXPublicKey(ev.EKPublic)
