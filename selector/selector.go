@@ -139,10 +139,17 @@ func valueCheck(typ, key string) (func(string) error, error) {
 	return nil, fmt.Errorf("unknown key %q for type %q (want %s)", key, typ, keys)
 }
 
+// reason says why a value breaks the grammar. A constant one costs no
+// allocation, so attestors may ask ValidValue of every value they see, and
+// most are refused (every cgroup path component that is no unit).
+type reason string
+
+func (r reason) Error() string { return string(r) }
+
 func checkID(v string) error {
 	n, err := strconv.ParseUint(v, 10, 32)
 	if err != nil || strconv.FormatUint(n, 10) != v {
-		return errors.New("want a decimal number without leading zeros")
+		return reason("want a decimal number without leading zeros")
 	}
 	return nil
 }
@@ -150,18 +157,18 @@ func checkID(v string) error {
 func checkAccountName(v string) error {
 	switch {
 	case v == "":
-		return errors.New("name is empty")
+		return reason("name is empty")
 	case len(v) > 256:
-		return errors.New("name is longer than 256 bytes")
+		return reason("name is longer than 256 bytes")
 	case strings.ContainsAny(v, ":/") || strings.IndexFunc(v, unicode.IsSpace) >= 0:
-		return errors.New("name contains ':', '/' or a space")
+		return reason("name contains ':', '/' or a space")
 	}
 	return nil
 }
 
 func checkAbsPath(v string) error {
 	if !strings.HasPrefix(v, "/") {
-		return errors.New("want an absolute path")
+		return reason("want an absolute path")
 	}
 	if path.Clean(v) != v {
 		return fmt.Errorf("path is not clean (want %q)", path.Clean(v))
@@ -171,14 +178,14 @@ func checkAbsPath(v string) error {
 
 func checkSHA256(v string) error {
 	if !isLowerHex(v, 64) {
-		return errors.New("want 64 lowercase hex digits")
+		return reason("want 64 lowercase hex digits")
 	}
 	return nil
 }
 
 func checkContainerID(v string) error {
 	if !isLowerHex(v, 64) {
-		return errors.New("want a full container ID, 64 lowercase hex digits")
+		return reason("want a full container ID, 64 lowercase hex digits")
 	}
 	return nil
 }
@@ -196,7 +203,7 @@ func checkPodUID(v string) error {
 		}
 	}
 	if !ok {
-		return errors.New("want a lowercase UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+		return reason("want a lowercase UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
 	}
 	return nil
 }
@@ -209,7 +216,7 @@ var unitSuffixes = [...]string{".service", ".scope", ".slice", ".socket", ".moun
 // at most 255 bytes, ending in a unit type suffix.
 func checkUnit(v string) error {
 	if len(v) > 255 {
-		return errors.New("unit name is longer than 255 bytes")
+		return reason("unit name is longer than 255 bytes")
 	}
 	for _, c := range []byte(v) {
 		if !isAlnum(c) && !strings.ContainsRune(`:-_.\@`, rune(c)) {
@@ -223,11 +230,11 @@ func checkUnit(v string) error {
 		}
 		// A template ("web@.service") never runs; an instance needs a prefix.
 		if name == "" || strings.HasPrefix(name, "@") || strings.HasSuffix(name, "@") {
-			return errors.New("unit name has no name or instance before its suffix")
+			return reason("unit name has no name or instance before its suffix")
 		}
 		return nil
 	}
-	return errors.New(`want a unit name with its type suffix, like "web.service"`)
+	return reason(`want a unit name with its type suffix, like "web.service"`)
 }
 
 func isLowerHex(s string, n int) bool {

@@ -79,3 +79,52 @@ func TestValidate(t *testing.T) {
 		})
 	}
 }
+
+// TestValidValue: what attestors ask (a value after a prefix) agrees with
+// what policy asks (the whole selector), and the EK pin form is checked.
+func TestValidValue(t *testing.T) {
+	sha := strings.Repeat("0123456789abcdef", 4)
+	tests := []struct {
+		name          string
+		prefix, value string
+		want          bool
+	}{
+		{"uid", UnixUID, "1000", true},
+		{"uid leading zero", UnixUID, "0100", false},
+		{"user", UnixUser, "www-data", true},
+		{"user with space", UnixUser, "a b", false},
+		{"user with control character", UnixUser, "a\x7fb", false},
+		{"path", UnixPath, "/usr/bin/web", true},
+		{"path deleted marker stays a path", UnixPath, "/usr/bin/web (deleted)", true},
+		{"unclean path", UnixPath, "/usr//bin", false},
+		{"path with newline", UnixPath, "/a\nb", false},
+		{"invalid UTF-8 path", UnixPath, "/\xff", false},
+		{"sha256", UnixSHA256, sha, true},
+		{"unit", SystemdUnit, "web.service", true},
+		{"empty unit", SystemdUnit, "", false},
+		{"slice is a unit", SystemdUnit, "system.slice", true},
+		{"cgroup root", CgroupPath, "/", true},
+		{"cgroup outside namespace", CgroupPath, "/../x", false},
+		{"container id", ContainerID, sha, true},
+		{"short container id", ContainerID, "abc", false},
+		{"pod uid", K8sPodUID, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", true},
+		{"ek pin", TPMEKSHA256, sha, true},
+		{"ek pin upper case", TPMEKSHA256, strings.ToUpper(sha), false},
+		{"node selector other than the pin", TPMModel, "x", false},
+		{"unknown prefix", "docker:id:", sha, false},
+		{"prefix without key", "unix:", "1000", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := ValidValue(tt.prefix, tt.value); got != tt.want {
+				t.Errorf("ValidValue(%q, %q) = %v, want %v", tt.prefix, tt.value, got, tt.want)
+			}
+			if tt.prefix == TPMEKSHA256 {
+				return // policy never writes node selectors
+			}
+			if err := Validate(tt.prefix + tt.value); (err == nil) != tt.want {
+				t.Errorf("Validate(%q) = %v, but ValidValue says %v", tt.prefix+tt.value, err, tt.want)
+			}
+		})
+	}
+}
