@@ -11,7 +11,7 @@ import (
 
 // CgroupInfo is what a process's cgroup membership says about it. Each
 // field is empty when the membership does not say, and holds only values
-// the policy grammar accepts.
+// the selector grammar accepts.
 type CgroupInfo struct {
 	// Path is the process's cgroup in the hierarchy ParseCgroup chose.
 	Path string
