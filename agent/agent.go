@@ -16,7 +16,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/lanyard-dev/lanyard/workloadapi"
@@ -38,7 +39,7 @@ type Agent struct {
 
 	up        *upstream
 	tpm       *tpmLink           // set by Run: the TPM, reopened when it goes away
-	workload  *attestor.Workload // set by Run before anything serves
+	workload  *workload.Workload // set by Run before anything serves
 	wakeRenew chan struct{}      // a sync changed the entries: look for work
 	reattest  chan struct{}      // the signer no longer knows us: attest again
 	// jwtReattestWait is jwtReattestWait but for tests.
@@ -139,12 +140,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	// A TPM that cannot be opened at start is a config error (a wrong
 	// path) as often as an outage: fail, and let the operator see it. One
 	// that goes away later is reopened by a.tpm.
-	tpmCfg := attestor.TPMConfig{Device: a.cfg.TPM.Device, Socket: a.cfg.TPM.Socket}
-	tpm, err := attestor.OpenTPM(tpmCfg)
+	tpmCfg := a.cfg.TPM
+	tpm, err := node.OpenTPM(tpmCfg)
 	if err != nil {
 		return fmt.Errorf("open TPM: %w", err)
 	}
-	a.tpm = newTPMLink(tpm, func() (*attestor.TPM, error) { return attestor.OpenTPM(tpmCfg) }, a.log.Named("tpm"))
+	a.tpm = newTPMLink(tpm, func() (*node.TPM, error) { return node.OpenTPM(tpmCfg) }, a.log.Named("tpm"))
 	defer a.tpm.close()
 	a.tpm.probe = cmp.Or(a.cfg.TPM.ProbeInterval, DefaultTPMProbeInterval)
 	a.tpm.backoff.Max = cmp.Or(a.cfg.TPM.ReopenMax, DefaultTPMReopenMax)
@@ -161,7 +162,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.up.close()
-	wl, err := attestor.NewWorkload(attestor.WorkloadConfig{Attestors: a.cfg.WorkloadAttestors})
+	wl, err := workload.New(workload.Config{Attestors: a.cfg.WorkloadAttestors})
 	if err != nil {
 		return fmt.Errorf("workload attestors: %w", err)
 	}

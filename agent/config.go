@@ -9,7 +9,8 @@ import (
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/hashicorp/hcl/v2/hclsyntax"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -37,9 +38,9 @@ type Config struct {
 	TrustBundlePath string // PEM bundle that authenticates the signer
 	SocketPath      string // Workload API, open to every local user
 	AdminSocketPath string // status and explain, root only
-	TPM             TPMConfig
+	TPM             node.TPMConfig
 	// WorkloadAttestors names the workload attestors to run (see
-	// attestor.WorkloadAttestors); empty means all of them.
+	// workload.Attestors); empty means all of them.
 	WorkloadAttestors []string
 	LogLevel          string // trace, debug, info, warn or error
 	LogFormat         string // text or json
@@ -52,20 +53,6 @@ type Config struct {
 	// Limits bounds what Workload API callers can make the agent hold
 	// (the optional limits block; see limits.go).
 	Limits LimitsConfig
-}
-
-// TPMConfig says how to reach the TPM: exactly one of Device (a kernel TPM
-// device such as /dev/tpmrm0) or Socket (a Unix socket carrying the raw TPM
-// 2.0 command stream, as swtpm serves it) is set.
-type TPMConfig struct {
-	Device string
-	Socket string
-	// ProbeInterval is how often the TPM is probed while nothing uses it
-	// (probe_interval); zero means DefaultTPMProbeInterval.
-	ProbeInterval time.Duration
-	// ReopenMax caps the backoff between attempts to open a lost TPM
-	// again (reopen_max_interval); zero means DefaultTPMReopenMax.
-	ReopenMax time.Duration
 }
 
 // Bounds of the tpm block's tuning fields: a probe or a reopen attempt
@@ -149,7 +136,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	set("workload_attestors", func(a *hcl.Attribute) hcl.Diagnostics {
 		items, d := hclconf.StringList(a)
-		known := attestor.WorkloadAttestors()
+		known := workload.Attestors()
 		for _, it := range items {
 			switch {
 			case !slices.Contains(known, it.Value):
@@ -200,7 +187,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 // decodeTPM requires exactly one tpm block naming exactly one of device or
 // socket: guessing between a hardware TPM and a software one is not the
 // agent's call.
-func decodeTPM(blocks hcl.Blocks, file hcl.Body, dir string, tpm *TPMConfig) hcl.Diagnostics {
+func decodeTPM(blocks hcl.Blocks, file hcl.Body, dir string, tpm *node.TPMConfig) hcl.Diagnostics {
 	if len(blocks) == 0 {
 		// A malformed tpm block (with a label, say) is dropped by the
 		// schema and already reported; don't call it missing as well.

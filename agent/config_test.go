@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -30,7 +31,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			TrustBundlePath: filepath.Join(dir, "bundle.pem"),
 			SocketPath:      "/run/lanyard-test/workload.sock",
 			AdminSocketPath: "/run/lanyard-test/admin.sock",
-			TPM:             TPMConfig{Socket: "/run/swtpm/tpm.sock"},
+			TPM:             node.TPMConfig{Socket: "/run/swtpm/tpm.sock"},
 			LogLevel:        "warn",
 			LogFormat:       "json",
 			Limits:          DefaultLimits(),
@@ -41,7 +42,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			TrustBundlePath: "/etc/lanyard/bundle.pem",
 			SocketPath:      "/run/lanyard/workload.sock",
 			AdminSocketPath: DefaultAdminSocketPath,
-			TPM:             TPMConfig{Device: "/dev/tpmrm0"},
+			TPM:             node.TPMConfig{Device: "/dev/tpmrm0"},
 			LogLevel:        "info",
 			LogFormat:       "text",
 			Limits:          DefaultLimits(),

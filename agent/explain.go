@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 // Explanation is the answer to `lanyard-agent explain PID`: what the agent
@@ -64,8 +64,8 @@ func (a *Agent) Explain(ctx context.Context, pid int32) (*Explanation, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("pid %d: %w", pid, ErrNoSuchProcess)
 	}
-	proc, err := attestor.PinPID(pid)
-	if errors.Is(err, attestor.ErrCallerExited) {
+	proc, err := workload.PinPID(pid)
+	if errors.Is(err, workload.ErrCallerExited) {
 		return nil, fmt.Errorf("pid %d: %w", pid, ErrNoSuchProcess)
 	}
 	if err != nil {
@@ -73,7 +73,7 @@ func (a *Agent) Explain(ctx context.Context, pid int32) (*Explanation, error) {
 	}
 	defer proc.PIDFD.Close()
 	selectors, err := a.workload.Attest(ctx, proc)
-	if errors.Is(err, attestor.ErrCallerExited) {
+	if errors.Is(err, workload.ErrCallerExited) {
 		return nil, fmt.Errorf("pid %d exited while being attested: %w", pid, ErrNoSuchProcess)
 	}
 	if err != nil {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 )
 
@@ -78,7 +78,7 @@ func TestCacheExplain(t *testing.T) {
 // TestExplainProcess explains this test process through the admin
 // handler, as `lanyard-agent explain` does, and refuses bad PIDs.
 func TestExplainProcess(t *testing.T) {
-	wl, err := attestor.NewWorkload(attestor.WorkloadConfig{Attestors: []string{"unix"}})
+	wl, err := workload.New(workload.Config{Attestors: []string{"unix"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -44,7 +44,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	attestor "github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 )
@@ -505,7 +505,7 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 var unixOnly = func() *attestor.Workload {
-	w, err := attestor.NewWorkload(attestor.WorkloadConfig{Attestors: []string{"unix"}})
+	w, err := attestor.New(attestor.Config{Attestors: []string{"unix"}})
 	if err != nil {
 		panic(err)
 	}

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/rotator"
 )
 
@@ -28,13 +28,13 @@ const (
 
 // tpmLink keeps the agent's TPM open. The TPM behind a socket is another
 // process (swtpm) that can die and come back, and a device can fail; its
-// command stream then breaks for good (attestor.ErrTPMUnreachable). The
+// command stream then breaks for good (node.ErrTPMUnreachable). The
 // link notices, from a failed operation or from a periodic probe, closes
 // the dead TPM and opens it again with backoff. The keys of the old
 // sessions (the agent's TLS key among them) died with it, so every reopen
 // is followed by a new attestation (reopened).
 type tpmLink struct {
-	open     func() (*attestor.TPM, error)
+	open     func() (*node.TPM, error)
 	backoff  rotator.Backoff // between reopen attempts
 	probe    time.Duration   // between probes of a TPM nobody reported lost
 	log      hclog.Logger
@@ -44,10 +44,10 @@ type tpmLink struct {
 	wake chan struct{} // an operation failed on a broken TPM: look now
 
 	mu       sync.Mutex
-	tpm      *attestor.TPM // nil while unreachable
-	lost     error         // why it is unreachable (the latest reopen error)
-	lostAt   time.Time     // when it was found unreachable
-	failures int           // failed reopen attempts since then
+	tpm      *node.TPM // nil while unreachable
+	lost     error     // why it is unreachable (the latest reopen error)
+	lostAt   time.Time // when it was found unreachable
+	failures int       // failed reopen attempts since then
 }
 
 // tpmState is the link's state for Status.
@@ -60,7 +60,7 @@ type tpmState struct {
 
 // newTPMLink returns a link holding tpm, already open, that reopens it
 // with open when it breaks.
-func newTPMLink(tpm *attestor.TPM, open func() (*attestor.TPM, error), log hclog.Logger) *tpmLink {
+func newTPMLink(tpm *node.TPM, open func() (*node.TPM, error), log hclog.Logger) *tpmLink {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
@@ -75,19 +75,19 @@ func newTPMLink(tpm *attestor.TPM, open func() (*attestor.TPM, error), log hclog
 }
 
 // current returns the open TPM, or an error wrapping
-// attestor.ErrTPMUnreachable while there is none.
-func (l *tpmLink) current() (*attestor.TPM, error) {
+// node.ErrTPMUnreachable while there is none.
+func (l *tpmLink) current() (*node.TPM, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.tpm == nil {
-		return nil, fmt.Errorf("%w (since %s): %w", attestor.ErrTPMUnreachable, l.lostAt.UTC().Format(time.RFC3339), l.lost)
+		return nil, fmt.Errorf("%w (since %s): %w", node.ErrTPMUnreachable, l.lostAt.UTC().Format(time.RFC3339), l.lost)
 	}
 	return l.tpm, nil
 }
 
 // check is called after an operation on tpm failed: if the TPM's stream
 // broke, the link reopens it now rather than at the next probe.
-func (l *tpmLink) check(tpm *attestor.TPM) {
+func (l *tpmLink) check(tpm *node.TPM) {
 	if tpm.Err() == nil {
 		return
 	}
@@ -127,7 +127,7 @@ func (l *tpmLink) Run(ctx context.Context) error {
 		if err == nil {
 			err = tpm.Probe()
 		}
-		if !errors.Is(err, attestor.ErrTPMUnreachable) {
+		if !errors.Is(err, node.ErrTPMUnreachable) {
 			if err != nil {
 				// The TPM answered, with a refusal: it is there.
 				l.log.Warn("TPM probe refused", "error", err)
@@ -143,7 +143,7 @@ func (l *tpmLink) Run(ctx context.Context) error {
 }
 
 // lose drops a TPM whose stream broke.
-func (l *tpmLink) lose(tpm *attestor.TPM, err error) {
+func (l *tpmLink) lose(tpm *node.TPM, err error) {
 	l.mu.Lock()
 	l.tpm, l.lost, l.lostAt, l.failures = nil, err, time.Now(), 0
 	l.mu.Unlock()
@@ -192,6 +192,6 @@ func (l *tpmLink) close() {
 	if l.tpm != nil {
 		_ = l.tpm.Close()
 		l.tpm = nil
-		l.lost, l.lostAt = attestor.ErrTPMClosed, time.Now()
+		l.lost, l.lostAt = node.ErrTPMClosed, time.Now()
 	}
 }

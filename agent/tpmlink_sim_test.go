@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/google/go-tpm-tools/simulator"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/rotator"
 )
 
@@ -61,13 +61,13 @@ func TestTPMLinkReopens(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var line atomic.Pointer[simLine]
 			var down atomic.Bool
-			open := func() (*attestor.TPM, error) {
+			open := func() (*node.TPM, error) {
 				if down.Load() {
 					return nil, errors.New("dial TPM socket: connection refused")
 				}
 				l := &simLine{sim: sim}
 				line.Store(l)
-				return attestor.OpenTPMChannel(l)
+				return node.OpenTPMChannel(l)
 			}
 			first, err := open()
 			if err != nil {
@@ -104,7 +104,7 @@ func TestTPMLinkReopens(t *testing.T) {
 			if st.Error != "dial TPM socket: connection refused" || st.LostAt.IsZero() {
 				t.Errorf("state while down = %+v, want the reopen error and when it was lost", st)
 			}
-			if _, err := link.current(); !errors.Is(err, attestor.ErrTPMUnreachable) {
+			if _, err := link.current(); !errors.Is(err, node.ErrTPMUnreachable) {
 				t.Errorf("current() while down: %v, want ErrTPMUnreachable", err)
 			}
 			if reopened.Load() != 0 {

@@ -13,7 +13,7 @@ import (
 
 	"github.com/google/go-attestation/attest"
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -60,7 +60,7 @@ type upstream struct {
 	log      hclog.Logger
 
 	mu     sync.Mutex
-	sess   *attestor.Session
+	sess   *node.Session
 	svid   *x509svid.SVID
 	conn   *grpc.ClientConn
 	nodes  []string      // node selectors from the last attestation
@@ -206,7 +206,7 @@ func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
 
 // agentSVIDFrom checks the SVID the signer issued: it must be for the key
 // the TPM holds, and verify against the bundle.
-func (u *upstream) agentSVIDFrom(res *signerpb.AttestResult, sess *attestor.Session) (*x509svid.SVID, error) {
+func (u *upstream) agentSVIDFrom(res *signerpb.AttestResult, sess *node.Session) (*x509svid.SVID, error) {
 	var chain []*x509.Certificate
 	for _, der := range res.GetSvid() {
 		c, err := x509.ParseCertificate(der)

@@ -31,7 +31,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-tpm-tools/simulator"
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer"
 	"github.com/lanyard-dev/lanyard/signer/policy"
@@ -99,13 +99,13 @@ workload "theirs" {
 // openSimTPM starts a fresh simulator (so a fresh EK) behind
 // OpenTPMChannel and returns it with its EK hash. Closing the TPM at
 // cleanup closes the simulator, which frees the singleton for the next test.
-func openSimTPM(t testing.TB) (*attestor.TPM, string) {
+func openSimTPM(t testing.TB) (*node.TPM, string) {
 	t.Helper()
 	sim, err := simulator.Get()
 	if err != nil {
 		t.Fatalf("start simulator: %v", err)
 	}
-	tpm, err := attestor.OpenTPMChannel(sim)
+	tpm, err := node.OpenTPMChannel(sim)
 	if err != nil {
 		sim.Close()
 		t.Fatalf("OpenTPMChannel: %v", err)
@@ -226,7 +226,7 @@ func newSimEnv(t testing.TB) *simEnv {
 	return &simEnv{sig: sig, ek: ek, u: u, res: res, other: other}
 }
 
-func newSimUpstream(t testing.TB, sig *simSigner, tpm *attestor.TPM) *upstream {
+func newSimUpstream(t testing.TB, sig *simSigner, tpm *node.TPM) *upstream {
 	t.Helper()
 	u, err := newUpstream(sig.addr, simTD(), newTPMLink(tpm, nil, nil), sig.trust, hclog.NewNullLogger())
 	if err != nil {

@@ -38,8 +38,8 @@ if [[ "${BENCH_GO:-1}" == 1 ]]; then
   echo "== Go benchmarks of the hot paths (one goroutine: figures are per core)" >&2
   {
     (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 500ms -bench 'BenchmarkSignX509SVID$' ./signer/)
-    (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 50x -bench 'BenchmarkVerifyAttestation$' ./attestor/)
-    (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 500ms -bench 'BenchmarkAttestSelf/warm' ./attestor/)
+    (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 50x -bench 'BenchmarkVerifyAttestation$' ./attestor/node/)
+    (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 500ms -bench 'BenchmarkAttestSelf/warm' ./attestor/workload/)
     (cd "$root" && "$go" test -run '^$' -cpu 1 -benchtime 300ms -bench 'BenchmarkEntryMatching|BenchmarkResponseBuilding' ./agent/)
   } | tee "$work/gobench.txt" >&2
   gobench+=("$work/gobench.txt")

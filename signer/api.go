@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -82,10 +82,10 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	}
 	pe := req.GetEvidence()
 	if pe == nil {
-		refusal = attestor.ErrMalformedEvidence
+		refusal = node.ErrMalformedEvidence
 		return status.Error(codes.InvalidArgument, "attest: the first message must carry evidence")
 	}
-	ev := &attestor.Evidence{
+	ev := &node.Evidence{
 		EKCertificate: pe.GetEkCertificate(),
 		EKPublic:      pe.GetEkPublic(),
 		AK: attest.AttestationParameters{
@@ -101,11 +101,10 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	s.mu.Lock()
 	rules := s.rules
 	s.mu.Unlock()
-	ch, err := attestor.NewChallenge(ev, rules, nil, time.Now())
+	ch, err := node.NewChallenge(ev, rules, nil, time.Now())
 	if err != nil {
 		refusal = err
-		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
-			"duration_ms", time.Since(start).Milliseconds())
+		s.logRefusal(ctx, addr, ev.EKSHA256(), err, start)
 		return attestStatus(err)
 	}
 	cred := ch.Credential()
@@ -118,15 +117,14 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	if err != nil {
 		return err
 	}
-	node, err := ch.Verify(req.GetActivationSecret())
+	accepted, err := ch.Verify(req.GetActivationSecret())
 	if err != nil {
 		refusal = err
-		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", ev.EKSHA256(), "reason", err.Error(),
-			"duration_ms", time.Since(start).Milliseconds())
+		s.logRefusal(ctx, addr, ev.EKSHA256(), err, start)
 		return attestStatus(err)
 	}
 
-	id, err := spiffeid.FromPath(s.cfg.TrustDomain, agentPath+node.EKSHA256)
+	id, err := spiffeid.FromPath(s.cfg.TrustDomain, agentPath+accepted.EKSHA256)
 	if err != nil {
 		return status.Errorf(codes.Internal, "attest: agent ID: %v", err)
 	}
@@ -135,29 +133,28 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 	// The policy may have changed while the TPM answered: match again
 	// under the lock that policy changes take, so a TPM just removed from
 	// policy cannot slip in between.
-	node.Names = node.Rematch(s.rules, now)
-	if len(node.Names) == 0 {
+	accepted.Names = accepted.Rematch(s.rules, now)
+	if len(accepted.Names) == 0 {
 		s.mu.Unlock()
 		refusal = errLeftPolicy
-		s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", node.EKSHA256, "reason", errLeftPolicy.Error(),
-			"duration_ms", time.Since(start).Milliseconds())
+		s.logRefusal(ctx, addr, accepted.EKSHA256, errLeftPolicy, start)
 		return status.Error(codes.PermissionDenied, "attestation refused: the TPM left the policy during attestation")
 	}
-	cert, err := s.auth.sign(node.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
+	cert, err := s.auth.sign(accepted.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
 	if err == nil {
-		s.agents[id] = &agentRecord{node: node, names: node.Names, notAfter: cert.NotAfter}
+		s.agents[id] = &agentRecord{node: accepted, names: accepted.Names, notAfter: cert.NotAfter}
 	}
 	bundle := s.bundleMessageLocked()
 	s.mu.Unlock()
 	if err != nil {
 		return status.Errorf(codes.Internal, "attest: %v", err)
 	}
-	s.log.Info("agent attested", "ek_sha256", node.EKSHA256, "spiffe_id", id.String(), "nodes", node.Names,
+	s.log.Info("agent attested", "ek_sha256", accepted.EKSHA256, "spiffe_id", id.String(), "nodes", accepted.Names,
 		"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339), "duration_ms", time.Since(start).Milliseconds())
 	return stream.Send(&signerpb.AttestResponse{Step: &signerpb.AttestResponse_Result{Result: &signerpb.AttestResult{
 		Svid:          [][]byte{cert.Raw},
 		Bundle:        bundle,
-		NodeSelectors: node.Selectors(),
+		NodeSelectors: accepted.Selectors(),
 	}}})
 }
 
@@ -197,10 +194,19 @@ func (s *Signer) recvEvidence(ctx context.Context, stream signerpb.Signer_Attest
 	return req, err
 }
 
+// logRefusal writes the audit line of an attestation the verifier or
+// policy refused, rate-limited per source address like every refusal a
+// client can provoke: the peer, the EK hash (so an operator can pin it),
+// the reason and how long the attempt took.
+func (s *Signer) logRefusal(ctx context.Context, addr, ekSHA256 string, reason error, start time.Time) {
+	s.warnLimited("attestation refused", addr, "peer", peerAddr(ctx), "ek_sha256", ekSHA256, "reason", reason.Error(),
+		"duration_ms", time.Since(start).Milliseconds())
+}
+
 // attestStatus maps an attestation refusal to its gRPC code. The error
 // texts name the failed check and never carry a secret.
 func attestStatus(err error) error {
-	if errors.Is(err, attestor.ErrMalformedEvidence) {
+	if errors.Is(err, node.ErrMalformedEvidence) {
 		return status.Error(codes.InvalidArgument, "attestation refused: "+err.Error())
 	}
 	return status.Error(codes.PermissionDenied, "attestation refused: "+err.Error())

@@ -13,7 +13,7 @@ import (
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm-tools/simulator"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
@@ -40,7 +40,7 @@ func TestAttestFlood(t *testing.T) {
 	if err != nil {
 		t.Fatalf("start simulator: %v", err)
 	}
-	tpm, err := attestor.OpenTPMChannel(sim)
+	tpm, err := node.OpenTPMChannel(sim)
 	if err != nil {
 		sim.Close()
 		t.Fatalf("OpenTPMChannel: %v", err)
@@ -153,7 +153,7 @@ func TestAttestFlood(t *testing.T) {
 
 // attestSim runs one attestation on c with the simulator's session and
 // evidence, as the agent's upstream does.
-func attestSim(ctx context.Context, c signerpb.SignerClient, sess *attestor.Session, ev *attestor.Evidence) error {
+func attestSim(ctx context.Context, c signerpb.SignerClient, sess *node.Session, ev *node.Evidence) error {
 	stream, err := c.Attest(ctx)
 	if err != nil {
 		return err

@@ -19,7 +19,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -142,8 +142,8 @@ func (s *servedSigner) agentSVID(t *testing.T, id spiffeid.ID) *x509svid.SVID {
 	if err == nil {
 		// The EK testConfig and jwtPolicy pin as node "lab", so a
 		// policy reload keeps the agent.
-		node := &attestor.Node{EKSHA256: strings.Repeat("ab", 32), Names: []string{"lab"}}
-		s.agents[id] = &agentRecord{node: node, names: node.Names, notAfter: cert.NotAfter}
+		n := &node.Node{EKSHA256: strings.Repeat("ab", 32), Names: []string{"lab"}}
+		s.agents[id] = &agentRecord{node: n, names: n.Names, notAfter: cert.NotAfter}
 	}
 	s.mu.Unlock()
 	if err != nil {

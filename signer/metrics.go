@@ -7,7 +7,7 @@ import (
 	"net"
 	"net/http"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/internal/telemetry"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -126,7 +126,7 @@ func attestResult(err error) string {
 	switch {
 	case err == nil:
 		return "ok"
-	case errors.Is(err, attestor.ErrMalformedEvidence):
+	case errors.Is(err, node.ErrMalformedEvidence):
 		return "malformed"
 	case isRefusal(err):
 		return "refused"
@@ -136,9 +136,9 @@ func attestResult(err error) string {
 
 // isRefusal reports whether err is one of the verifier's refusals.
 func isRefusal(err error) bool {
-	for _, r := range []error{attestor.ErrUnknownEK, attestor.ErrEKCertMissing, attestor.ErrEKCertUntrusted,
-		attestor.ErrAKInvalid, attestor.ErrKeyNotCertified, attestor.ErrCSRKeyMismatch,
-		attestor.ErrActivationMismatch, attestor.ErrChallengeUsed, errLeftPolicy} {
+	for _, r := range []error{node.ErrUnknownEK, node.ErrEKCertMissing, node.ErrEKCertUntrusted,
+		node.ErrAKInvalid, node.ErrKeyNotCertified, node.ErrCSRKeyMismatch,
+		node.ErrActivationMismatch, node.ErrChallengeUsed, errLeftPolicy} {
 		if errors.Is(err, r) {
 			return true
 		}

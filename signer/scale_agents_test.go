@@ -15,7 +15,7 @@ import (
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm-tools/simulator"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -26,13 +26,13 @@ import (
 
 // openSeeded opens the simulator with a fixed seed: the same seed gives
 // the same EK, so the EK can be pinned before the agent attests.
-func openSeeded(b *testing.B, seed int64) *attestor.TPM {
+func openSeeded(b *testing.B, seed int64) *node.TPM {
 	b.Helper()
 	sim, err := simulator.GetWithFixedSeedInsecure(seed)
 	if err != nil {
 		b.Fatalf("start simulator: %v", err)
 	}
-	tpm, err := attestor.OpenTPMChannel(sim)
+	tpm, err := node.OpenTPMChannel(sim)
 	if err != nil {
 		sim.Close()
 		b.Fatalf("OpenTPMChannel: %v", err)
@@ -92,7 +92,7 @@ func (w *syncWatch) wait() (time.Time, error) {
 
 // attestAgent attests the TPM with the signer, as the agent's upstream
 // does, and returns the agent SVID whose key stays in the TPM.
-func attestAgent(b *testing.B, ctx context.Context, s *scaleSigner, tpm *attestor.TPM, ekHash string) *x509svid.SVID {
+func attestAgent(b *testing.B, ctx context.Context, s *scaleSigner, tpm *node.TPM, ekHash string) *x509svid.SVID {
 	b.Helper()
 	sess, err := tpm.NewSession()
 	if err != nil {

@@ -20,7 +20,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/internal/grpcstop"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/signer/policy"
@@ -66,7 +66,7 @@ type Signer struct {
 	// Never modified, only replaced.
 	agentBundle *signerpb.Bundle
 	pol         *policy.Policy
-	rules       []attestor.NodeRule
+	rules       []node.Rule
 	agents      map[spiffeid.ID]*agentRecord
 	changed     chan struct{} // closed and replaced on every change of policy or bundle
 	tlsCert     *tls.Certificate
@@ -81,7 +81,7 @@ type Signer struct {
 // agentRecord is what the signer remembers of an attested agent. It lives in
 // memory only: after a signer restart, agents attest again.
 type agentRecord struct {
-	node     *attestor.Node
+	node     *node.Node
 	names    []string // policy node blocks the TPM matches, under the current policy
 	notAfter time.Time
 }
@@ -248,9 +248,9 @@ func (s *Signer) SetPolicy(p *policy.Policy) {
 
 func (s *Signer) setPolicyLocked(p *policy.Policy) {
 	s.pol = p
-	s.rules = make([]attestor.NodeRule, 0, len(p.Nodes))
+	s.rules = make([]node.Rule, 0, len(p.Nodes))
 	for _, n := range p.Nodes {
-		s.rules = append(s.rules, attestor.NodeRule{Name: n.Name, EKSHA256: n.EKSHA256, Roots: n.Roots, Intermediates: n.Intermediates})
+		s.rules = append(s.rules, node.Rule{Name: n.Name, EKSHA256: n.EKSHA256, Roots: n.Roots, Intermediates: n.Intermediates})
 	}
 	// A policy edit can add or remove a TPM from a node block: re-match
 	// every known agent now rather than at its next attestation.

@@ -23,7 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/status"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	attestor "github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 // The test binary doubles as the workload under test: run with
@@ -150,7 +150,7 @@ func needRoot(t *testing.T) {
 
 func newWorkloadAttestor(t *testing.T) *attestor.Workload {
 	t.Helper()
-	w, err := attestor.NewWorkload(attestor.WorkloadConfig{})
+	w, err := attestor.New(attestor.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,7 +17,7 @@ import (
 	reflectionv1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	attestor "github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 // Attestor turns a caller into selectors. *attestor.Workload is one.

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/selector"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -105,7 +106,7 @@ func leafSerial(chain []byte) string {
 // the unix attestor is off.
 func exePath(selectors []string) string {
 	for _, s := range selectors {
-		if p, ok := strings.CutPrefix(s, "unix:path:"); ok {
+		if p, ok := strings.CutPrefix(s, selector.UnixPath); ok {
 			return p
 		}
 	}

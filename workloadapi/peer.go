@@ -10,7 +10,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/internal/peercred"
 )
 
@@ -49,12 +49,12 @@ func (l peerListener) Accept() (net.Conn, error) {
 }
 
 // peerProcess identifies the caller on c. gone is set (wrapping
-// attestor.ErrCallerExited) when the kernel says the caller has already
+// workload.ErrCallerExited) when the kernel says the caller has already
 // exited; err when it cannot be identified at all.
-func peerProcess(c *net.UnixConn) (proc attestor.Process, gone, err error) {
+func peerProcess(c *net.UnixConn) (proc workload.Process, gone, err error) {
 	cred, err := peercred.Read(c, true)
 	if err != nil {
-		return attestor.Process{}, nil, err
+		return workload.Process{}, nil, err
 	}
 	// The kernel reports PID 0 when the caller lives in a PID namespace we
 	// cannot see into: there is no /proc entry to attest. Callers in child
@@ -63,37 +63,37 @@ func peerProcess(c *net.UnixConn) (proc attestor.Process, gone, err error) {
 		if cred.PIDFD >= 0 {
 			_ = unix.Close(cred.PIDFD)
 		}
-		return attestor.Process{}, nil, fmt.Errorf("peer credentials: caller pid %d is not visible here", cred.PID)
+		return workload.Process{}, nil, fmt.Errorf("peer credentials: caller pid %d is not visible here", cred.PID)
 	}
-	return pinPeer(attestor.Process{PID: cred.PID, UID: cred.UID, GID: cred.GID}, cred.PIDFD, cred.PIDFDErr)
+	return pinPeer(workload.Process{PID: cred.PID, UID: cred.UID, GID: cred.GID}, cred.PIDFD, cred.PIDFDErr)
 }
 
 // pinPeer gives proc the pidfd that getsockopt(SO_PEERPIDFD) returned, or
 // when the kernel has no such option, one opened from the PID, and records
-// what the process runs (attestor.Identify), so that calls can refuse it
+// what the process runs (workload.Identify), so that calls can refuse it
 // once it has exec'd.
 //
 // The kernel records only pid, uid and gid at connect(2): a process that
 // execs between its connect and this moment is recorded as the program it
 // became (README, "Security model").
-func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Process, gone, err error) {
+func pinPeer(proc workload.Process, pidfd int, pidfdErr error) (_ workload.Process, gone, err error) {
 	switch {
 	case pidfdErr == nil:
 		// The pidfd of the very process that called connect(2).
-		f, err := attestor.NewPIDFD(pidfd)
+		f, err := workload.NewPIDFD(pidfd)
 		if err != nil {
-			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
+			return workload.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
 		}
 		proc.PIDFD = f
-		id, err := attestor.Identify(proc)
-		if errors.Is(err, attestor.ErrCallerExited) {
+		id, err := workload.Identify(proc)
+		if errors.Is(err, workload.ErrCallerExited) {
 			_ = f.Close()
 			proc.PIDFD = nil
 			return proc, err, nil
 		}
 		if err != nil {
 			_ = f.Close()
-			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
+			return workload.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
 		}
 		return id, nil, nil
 	case errors.Is(pidfdErr, unix.ENOPROTOOPT):
@@ -101,21 +101,21 @@ func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Proce
 		// between connect and this moment would go unnoticed unless its
 		// new process has another uid or gid; from here on the pidfd and
 		// the start time catch it.
-		pinned, err := attestor.PinPID(proc.PID)
-		if errors.Is(err, attestor.ErrCallerExited) {
+		pinned, err := workload.PinPID(proc.PID)
+		if errors.Is(err, workload.ErrCallerExited) {
 			return proc, err, nil
 		}
 		if err != nil {
-			return attestor.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
+			return workload.Process{}, nil, fmt.Errorf("peer credentials: %w", err)
 		}
 		proc.PIDFD, proc.StartTime, proc.Exe = pinned.PIDFD, pinned.StartTime, pinned.Exe
 		return proc, nil, nil
 	case errors.Is(pidfdErr, unix.ESRCH), errors.Is(pidfdErr, unix.EINVAL):
 		// Kernels that cannot give a pidfd for a peer that has exited
 		// say so this way.
-		return proc, fmt.Errorf("%w: getsockopt SO_PEERPIDFD: %w", attestor.ErrCallerExited, pidfdErr), nil
+		return proc, fmt.Errorf("%w: getsockopt SO_PEERPIDFD: %w", workload.ErrCallerExited, pidfdErr), nil
 	default:
-		return attestor.Process{}, nil, fmt.Errorf("peer credentials: getsockopt SO_PEERPIDFD: %w", pidfdErr)
+		return workload.Process{}, nil, fmt.Errorf("peer credentials: getsockopt SO_PEERPIDFD: %w", pidfdErr)
 	}
 }
 
@@ -124,7 +124,7 @@ func pinPeer(proc attestor.Process, pidfd int, pidfdErr error) (_ attestor.Proce
 // then sees the caller as gone.
 type peerConn struct {
 	*net.UnixConn
-	proc attestor.Process
+	proc workload.Process
 	gone error      // set when the caller had exited by accept
 	exit *exitWatch // shared by the connection's streams (pinned.go)
 }
@@ -142,7 +142,7 @@ func (c *peerConn) Close() error {
 // call on it can find its caller with peer.FromContext.
 type callerInfo struct {
 	credentials.CommonAuthInfo
-	proc attestor.Process
+	proc workload.Process
 	gone error
 	exit *exitWatch
 	conn *connState // the connection's limits; nil when not limited
@@ -153,11 +153,11 @@ func (callerInfo) AuthType() string { return "peercred" }
 
 // callerFromContext returns the caller of the gRPC call in ctx, or why it
 // cannot be attested: errNoPeerCred, or an error wrapping
-// attestor.ErrCallerExited when it was gone by accept.
-func callerFromContext(ctx context.Context) (attestor.Process, error) {
+// workload.ErrCallerExited when it was gone by accept.
+func callerFromContext(ctx context.Context) (workload.Process, error) {
 	info, ok := callerInfoFrom(ctx)
 	if !ok {
-		return attestor.Process{}, errNoPeerCred
+		return workload.Process{}, errNoPeerCred
 	}
 	return info.proc, info.gone
 }

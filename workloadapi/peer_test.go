@@ -24,7 +24,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	attestor "github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 // TestRealCallers: processes under uid 65534 fetch through a real socket

@@ -12,16 +12,16 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 // An identity is bound to the process that connected, not to the
 // connection: the descriptor can outlive that process (a fork holds it too,
 // or it was passed over SCM_RIGHTS), and the process can become another
 // program (execve) or user (setuid). So every call refuses a process that
-// changed since it connected (attest, through attestor.ErrCallerExeced and
+// changed since it connected (attest, through workload.ErrCallerExeced and
 // ErrCallerChanged), every push on a stream after a wait is preceded by
-// attestor.Process.Recheck, and a stream ends as soon as the process that
+// workload.Process.Recheck, and a stream ends as soon as the process that
 // connected exits, woken by its pidfd rather than by polling. What the
 // owner hands over while it lives is its own choice; nothing survives it.
 
@@ -61,7 +61,7 @@ func (w *exitWatch) exited() <-chan struct{} {
 }
 
 // watch waits until the pidfd is readable: its process has exited. The
-// pidfd is non-blocking (attestor.NewPIDFD), so RawConn.Read parks this
+// pidfd is non-blocking (workload.NewPIDFD), so RawConn.Read parks this
 // goroutine in the poller between checks. Any error (the pidfd closed with
 // the connection, or could not be waited on) also closes done: a stream
 // then ends rather than outlive a process nobody watches.
@@ -95,11 +95,11 @@ func callerExit(ctx context.Context) <-chan struct{} {
 // longer the process that connected, or "" for any other error.
 func changeReason(err error) string {
 	switch {
-	case errors.Is(err, attestor.ErrCallerExited):
+	case errors.Is(err, workload.ErrCallerExited):
 		return "the caller exited"
-	case errors.Is(err, attestor.ErrCallerExeced):
+	case errors.Is(err, workload.ErrCallerExeced):
 		return "the caller ran another executable since it connected"
-	case errors.Is(err, attestor.ErrCallerChanged):
+	case errors.Is(err, workload.ErrCallerChanged):
 		return "the caller changed uid or gid since it connected"
 	}
 	return ""
@@ -108,7 +108,7 @@ func changeReason(err error) string {
 // refuseChanged answers a call whose caller exec'd or changed uid or gid
 // since it connected: PermissionDenied, since no retry on this connection
 // can succeed, and an audit line that names what the process runs now.
-func (h *handler) refuseChanged(proc attestor.Process, err error) error {
+func (h *handler) refuseChanged(proc workload.Process, err error) error {
 	reason := changeReason(err)
 	h.log.Info("no identity issued", "pid", proc.PID, "uid", proc.UID, "exe", proc.ExePath(),
 		"reason", reason, "error", err)
@@ -119,7 +119,7 @@ func (h *handler) refuseChanged(proc attestor.Process, err error) error {
 // caller is still the process that was attested. If not, the stream ends
 // with Unavailable (the client reconnects, and whoever connects then is
 // attested afresh) and an audit line; nothing is sent.
-func (h *handler) recheckStream(log hclog.Logger, proc attestor.Process) error {
+func (h *handler) recheckStream(log hclog.Logger, proc workload.Process) error {
 	err := proc.Recheck()
 	if err == nil {
 		return nil
@@ -142,12 +142,12 @@ func (h *handler) endStream(log hclog.Logger, reason string, err error) error {
 // recheckCall confirms, before a one-shot answer that took time (a JWT
 // mint may wait on the signer), that the caller is still the process that
 // was attested; if not, it is refused as attest would refuse it.
-func (h *handler) recheckCall(proc attestor.Process) error {
+func (h *handler) recheckCall(proc workload.Process) error {
 	err := proc.Recheck()
 	switch {
 	case err == nil:
 		return nil
-	case errors.Is(err, attestor.ErrCallerExeced), errors.Is(err, attestor.ErrCallerChanged):
+	case errors.Is(err, workload.ErrCallerExeced), errors.Is(err, workload.ErrCallerChanged):
 		return h.refuseChanged(proc, err)
 	}
 	h.log.Warn("caller exited during attestation", "pid", proc.PID, "uid", proc.UID, "error", err)
@@ -189,6 +189,6 @@ func (h *handler) waitPinned(ctx context.Context, changed, exited <-chan struct{
 	case <-ctx.Done():
 		return status.FromContextError(ctx.Err()).Err()
 	case <-t.C:
-		return h.endStream(log, "the caller exited", attestor.ErrCallerExited)
+		return h.endStream(log, "the caller exited", workload.ErrCallerExited)
 	}
 }

@@ -11,7 +11,7 @@ import (
 
 	wlclient "github.com/spiffe/go-spiffe/v2/workloadapi"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 // BenchmarkAcceptWindow measures the window the kernel leaves open: it
@@ -36,7 +36,7 @@ func benchAcceptWindow(b *testing.B, load int) {
 	ca := newTestCA(b)
 	src := newFakeSource(ca.bundlesResponse())
 	src.set(uidSelector(), ca.svidResponse(b, "/web"))
-	att, err := attestor.NewWorkload(attestor.WorkloadConfig{})
+	att, err := workload.New(workload.Config{})
 	if err != nil {
 		b.Fatal(err)
 	}

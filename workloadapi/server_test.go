@@ -20,7 +20,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/lanyard-dev/lanyard/attestor"
+	attestor "github.com/lanyard-dev/lanyard/attestor/workload"
 )
 
 func uidSelector() string { return "unix:uid:" + strconv.Itoa(os.Getuid()) }
@@ -407,7 +407,7 @@ func TestServerPeerCredentialsRefuseUnknownConn(t *testing.T) {
 // unixOnly attests callers with the unix attestor alone: enough for
 // these tests, and what they expect to see.
 var unixOnly = func() *attestor.Workload {
-	w, err := attestor.NewWorkload(attestor.WorkloadConfig{Attestors: []string{"unix"}})
+	w, err := attestor.New(attestor.Config{Attestors: []string{"unix"}})
 	if err != nil {
 		panic(err)
 	}

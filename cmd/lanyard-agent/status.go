@@ -47,9 +47,8 @@ func (f *adminFlags) path() (string, error) {
 		}
 		return cfg.AdminSocketPath, nil
 	}
-	// Configs written after the design's example (admin.sock next to
-	// workload.sock, agent.SharedAdminSocketPath) keep the admin socket next
-	// to the Workload API's: look there when the default is absent.
+	// Older configs keep the admin socket next to the Workload API's
+	// (/run/lanyard/admin.sock): look there when the default is absent.
 	if _, err := os.Stat(agent.DefaultAdminSocketPath); err != nil {
 		if _, err := os.Stat(agent.SharedAdminSocketPath); err == nil {
 			return agent.SharedAdminSocketPath, nil

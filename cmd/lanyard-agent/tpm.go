@@ -6,7 +6,7 @@ import (
 	"io"
 
 	"github.com/lanyard-dev/lanyard/agent"
-	"github.com/lanyard-dev/lanyard/attestor"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 )
 
 // tpmInfo prints what an operator pastes into the signer's policy.
@@ -26,7 +26,7 @@ func tpmInfo(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "lanyard-agent: invalid config:\n%v\n", err)
 		return 1
 	}
-	tpm, err := attestor.OpenTPM(attestor.TPMConfig{Device: cfg.TPM.Device, Socket: cfg.TPM.Socket})
+	tpm, err := node.OpenTPM(cfg.TPM)
 	if err != nil {
 		fmt.Fprintf(stderr, "open TPM: %v\n", err)
 		return 1

@@ -45,3 +45,7 @@ func validateLabel(l string) error {
 	}
 	return nil
 }
+
+func isAlnum(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z'
+}

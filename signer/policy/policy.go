@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/hcl/v2"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/lanyard-dev/lanyard/selector"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -165,7 +166,7 @@ func decodeNode(b *hcl.Block, dir string) (Node, hcl.Diagnostics) {
 		diags, bad = append(diags, d...), bad || d.HasErrors()
 		for _, it := range items {
 			h := strings.ToLower(it.Value)
-			if !isLowerHex(h, 64) {
+			if !selector.ValidValue(selector.TPMEKSHA256, h) {
 				diags, bad = append(diags, hclconf.Errorf(it.Range, "ek_sha256: %q is not a SHA-256 (64 hex digits)", it.Value)), true
 				continue
 			}
@@ -234,7 +235,7 @@ func decodeWorkload(b *hcl.Block, td spiffeid.TrustDomain, nodes map[string]int)
 			diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "selectors: at least one selector is required"))
 		}
 		for _, it := range items {
-			if err := ValidateSelector(it.Value); err != nil {
+			if err := selector.Validate(it.Value); err != nil {
 				diags = append(diags, hclconf.Errorf(it.Range, "selectors: %v", err))
 				continue
 			}

@@ -1,10 +1,6 @@
-package attestor
+package node
 
-import (
-	"time"
-
-	x509ext "github.com/google/go-attestation/x509"
-)
+import "time"
 
 // Rematch applies rules to a node accepted earlier and returns the names of
 // the rules that accept it now (sorted; none means it is no longer
@@ -12,11 +8,10 @@ import (
 // or an ek_ca takes a host's entries away at once, not at its next
 // attestation. The TPM proved possession of this EK when the node was
 // accepted; only policy is re-evaluated here.
-func (n *Node) Rematch(rules []NodeRule, now time.Time) []string {
-	ek := &parsedEK{hash: n.EKSHA256, cert: n.EKCertificate}
-	if ek.cert != nil {
-		ek.pub = ek.cert.PublicKey
-		ek.ekc, ek.profileErr = x509ext.ToEKCertificate(ek.cert)
+func (n *Node) Rematch(rules []Rule, now time.Time) []string {
+	ek := &parsedEK{hash: n.EKSHA256}
+	if n.EKCertificate != nil {
+		ek.setCert(n.EKCertificate)
 	}
 	m, err := matchRules(ek, rules, now)
 	if err != nil {

@@ -1,6 +1,6 @@
 //go:build cgo
 
-package attestor
+package node
 
 import (
 	"testing"
@@ -31,7 +31,7 @@ func BenchmarkVerifyAttestation(b *testing.B) {
 	if err != nil {
 		b.Fatalf("Info: %v", err)
 	}
-	rules := []NodeRule{{Name: "lab", EKSHA256: []string{info.EKSHA256}}}
+	rules := []Rule{{Name: "lab", EKSHA256: []string{info.EKSHA256}}}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		// A session answers one challenge: a fresh one per attestation,

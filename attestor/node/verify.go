@@ -1,4 +1,4 @@
-package attestor
+package node
 
 import (
 	"crypto"
@@ -16,10 +16,11 @@ import (
 	"github.com/google/go-attestation/attest"
 	x509ext "github.com/google/go-attestation/x509"
 	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/lanyard-dev/lanyard/selector"
 )
 
-// NodeRule is one policy `node` block, as the verifier needs it.
-type NodeRule struct {
+// Rule is one policy `node` block, as the verifier needs it.
+type Rule struct {
 	Name     string
 	EKSHA256 []string // pinned EKs, lowercase hex SHA-256 of the PKIX public key
 	// Roots and Intermediates are the rule's ek_ca certificates; Roots is
@@ -44,10 +45,10 @@ type Node struct {
 // tpm:ek-sha256:<hex>, and tpm:manufacturer:, tpm:model:, tpm:version: when
 // known.
 func (n *Node) Selectors() []string {
-	sel := []string{"tpm:ek-sha256:" + n.EKSHA256}
-	for _, kv := range [][2]string{{"manufacturer", n.Manufacturer}, {"model", n.Model}, {"version", n.Version}} {
+	sel := []string{selector.TPMEKSHA256 + n.EKSHA256}
+	for _, kv := range [][2]string{{selector.TPMManufacturer, n.Manufacturer}, {selector.TPMModel, n.Model}, {selector.TPMVersion, n.Version}} {
 		if kv[1] != "" {
-			sel = append(sel, "tpm:"+kv[0]+":"+kv[1])
+			sel = append(sel, kv[0]+kv[1])
 		}
 	}
 	slices.Sort(sel)
@@ -94,7 +95,7 @@ func (c *Challenge) Verify(answer []byte) (*Node, error) {
 // to an ek_ca at now); the AK is a restricted TPM-generated key; the AK
 // certified the signing key; the CSR is for, and signed by, that key. rnd
 // feeds the activation secret (nil means crypto/rand).
-func NewChallenge(ev *Evidence, rules []NodeRule, rnd io.Reader, now time.Time) (*Challenge, error) {
+func NewChallenge(ev *Evidence, rules []Rule, rnd io.Reader, now time.Time) (*Challenge, error) {
 	if ev == nil {
 		return nil, refuse(ErrMalformedEvidence, "no evidence")
 	}
@@ -153,6 +154,15 @@ type parsedEK struct {
 	profileErr error
 }
 
+// setCert takes cert as the EK's certificate, and its key as the EK, and
+// reads it along the TCG EK profile. ToEKCertificate also clears the TCG
+// subjectAltName from the unhandled critical extensions, which x509
+// verification would otherwise reject.
+func (ek *parsedEK) setCert(cert *x509.Certificate) {
+	ek.cert, ek.pub = cert, cert.PublicKey
+	ek.ekc, ek.profileErr = x509ext.ToEKCertificate(cert)
+}
+
 // parseEK decodes the EK certificate and public key. Either may be absent,
 // not both, and when both are given they must hold the same key.
 func parseEK(ev *Evidence) (*parsedEK, error) {
@@ -167,10 +177,7 @@ func parseEK(ev *Evidence) (*parsedEK, error) {
 			// certificate cannot be tied to the EK that activation uses.
 			return nil, refuse(ErrMalformedEvidence, "EK certificate key (%v) is not supported", cert.PublicKeyAlgorithm)
 		}
-		ek.cert, ek.pub = cert, cert.PublicKey
-		// ToEKCertificate clears the TCG subjectAltName from the unhandled
-		// critical extensions, which x509 verification would otherwise reject.
-		ek.ekc, ek.profileErr = x509ext.ToEKCertificate(cert)
+		ek.setCert(cert)
 	}
 	if len(ev.EKPublic) > 0 {
 		pub, err := x509.ParsePKIXPublicKey(ev.EKPublic)
@@ -203,7 +210,7 @@ func parseEK(ev *Evidence) (*parsedEK, error) {
 // matchRules applies policy: a rule accepts the EK when it pins the hash, or
 // when the EK certificate chains to the rule's ek_ca at now. It returns the
 // node with the names of every rule that accepted it.
-func matchRules(ek *parsedEK, rules []NodeRule, now time.Time) (*Node, error) {
+func matchRules(ek *parsedEK, rules []Rule, now time.Time) (*Node, error) {
 	node := &Node{EKSHA256: ek.hash, EKCertificate: ek.cert}
 	var haveCA, chained bool
 	var chainErrs []string

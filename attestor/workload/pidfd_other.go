@@ -1,6 +1,6 @@
 //go:build !linux
 
-package attestor
+package workload
 
 import (
 	"errors"
@@ -9,7 +9,8 @@ import (
 )
 
 // Workload attestation reads /proc and pins callers with pidfds, both
-// Linux-only; the package builds elsewhere for its TPM verifier half.
+// Linux-only; the package still builds elsewhere (ParseCgroup and the
+// attestor names need no kernel), and attestation fails there.
 
 func openPIDFD(int32) (*os.File, error) {
 	return nil, fmt.Errorf("pidfd_open: %w", errors.ErrUnsupported)

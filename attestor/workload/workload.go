@@ -1,4 +1,4 @@
-package attestor
+package workload
 
 import (
 	"context"
@@ -8,17 +8,17 @@ import (
 	"strings"
 )
 
-// workloadAttestorNames are the attestors WorkloadConfig.Attestors may name,
+// attestorNames are the attestors Config.Attestors may name,
 // in the order their selectors are gathered. Each derives the selectors of
 // the type it is named after.
-var workloadAttestorNames = [...]string{"unix", "systemd", "cgroup", "container", "k8s"}
+var attestorNames = [...]string{"unix", "systemd", "cgroup", "container", "k8s"}
 
-// WorkloadAttestors returns the names WorkloadConfig.Attestors accepts, in
+// Attestors returns the names Config.Attestors accepts, in
 // the order their selectors are gathered.
-func WorkloadAttestors() []string { return slices.Clone(workloadAttestorNames[:]) }
+func Attestors() []string { return slices.Clone(attestorNames[:]) }
 
-// WorkloadConfig chooses what a Workload attests.
-type WorkloadConfig struct {
+// Config chooses what a Workload attests.
+type Config struct {
 	// Attestors names the workload attestors to run: "unix" (unix:uid,
 	// gid, user, group, path, sha256), "systemd" (systemd:unit), "cgroup"
 	// (cgroup:path), "container" (container:id) and "k8s" (k8s:pod-uid).
@@ -52,17 +52,17 @@ type caller struct {
 	dir string // /proc/<pid>
 }
 
-// NewWorkload returns a Workload running the attestors cfg names. An
+// New returns a Workload running the attestors cfg names. An
 // unknown or repeated name is an error.
-func NewWorkload(cfg WorkloadConfig) (*Workload, error) {
+func New(cfg Config) (*Workload, error) {
 	names := cfg.Attestors
 	if len(names) == 0 {
-		names = workloadAttestorNames[:]
+		names = attestorNames[:]
 	}
 	on := make(map[string]bool, len(names))
 	for _, n := range names {
-		if !slices.Contains(workloadAttestorNames[:], n) {
-			return nil, fmt.Errorf("unknown workload attestor %q (want %s)", n, strings.Join(workloadAttestorNames[:], ", "))
+		if !slices.Contains(attestorNames[:], n) {
+			return nil, fmt.Errorf("unknown workload attestor %q (want %s)", n, strings.Join(attestorNames[:], ", "))
 		}
 		if on[n] {
 			return nil, fmt.Errorf("workload attestor %q is listed twice", n)

@@ -1,15 +1,14 @@
-package attestor
+package workload
 
 import (
 	"errors"
 	"fmt"
 	"os"
 	"os/user"
-	"path"
 	"strconv"
 	"strings"
-	"unicode"
-	"unicode/utf8"
+
+	"github.com/lanyard-dev/lanyard/selector"
 )
 
 // ErrExeDeleted reports that the caller's executable was unlinked (or
@@ -34,15 +33,15 @@ type unixAttestor struct {
 func (a unixAttestor) selectors(c *caller) ([]string, error) {
 	uid := strconv.FormatUint(uint64(c.UID), 10)
 	gid := strconv.FormatUint(uint64(c.GID), 10)
-	sels := []string{"unix:uid:" + uid, "unix:gid:" + gid}
+	sels := []string{selector.UnixUID + uid, selector.UnixGID + gid}
 	// Names come from the agent's user database (/etc/passwd and
 	// /etc/group without cgo): a caller in a container is named by the
 	// host, whose ids the kernel reported.
-	if u, err := user.LookupId(uid); err == nil && validName(u.Username) {
-		sels = append(sels, "unix:user:"+u.Username)
+	if u, err := user.LookupId(uid); err == nil && selector.ValidValue(selector.UnixUser, u.Username) {
+		sels = append(sels, selector.UnixUser+u.Username)
 	}
-	if g, err := user.LookupGroupId(gid); err == nil && validName(g.Name) {
-		sels = append(sels, "unix:group:"+g.Name)
+	if g, err := user.LookupGroupId(gid); err == nil && selector.ValidValue(selector.UnixGroup, g.Name) {
+		sels = append(sels, selector.UnixGroup+g.Name)
 	}
 
 	// Readlink and open go through the same /proc/<pid>/exe: the open
@@ -57,35 +56,15 @@ func (a unixAttestor) selectors(c *caller) ([]string, error) {
 	if trimmed, ok := strings.CutSuffix(exe, deletedSuffix); ok {
 		return nil, fmt.Errorf("read exe: %s: %w", trimmed, ErrExeDeleted)
 	}
-	if validPath(exe) {
-		sels = append(sels, "unix:path:"+exe)
+	if selector.ValidValue(selector.UnixPath, exe) {
+		sels = append(sels, selector.UnixPath+exe)
 	}
 	if a.hashes != nil {
 		sum, err := a.hashes.sum(c.dir + "/exe")
 		if err != nil {
 			return nil, err
 		}
-		sels = append(sels, "unix:sha256:"+sum)
+		sels = append(sels, selector.UnixSHA256+sum)
 	}
 	return sels, nil
-}
-
-// The checks below mirror the policy's selector grammar
-// (signer/policy.ValidateSelector, which this package must not import); the
-// tests hold every selector produced to that grammar.
-
-// validText refuses what no selector may hold.
-func validText(s string) bool {
-	return utf8.ValidString(s) && strings.IndexFunc(s, unicode.IsControl) < 0
-}
-
-// validName is the grammar of unix:user and unix:group values.
-func validName(s string) bool {
-	return s != "" && len(s) <= 256 && validText(s) &&
-		!strings.ContainsAny(s, ":/") && strings.IndexFunc(s, unicode.IsSpace) < 0
-}
-
-// validPath is the grammar of unix:path and cgroup:path values.
-func validPath(s string) bool {
-	return strings.HasPrefix(s, "/") && path.Clean(s) == s && validText(s)
 }

@@ -1,4 +1,4 @@
-package attestor
+package workload
 
 import (
 	"crypto/rand"

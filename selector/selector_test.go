@@ -1,4 +1,4 @@
-package policy
+package selector
 
 import (
 	"errors"
@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-func TestValidateSelector(t *testing.T) {
+func TestValidate(t *testing.T) {
 	sha := strings.Repeat("0123456789abcdef", 4)
 	tests := []struct {
 		name     string
@@ -63,56 +63,67 @@ func TestValidateSelector(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := ValidateSelector(tt.selector)
+			err := Validate(tt.selector)
 			if tt.wantErr == "" {
 				if err != nil {
-					t.Fatalf("ValidateSelector(%q) = %v, want nil", tt.selector, err)
+					t.Fatalf("Validate(%q) = %v, want nil", tt.selector, err)
 				}
 				return
 			}
 			if err == nil || err.Error() != tt.wantErr {
-				t.Fatalf("ValidateSelector(%q) = %v\nwant %s", tt.selector, err, tt.wantErr)
+				t.Fatalf("Validate(%q) = %v\nwant %s", tt.selector, err, tt.wantErr)
 			}
-			if !errors.Is(err, ErrInvalidSelector) {
-				t.Errorf("error does not wrap ErrInvalidSelector")
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("error does not wrap ErrInvalid")
 			}
 		})
 	}
 }
 
-func TestValidateDNSName(t *testing.T) {
+// TestValidValue: what attestors ask (a value after a prefix) agrees with
+// what policy asks (the whole selector), and the EK pin form is checked.
+func TestValidValue(t *testing.T) {
+	sha := strings.Repeat("0123456789abcdef", 4)
 	tests := []struct {
-		name    string
-		dns     string
-		wantErr string
+		name          string
+		prefix, value string
+		want          bool
 	}{
-		{"simple", "web", ""},
-		{"dotted", "web.example.org", ""},
-		{"wildcard", "*.example.org", ""},
-		{"digits and hyphens", "a-1.b2.example", ""},
-		{"upper case", "Web.Example.Org", ""},
-		{"63-byte label", strings.Repeat("a", 63) + ".example", ""},
-		{"empty", "", "empty name"},
-		{"64-byte label", strings.Repeat("a", 64) + ".example", "label longer than 63 bytes"},
-		{"too long", strings.Repeat("a.", 127) + "ab", "longer than 253 bytes"},
-		{"empty label", "a..b", "empty label"},
-		{"trailing dot", "example.org.", "empty label"},
-		{"leading hyphen", "-a.example", "label starts or ends with '-'"},
-		{"underscore", "_srv.example", "label contains a character other than a letter, digit or '-'"},
-		{"bare wildcard", "*", "label contains a character other than a letter, digit or '-'"},
-		{"inner wildcard", "a.*.example", "label contains a character other than a letter, digit or '-'"},
-		{"IPv4", "192.0.2.1", "an IP address, not a DNS name"},
-		{"IPv6", "::1", "an IP address, not a DNS name"},
+		{"uid", UnixUID, "1000", true},
+		{"uid leading zero", UnixUID, "0100", false},
+		{"user", UnixUser, "www-data", true},
+		{"user with space", UnixUser, "a b", false},
+		{"user with control character", UnixUser, "a\x7fb", false},
+		{"path", UnixPath, "/usr/bin/web", true},
+		{"path deleted marker stays a path", UnixPath, "/usr/bin/web (deleted)", true},
+		{"unclean path", UnixPath, "/usr//bin", false},
+		{"path with newline", UnixPath, "/a\nb", false},
+		{"invalid UTF-8 path", UnixPath, "/\xff", false},
+		{"sha256", UnixSHA256, sha, true},
+		{"unit", SystemdUnit, "web.service", true},
+		{"empty unit", SystemdUnit, "", false},
+		{"slice is a unit", SystemdUnit, "system.slice", true},
+		{"cgroup root", CgroupPath, "/", true},
+		{"cgroup outside namespace", CgroupPath, "/../x", false},
+		{"container id", ContainerID, sha, true},
+		{"short container id", ContainerID, "abc", false},
+		{"pod uid", K8sPodUID, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", true},
+		{"ek pin", TPMEKSHA256, sha, true},
+		{"ek pin upper case", TPMEKSHA256, strings.ToUpper(sha), false},
+		{"node selector other than the pin", TPMModel, "x", false},
+		{"unknown prefix", "docker:id:", sha, false},
+		{"prefix without key", "unix:", "1000", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := validateDNSName(tt.dns)
-			got := ""
-			if err != nil {
-				got = err.Error()
+			if got := ValidValue(tt.prefix, tt.value); got != tt.want {
+				t.Errorf("ValidValue(%q, %q) = %v, want %v", tt.prefix, tt.value, got, tt.want)
 			}
-			if got != tt.wantErr {
-				t.Errorf("validateDNSName(%q) = %q, want %q", tt.dns, got, tt.wantErr)
+			if tt.prefix == TPMEKSHA256 {
+				return // policy never writes node selectors
+			}
+			if err := Validate(tt.prefix + tt.value); (err == nil) != tt.want {
+				t.Errorf("Validate(%q) = %v, but ValidValue says %v", tt.prefix+tt.value, err, tt.want)
 			}
 		})
 	}

@@ -1,4 +1,4 @@
-package attestor
+package node
 
 import (
 	"bytes"
@@ -182,14 +182,14 @@ func TestNewChallengeRefusesBeforeTheTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	pinned := []NodeRule{{Name: "lab", EKSHA256: []string{sw.hash}}}
-	pinnedOther := []NodeRule{{Name: "lab", EKSHA256: []string{otherEK.hash}}}
-	viaCA := []NodeRule{{Name: "fleet", Roots: root.pool(), Intermediates: inter.pool()}}
+	pinned := []Rule{{Name: "lab", EKSHA256: []string{sw.hash}}}
+	pinnedOther := []Rule{{Name: "lab", EKSHA256: []string{otherEK.hash}}}
+	viaCA := []Rule{{Name: "fleet", Roots: root.pool(), Intermediates: inter.pool()}}
 
 	tests := []struct {
 		name  string
 		ev    func() *Evidence
-		rules []NodeRule
+		rules []Rule
 		now   time.Time
 		want  error
 	}{
@@ -226,7 +226,7 @@ func TestNewChallengeUntrustedNamesTheReason(t *testing.T) {
 	other := newEKTestRoot(t, "Other Root")
 	sw := newSoftwareEvidence(t)
 	ev := sw.evidence(t, other.issueEK(t, sw.ek.Public(), time.Now().Add(time.Hour)))
-	_, err := NewChallenge(ev, []NodeRule{{Name: "fleet", Roots: root.pool()}}, nil, time.Now())
+	_, err := NewChallenge(ev, []Rule{{Name: "fleet", Roots: root.pool()}}, nil, time.Now())
 	if !errors.Is(err, ErrEKCertUntrusted) {
 		t.Fatalf("NewChallenge() error = %v, want ErrEKCertUntrusted", err)
 	}

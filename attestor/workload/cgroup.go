@@ -1,15 +1,17 @@
-package attestor
+package workload
 
 import (
 	"errors"
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/lanyard-dev/lanyard/selector"
 )
 
 // CgroupInfo is what a process's cgroup membership says about it. Each
 // field is empty when the membership does not say, and holds only values
-// the policy grammar accepts.
+// the selector grammar accepts.
 type CgroupInfo struct {
 	// Path is the process's cgroup in the hierarchy ParseCgroup chose.
 	Path string
@@ -34,10 +36,10 @@ type CgroupInfo struct {
 func (c CgroupInfo) Selectors() []string {
 	var s []string
 	for _, f := range [...]struct{ prefix, v string }{
-		{"cgroup:path:", c.Path},
-		{"systemd:unit:", c.Unit},
-		{"container:id:", c.ContainerID},
-		{"k8s:pod-uid:", c.PodUID},
+		{selector.CgroupPath, c.Path},
+		{selector.SystemdUnit, c.Unit},
+		{selector.ContainerID, c.ContainerID},
+		{selector.K8sPodUID, c.PodUID},
 	} {
 		if f.v != "" {
 			s = append(s, f.prefix+f.v)
@@ -83,7 +85,7 @@ func ParseCgroup(content []byte) (CgroupInfo, error) {
 	if bestRank < 0 {
 		return CgroupInfo{}, errors.New("parse cgroup: no hierarchy listed")
 	}
-	if !validPath(best) {
+	if !selector.ValidValue(selector.CgroupPath, best) {
 		return CgroupInfo{}, nil
 	}
 	info := CgroupInfo{Path: best}
@@ -123,7 +125,7 @@ func systemdUnit(comps []string) string {
 		if strings.HasSuffix(c, ".slice") {
 			continue
 		}
-		if validUnit(c) {
+		if selector.ValidValue(selector.SystemdUnit, c) {
 			return c
 		}
 		return ""
@@ -142,12 +144,12 @@ var containerScopePrefixes = [...]string{"docker-", "cri-containerd-", "crio-", 
 func containerID(unit string, comps []string) string {
 	if name, ok := strings.CutSuffix(unit, ".scope"); ok {
 		for _, pre := range containerScopePrefixes {
-			if id, ok := strings.CutPrefix(name, pre); ok && isLowerHex(id, 64) {
+			if id, ok := strings.CutPrefix(name, pre); ok && selector.ValidValue(selector.ContainerID, id) {
 				return id
 			}
 		}
 	}
-	if len(comps) >= 2 && comps[0] == "docker" && isLowerHex(comps[1], 64) {
+	if len(comps) >= 2 && comps[0] == "docker" && selector.ValidValue(selector.ContainerID, comps[1]) {
 		return comps[1]
 	}
 	return ""
@@ -181,7 +183,7 @@ func kubepods(comps []string) (podUID, ctrID string) {
 		if !ok1 || !ok2 || strings.Contains(uid, "-") {
 			return "", ""
 		}
-		if uid = strings.ReplaceAll(uid, "_", "-"); !validPodUID(uid) {
+		if uid = strings.ReplaceAll(uid, "_", "-"); !selector.ValidValue(selector.K8sPodUID, uid) {
 			return "", ""
 		}
 		return uid, ""
@@ -194,14 +196,14 @@ func kubepods(comps []string) (podUID, ctrID string) {
 			return "", ""
 		}
 		uid, ok := strings.CutPrefix(comps[i], "pod")
-		if !ok || !validPodUID(uid) {
+		if !ok || !selector.ValidValue(selector.K8sPodUID, uid) {
 			return "", ""
 		}
 		if i+1 < len(comps) {
 			// containerd and docker name the container's cgroup by its
 			// ID, cri-o by crio-<id>.
 			c := strings.TrimPrefix(comps[i+1], "crio-")
-			if isLowerHex(c, 64) {
+			if selector.ValidValue(selector.ContainerID, c) {
 				ctrID = c
 			}
 		}
@@ -241,63 +243,4 @@ func (a cgroupAttestor) selectors(c *caller) ([]string, error) {
 		info.PodUID = ""
 	}
 	return info.Selectors(), nil
-}
-
-// unitSuffixes are the unit types systemd knows (the policy accepts the
-// same list).
-var unitSuffixes = [...]string{".service", ".scope", ".slice", ".socket", ".mount", ".swap", ".target", ".timer", ".path", ".device", ".automount"}
-
-// validUnit is the grammar of systemd:unit values, systemd's own unit name
-// rules: letters, digits and ":-_.\@", at most 255 bytes, a type suffix,
-// and a name (not a bare template) before it.
-func validUnit(s string) bool {
-	if len(s) > 255 {
-		return false
-	}
-	for i := range len(s) {
-		if c := s[i]; !isAlnum(c) && !strings.ContainsRune(`:-_.\@`, rune(c)) {
-			return false
-		}
-	}
-	for _, suf := range unitSuffixes {
-		if name, ok := strings.CutSuffix(s, suf); ok {
-			return name != "" && !strings.HasPrefix(name, "@") && !strings.HasSuffix(name, "@")
-		}
-	}
-	return false
-}
-
-// validPodUID accepts a lowercase UUID with dashes.
-func validPodUID(s string) bool {
-	if len(s) != 36 {
-		return false
-	}
-	for i := range len(s) {
-		if i == 8 || i == 13 || i == 18 || i == 23 {
-			if s[i] != '-' {
-				return false
-			}
-		} else if !isLowerHexDigit(s[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func isLowerHex(s string, n int) bool {
-	if len(s) != n {
-		return false
-	}
-	for i := range len(s) {
-		if !isLowerHexDigit(s[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-func isLowerHexDigit(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' }
-
-func isAlnum(c byte) bool {
-	return '0' <= c && c <= '9' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z'
 }

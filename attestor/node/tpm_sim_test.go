@@ -4,7 +4,7 @@
 // simulator.Get blocks until the previous one is closed, so these tests never
 // run in parallel and always close their TPM.
 
-package attestor
+package node
 
 import (
 	"bytes"
@@ -104,7 +104,7 @@ func writeEKCert(sim io.ReadWriter, der []byte) error {
 }
 
 // attestSim runs one whole attestation of sess against rules.
-func attestSim(t *testing.T, sess *Session, rules []NodeRule) (*Node, error) {
+func attestSim(t *testing.T, sess *Session, rules []Rule) (*Node, error) {
 	t.Helper()
 	ev, err := sess.Evidence()
 	if err != nil {
@@ -146,14 +146,14 @@ func TestTPMAttestation(t *testing.T) {
 	other := newEKTestRoot(t, "Other Root")
 	byInter := func(t *testing.T, ek crypto.PublicKey) []byte { return inter.issueEK(t, ek, time.Now().Add(time.Hour)) }
 	byOther := func(t *testing.T, ek crypto.PublicKey) []byte { return other.issueEK(t, ek, time.Now().Add(time.Hour)) }
-	viaCA := NodeRule{Name: "fleet", Roots: root.pool(), Intermediates: inter.pool()}
-	pin := func(info *Info) NodeRule { return NodeRule{Name: "lab", EKSHA256: []string{info.EKSHA256}} }
+	viaCA := Rule{Name: "fleet", Roots: root.pool(), Intermediates: inter.pool()}
+	pin := func(info *Info) Rule { return Rule{Name: "lab", EKSHA256: []string{info.EKSHA256}} }
 	flipLast := func(b []byte) []byte { b = bytes.Clone(b); b[len(b)-1] ^= 1; return b }
 
 	tests := []struct {
 		name   string
 		cert   simEKCert
-		rules  func(info *Info) []NodeRule
+		rules  func(info *Info) []Rule
 		tamper func(t *testing.T, ev *Evidence)
 		answer func(answer []byte) []byte
 		want   error
@@ -162,7 +162,7 @@ func TestTPMAttestation(t *testing.T) {
 	}{
 		{
 			name:  "pinned",
-			rules: func(info *Info) []NodeRule { return []NodeRule{pin(info)} },
+			rules: func(info *Info) []Rule { return []Rule{pin(info)} },
 			wantNode: func(info *Info) *Node {
 				return &Node{EKSHA256: info.EKSHA256, Names: []string{"lab"}}
 			},
@@ -170,7 +170,7 @@ func TestTPMAttestation(t *testing.T) {
 		{
 			name:  "ek_ca through the intermediate",
 			cert:  byInter,
-			rules: func(*Info) []NodeRule { return []NodeRule{viaCA} },
+			rules: func(*Info) []Rule { return []Rule{viaCA} },
 			wantNode: func(info *Info) *Node {
 				return &Node{EKSHA256: info.EKSHA256, Names: []string{"fleet"}, Manufacturer: testEKManufacturer,
 					Model: testEKModel, Version: testEKVersion, EKCertificate: info.EKCertificate}
@@ -179,7 +179,7 @@ func TestTPMAttestation(t *testing.T) {
 		{
 			name:  "pinned and chained",
 			cert:  byInter,
-			rules: func(info *Info) []NodeRule { return []NodeRule{viaCA, pin(info)} },
+			rules: func(info *Info) []Rule { return []Rule{viaCA, pin(info)} },
 			wantNode: func(info *Info) *Node {
 				return &Node{EKSHA256: info.EKSHA256, Names: []string{"fleet", "lab"}, Manufacturer: testEKManufacturer,
 					Model: testEKModel, Version: testEKVersion, EKCertificate: info.EKCertificate}
@@ -189,38 +189,38 @@ func TestTPMAttestation(t *testing.T) {
 			// Nobody vouched for the certificate, so its attributes are not used.
 			name:  "pinned, certificate chains nowhere",
 			cert:  byOther,
-			rules: func(info *Info) []NodeRule { return []NodeRule{viaCA, pin(info)} },
+			rules: func(info *Info) []Rule { return []Rule{viaCA, pin(info)} },
 			wantNode: func(info *Info) *Node {
 				return &Node{EKSHA256: info.EKSHA256, Names: []string{"lab"}, EKCertificate: info.EKCertificate}
 			},
 		},
 		{
 			name: "neither pinned nor chained",
-			rules: func(*Info) []NodeRule {
-				return []NodeRule{{Name: "lab", EKSHA256: []string{hex.EncodeToString(make([]byte, 32))}}}
+			rules: func(*Info) []Rule {
+				return []Rule{{Name: "lab", EKSHA256: []string{hex.EncodeToString(make([]byte, 32))}}}
 			},
 			want: ErrUnknownEK,
 		},
 		{
 			name:  "certificate from another CA",
 			cert:  byOther,
-			rules: func(*Info) []NodeRule { return []NodeRule{viaCA} },
+			rules: func(*Info) []Rule { return []Rule{viaCA} },
 			want:  ErrEKCertUntrusted,
 		},
 		{
 			name:  "no certificate, only ek_ca rules",
-			rules: func(*Info) []NodeRule { return []NodeRule{viaCA} },
+			rules: func(*Info) []Rule { return []Rule{viaCA} },
 			want:  ErrEKCertMissing,
 		},
 		{
 			name:   "wrong activation answer",
-			rules:  func(info *Info) []NodeRule { return []NodeRule{pin(info)} },
+			rules:  func(info *Info) []Rule { return []Rule{pin(info)} },
 			answer: flipLast,
 			want:   ErrActivationMismatch,
 		},
 		{
 			name:  "CSR for a key the AK did not certify",
-			rules: func(info *Info) []NodeRule { return []NodeRule{pin(info)} },
+			rules: func(info *Info) []Rule { return []Rule{pin(info)} },
 			tamper: func(t *testing.T, ev *Evidence) {
 				key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 				if err != nil {
@@ -234,20 +234,20 @@ func TestTPMAttestation(t *testing.T) {
 		},
 		{
 			name:   "key certification tampered",
-			rules:  func(info *Info) []NodeRule { return []NodeRule{pin(info)} },
+			rules:  func(info *Info) []Rule { return []Rule{pin(info)} },
 			tamper: func(t *testing.T, ev *Evidence) { ev.Key.CreateSignature = flipLast(ev.Key.CreateSignature) },
 			want:   ErrKeyNotCertified,
 		},
 		{
 			name:   "AK creation attestation tampered",
-			rules:  func(info *Info) []NodeRule { return []NodeRule{pin(info)} },
+			rules:  func(info *Info) []Rule { return []Rule{pin(info)} },
 			tamper: func(t *testing.T, ev *Evidence) { ev.AK.CreateSignature = flipLast(ev.AK.CreateSignature) },
 			want:   ErrAKInvalid,
 		},
 		{
 			name:  "EK public key of another TPM",
 			cert:  byInter,
-			rules: func(*Info) []NodeRule { return []NodeRule{viaCA} },
+			rules: func(*Info) []Rule { return []Rule{viaCA} },
 			tamper: func(t *testing.T, ev *Evidence) {
 				ev.EKPublic = newSoftwareEvidence(t).evidence(t, nil).EKPublic
 			},
@@ -303,7 +303,7 @@ func checkNode(t *testing.T, got, want *Node, sess *Session) {
 
 func TestTPMReplayedAnswer(t *testing.T) {
 	tpm := openSimTPM(t, nil)
-	rules := []NodeRule{{Name: "lab", EKSHA256: []string{mustInfo(t, tpm).EKSHA256}}}
+	rules := []Rule{{Name: "lab", EKSHA256: []string{mustInfo(t, tpm).EKSHA256}}}
 
 	first := newSimSession(t, tpm)
 	ev1, err := first.Evidence()
@@ -472,7 +472,7 @@ func TestTPMCloseIsIdempotent(t *testing.T) {
 
 func TestTPMRenewal(t *testing.T) {
 	tpm := openSimTPM(t, nil)
-	rules := []NodeRule{{Name: "lab", EKSHA256: []string{mustInfo(t, tpm).EKSHA256}}}
+	rules := []Rule{{Name: "lab", EKSHA256: []string{mustInfo(t, tpm).EKSHA256}}}
 	digest := sha256.Sum256([]byte("renewal"))
 
 	old := newSimSession(t, tpm)
@@ -513,7 +513,7 @@ func (failingReader) Read([]byte) (int, error) { return 0, io.ErrUnexpectedEOF }
 
 func TestNewChallengeRandomnessFailureIsNoRefusal(t *testing.T) {
 	tpm := openSimTPM(t, nil)
-	rules := []NodeRule{{Name: "lab", EKSHA256: []string{mustInfo(t, tpm).EKSHA256}}}
+	rules := []Rule{{Name: "lab", EKSHA256: []string{mustInfo(t, tpm).EKSHA256}}}
 	ev, err := newSimSession(t, tpm).Evidence()
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-package attestor
+package node
 
 // EKSHA256 returns the hex SHA-256 of the evidence's EK, or "" when the
 // evidence holds no EK that parses. It is for the signer's audit line of

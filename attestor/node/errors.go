@@ -1,4 +1,4 @@
-package attestor
+package node
 
 import (
 	"errors"

@@ -1,4 +1,4 @@
-package attestor
+package node
 
 import (
 	"bytes"
@@ -283,7 +283,7 @@ func TestOpenTPMSocket(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Info: %v", err)
 		}
-		rules := []NodeRule{{Name: "lab", EKSHA256: []string{info.EKSHA256}}}
+		rules := []Rule{{Name: "lab", EKSHA256: []string{info.EKSHA256}}}
 		var old *Session
 		for round := range 3 {
 			start := time.Now()

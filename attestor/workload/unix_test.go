@@ -1,4 +1,4 @@
-package attestor
+package workload
 
 import (
 	"context"
@@ -17,8 +17,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-
-	"github.com/lanyard-dev/lanyard/signer/policy"
+	"github.com/lanyard-dev/lanyard/selector"
 )
 
 func self() Process {
@@ -27,9 +26,9 @@ func self() Process {
 
 func newWorkload(t testing.TB, names ...string) *Workload {
 	t.Helper()
-	w, err := NewWorkload(WorkloadConfig{Attestors: names})
+	w, err := New(Config{Attestors: names})
 	if err != nil {
-		t.Fatalf("NewWorkload: %v", err)
+		t.Fatalf("New: %v", err)
 	}
 	return w
 }
@@ -102,7 +101,7 @@ func TestWorkloadAttestSelf(t *testing.T) {
 		t.Errorf("selectors (-want +got):\n%s", diff)
 	}
 	for _, s := range got {
-		if err := policy.ValidateSelector(s); err != nil {
+		if err := selector.Validate(s); err != nil {
 			t.Errorf("policy refuses a selector the agent produces: %v", err)
 		}
 	}
@@ -149,18 +148,18 @@ func TestWorkloadAttestorsChosenByConfig(t *testing.T) {
 func TestNewWorkloadRefuses(t *testing.T) {
 	tests := []struct {
 		name    string
-		cfg     WorkloadConfig
+		cfg     Config
 		wantErr string
 	}{
-		{name: "unknown attestor", cfg: WorkloadConfig{Attestors: []string{"unix", "docker"}}, wantErr: `unknown workload attestor "docker" (want unix, systemd, cgroup, container, k8s)`},
-		{name: "repeated attestor", cfg: WorkloadConfig{Attestors: []string{"unix", "unix"}}, wantErr: `workload attestor "unix" is listed twice`},
-		{name: "negative cache size", cfg: WorkloadConfig{HashCacheSize: -1}, wantErr: "hash cache size -1 is negative"},
+		{name: "unknown attestor", cfg: Config{Attestors: []string{"unix", "docker"}}, wantErr: `unknown workload attestor "docker" (want unix, systemd, cgroup, container, k8s)`},
+		{name: "repeated attestor", cfg: Config{Attestors: []string{"unix", "unix"}}, wantErr: `workload attestor "unix" is listed twice`},
+		{name: "negative cache size", cfg: Config{HashCacheSize: -1}, wantErr: "hash cache size -1 is negative"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			w, err := NewWorkload(tc.cfg)
+			w, err := New(tc.cfg)
 			if err == nil || err.Error() != tc.wantErr {
-				t.Fatalf("NewWorkload = %v, %v; want error %q", w, err, tc.wantErr)
+				t.Fatalf("New = %v, %v; want error %q", w, err, tc.wantErr)
 			}
 		})
 	}

@@ -1,4 +1,4 @@
-package attestor
+package node
 
 import (
 	"bytes"
@@ -35,7 +35,9 @@ const socketProbeTimeout = 5 * time.Second
 // credential activation does not depend on the AK's type.
 const akAlgorithm = attest.ECDSA
 
-// TPMConfig says where the TPM is: exactly one of Device or Socket.
+// TPMConfig is the agent's tpm block: where the TPM is (exactly one of
+// Device or Socket, what OpenTPM reads) and how a long-lived holder watches
+// it (ProbeInterval, ReopenMax: the agent's, OpenTPM ignores them).
 type TPMConfig struct {
 	// Device is a TPM character device, normally the kernel resource
 	// manager /dev/tpmrm0.
@@ -44,6 +46,12 @@ type TPMConfig struct {
 	// `swtpm socket --server type=unixio,path=...` serves. There is no
 	// resource manager behind it, so the agent must be its only user.
 	Socket string
+	// ProbeInterval is how often the TPM is probed while nothing uses it
+	// (probe_interval); zero means the agent's default.
+	ProbeInterval time.Duration
+	// ReopenMax caps the backoff between attempts to open a lost TPM
+	// again (reopen_max_interval); zero means the agent's default.
+	ReopenMax time.Duration
 }
 
 // TPM is an open TPM: the agent half of node attestation. It is safe for

@@ -1,4 +1,4 @@
-package attestor
+package workload
 
 import (
 	"container/list"
@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sync/singleflight"
 )
 
-// defaultHashCacheSize bounds the exe hash cache when WorkloadConfig leaves
+// defaultHashCacheSize bounds the exe hash cache when Config leaves
 // it 0: a host runs far fewer distinct binaries than this.
 const defaultHashCacheSize = 1024
 

@@ -1,4 +1,4 @@
-package attestor
+package workload
 
 import (
 	"bytes"
@@ -9,11 +9,10 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-
-	"github.com/lanyard-dev/lanyard/signer/policy"
+	"github.com/lanyard-dev/lanyard/selector"
 )
 
-const cgroupSamples = "../testdata/cgroup"
+const cgroupSamples = "../../testdata/cgroup"
 
 // Container IDs and pod UIDs the samples use.
 const (
@@ -113,7 +112,7 @@ func TestParseCgroupSamples(t *testing.T) {
 				t.Errorf("selectors (-want +got):\n%s", diff)
 			}
 			for _, s := range got {
-				if err := policy.ValidateSelector(s); err != nil {
+				if err := selector.Validate(s); err != nil {
 					t.Errorf("policy refuses a selector the agent produces: %v", err)
 				}
 			}
@@ -215,7 +214,7 @@ func FuzzParseCgroup(f *testing.F) {
 			return
 		}
 		for _, s := range info.Selectors() {
-			if err := policy.ValidateSelector(s); err != nil {
+			if err := selector.Validate(s); err != nil {
 				t.Fatalf("ParseCgroup(%q) yields a selector the policy refuses: %v", content, err)
 			}
 		}
