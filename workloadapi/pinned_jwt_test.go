@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testwait"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -92,7 +93,7 @@ func TestJWTBoundToConnectingProcess(t *testing.T) {
 			}
 			execSleep := func() {
 				owner.say(t, "exec")
-				waitRuns(t, owner.cmd.Process.Pid, sleep)
+				testwait.Exe(t, owner.cmd.Process.Pid, sleep)
 			}
 
 			type result struct {

@@ -294,15 +294,6 @@ func sleepBinary(t *testing.T) string {
 	return p
 }
 
-// waitRuns polls until /proc/<pid>/exe leads to path.
-func waitRuns(t *testing.T, pid int, path string) {
-	t.Helper()
-	testwait.For(t, 10*time.Second, fmt.Sprintf("pid %d to run %s", pid, path), func() bool {
-		exe, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
-		return exe == path
-	})
-}
-
 // TestStreamBoundToConnectingProcess: the identity on a connection is that
 // of the process that connected, as it was then. Another process holding
 // the connection (a fork, or one it was passed to over SCM_RIGHTS) gets
@@ -402,7 +393,7 @@ func TestStreamBoundToConnectingProcess(t *testing.T) {
 					src.rotate()
 				case step == "exec":
 					owner.say(t, "exec")
-					waitRuns(t, ownerPID, sleep)
+					testwait.Exe(t, ownerPID, sleep)
 				case step == "setuid":
 					owner.say(t, "setuid")
 					if l := owner.next(t); l != "done" {

@@ -4,12 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
-	"os"
 	"os/exec"
-	"strconv"
 	"syscall"
 	"testing"
-	"time"
+
+	"github.com/lanyard-dev/lanyard/internal/testwait"
 )
 
 // execOnCommand starts a shell that execs `sleep 60` when a line arrives on
@@ -38,21 +37,6 @@ func execOnCommand(t *testing.T, cred *syscall.Credential) (*exec.Cmd, io.WriteC
 	return cmd, stdin
 }
 
-// waitExe polls until /proc/<pid>/exe leads to path.
-func waitExe(t *testing.T, pid int, path string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if exe, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe"); exe == path {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pid %d does not run %s after 10s", pid, path)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // TestRecheck: a pinned process is confirmed while it is what it was when
 // pinned, and refused with the right reason once it exec'd, changed uid
 // or exited. Attest refuses the same way, so a call can never be served the
@@ -71,7 +55,7 @@ func TestRecheck(t *testing.T) {
 			if _, err := io.WriteString(stdin, "go\n"); err != nil {
 				t.Fatal(err)
 			}
-			waitExe(t, cmd.Process.Pid, sleepPath(t))
+			testwait.Exe(t, cmd.Process.Pid, sleepPath(t))
 		}, wantErr: ErrCallerExeced},
 		{name: "changed uid", change: func(*testing.T, *exec.Cmd, io.Writer) {}, otherUID: true, wantErr: ErrCallerChanged},
 		{name: "exited", change: func(t *testing.T, cmd *exec.Cmd, _ io.Writer) {

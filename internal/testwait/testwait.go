@@ -4,6 +4,9 @@
 package testwait
 
 import (
+	"fmt"
+	"os"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -23,4 +26,14 @@ func For(t testing.TB, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(interval)
 	}
+}
+
+// Exe waits until process pid runs the executable at path (its
+// /proc/<pid>/exe leads there): a child that was told to exec has done so.
+func Exe(t testing.TB, pid int, path string) {
+	t.Helper()
+	For(t, 10*time.Second, fmt.Sprintf("pid %d to run %s", pid, path), func() bool {
+		exe, _ := os.Readlink("/proc/" + strconv.Itoa(pid) + "/exe")
+		return exe == path
+	})
 }
