@@ -3,15 +3,8 @@ package workloadapi
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
-	"math/big"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/testca"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -29,76 +23,28 @@ import (
 var td = spiffeid.RequireTrustDomainFromString("example.org")
 
 // testCA mints real SVIDs, so the client parses and verifies what it gets.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
+type testCA struct{ *testca.CA }
 
 func newTestCA(t testing.TB) *testCA {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "test CA"},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(time.Hour),
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs:                  []*url.URL{td.ID().URL()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key}
+	return &testCA{testca.New(t, "test CA", td)}
 }
 
 // svidResponse returns a response holding one fresh SVID for path.
 func (ca *testCA) svidResponse(t testing.TB, path string) *workload.X509SVIDResponse {
 	t.Helper()
 	id := spiffeid.RequireFromPath(td, path)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		NotBefore:    time.Now().Add(-time.Minute),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		URIs:         []*url.URL{id.URL()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert, key := ca.SVID(t, id, nil)
 	return &workload.X509SVIDResponse{Svids: []*workload.X509SVID{{
 		SpiffeId:    id.String(),
-		X509Svid:    der,
-		X509SvidKey: pkcs8,
-		Bundle:      ca.cert.Raw,
+		X509Svid:    cert.Raw,
+		X509SvidKey: testca.PKCS8(t, key),
+		Bundle:      ca.Cert.Raw,
 	}}}
 }
 
 func (ca *testCA) bundlesResponse() *workload.X509BundlesResponse {
-	return &workload.X509BundlesResponse{Bundles: map[string][]byte{td.IDString(): ca.cert.Raw}}
+	return &workload.X509BundlesResponse{Bundles: map[string][]byte{td.IDString(): ca.Cert.Raw}}
 }
 
 // fakeSource serves responses keyed by one selector each; set replaces one

@@ -218,8 +218,8 @@ func TestLeafSerial(t *testing.T) {
 		want  string
 	}{
 		{"leaf", leaf, cert.SerialNumber.Text(16)},
-		{"chain: leaf first", append(slices.Clone(leaf), ca.cert.Raw...), cert.SerialNumber.Text(16)},
-		{"CA certificate", ca.cert.Raw, ca.cert.SerialNumber.Text(16)},
+		{"chain: leaf first", append(slices.Clone(leaf), ca.Cert.Raw...), cert.SerialNumber.Text(16)},
+		{"CA certificate", ca.Cert.Raw, ca.Cert.SerialNumber.Text(16)},
 		{"garbage", []byte("not DER"), "?"},
 		{"truncated", leaf[:10], "?"},
 		{"empty", nil, "?"},

@@ -162,7 +162,7 @@ func TestFetchX509Bundles(t *testing.T) {
 			if !ok {
 				t.Fatalf("no bundle for %s", td)
 			}
-			if got := b.X509Authorities(); len(got) != 1 || !got[0].Equal(ca.cert) {
+			if got := b.X509Authorities(); len(got) != 1 || !got[0].Equal(ca.Cert) {
 				t.Errorf("bundle authorities = %d certs, want the test CA", len(got))
 			}
 		})
