@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"sync"
 
 	"github.com/lanyard-dev/lanyard/internal/filewatch"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -41,29 +40,4 @@ func (a *Agent) addTrust(b *x509bundle.Bundle) int {
 		}
 	}
 	return added
-}
-
-// broadcast wakes every goroutine waiting on it, once per notify.
-type broadcast struct {
-	mu sync.Mutex
-	ch chan struct{}
-}
-
-// C returns a channel closed at the next notify.
-func (b *broadcast) C() <-chan struct{} {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.ch == nil {
-		b.ch = make(chan struct{})
-	}
-	return b.ch
-}
-
-func (b *broadcast) notify() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.ch != nil {
-		close(b.ch)
-	}
-	b.ch = make(chan struct{})
 }
