@@ -55,6 +55,7 @@ type cache struct {
 	bundles *workload.X509BundlesResponse
 	td      string    // the trust domain's SPIFFE ID: bundle maps are keyed by it (Workload API spec)
 	jwt     *jwtState // nil before the first bundle with JWT keys
+	synced  bool      // the entries arrived at least once
 }
 
 func newCache(td string) *cache {
@@ -82,7 +83,7 @@ func (c *cache) notifyLocked() {
 func (c *cache) setEntries(entries []*entry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.entries = entries
+	c.entries, c.synced = entries, true
 	c.byID = make(map[string]*entry, len(entries))
 	for _, e := range entries {
 		c.byID[e.ID] = e
@@ -93,6 +94,14 @@ func (c *cache) setEntries(entries []*entry) {
 		}
 	}
 	c.notifyLocked()
+}
+
+// hasSynced reports whether the entries arrived at least once: before,
+// no entry matching a caller means nothing.
+func (c *cache) hasSynced() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.synced
 }
 
 // currentLocked reports whether k is the current revision of an entry.
@@ -325,6 +334,7 @@ func (c *cache) explain(selectors []string) *Explanation {
 	ex := &Explanation{Selectors: have, Matching: []ExplainedEntry{}, NotMatching: []ExplainedEntry{}}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	ex.Synced = c.synced
 	for _, e := range c.entries {
 		ee := ExplainedEntry{ID: e.ID, SPIFFEID: e.SPIFFEID.String(), Hint: e.Hint, Selectors: slices.Clone(e.Selectors)}
 		if matches(e.Selectors, have) {

@@ -24,6 +24,7 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"math"
 	"math/big"
 	"net/url"
@@ -45,7 +46,6 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/lanyard-dev/lanyard/attestor"
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 )
 
@@ -118,7 +118,7 @@ func (ca *fanoutCA) leaf(tb testing.TB, serial int64) *svid {
 	if err != nil {
 		tb.Fatalf("encode leaf key: %v", err)
 	}
-	return &svid{entryID: fanoutEntryID, revision: 1, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: time.Now()}
+	return &svid{key: entryKey{fanoutEntryID, 1}, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: time.Now()}
 }
 
 // startFanoutServer fills a cache with one entry the test process is
@@ -128,9 +128,9 @@ func startFanoutServer(tb testing.TB, ca *fanoutCA, log hclog.Logger) (*cache, s
 	tb.Helper()
 	c := newCache("spiffe://example.org")
 	c.setBundle([]*x509.Certificate{ca.cert})
-	c.setEntries([]*signerpb.Entry{{
-		Id:        fanoutEntryID,
-		SpiffeId:  "spiffe://example.org/" + fanoutEntryID,
+	c.setEntries([]*entry{{
+		ID:        fanoutEntryID,
+		SPIFFEID:  spiffeid.RequireFromString("spiffe://example.org/" + fanoutEntryID),
 		Selectors: []string{"unix:uid:" + strconv.Itoa(os.Getuid())},
 		Revision:  1,
 	}})

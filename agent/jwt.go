@@ -1,7 +1,7 @@
 package agent
 
 import (
-		"context"
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -49,9 +49,11 @@ type jwtSource struct {
 
 	mu       sync.Mutex
 	tokens   *lru.Cache[tokenKey, *jwtToken] // least recently served goes first
-	inflight map[tokenKey]*flight           // mints under way
-	runCtx   context.Context                // Run's; nil while not running
-	flights  sync.WaitGroup                 // fly goroutines under way
+	inflight map[tokenKey]*flight            // mints under way
+	flyCtx   context.Context                 // the mints', ended by Run
+	stopFly  context.CancelFunc
+	stopped  bool           // Run returned: no more mints
+	flights  sync.WaitGroup // fly goroutines under way
 }
 
 // tokenKey names a cached token: one entry revision, one audience set.
@@ -80,11 +82,14 @@ type flight struct {
 var _ workloadapi.JWTSource = (*jwtSource)(nil)
 
 // errNotRunning is returned for a JWT-SVID that would need a signer call
-// while the agent is not running (starting, or shutting down).
+// after the agent stopped.
 var errNotRunning = errors.New("agent is not running")
 
 func newJWTSource(c *cache, mint jwtMinter, log hclog.Logger) *jwtSource {
+	ctx, cancel := context.WithCancel(context.Background())
 	return &jwtSource{
+		flyCtx:   ctx,
+		stopFly:  cancel,
 		cache:    c,
 		mint:     mint,
 		now:      time.Now,
@@ -94,17 +99,16 @@ func newJWTSource(c *cache, mint jwtMinter, log hclog.Logger) *jwtSource {
 	}
 }
 
-// Run lets the source mint until ctx ends, then waits for the mints under
-// way: a mint is shared by every caller waiting for it, so no one
-// caller's context may own it, and Run's does.
+// Run waits for ctx to end, then stops the mints under way and waits for
+// them: a mint is shared by every caller waiting for it, so no one
+// caller's context may own it, and Run does. No mint starts after Run
+// has returned.
 func (j *jwtSource) Run(ctx context.Context) error {
-	j.mu.Lock()
-	j.runCtx = ctx
-	j.mu.Unlock()
 	<-ctx.Done()
 	j.mu.Lock()
-	j.runCtx = nil
+	j.stopped = true
 	j.mu.Unlock()
+	j.stopFly()
 	j.flights.Wait()
 	return nil
 }
@@ -187,8 +191,8 @@ func (j *jwtSource) JWTSVIDs(ctx context.Context, selectors []string, spiffeID s
 		mineFlights = append(mineFlights, f)
 		mineEntries = append(mineEntries, e)
 	}
-	runCtx := j.runCtx
-	if len(mine) > 0 && runCtx != nil {
+	stopped := j.stopped
+	if len(mine) > 0 && !stopped {
 		for i, f := range mineFlights {
 			j.inflight[tokenKey{mineEntries[i].key(), audKey}] = f
 		}
@@ -197,11 +201,11 @@ func (j *jwtSource) JWTSVIDs(ctx context.Context, selectors []string, spiffeID s
 		j.flights.Add(1)
 		go func() {
 			defer j.flights.Done()
-			j.fly(runCtx, mine, mineEntries, mineFlights, audKey)
+			j.fly(j.flyCtx, mine, mineEntries, mineFlights, audKey)
 		}()
 	}
 	j.mu.Unlock()
-	if len(mine) > 0 && runCtx == nil {
+	if len(mine) > 0 && stopped {
 		for _, f := range mineFlights {
 			f.err = errNotRunning
 			close(f.done)
@@ -244,7 +248,7 @@ func (j *jwtSource) await(ctx context.Context, f *flight, e *entry, audKey strin
 }
 
 // fly mints the tokens of one caller's misses in batches and hands each
-// result to its flight. ctx is Run's: a call is shared by every caller
+// result to its flight. ctx ends when Run does: a call is shared by every caller
 // waiting for these tokens, so no one caller's deadline cuts it short
 // (each stops waiting at its own); the minter bounds it.
 func (j *jwtSource) fly(ctx context.Context, reqs []*signerpb.JWTSVIDRequest, entries []*entry, flights []*flight, audKey string) {

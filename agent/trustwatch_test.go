@@ -60,10 +60,12 @@ func TestWatchTrust(t *testing.T) {
 	}
 	logs := &jsonLog{} // its Write and String are safe from the watcher's goroutine
 	a := New(&Config{TrustDomain: td, TrustBundlePath: path}, hclog.New(&hclog.LoggerOptions{Output: logs}))
-	a.up = &upstream{trust: x509bundle.FromX509Authorities(td, []*x509.Certificate{ca1})}
+	a.up.trust = x509bundle.FromX509Authorities(td, []*x509.Certificate{ca1})
+	a.up.loaded = initial
+	a.up.link = &signerConn{} // not connected: nothing to reset
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- a.watchTrust(ctx, initial) }()
+	go func() { done <- a.up.watchTrust(ctx) }()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -85,7 +87,7 @@ func TestWatchTrust(t *testing.T) {
 	}
 	for _, st := range steps {
 		t.Run(st.name, func(t *testing.T) {
-			wake := a.trustWake.C()
+			wake := a.up.trustWake.C()
 			seen := strings.Count(logs.String(), st.wantLog)
 			tmp := path + ".tmp"
 			if err := os.WriteFile(tmp, st.content, 0o644); err != nil {
