@@ -16,7 +16,7 @@ import (
 // other entry is checked and refused, as on a host with many services.
 func benchCache(b *testing.B, entries int) (*cache, []string) {
 	b.Helper()
-	ca := newFanoutCA(b)
+	ca := fanoutCA(b)
 	uid := "unix:uid:" + strconv.Itoa(os.Getuid())
 	c := newCache("example.org")
 	c.setBundle([]*x509.Certificate{ca.cert})

@@ -6,7 +6,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"math/big"
 	"net/url"
 	"sync"
@@ -35,7 +34,7 @@ type fakeSigner struct {
 	back    broadcast // the signer came back up
 
 	mu       sync.Mutex
-	cas      []*fakeCA // the bundle, oldest first
+	cas      []*testCA // the bundle, oldest first
 	active   int       // the one that signs
 	entries  []*signerpb.Entry
 	down     bool
@@ -43,11 +42,6 @@ type fakeSigner struct {
 	attested bool
 	attests  int
 	signs    []signCall
-}
-
-type fakeCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
 }
 
 // signCall is one SignX509SVIDs call the fake answered or refused.
@@ -75,22 +69,9 @@ func (f *fakeSigner) activateCA() {
 // activateCA is called (the first one signs at once). The old ones stay.
 func (f *fakeSigner) rotateCA(t testing.TB) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: "fake CA"}, NotBefore: now.Add(-time.Minute),
-		NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-		URIs: []*url.URL{f.td.ID().URL()}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
+	ca := newTestCA(t, "fake CA")
 	f.mu.Lock()
-	f.cas = append(f.cas, &fakeCA{cert: cert, key: key})
+	f.cas = append(f.cas, ca)
 	f.mu.Unlock()
 	f.changed.notify()
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -41,8 +42,8 @@ type sampler struct {
 	a       *Agent
 	sel     []string
 	serials []string
-	issuers map[string]bool
-	bad     []string // moments without a valid SVID that verifies
+	issuers map[string]bool // by AuthorityKeyId
+	bad     []string        // moments without a valid SVID that verifies
 }
 
 // sample looks once, now.
@@ -76,9 +77,7 @@ func (s *sampler) sample(t *testing.T) {
 		if !slices.Contains(s.serials, serial) {
 			s.serials = append(s.serials, serial)
 		}
-		if s.issuers != nil {
-			s.issuers[string(chain[0].AuthorityKeyId)] = true
-		}
+		s.issuers[string(chain[0].AuthorityKeyId)] = true
 	}
 }
 
@@ -91,6 +90,17 @@ func (s *sampler) run(t *testing.T, d time.Duration) {
 		synctest.Wait()
 		s.sample(t)
 	}
+}
+
+// readyLoops starts an agent on a fake signer serving entries with
+// SVIDs of ttl, waits until it is ready, and returns a sampler for the
+// caller uid 1.
+func readyLoops(t *testing.T, ttl time.Duration, entries ...*signerpb.Entry) (*fakeSigner, *Agent, *sampler) {
+	t.Helper()
+	f := newFakeSigner(t, ttl, entries...)
+	a := loopAgent(t, f)
+	waitReady(t, a, time.Second)
+	return f, a, &sampler{a: a, sel: []string{"unix:uid:1"}, issuers: map[string]bool{}}
 }
 
 func waitReady(t *testing.T, a *Agent, within time.Duration) {
@@ -107,10 +117,7 @@ func waitReady(t *testing.T, a *Agent, within time.Duration) {
 // time, and the caller always holds a valid one.
 func TestLoopsRotateShortLivedSVIDs(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFakeSigner(t, 10*time.Second, wireEntry("short", 1, "unix:uid:1"))
-		a := loopAgent(t, f)
-		waitReady(t, a, time.Second)
-		s := &sampler{a: a, sel: []string{"unix:uid:1"}}
+		_, _, s := readyLoops(t, 10*time.Second, wireEntry("short", 1, "unix:uid:1"))
 		s.run(t, 60*time.Second)
 		if len(s.bad) > 0 {
 			t.Errorf("%d moments without a valid SVID, first: %s", len(s.bad), s.bad[0])
@@ -130,10 +137,7 @@ func TestLoopsRotateShortLivedSVIDs(t *testing.T) {
 // up again at once, not after the backoff the outage grew.
 func TestLoopsSignerOutageIsInvisible(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFakeSigner(t, 30*time.Second, wireEntry("steady", 1, "unix:uid:1"))
-		a := loopAgent(t, f)
-		waitReady(t, a, time.Second)
-		s := &sampler{a: a, sel: []string{"unix:uid:1"}}
+		f, a, s := readyLoops(t, 30*time.Second, wireEntry("steady", 1, "unix:uid:1"))
 		s.run(t, 10*time.Second)
 		f.setDown(true)
 		s.run(t, 12*time.Second) // past the renewal point at 15 s
@@ -356,10 +360,7 @@ func TestUpstreamReattests(t *testing.T) {
 // the bundle it serves with it, which is what a peer's handshake checks.
 func TestLoopsAcrossCARotation(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFakeSigner(t, 10*time.Second, wireEntry("server", 1, "unix:uid:1"), wireEntry("client", 1, "unix:uid:1"))
-		a := loopAgent(t, f)
-		waitReady(t, a, time.Second)
-		s := &sampler{a: a, sel: []string{"unix:uid:1"}, issuers: map[string]bool{}}
+		f, _, s := readyLoops(t, 10*time.Second, wireEntry("server", 1, "unix:uid:1"), wireEntry("client", 1, "unix:uid:1"))
 		s.run(t, 12*time.Second)
 		f.rotateCA(t) // published
 		s.run(t, 10*time.Second)
