@@ -1,16 +1,23 @@
 package agent
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
@@ -373,4 +380,86 @@ func TestLoopsAcrossCARotation(t *testing.T) {
 			t.Errorf("SVIDs came from %d CA(s), want both", len(s.issuers))
 		}
 	})
+}
+
+// TestJWTAcrossKeyRotation (was e2e TestJWTSourceAcrossKeyRotation, the
+// agent's half): the signer publishes its next JWT key, then signs with
+// it. Every token the agent hands out validates against the JWT bundle
+// it serves (what a JWTSource and ValidateJWTSVID check), a token of the
+// previous key still validates after the handover until it expires, and
+// the next token after the old one's half-life comes from the new key.
+func TestJWTAcrossKeyRotation(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		td := spiffeid.RequireTrustDomainFromString("example.org")
+		c := newCache(td.IDString())
+		c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1")})
+		m := newFakeMinter(t, time.Now)
+		m.ttl, m.kid = 10*time.Second, "k1"
+		j := newJWTSource(c, m.mint, hclog.NewNullLogger())
+		runPart(t, j.Run)
+		keys := map[string]*ecdsa.PrivateKey{"k1": m.key}
+		publish := func(kids ...string) {
+			t.Helper()
+			var auth []*signerpb.JWTAuthority
+			for _, kid := range kids {
+				der, _ := x509.MarshalPKIXPublicKey(keys[kid].Public())
+				auth = append(auth, &signerpb.JWTAuthority{KeyId: kid, PublicKey: der})
+			}
+			if _, err := c.setJWTBundle(td, auth); err != nil {
+				t.Fatal(err)
+			}
+		}
+		check := func(what, tok, wantKid string) {
+			t.Helper()
+			if _, err := jwtsvid.ParseAndValidate(tok, c.JWTBundles(), []string{"x"}); err != nil {
+				t.Fatalf("%s: does not validate against the served JWT bundle: %v", what, err)
+			}
+			if kid := tokenKid(t, tok); kid != wantKid {
+				t.Errorf("%s: signed by %q, want %q", what, kid, wantKid)
+			}
+		}
+		publish("k1")
+		old, err := fetch(t, j, "", "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		check("first token", old, "k1")
+
+		k2, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys["k2"] = k2
+		publish("k1", "k2") // published first
+		m.key, m.kid = k2, "k2"
+		time.Sleep(5 * time.Second) // the old token's half-life: minted anew
+		tok, err := fetch(t, j, "", "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		check("token after the handover", tok, "k2")
+		check("the previous key's unexpired token", old, "k1")
+
+		time.Sleep(6 * time.Second) // the old token expired: k1 may go
+		publish("k2")
+		if _, err := jwtsvid.ParseAndValidate(old, c.JWTBundles(), []string{"x"}); err == nil {
+			t.Error("an expired token of a retired key still validates")
+		}
+		tok, err = fetch(t, j, "", "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		check("token after k1 left", tok, "k2")
+	})
+}
+
+// tokenKid reads a token's key ID from its JOSE header, which is not
+// secret.
+func tokenKid(t *testing.T, token string) string {
+	t.Helper()
+	tok, err := jwt.ParseSigned(token, []jose.SignatureAlgorithm{jose.ES256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok.Headers[0].KeyID
 }

@@ -64,7 +64,7 @@ func ours() string {
 	var out []string
 	// The first goroutine is the caller's own.
 	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i == 0 || !strings.Contains(g, module) || strings.Contains(g, module+"internal/leakcheck.") {
+		if i == 0 || !strings.Contains(g, module) {
 			continue
 		}
 		out = append(out, g)
