@@ -71,7 +71,8 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 	}
 	a.renew.unknown = a.up.requestReattest
 	a.jwt.mint = a.up.mintJWTSVIDs
-	a.metrics.watch(func() bool { return a.up.Snapshot().SyncConnected }, a.cache.earliestNotAfter)
+	up := a.up
+	a.metrics.watch(func() bool { return up.Snapshot().SyncConnected }, a.cache.earliestNotAfter)
 	return a
 }
 
