@@ -20,7 +20,7 @@ func TestSignerAuditAndMetrics(t *testing.T) {
 	var logs jsonLog
 	sig := startSignerLog(t, simPolicy(ek, fakeEK("other")), logs.logger())
 	u := newSimUpstream(t, sig, tpm)
-	if _, err := u.attest(callCtx(t)); err != nil {
+	if _, err := u.attestOnce(callCtx(t)); err != nil {
 		t.Fatalf("attest: %v", err)
 	}
 	e := &simEnv{sig: sig, ek: ek, u: u}
@@ -97,7 +97,7 @@ func TestSignerAuditRefusedAttestation(t *testing.T) {
 	var logs jsonLog
 	sig := startSignerLog(t, simPolicy(fakeEK("someone else"), fakeEK("other")), logs.logger())
 	u := newSimUpstream(t, sig, tpm)
-	if _, err := u.attest(callCtx(t)); err == nil {
+	if _, err := u.attestOnce(callCtx(t)); err == nil {
 		t.Fatal("attest succeeded with an unpinned EK")
 	}
 	logs.checkLine(t, "attestation refused", map[string]any{"ek_sha256": ek, "reason": nil, "duration_ms": nil, "peer": nil})

@@ -86,7 +86,7 @@ func TestIssuedAuditLine(t *testing.T) {
 	a := New(testAgent().cfg, logs.logger())
 	now := time.Now()
 	s := testSVID(t, "web", 1, now, now.Add(time.Hour))
-	a.recordIssued([]*svid{s})
+	a.renew.recordIssued([]*svid{s})
 
 	logs.checkLine(t, "x509-svid issued", map[string]any{
 		"entry":     "web",

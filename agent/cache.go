@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 )
@@ -16,17 +15,15 @@ import (
 // svid is one workload X.509-SVID held in agent memory. The private key is
 // kept only as the PKCS#8 bytes handed to the attested caller.
 type svid struct {
-	entryID  string
-	revision uint64 // the entry revision it was signed for
+	key      entryKey // the entry revision it was signed for
 	chain    []*x509.Certificate
 	keyPKCS8 []byte
 	// received is when the agent got it. Renewal is scheduled over
 	// [received, NotAfter], not the certificate's NotBefore, which the
 	// signer backdates for clock skew: for a 10 s SVID the backdate would
 	// otherwise put the half-life at the instant of issue.
-	received  time.Time
-	jitter    float64 // drawn once, so the renewal instant is stable
-	renewFail int
+	received time.Time
+	jitter   float64 // drawn once, so the renewal instant is stable
 }
 
 func (s *svid) notAfter() time.Time { return s.chain[0].NotAfter }
@@ -36,15 +33,18 @@ func (s *svid) renewAt(sched rotator.Schedule) time.Time {
 
 // cache is what the agent can serve right now: the entries its node may
 // serve, the SVIDs it holds for them, the trust bundle and the JWT bundle.
-// It implements workloadapi.Source. Each distinct response is built once and shared by
-// every caller entitled to the same set of SVIDs, until the next change.
+// It implements workloadapi.Source. Each distinct response is built once
+// and shared by every caller entitled to the same set of SVIDs, until the
+// next change. Its methods live here (X.509 side) and in jwtbundle.go
+// (JWT side).
 type cache struct {
 	mu        sync.Mutex
-	entries   []*signerpb.Entry // in policy order
-	svids     map[string]*svid  // by entry ID
-	bundle    []*x509.Certificate
+	entries   []*entry            // in policy order
+	byID      map[string]*entry   // the same entries
+	svids     map[entryKey]*svid  // only for the current revision of an entry
+	bundle    []*x509.Certificate // the trust bundle
 	bundleDER []byte
-	changed   chan struct{}
+	changed   broadcast
 	responses map[string]*workload.X509SVIDResponse // by matched-SVID key
 	// matched is, per caller selector set, the matched-SVID key it got,
 	// so that a stream woken by a rotation skips matching every entry
@@ -55,12 +55,13 @@ type cache struct {
 	bundles *workload.X509BundlesResponse
 	td      string    // the trust domain's SPIFFE ID: bundle maps are keyed by it (Workload API spec)
 	jwt     *jwtState // nil before the first bundle with JWT keys
+	synced  bool      // the entries arrived at least once
 }
 
 func newCache(td string) *cache {
 	return &cache{
-		svids:     make(map[string]*svid),
-		changed:   make(chan struct{}),
+		byID:      make(map[string]*entry),
+		svids:     make(map[entryKey]*svid),
 		responses: make(map[string]*workload.X509SVIDResponse),
 		matched:   make(map[string]string),
 		td:        td,
@@ -72,29 +73,41 @@ func (c *cache) notifyLocked() {
 	clear(c.responses)
 	clear(c.matched)
 	c.bundles = nil
-	c.wakeLocked()
-}
-
-// wakeLocked wakes every stream to look again.
-func (c *cache) wakeLocked() {
-	close(c.changed)
-	c.changed = make(chan struct{})
+	c.changed.notify()
 }
 
 // setEntries replaces the entries. An SVID is served only for the exact
 // entry revision it was signed for, so SVIDs of entries that are gone or
 // changed are dropped here, keys and all: a changed entry serves nothing
-// until its new SVID is signed (renewLoop sees it missing at once).
-func (c *cache) setEntries(entries []*signerpb.Entry) {
+// until its new SVID is signed (the renewer sees it missing at once).
+func (c *cache) setEntries(entries []*entry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.entries = entries
-	for id, s := range c.svids {
-		if e := c.entryLocked(id); e == nil || e.GetRevision() != s.revision {
-			delete(c.svids, id)
+	c.entries, c.synced = entries, true
+	c.byID = make(map[string]*entry, len(entries))
+	for _, e := range entries {
+		c.byID[e.ID] = e
+	}
+	for k := range c.svids {
+		if !c.currentLocked(k) {
+			delete(c.svids, k)
 		}
 	}
 	c.notifyLocked()
+}
+
+// hasSynced reports whether the entries arrived at least once: before,
+// no entry matching a caller means nothing.
+func (c *cache) hasSynced() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.synced
+}
+
+// currentLocked reports whether k is the current revision of an entry.
+func (c *cache) currentLocked(k entryKey) bool {
+	e, ok := c.byID[k.id]
+	return ok && e.Revision == k.revision
 }
 
 // setBundle replaces the trust bundle; it reports whether it changed.
@@ -125,14 +138,14 @@ func (c *cache) putSVIDs(ss []*svid) (stale int) {
 	defer c.mu.Unlock()
 	var stored []*svid
 	for _, s := range ss {
-		if e := c.entryLocked(s.entryID); e == nil || e.GetRevision() != s.revision {
+		if !c.currentLocked(s.key) {
 			stale++
 			continue
 		}
-		if old, ok := c.svids[s.entryID]; !ok || old.revision != s.revision {
+		if _, ok := c.svids[s.key]; !ok {
 			clear(c.matched) // an entry starts to match
 		}
-		c.svids[s.entryID] = s
+		c.svids[s.key] = s
 		stored = append(stored, s)
 	}
 	if len(stored) == 0 {
@@ -143,13 +156,13 @@ func (c *cache) putSVIDs(ss []*svid) (stale int) {
 	// nothing.
 	for key := range c.responses {
 		for _, s := range stored {
-			if strings.Contains("\x00"+key, "\x00"+s.entryID+"\x00") {
+			if strings.Contains("\x00"+key, "\x00"+s.key.id+"\x00") {
 				delete(c.responses, key)
 				break
 			}
 		}
 	}
-	c.wakeLocked()
+	c.changed.notify()
 	return stale
 }
 
@@ -159,9 +172,9 @@ func (c *cache) expire(now time.Time) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
-	for id, s := range c.svids {
+	for k, s := range c.svids {
 		if !now.Before(s.notAfter()) {
-			delete(c.svids, id)
+			delete(c.svids, k)
 			n++
 		}
 	}
@@ -169,6 +182,32 @@ func (c *cache) expire(now time.Time) int {
 		c.notifyLocked()
 	}
 	return n
+}
+
+// due sorts the entries that need a new SVID at now into missing (none
+// for the entry's current revision: urgent, a caller may be waiting) and
+// renew (valid but past its renewal point: can wait a little). It also
+// returns the earliest instant at which anything else falls due or
+// expires.
+func (c *cache) due(now time.Time, sched rotator.Schedule) (missing, renew []*entry, next time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, e := range c.entries {
+		s, ok := c.svids[e.key()]
+		if !ok {
+			missing = append(missing, e)
+			continue
+		}
+		at := s.renewAt(sched)
+		if !now.Before(at) {
+			renew = append(renew, e)
+			at = s.notAfter() // still served until then: wake to expire it
+		}
+		if next.IsZero() || at.Before(next) {
+			next = at
+		}
+	}
+	return missing, renew, next
 }
 
 // X509SVIDResponse returns the response for a caller with these selectors
@@ -187,14 +226,15 @@ func (c *cache) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse
 		c.matched[sel] = key
 	}
 	if key == "" {
-		return nil, c.changed
+		return nil, c.changed.C()
 	}
 	if r, ok := c.responses[key]; ok {
-		return r, c.changed
+		return r, c.changed.C()
 	}
 	r := &workload.X509SVIDResponse{}
 	for id := range strings.SplitSeq(strings.TrimSuffix(key, "\x00"), "\x00") {
-		s, e := c.svids[id], c.entryLocked(id)
+		e := c.byID[id]
+		s := c.svids[e.key()]
 		var chain bytes.Buffer
 		for _, cert := range s.chain {
 			chain.Write(cert.Raw)
@@ -207,11 +247,11 @@ func (c *cache) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse
 			X509Svid:    chain.Bytes(),
 			X509SvidKey: s.keyPKCS8,
 			Bundle:      c.bundleDER,
-			Hint:        e.GetHint(),
+			Hint:        e.Hint,
 		})
 	}
 	c.responses[key] = r
-	return r, c.changed
+	return r, c.changed.C()
 }
 
 // Pending reports whether a caller with these selectors matches an entry
@@ -222,10 +262,10 @@ func (c *cache) Pending(selectors []string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, e := range c.entries {
-		if s, ok := c.svids[e.GetId()]; ok && s.revision == e.GetRevision() {
+		if _, ok := c.svids[e.key()]; ok {
 			continue
 		}
-		if matches(e.GetSelectors(), selectors) {
+		if matches(e.Selectors, selectors) {
 			return true
 		}
 	}
@@ -236,15 +276,16 @@ func (c *cache) Pending(selectors []string) bool {
 const maxMatched = 4096
 
 // matchLocked returns the matched-SVID key of a caller with these
-// selectors: the IDs of the entries it matches that hold an SVID, in
-// policy order, each followed by a NUL; "" when it matches none.
+// selectors: the IDs of the entries it matches that hold an SVID for
+// their current revision, in policy order, each followed by a NUL; ""
+// when it matches none.
 func (c *cache) matchLocked(selectors []string) string {
 	var keyb strings.Builder
 	for _, e := range c.entries {
-		if s, ok := c.svids[e.GetId()]; !ok || s.revision != e.GetRevision() || !matches(e.GetSelectors(), selectors) {
+		if _, ok := c.svids[e.key()]; !ok || !matches(e.Selectors, selectors) {
 			continue
 		}
-		keyb.WriteString(e.GetId())
+		keyb.WriteString(e.ID)
 		keyb.WriteByte(0)
 	}
 	return keyb.String()
@@ -258,16 +299,7 @@ func (c *cache) X509BundlesResponse() (*workload.X509BundlesResponse, <-chan str
 	if c.bundles == nil && len(c.bundleDER) > 0 {
 		c.bundles = &workload.X509BundlesResponse{Bundles: map[string][]byte{c.td: c.bundleDER}}
 	}
-	return c.bundles, c.changed
-}
-
-func (c *cache) entryLocked(id string) *signerpb.Entry {
-	for _, e := range c.entries {
-		if e.GetId() == id {
-			return e
-		}
-	}
-	return nil
+	return c.bundles, c.changed.C()
 }
 
 // matches reports whether every selector the entry requires is among the
@@ -292,4 +324,77 @@ func (c *cache) earliestNotAfter() (t time.Time, ok bool) {
 		}
 	}
 	return t, ok
+}
+
+// explain sorts the cache's entries into those selectors match and those
+// they do not, the latter with what they lack.
+func (c *cache) explain(selectors []string) *Explanation {
+	have := slices.Clone(selectors)
+	slices.Sort(have)
+	ex := &Explanation{Selectors: have, Matching: []ExplainedEntry{}, NotMatching: []ExplainedEntry{}}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ex.Synced = c.synced
+	for _, e := range c.entries {
+		ee := ExplainedEntry{ID: e.ID, SPIFFEID: e.SPIFFEID.String(), Hint: e.Hint, Selectors: slices.Clone(e.Selectors)}
+		if matches(e.Selectors, have) {
+			if s, ok := c.svids[e.key()]; ok {
+				ee.Serial = s.chain[0].SerialNumber.Text(16)
+				ee.NotAfter = timePtr(s.notAfter())
+			}
+			ex.Matching = append(ex.Matching, ee)
+			continue
+		}
+		for _, sel := range e.Selectors {
+			if _, ok := slices.BinarySearch(have, sel); !ok {
+				ee.Missing = append(ee.Missing, sel)
+			}
+		}
+		ex.NotMatching = append(ex.NotMatching, ee)
+	}
+	return ex
+}
+
+// cacheSnapshot is what the cache holds, for the status report.
+type cacheSnapshot struct {
+	BundleNotAfter   []time.Time
+	SVIDs            []svidStatus // one per entry, in policy order
+	EntriesWithoutID int          // entries that have no valid SVID now
+	JWTKeyIDs        []string     // the JWT bundle's key IDs, as the signer orders them
+}
+
+// svidStatus describes the SVID held for one entry.
+type svidStatus struct {
+	EntryID  string
+	SPIFFEID string
+	Serial   string // "" when there is no valid SVID
+	NotAfter time.Time
+	RenewAt  time.Time
+}
+
+// snapshot returns a consistent view of what the cache holds.
+func (c *cache) snapshot(sched rotator.Schedule) cacheSnapshot {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var st cacheSnapshot
+	if c.jwt != nil {
+		for _, k := range c.jwt.keys {
+			st.JWTKeyIDs = append(st.JWTKeyIDs, k.GetKeyId())
+		}
+	}
+	for _, ca := range c.bundle {
+		st.BundleNotAfter = append(st.BundleNotAfter, ca.NotAfter)
+	}
+	for _, e := range c.entries {
+		ss := svidStatus{EntryID: e.ID, SPIFFEID: e.SPIFFEID.String()}
+		if s, ok := c.svids[e.key()]; ok {
+			ss.Serial = s.chain[0].SerialNumber.Text(16)
+			ss.NotAfter = s.notAfter()
+			ss.RenewAt = s.renewAt(sched)
+		} else {
+			st.EntriesWithoutID++
+		}
+		st.SVIDs = append(st.SVIDs, ss)
+	}
+	return st
 }

@@ -8,7 +8,7 @@ import (
 	"strconv"
 	"testing"
 
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // benchCache is a cache holding entries entries with an SVID each: entry
@@ -17,11 +17,11 @@ import (
 // other entry is checked and refused, as on a host with many services.
 func benchCache(b *testing.B, entries int) (*cache, []string) {
 	b.Helper()
-	ca := newFanoutCA(b)
+	ca := fanoutCA(b)
 	uid := "unix:uid:" + strconv.Itoa(os.Getuid())
 	c := newCache("example.org")
 	c.setBundle([]*x509.Certificate{ca.cert})
-	es := make([]*signerpb.Entry, entries)
+	es := make([]*entry, entries)
 	ss := make([]*svid, entries)
 	leaf := ca.leaf(b, 1)
 	for i := range es {
@@ -30,9 +30,9 @@ func benchCache(b *testing.B, entries int) (*cache, []string) {
 		if i > 0 {
 			sel = append(sel, fmt.Sprintf("systemd:unit:svc-%d.service", i))
 		}
-		es[i] = &signerpb.Entry{Id: id, SpiffeId: "spiffe://example.org/" + id, Selectors: sel, Revision: 1}
+		es[i] = &entry{ID: id, SPIFFEID: spiffeid.RequireFromString("spiffe://example.org/" + id), Selectors: sel, Revision: 1}
 		s := *leaf
-		s.entryID = id
+		s.key = entryKey{id, 1}
 		ss[i] = &s
 	}
 	c.setEntries(es)

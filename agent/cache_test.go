@@ -15,8 +15,8 @@ import (
 	"time"
 	"weak"
 
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // testSVID makes an svid for entry id valid [nb, na), self-signed: the
@@ -36,20 +36,20 @@ func testSVID(t *testing.T, id string, rev uint64, nb, na time.Time) *svid {
 	}
 	cert, _ := x509.ParseCertificate(der)
 	pkcs8, _ := x509.MarshalPKCS8PrivateKey(key)
-	return &svid{entryID: id, revision: rev, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: nb}
+	return &svid{key: entryKey{id, rev}, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: nb}
 }
 
-func entry(id string, rev uint64, selectors ...string) *signerpb.Entry {
-	return &signerpb.Entry{Id: id, SpiffeId: "spiffe://example.org/" + id, Selectors: selectors, Revision: rev}
+func testEntry(id string, rev uint64, selectors ...string) *entry {
+	return &entry{ID: id, SPIFFEID: spiffeid.RequireFromString("spiffe://example.org/" + id), Selectors: selectors, Revision: rev}
 }
 
 func TestCacheDue(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	sched := rotator.Schedule{} // no jitter: renew exactly at half-life
 	c := newCache("spiffe://example.org")
-	c.setEntries([]*signerpb.Entry{
-		entry("fresh", 1, "unix:uid:1"), entry("old-rev", 2, "unix:uid:1"),
-		entry("due", 1, "unix:uid:1"), entry("none", 1, "unix:uid:1"),
+	c.setEntries([]*entry{
+		testEntry("fresh", 1, "unix:uid:1"), testEntry("old-rev", 2, "unix:uid:1"),
+		testEntry("due", 1, "unix:uid:1"), testEntry("none", 1, "unix:uid:1"),
 	})
 	c.putSVIDs([]*svid{
 		testSVID(t, "fresh", 1, t0, t0.Add(time.Hour)),                 // renews at t0+30m
@@ -70,13 +70,13 @@ func TestCacheDue(t *testing.T) {
 	}
 }
 
-func ids(es []*signerpb.Entry) string {
+func ids(es []*entry) string {
 	s := ""
 	for i, e := range es {
 		if i > 0 {
 			s += " "
 		}
-		s += e.GetId()
+		s += e.ID
 	}
 	return s
 }
@@ -84,7 +84,7 @@ func ids(es []*signerpb.Entry) string {
 func TestCacheNeverServesExpired(t *testing.T) {
 	t0 := time.Now()
 	c := newCache("spiffe://example.org")
-	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:1")})
+	c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1"), testEntry("b", 1, "unix:uid:1")})
 	c.putSVIDs([]*svid{
 		testSVID(t, "a", 1, t0.Add(-time.Minute), t0.Add(time.Second)),
 		testSVID(t, "b", 1, t0.Add(-time.Minute), t0.Add(time.Hour)),
@@ -114,7 +114,7 @@ func TestCacheNeverServesExpired(t *testing.T) {
 func TestCacheSharesResponses(t *testing.T) {
 	t0 := time.Now()
 	c := newCache("spiffe://example.org")
-	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:2")})
+	c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1"), testEntry("b", 1, "unix:uid:2")})
 	c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour)), testSVID(t, "b", 1, t0, t0.Add(time.Hour))})
 
 	r1, _ := c.X509SVIDResponse([]string{"unix:gid:5", "unix:uid:1"})
@@ -182,14 +182,14 @@ func TestCacheRemembersMatchesUntilTheyChange(t *testing.T) {
 		want   []string // SPIFFE IDs served, in policy order
 	}{
 		{"entries without SVIDs", func() {
-			c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:gid:5"), entry("c", 1, "unix:uid:2")})
+			c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1"), testEntry("b", 1, "unix:gid:5"), testEntry("c", 1, "unix:uid:2")})
 		}, nil},
 		{"first SVID arrives", func() { c.putSVIDs([]*svid{testSVID(t, "b", 1, t0, t0.Add(time.Hour))}) }, []string{"b"}},
 		{"second SVID arrives", func() { c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour))}) }, []string{"a", "b"}},
 		{"SVID of another caller's entry", func() { c.putSVIDs([]*svid{testSVID(t, "c", 1, t0, t0.Add(time.Hour))}) }, []string{"a", "b"}},
 		{"rotation keeps the match", func() { c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(2*time.Hour))}) }, []string{"a", "b"}},
 		{"entry now asks for more", func() {
-			c.setEntries([]*signerpb.Entry{entry("a", 2, "unix:uid:1", "unix:user:x"), entry("b", 1, "unix:gid:5"), entry("c", 1, "unix:uid:2")})
+			c.setEntries([]*entry{testEntry("a", 2, "unix:uid:1", "unix:user:x"), testEntry("b", 1, "unix:gid:5"), testEntry("c", 1, "unix:uid:2")})
 		}, []string{"b"}},
 		{"SVID expires", func() { c.expire(t0.Add(time.Hour)) }, nil},
 	}
@@ -209,7 +209,7 @@ func TestCacheRemembersMatchesUntilTheyChange(t *testing.T) {
 	}
 }
 
-// TestCachePolicyEditNeverRelabels is issue 11's first finding: entry
+// TestCachePolicyEditNeverRelabels: entry
 // "root" (unix:uid:0) is edited to a new SPIFFE ID and selector
 // unix:uid:65534. The SVID signed for the old revision must never reach the
 // newly entitled caller, under either label; the new caller waits until the
@@ -217,8 +217,8 @@ func TestCacheRemembersMatchesUntilTheyChange(t *testing.T) {
 func TestCachePolicyEditNeverRelabels(t *testing.T) {
 	t0 := time.Now()
 	c := newCache("spiffe://example.org")
-	root := entry("root", 1, "unix:uid:0")
-	c.setEntries([]*signerpb.Entry{root})
+	root := testEntry("root", 1, "unix:uid:0")
+	c.setEntries([]*entry{root})
 	old := testSVID(t, "root", 1, t0, t0.Add(time.Hour))
 	c.putSVIDs([]*svid{old})
 	nobody := []string{"unix:uid:65534"}
@@ -228,8 +228,8 @@ func TestCachePolicyEditNeverRelabels(t *testing.T) {
 	oldKey := weak.Make(&old.keyPKCS8[0])
 	old = nil
 
-	edited := &signerpb.Entry{Id: "root", SpiffeId: "spiffe://example.org/nobody", Selectors: nobody, Revision: 2}
-	c.setEntries([]*signerpb.Entry{edited})
+	edited := &entry{ID: "root", SPIFFEID: spiffeid.RequireFromString("spiffe://example.org/nobody"), Selectors: nobody, Revision: 2}
+	c.setEntries([]*entry{edited})
 	if resp, _ := c.X509SVIDResponse(nobody); resp != nil {
 		t.Fatalf("after the edit uid 65534 was served %v, signed for the old revision", resp.GetSvids())
 	}
@@ -254,7 +254,7 @@ func TestCachePolicyEditNeverRelabels(t *testing.T) {
 
 	_, changed := c.X509SVIDResponse(nobody)
 	fresh := testSVID(t, "nobody", 2, t0, t0.Add(time.Hour)) // its URI is .../nobody
-	fresh.entryID = "root"
+	fresh.key = entryKey{"root", 2}
 	c.putSVIDs([]*svid{fresh})
 	select {
 	case <-changed:
@@ -283,7 +283,7 @@ func TestCachePolicyEditNeverRelabels(t *testing.T) {
 func TestCacheLabelIsCertificateID(t *testing.T) {
 	t0 := time.Now()
 	c := newCache("spiffe://example.org")
-	c.setEntries([]*signerpb.Entry{{Id: "a", SpiffeId: "spiffe://example.org/label", Selectors: []string{"unix:uid:1"}, Revision: 1}})
+	c.setEntries([]*entry{{ID: "a", SPIFFEID: spiffeid.RequireFromString("spiffe://example.org/label"), Selectors: []string{"unix:uid:1"}, Revision: 1}})
 	c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Hour))})
 	resp, _ := c.X509SVIDResponse([]string{"unix:uid:1"})
 	if got := resp.GetSvids()[0].GetSpiffeId(); got != "spiffe://example.org/a" {

@@ -19,9 +19,10 @@ import (
 const (
 	DefaultSocketPath      = "/run/lanyard/workload.sock"
 	DefaultAdminSocketPath = "/run/lanyard/admin/admin.sock"
-	// SharedAdminSocketPath is where DESIGN.md's example config puts the
-	// admin socket, next to the Workload API's. The admin commands look
-	// there when no socket is named and the default does not exist.
+	// SharedAdminSocketPath is where older configs (and the design's
+	// example) put the admin socket, next to the Workload API's. The admin
+	// commands look there when no socket is named and the default does not
+	// exist.
 	SharedAdminSocketPath = "/run/lanyard/admin.sock"
 )
 

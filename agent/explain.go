@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strconv"
 	"time"
 
@@ -81,36 +80,7 @@ func (a *Agent) Explain(ctx context.Context, pid int32) (*Explanation, error) {
 	}
 	ex := a.cache.explain(selectors)
 	ex.PID, ex.UID, ex.GID = uint32(pid), proc.UID, proc.GID
-	ex.Synced = a.synced.Load()
 	return ex, nil
-}
-
-// explain sorts the cache's entries into those selectors match and those
-// they do not, the latter with what they lack.
-func (c *cache) explain(selectors []string) *Explanation {
-	have := slices.Clone(selectors)
-	slices.Sort(have)
-	ex := &Explanation{Selectors: have, Matching: []ExplainedEntry{}, NotMatching: []ExplainedEntry{}}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, e := range c.entries {
-		ee := ExplainedEntry{ID: e.GetId(), SPIFFEID: e.GetSpiffeId(), Hint: e.GetHint(), Selectors: slices.Clone(e.GetSelectors())}
-		if matches(e.GetSelectors(), have) {
-			if s, ok := c.svids[e.GetId()]; ok {
-				ee.Serial = s.chain[0].SerialNumber.Text(16)
-				ee.NotAfter = timePtr(s.notAfter())
-			}
-			ex.Matching = append(ex.Matching, ee)
-			continue
-		}
-		for _, sel := range e.GetSelectors() {
-			if _, ok := slices.BinarySearch(have, sel); !ok {
-				ee.Missing = append(ee.Missing, sel)
-			}
-		}
-		ex.NotMatching = append(ex.NotMatching, ee)
-	}
-	return ex
 }
 
 // serveExplain answers GET /v1/explain?pid=N.

@@ -13,17 +13,16 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"github.com/lanyard-dev/lanyard/attestor/workload"
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 )
 
 func TestCacheExplain(t *testing.T) {
 	t0 := time.Now()
 	c := newCache("spiffe://example.org")
-	c.setEntries([]*signerpb.Entry{
-		entry("web", 1, "unix:uid:1000", "systemd:unit:web.service"),
-		entry("any-1000", 1, "unix:uid:1000"),
-		entry("db", 1, "unix:uid:999", "systemd:unit:db.service"),
-		entry("held", 1, "unix:gid:1000"),
+	c.setEntries([]*entry{
+		testEntry("web", 1, "unix:uid:1000", "systemd:unit:web.service"),
+		testEntry("any-1000", 1, "unix:uid:1000"),
+		testEntry("db", 1, "unix:uid:999", "systemd:unit:db.service"),
+		testEntry("held", 1, "unix:gid:1000"),
 	})
 	held := testSVID(t, "held", 1, t0, t0.Add(time.Hour))
 	c.putSVIDs([]*svid{held})
@@ -84,9 +83,8 @@ func TestExplainProcess(t *testing.T) {
 	}
 	a := New(&Config{}, nil)
 	a.workload = wl
-	a.synced.Store(true)
 	self := "unix:uid:" + itoa(os.Getuid())
-	a.cache.setEntries([]*signerpb.Entry{entry("me", 1, self), entry("other", 1, "unix:uid:4242424")})
+	a.cache.setEntries([]*entry{testEntry("me", 1, self), testEntry("other", 1, "unix:uid:4242424")})
 
 	ex, err := a.Explain(context.Background(), int32(os.Getpid()))
 	if err != nil {

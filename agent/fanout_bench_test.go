@@ -20,7 +20,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/asn1"
 	"errors"
 	"fmt"
@@ -37,6 +36,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
@@ -45,7 +46,6 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	attestor "github.com/lanyard-dev/lanyard/attestor/workload"
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 )
 
@@ -58,41 +58,11 @@ const (
 )
 
 // fanoutCA signs the leaves a rotation hands out.
-type fanoutCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
-
-func newFanoutCA(tb testing.TB) *fanoutCA {
-	tb.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatalf("generate CA key: %v", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "fan-out test CA"},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(time.Hour),
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs:                  []*url.URL{{Scheme: "spiffe", Host: "example.org"}},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		tb.Fatalf("create CA: %v", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		tb.Fatalf("parse CA: %v", err)
-	}
-	return &fanoutCA{cert: cert, key: key}
-}
+func fanoutCA(tb testing.TB) *testCA { return newTestCA(tb, "fan-out test CA") }
 
 // leaf returns a fresh SVID for the fan-out entry with this serial. Serials
 // only grow, so a stream's serials must too.
-func (ca *fanoutCA) leaf(tb testing.TB, serial int64) *svid {
+func (ca *testCA) leaf(tb testing.TB, serial int64) *svid {
 	tb.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -118,19 +88,19 @@ func (ca *fanoutCA) leaf(tb testing.TB, serial int64) *svid {
 	if err != nil {
 		tb.Fatalf("encode leaf key: %v", err)
 	}
-	return &svid{entryID: fanoutEntryID, revision: 1, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: time.Now()}
+	return &svid{key: entryKey{fanoutEntryID, 1}, chain: []*x509.Certificate{cert}, keyPKCS8: pkcs8, received: time.Now()}
 }
 
 // startFanoutServer fills a cache with one entry the test process is
 // entitled to (by uid) and its SVID of serial 1, serves it on a fresh
 // socket, and stops the server when the test ends.
-func startFanoutServer(tb testing.TB, ca *fanoutCA, log hclog.Logger) (*cache, string) {
+func startFanoutServer(tb testing.TB, ca *testCA, log hclog.Logger) (*cache, string) {
 	tb.Helper()
 	c := newCache("spiffe://example.org")
 	c.setBundle([]*x509.Certificate{ca.cert})
-	c.setEntries([]*signerpb.Entry{{
-		Id:        fanoutEntryID,
-		SpiffeId:  "spiffe://example.org/" + fanoutEntryID,
+	c.setEntries([]*entry{{
+		ID:        fanoutEntryID,
+		SPIFFEID:  spiffeid.RequireFromString("spiffe://example.org/" + fanoutEntryID),
 		Selectors: []string{"unix:uid:" + strconv.Itoa(os.Getuid())},
 		Revision:  1,
 	}})
@@ -362,7 +332,7 @@ func TestRotationReachesEveryStream(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			ca := newFanoutCA(t)
+			ca := fanoutCA(t)
 			c, path := startFanoutServer(t, ca, nil)
 			f := openFanoutStreams(t, path, streams, tc.perConn)
 			want := []int64{1}
@@ -435,7 +405,7 @@ func BenchmarkRotationFanout1000(b *testing.B) {
 }
 
 func benchmarkFanout(b *testing.B, streams, perConn int, log hclog.Logger) {
-	ca := newFanoutCA(b)
+	ca := fanoutCA(b)
 	c, path := startFanoutServer(b, ca, log)
 	f := openFanoutStreams(b, path, streams, perConn)
 	// Leaves are made up front so neither the clock nor the CPU count

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -14,10 +13,12 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/lru"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 const (
@@ -35,28 +36,35 @@ var errNoAudience = errors.New("a JWT-SVID needs at least one audience")
 type jwtMinter func(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error)
 
 // jwtSource implements workloadapi.JWTSource. Tokens are cached per
-// (SPIFFE ID, audience set) and reused until half their lifetime, so a
-// busy caller does not reach the signer on every call; a stale token that
-// is still valid is served when the signer cannot be reached; an expired
-// one never is.
+// (entry revision, audience set) and reused until half their lifetime, so
+// a busy caller does not reach the signer on every call; a stale token
+// that is still valid is served when the signer cannot be reached; an
+// expired one never is. Its Run owns the goroutines that mint: they end
+// before Run returns.
 type jwtSource struct {
 	cache *cache
 	mint  jwtMinter
 	now   func() time.Time
-	max   int
 	log   hclog.Logger
 
 	mu       sync.Mutex
-	tokens   map[string]*list.Element // by key; values are *jwtToken
-	lru      *list.List               // most recently served first
-	inflight map[string]*flight       // mints under way, by key
+	tokens   *lru.Cache[tokenKey, *jwtToken] // least recently served goes first
+	inflight map[tokenKey]*flight            // mints under way
+	flyCtx   context.Context                 // the mints', ended by Run
+	stopFly  context.CancelFunc
+	stopped  bool           // Run returned: no more mints
+	flights  sync.WaitGroup // fly goroutines under way
+}
+
+// tokenKey names a cached token: one entry revision, one audience set.
+type tokenKey struct {
+	entry entryKey
+	aud   string // audienceKey of the normalized audience
 }
 
 // jwtToken is one cached JWT-SVID, with the times read from its claims.
 type jwtToken struct {
-	key      string
-	entryID  string
-	revision uint64 // the entry revision it was minted for
+	key      tokenKey
 	token    string
 	iat, exp time.Time
 }
@@ -73,17 +81,36 @@ type flight struct {
 
 var _ workloadapi.JWTSource = (*jwtSource)(nil)
 
+// errNotRunning is returned for a JWT-SVID that would need a signer call
+// after the agent stopped.
+var errNotRunning = errors.New("agent is not running")
+
 func newJWTSource(c *cache, mint jwtMinter, log hclog.Logger) *jwtSource {
+	ctx, cancel := context.WithCancel(context.Background())
 	return &jwtSource{
+		flyCtx:   ctx,
+		stopFly:  cancel,
 		cache:    c,
 		mint:     mint,
 		now:      time.Now,
-		max:      maxJWTTokens,
 		log:      log,
-		tokens:   make(map[string]*list.Element),
-		lru:      list.New(),
-		inflight: make(map[string]*flight),
+		tokens:   lru.New[tokenKey, *jwtToken](maxJWTTokens),
+		inflight: make(map[tokenKey]*flight),
 	}
+}
+
+// Run waits for ctx to end, then stops the mints under way and waits for
+// them: a mint is shared by every caller waiting for it, so no one
+// caller's context may own it, and Run does. No mint starts after Run
+// has returned.
+func (j *jwtSource) Run(ctx context.Context) error {
+	<-ctx.Done()
+	j.mu.Lock()
+	j.stopped = true
+	j.mu.Unlock()
+	j.stopFly()
+	j.flights.Wait()
+	return nil
 }
 
 // JWTBundlesResponse implements workloadapi.JWTSource from the cache.
@@ -102,14 +129,12 @@ func normalizeAudience(aud []string) []string {
 	return slices.Compact(out)
 }
 
-// tokenKey names a cached token. Each audience value is length-prefixed,
-// so that no value, whatever it holds, can make two different audience
-// sets share a key (a separator alone let "p\x00q" pass for "p", "q").
-func tokenKey(spiffeID string, aud []string) string {
+// audienceKey names an audience set. Each value is length-prefixed, so
+// that no value, whatever it holds, can make two different audience sets
+// share a key (a separator alone let "p\x00q" pass for "p", "q").
+func audienceKey(aud []string) string {
 	var b strings.Builder
-	b.WriteString(spiffeID)
 	for _, a := range aud {
-		b.WriteByte(0)
 		b.WriteString(strconv.Itoa(len(a)))
 		b.WriteByte(':')
 		b.WriteString(a)
@@ -126,23 +151,33 @@ func (j *jwtSource) JWTSVIDs(ctx context.Context, selectors []string, spiffeID s
 	if len(aud) == 0 {
 		return nil, errNoAudience
 	}
-	entries := j.cache.jwtEntries(selectors, spiffeID)
+	var want spiffeid.ID
+	if spiffeID != "" {
+		// An ID that does not parse is no entry's: not entitled.
+		id, err := spiffeid.FromString(spiffeID)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s is not among the caller's identities", workloadapi.ErrNotEntitled, spiffeID)
+		}
+		want = id
+	}
+	entries := j.cache.jwtEntries(selectors, want)
 	if len(entries) == 0 {
 		if spiffeID != "" {
 			return nil, fmt.Errorf("%w: %s is not among the caller's identities", workloadapi.ErrNotEntitled, spiffeID)
 		}
 		return nil, fmt.Errorf("%w: no entry matches the caller", workloadapi.ErrNotEntitled)
 	}
+	audKey := audienceKey(aud)
 	now := j.now()
 	toks := make([]*jwtToken, len(entries))
 	flights := make([]*flight, len(entries))
 	var mine []*signerpb.JWTSVIDRequest
 	var mineFlights []*flight
-	var mineEntries []*signerpb.Entry
+	var mineEntries []*entry
 	j.mu.Lock()
 	for i, e := range entries {
-		key := tokenKey(e.GetSpiffeId(), aud)
-		if t := j.lookupLocked(key, e, now); t != nil && now.Before(t.renewAt()) {
+		key := tokenKey{e.key(), audKey}
+		if t := j.lookupLocked(key, now); t != nil && now.Before(t.renewAt()) {
 			toks[i] = t
 			continue
 		}
@@ -151,48 +186,61 @@ func (j *jwtSource) JWTSVIDs(ctx context.Context, selectors []string, spiffeID s
 			continue
 		}
 		f := &flight{done: make(chan struct{})}
-		j.inflight[key] = f
 		flights[i] = f
-		mine = append(mine, &signerpb.JWTSVIDRequest{EntryId: e.GetId(), Audience: aud})
+		mine = append(mine, &signerpb.JWTSVIDRequest{EntryId: e.ID, Audience: aud})
 		mineFlights = append(mineFlights, f)
 		mineEntries = append(mineEntries, e)
 	}
-	j.mu.Unlock()
-	if len(mine) > 0 {
+	stopped := j.stopped
+	if len(mine) > 0 && !stopped {
+		for i, f := range mineFlights {
+			j.inflight[tokenKey{mineEntries[i].key(), audKey}] = f
+		}
 		// Off this caller's goroutine: the others sharing the flights
 		// must get their answer even if this caller gives up.
-		go j.fly(mine, mineEntries, mineFlights, aud)
+		j.flights.Add(1)
+		go func() {
+			defer j.flights.Done()
+			j.fly(j.flyCtx, mine, mineEntries, mineFlights, audKey)
+		}()
+	}
+	j.mu.Unlock()
+	if len(mine) > 0 && stopped {
+		for _, f := range mineFlights {
+			f.err = errNotRunning
+			close(f.done)
+		}
 	}
 	out := make([]*workload.JWTSVID, 0, len(entries))
 	for i, e := range entries {
 		t := toks[i]
 		if t == nil {
 			var err error
-			if t, err = j.await(ctx, flights[i], e, aud); err != nil {
+			if t, err = j.await(ctx, flights[i], e, audKey); err != nil {
 				return nil, err
 			}
 		}
-		out = append(out, &workload.JWTSVID{SpiffeId: e.GetSpiffeId(), Svid: t.token, Hint: e.GetHint()})
+		out = append(out, &workload.JWTSVID{SpiffeId: e.SPIFFEID.String(), Svid: t.token, Hint: e.Hint})
 	}
 	return out, nil
 }
 
 // await waits for f. When the signer could not mint, a cached token that
 // is still valid is served instead; an expired one never is.
-func (j *jwtSource) await(ctx context.Context, f *flight, e *signerpb.Entry, aud []string) (*jwtToken, error) {
+func (j *jwtSource) await(ctx context.Context, f *flight, e *entry, audKey string) (*jwtToken, error) {
 	select {
 	case <-f.done:
 	case <-ctx.Done():
-		return nil, fmt.Errorf("JWT-SVID for %s: %w", e.GetSpiffeId(), ctx.Err())
+		return nil, fmt.Errorf("JWT-SVID for %s: %w", e.SPIFFEID, ctx.Err())
 	}
 	if f.err == nil {
 		return f.tok, nil
 	}
 	j.mu.Lock()
-	t := j.lookupLocked(tokenKey(e.GetSpiffeId(), aud), e, j.now())
+	t := j.lookupLocked(tokenKey{e.key(), audKey}, j.now())
 	j.mu.Unlock()
 	if t != nil {
-		j.log.Warn("jwt-svid renewal failed, serving the cached one", "spiffe_id", e.GetSpiffeId(),
+		j.log.Warn("jwt-svid renewal failed, serving the cached one", "spiffe_id", e.SPIFFEID.String(),
 			"exp", t.exp.UTC().Format(time.RFC3339), "error", f.err)
 		return t, nil
 	}
@@ -200,12 +248,10 @@ func (j *jwtSource) await(ctx context.Context, f *flight, e *signerpb.Entry, aud
 }
 
 // fly mints the tokens of one caller's misses in batches and hands each
-// result to its flight.
-func (j *jwtSource) fly(reqs []*signerpb.JWTSVIDRequest, entries []*signerpb.Entry, flights []*flight, aud []string) {
-	// A call is shared by every caller waiting for these tokens, so no
-	// one caller's deadline cuts it short (each stops waiting at its
-	// own); the minter bounds it.
-	ctx := context.Background()
+// result to its flight. ctx ends when Run does: a call is shared by every caller
+// waiting for these tokens, so no one caller's deadline cuts it short
+// (each stops waiting at its own); the minter bounds it.
+func (j *jwtSource) fly(ctx context.Context, reqs []*signerpb.JWTSVIDRequest, entries []*entry, flights []*flight, audKey string) {
 	for len(reqs) > 0 {
 		n := min(len(reqs), maxBatch)
 		resp, err := j.mint(ctx, reqs[:n])
@@ -215,20 +261,20 @@ func (j *jwtSource) fly(reqs []*signerpb.JWTSVIDRequest, entries []*signerpb.Ent
 		for i := range n {
 			f, e := flights[i], entries[i]
 			if err != nil {
-				f.err = fmt.Errorf("mint JWT-SVID for %s: %w", e.GetSpiffeId(), err)
+				f.err = fmt.Errorf("mint JWT-SVID for %s: %w", e.SPIFFEID, err)
 			} else {
-				f.tok, f.err = tokenFrom(resp[i], e, aud)
+				f.tok, f.err = tokenFrom(resp[i], e, audKey)
 			}
 			if f.err != nil {
-				j.log.Warn("jwt-svid not obtained", "entry", e.GetId(), "spiffe_id", e.GetSpiffeId(), "error", f.err)
+				j.log.Warn("jwt-svid not obtained", "entry", e.ID, "spiffe_id", e.SPIFFEID.String(), "error", f.err)
 			}
 		}
 		j.mu.Lock()
 		for i := range n {
 			f := flights[i]
-			delete(j.inflight, tokenKey(entries[i].GetSpiffeId(), aud))
+			delete(j.inflight, tokenKey{entries[i].key(), audKey})
 			if f.tok != nil {
-				j.storeLocked(f.tok)
+				j.tokens.Add(f.tok.key, f.tok)
 			}
 			close(f.done)
 		}
@@ -240,85 +286,59 @@ func (j *jwtSource) fly(reqs []*signerpb.JWTSVIDRequest, entries []*signerpb.Ent
 // tokenFrom checks one answer of the signer and reads the token's times.
 // The signature is not checked: the token came over mTLS from the signer
 // and the agent only reads its own token's times from it.
-func tokenFrom(r *signerpb.MintedJWTSVID, e *signerpb.Entry, aud []string) (*jwtToken, error) {
+func tokenFrom(r *signerpb.MintedJWTSVID, e *entry, audKey string) (*jwtToken, error) {
 	if r.GetError() != "" {
-		return nil, fmt.Errorf("entry %q refused by signer: %s", e.GetId(), r.GetError())
+		return nil, fmt.Errorf("entry %q refused by signer: %s", e.ID, r.GetError())
 	}
-	if r.GetEntryId() != e.GetId() {
-		return nil, fmt.Errorf("entry %q: signer answered for entry %q", e.GetId(), r.GetEntryId())
+	if r.GetEntryId() != e.ID {
+		return nil, fmt.Errorf("entry %q: signer answered for entry %q", e.ID, r.GetEntryId())
 	}
 	tok, err := jwt.ParseSigned(r.GetToken(), []jose.SignatureAlgorithm{jose.ES256})
 	if err != nil {
-		return nil, fmt.Errorf("entry %q: parse JWT-SVID: %w", e.GetId(), err)
+		return nil, fmt.Errorf("entry %q: parse JWT-SVID: %w", e.ID, err)
 	}
 	var c jwt.Claims
 	if err := tok.UnsafeClaimsWithoutVerification(&c); err != nil {
-		return nil, fmt.Errorf("entry %q: read JWT-SVID claims: %w", e.GetId(), err)
+		return nil, fmt.Errorf("entry %q: read JWT-SVID claims: %w", e.ID, err)
 	}
-	if c.Subject != e.GetSpiffeId() || c.Expiry == nil || c.IssuedAt == nil || !c.Expiry.Time().After(c.IssuedAt.Time()) {
-		return nil, fmt.Errorf("entry %q: JWT-SVID from signer lacks the entry's subject or a lifetime", e.GetId())
+	if c.Subject != e.SPIFFEID.String() || c.Expiry == nil || c.IssuedAt == nil || !c.Expiry.Time().After(c.IssuedAt.Time()) {
+		return nil, fmt.Errorf("entry %q: JWT-SVID from signer lacks the entry's subject or a lifetime", e.ID)
 	}
-	return &jwtToken{
-		key: tokenKey(e.GetSpiffeId(), aud), entryID: e.GetId(), revision: e.GetRevision(),
-		token: r.GetToken(), iat: c.IssuedAt.Time(), exp: c.Expiry.Time(),
-	}, nil
+	return &jwtToken{key: tokenKey{e.key(), audKey}, token: r.GetToken(), iat: c.IssuedAt.Time(), exp: c.Expiry.Time()}, nil
 }
 
 // lookupLocked returns the cached token for key if it is still valid at
-// now and was minted for e as it is now, marking it recently used. An
-// expired token, or one of an older revision, is dropped.
-func (j *jwtSource) lookupLocked(key string, e *signerpb.Entry, now time.Time) *jwtToken {
-	el, ok := j.tokens[key]
+// now, marking it recently used. An expired token is dropped. The key
+// holds the entry revision, so a token minted for another revision of
+// the entry is never found.
+func (j *jwtSource) lookupLocked(key tokenKey, now time.Time) *jwtToken {
+	t, ok := j.tokens.Get(key)
 	if !ok {
 		return nil
 	}
-	t := el.Value.(*jwtToken)
-	if !now.Before(t.exp) || t.entryID != e.GetId() || t.revision != e.GetRevision() {
-		j.lru.Remove(el)
-		delete(j.tokens, key)
+	if !now.Before(t.exp) {
+		j.tokens.Remove(key)
 		return nil
 	}
-	j.lru.MoveToFront(el)
 	return t
-}
-
-// storeLocked caches t, evicting the least recently used past the bound.
-func (j *jwtSource) storeLocked(t *jwtToken) {
-	if el, ok := j.tokens[t.key]; ok {
-		el.Value = t
-		j.lru.MoveToFront(el)
-		return
-	}
-	j.tokens[t.key] = j.lru.PushFront(t)
-	for j.lru.Len() > j.max {
-		old := j.lru.Back()
-		j.lru.Remove(old)
-		delete(j.tokens, old.Value.(*jwtToken).key)
-	}
 }
 
 // retain drops the tokens of entries that left the sync or changed, and
 // the expired ones.
-func (j *jwtSource) retain(entries []*signerpb.Entry) {
-	rev := make(map[string]uint64, len(entries))
+func (j *jwtSource) retain(entries []*entry) {
+	current := make(map[entryKey]bool, len(entries))
 	for _, e := range entries {
-		rev[e.GetId()] = e.GetRevision()
+		current[e.key()] = true
 	}
 	now := j.now()
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	for key, el := range j.tokens {
-		t := el.Value.(*jwtToken)
-		if r, ok := rev[t.entryID]; !ok || r != t.revision || !now.Before(t.exp) {
-			j.lru.Remove(el)
-			delete(j.tokens, key)
-		}
-	}
+	j.tokens.DeleteFunc(func(k tokenKey, t *jwtToken) bool { return !current[k.entry] || !now.Before(t.exp) })
 }
 
 // cached reports how many tokens the cache holds (status and tests).
 func (j *jwtSource) cached() int {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.lru.Len()
+	return j.tokens.Len()
 }

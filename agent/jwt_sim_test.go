@@ -77,8 +77,9 @@ func BenchmarkJWTSVIDs(b *testing.B) {
 	e := newSimEnv(b)
 	_, msg := e.firstSync(b)
 	c := newCache(simTD().String())
-	c.setEntries(msg.GetEntries())
+	c.setEntries(entriesFrom(msg.GetEntries(), simTD(), hclog.NewNullLogger()))
 	j := newJWTSource(c, e.u.mintJWTSVIDs, hclog.NewNullLogger())
+	runPart(b, j.Run)
 	sel := []string{"unix:uid:1000"}
 	b.Run("cached", func(b *testing.B) {
 		if _, err := j.JWTSVIDs(b.Context(), sel, "", []string{"bench"}); err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -19,6 +20,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/lru"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -29,6 +31,7 @@ import (
 // time, and counts calls; down makes it fail, gate makes it wait.
 type fakeMinter struct {
 	key   *ecdsa.PrivateKey
+	kid   string // "" means "k"
 	now   func() time.Time
 	ttl   time.Duration
 	calls atomic.Int64
@@ -59,7 +62,7 @@ func (m *fakeMinter) mint(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) 
 	if m.down.Load() {
 		return nil, errors.New("signer unreachable")
 	}
-	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: m.key, KeyID: "k"}}, nil)
+	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: m.key, KeyID: cmp.Or(m.kid, "k")}}, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -84,10 +87,11 @@ func jwtTestSource(t testing.TB) (*jwtSource, *fakeMinter, *time.Time) {
 	t.Helper()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	c := newCache("spiffe://example.org")
-	c.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1"), entry("b", 1, "unix:uid:1"), entry("c", 1, "unix:uid:2")})
+	c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1"), testEntry("b", 1, "unix:uid:1"), testEntry("c", 1, "unix:uid:2")})
 	m := newFakeMinter(t, func() time.Time { return now })
 	j := newJWTSource(c, m.mint, hclog.NewNullLogger())
 	j.now = func() time.Time { return now }
+	runPart(t, j.Run)
 	return j, m, &now
 }
 
@@ -195,7 +199,7 @@ func TestJWTSVIDsEntitlement(t *testing.T) {
 
 func TestJWTSVIDsBoundEvictsLeastRecentlyUsed(t *testing.T) {
 	j, m, _ := jwtTestSource(t)
-	j.max = 3
+	j.tokens = lru.New[tokenKey, *jwtToken](3)
 	const id = "spiffe://example.org/a"
 	for _, aud := range []string{"1", "2", "3", "1", "4"} { // "1" used again before "4" comes in
 		if _, err := fetch(t, j, id, aud); err != nil {
@@ -306,7 +310,7 @@ func TestJWTSVIDsDropTokensOfLeftEntries(t *testing.T) {
 	if _, err := fetch(t, j, "spiffe://example.org/b", "x"); err != nil {
 		t.Fatal(err)
 	}
-	entries := []*signerpb.Entry{entry("a", 2, "unix:uid:1"), entry("c", 1, "unix:uid:2")} // a changed, b left
+	entries := []*entry{testEntry("a", 2, "unix:uid:1"), testEntry("c", 1, "unix:uid:2")} // a changed, b left
 	j.cache.setEntries(entries)
 	j.retain(entries)
 	if n := j.cached(); n != 0 {
@@ -404,9 +408,10 @@ func TestJWTBundle(t *testing.T) {
 func TestReportJWT(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	a := New(&Config{TrustDomain: td}, nil)
-	a.cache.setEntries([]*signerpb.Entry{entry("a", 1, "unix:uid:1")})
+	a.cache.setEntries([]*entry{testEntry("a", 1, "unix:uid:1")})
 	m := newFakeMinter(t, time.Now)
 	a.jwt.mint = m.mint
+	runPart(t, a.jwt.Run)
 	der, _ := x509.MarshalPKIXPublicKey(m.key.Public())
 	if _, err := a.cache.setJWTBundle(td, []*signerpb.JWTAuthority{{KeyId: "k", PublicKey: der}}); err != nil {
 		t.Fatal(err)
@@ -421,27 +426,32 @@ func TestReportJWT(t *testing.T) {
 }
 
 // TestTokenKeyUnambiguous: no audience value can make two different
-// (SPIFFE ID, audience set) pairs share a cached token.
+// (entry, audience set) pairs share a cached token.
 func TestTokenKeyUnambiguous(t *testing.T) {
 	pairs := []struct {
 		id  string
 		aud []string
 	}{
-		{"spiffe://example.org/a", []string{"p\x00q"}},
-		{"spiffe://example.org/a", []string{"p", "q"}},
-		{"spiffe://example.org/a", []string{"p\x001:q"}},
-		{"spiffe://example.org/a", []string{"p:q"}},
-		{"spiffe://example.org/a", []string{"1:p"}},
-		{"spiffe://example.org/a\x001:p", nil},
-		{"spiffe://example.org/a", []string{""}},
-		{"spiffe://example.org/a", nil},
+		{"a", []string{"p\x00q"}},
+		{"a", []string{"p", "q"}},
+		{"a", []string{"p\x001:q"}},
+		{"a", []string{"p:q"}},
+		{"a", []string{"1:p"}},
+		{"a\x001:p", nil},
+		{"a", []string{""}},
+		{"a", nil},
 	}
-	seen := map[string]int{}
+	seen := map[tokenKey]int{}
 	for i, p := range pairs {
-		k := tokenKey(p.id, p.aud)
+		k := tokenKey{entryKey{p.id, 1}, audienceKey(p.aud)}
 		if j, ok := seen[k]; ok {
-			t.Errorf("pair %d (%q, %q) shares key %q with pair %d (%q, %q)", i, p.id, p.aud, k, j, pairs[j].id, pairs[j].aud)
+			t.Errorf("pair %d (%q, %q) shares key %+v with pair %d (%q, %q)", i, p.id, p.aud, k, j, pairs[j].id, pairs[j].aud)
 		}
 		seen[k] = i
+	}
+	// The revision is part of the key: a token of revision 1 is never
+	// found for revision 2.
+	if (tokenKey{entryKey{"a", 1}, audienceKey([]string{"x"})}) == (tokenKey{entryKey{"a", 2}, audienceKey([]string{"x"})}) {
+		t.Error("two revisions of one entry share a token key")
 	}
 }

@@ -83,7 +83,7 @@ func (c *cache) setJWTBundle(td spiffeid.TrustDomain, keys []*signerpb.JWTAuthor
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.jwt = st
-	c.wakeLocked()
+	c.changed.notify()
 	return true, nil
 }
 
@@ -93,9 +93,9 @@ func (c *cache) JWTBundlesResponse() (*workload.JWTBundlesResponse, <-chan struc
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.jwt == nil {
-		return nil, c.changed
+		return nil, c.changed.C()
 	}
-	return c.jwt.resp, c.changed
+	return c.jwt.resp, c.changed.C()
 }
 
 // JWTBundles returns the JWT bundles tokens are validated against: empty
@@ -111,20 +111,20 @@ func (c *cache) JWTBundles() *jwtbundle.Set {
 
 // jwtEntries returns the entries a caller with these selectors may have a
 // JWT-SVID for, in the same order as its X.509-SVIDs, one per SPIFFE ID,
-// and only the one for spiffeID when it is not empty. Unlike X.509-SVIDs
-// a JWT-SVID needs nothing held in advance: every matching entry counts.
-func (c *cache) jwtEntries(selectors []string, spiffeID string) []*signerpb.Entry {
+// and only the one for id when it is not zero. Unlike X.509-SVIDs a
+// JWT-SVID needs nothing held in advance: every matching entry counts.
+func (c *cache) jwtEntries(selectors []string, id spiffeid.ID) []*entry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []*signerpb.Entry
+	var out []*entry
 	for _, e := range c.entries {
-		if spiffeID != "" && e.GetSpiffeId() != spiffeID {
+		if !id.IsZero() && e.SPIFFEID != id {
 			continue
 		}
-		if !matches(e.GetSelectors(), selectors) {
+		if !matches(e.Selectors, selectors) {
 			continue
 		}
-		if slices.ContainsFunc(out, func(o *signerpb.Entry) bool { return o.GetSpiffeId() == e.GetSpiffeId() }) {
+		if slices.ContainsFunc(out, func(o *entry) bool { return o.SPIFFEID == e.SPIFFEID }) {
 			continue
 		}
 		out = append(out, e)

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/google/go-cmp/cmp"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
 	"github.com/lanyard-dev/lanyard/workloadapi"
@@ -93,7 +95,7 @@ func TestWorkloadLimits(t *testing.T) {
 
 func TestHealthExhaustion(t *testing.T) {
 	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
-	ok := Status{AgentID: "spiffe://example.org/lanyard/agent/tpm/ab", AgentNotAfter: now.Add(time.Hour), SyncConnected: true}
+	ok := snapshot{up: upstreamSnapshot{AgentID: spiffeid.RequireFromString("spiffe://example.org/lanyard/agent/tpm/ab"), AgentNotAfter: now.Add(time.Hour), SyncConnected: true}, tpm: tpmState{Reachable: true}}
 	tests := []struct {
 		name    string
 		ex      []workloadapi.Exhaustion
@@ -111,7 +113,7 @@ func TestHealthExhaustion(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			st := ok
-			st.Exhaustion = tt.ex
+			st.exhaustion = tt.ex
 			got, reasons := health(st, now)
 			if got != Degraded || !cmp.Equal(reasons, tt.reasons) {
 				t.Errorf("health = %s %q, want %s %q", got, reasons, Degraded, tt.reasons)

@@ -40,7 +40,7 @@ type metrics struct {
 	streams                map[string]*atomic.Int64 // keys fixed at construction
 }
 
-func newMetrics(a *Agent) *metrics {
+func newMetrics() *metrics {
 	const ns = "lanyard_agent"
 	m := &metrics{
 		reg: telemetry.NewRegistry(),
@@ -73,16 +73,23 @@ func newMetrics(a *Agent) *metrics {
 			Help:        "Open Workload API streams by method.",
 			ConstLabels: prometheus.Labels{"method": method}}, func() float64 { return float64(n.Load()) }))
 	}
+	return m
+}
+
+// watch registers the gauges read at scrape time from the parts'
+// snapshots: whether the sync stream is up, and when the first SVID held
+// expires.
+func (m *metrics) watch(connected func() bool, earliest func() (time.Time, bool)) {
+	const ns = "lanyard_agent"
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: "signer_connected",
 		Help: "1 while the sync stream to the signer is open and delivering, else 0."}, func() float64 {
-		if a.syncConnected.Load() {
+		if connected() {
 			return 1
 		}
 		return 0
 	}))
-	m.reg.MustRegister(expiryCollector{a: a, desc: prometheus.NewDesc(ns+"_earliest_svid_expiry_seconds",
+	m.reg.MustRegister(expiryCollector{earliest: earliest, desc: prometheus.NewDesc(ns+"_earliest_svid_expiry_seconds",
 		"Seconds until the earliest workload SVID the agent holds expires (absent when it holds none).", nil, nil)})
-	return m
 }
 
 // svidFailed counts n SVIDs that could not be obtained for reason.
@@ -132,14 +139,14 @@ func (m *metrics) CallerAttested(d time.Duration, _ bool) {
 // it is exact whenever it is read, and leaves it out when there is nothing
 // to expire (0 would read as "expiring now").
 type expiryCollector struct {
-	a    *Agent
-	desc *prometheus.Desc
+	earliest func() (time.Time, bool)
+	desc     *prometheus.Desc
 }
 
 func (c expiryCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 
 func (c expiryCollector) Collect(ch chan<- prometheus.Metric) {
-	earliest, ok := c.a.cache.earliestNotAfter()
+	earliest, ok := c.earliest()
 	if !ok {
 		return
 	}

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -28,12 +27,12 @@ func TestMetrics(t *testing.T) {
 	}
 
 	now := time.Now()
-	a.cache.setEntries([]*signerpb.Entry{entry("late", 1, "unix:uid:1"), entry("early", 1, "unix:uid:1")})
+	a.cache.setEntries([]*entry{testEntry("late", 1, "unix:uid:1"), testEntry("early", 1, "unix:uid:1")})
 	a.cache.putSVIDs([]*svid{
 		testSVID(t, "late", 1, now.Add(-time.Minute), now.Add(time.Hour)),
 		testSVID(t, "early", 1, now.Add(-time.Minute), now.Add(10*time.Minute)),
 	})
-	a.syncConnected.Store(true)
+	a.up.update(func(s *upstreamSnapshot) { s.SyncConnected = true })
 	m.StreamOpened("FetchX509SVID")
 	m.StreamOpened("FetchX509SVID")
 	m.StreamOpened("FetchX509Bundles")
@@ -68,7 +67,7 @@ lanyard_agent_workload_api_calls_total{code="PermissionDenied",method="FetchX509
 		"lanyard_agent_svids_issued_total", "lanyard_agent_workload_api_calls_total"); err != nil {
 		t.Error(err)
 	}
-	if got := a.Status().OpenStreams; got["FetchX509SVID"] != 1 || got["FetchX509Bundles"] != 1 || len(got) != 3 {
+	if got := a.Report(time.Now()).OpenStreams; got["FetchX509SVID"] != 1 || got["FetchX509Bundles"] != 1 || len(got) != 3 {
 		t.Errorf("status open streams = %v, want FetchX509SVID 1, FetchX509Bundles 1 and FetchJWTBundles 0", got)
 	}
 

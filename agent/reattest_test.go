@@ -38,7 +38,7 @@ func (s *forgetfulSigner) MintJWTSVIDs(_ context.Context, req *signerpb.MintJWTS
 // serveFake serves srv on loopback until the test ends and returns an
 // upstream connected to it (the signer the upstream talks to is the
 // fake; the agent logic under test is real).
-func serveFake(t *testing.T, srv signerpb.SignerServer) *upstream {
+func serveFake(t *testing.T, srv signerpb.SignerServer) *signerConn {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -48,7 +48,7 @@ func serveFake(t *testing.T, srv signerpb.SignerServer) *upstream {
 	signerpb.RegisterSignerServer(gs, srv)
 	go gs.Serve(lis)
 	t.Cleanup(gs.Stop)
-	u := &upstream{addr: lis.Addr().String(), newCon: make(chan struct{})}
+	u := &signerConn{addr: lis.Addr().String()}
 	u.conn = dialFake(t, u.addr)
 	return u
 }
@@ -82,13 +82,14 @@ func TestJWTMintWaitsForReattestation(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			sig := &forgetfulSigner{}
 			a := New(&Config{TrustDomain: spiffeid.RequireTrustDomainFromString("example.org")}, nil)
-			a.up = serveFake(t, sig)
-			a.jwtReattestWait = 2 * time.Second
+			conn := serveFake(t, sig)
+			a.up.link = conn
+			a.up.reattestWait = 2 * time.Second
 			attested := make(chan struct{})
 			go func() {
 				defer close(attested)
 				select {
-				case <-a.reattest:
+				case <-a.up.reattest:
 				case <-time.After(10 * time.Second):
 					t.Error("no attestation asked for")
 					return
@@ -99,14 +100,13 @@ func TestJWTMintWaitsForReattestation(t *testing.T) {
 				// What upstream.attest does on success: a new
 				// connection, announced on newCon.
 				sig.known.Store(true)
-				conn := dialFake(t, a.up.addr)
-				a.up.mu.Lock()
-				a.up.conn = conn
-				close(a.up.newCon)
-				a.up.newCon = make(chan struct{})
-				a.up.mu.Unlock()
+				c := dialFake(t, conn.addr)
+				conn.mu.Lock()
+				conn.conn = c
+				conn.newCon.notify()
+				conn.mu.Unlock()
 			}()
-			resp, err := a.mintJWTSVIDs(t.Context(), reqs)
+			resp, err := a.up.mintJWTSVIDs(t.Context(), reqs)
 			<-attested
 			if got := status.Code(err); got != tt.wantCode {
 				t.Fatalf("mintJWTSVIDs: %v, want code %v", err, tt.wantCode)

@@ -3,10 +3,10 @@ package agent
 import (
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/cli"
+	"github.com/lanyard-dev/lanyard/workloadapi"
 )
 
 // Health states, also the exit codes of `lanyard-agent status` and
@@ -85,69 +85,98 @@ type EntryReport struct {
 	RenewAt  *time.Time `json:"renew_at,omitempty"`
 }
 
+// snapshot is what the parts report, each read under its own lock only:
+// the facts behind Report and health.
+type snapshot struct {
+	started     time.Time
+	up          upstreamSnapshot
+	renew       renewerSnapshot
+	cache       cacheSnapshot
+	tpm         tpmState
+	jwtTokens   int
+	openStreams map[string]int64 // open Workload API streams by method
+	// exhaustion lists the Workload API limits callers reached now or
+	// within the last minute, and failed accepts.
+	exhaustion []workloadapi.Exhaustion
+}
+
+// snapshot reads every part's snapshot.
+func (a *Agent) snapshot(now time.Time) snapshot {
+	s := snapshot{
+		started: a.started, up: a.up.Snapshot(), renew: a.renew.Snapshot(), cache: a.cache.snapshot(a.renew.sched),
+		jwtTokens: a.jwt.cached(), openStreams: a.metrics.openStreams(), tpm: tpmState{Reachable: true},
+	}
+	if a.api != nil {
+		s.exhaustion = a.api.Exhaustion(now)
+	}
+	if a.tpm != nil {
+		s.tpm = a.tpm.Snapshot()
+	}
+	return s
+}
+
 // Report builds the status report at now.
 func (a *Agent) Report(now time.Time) Report {
-	st := a.Status()
+	st := a.snapshot(now)
 	r := Report{
 		Version:       cli.Version(),
-		UptimeSeconds: int64(now.Sub(st.StartedAt).Seconds()),
+		UptimeSeconds: int64(now.Sub(st.started).Seconds()),
 		Agent: AgentReport{
-			SPIFFEID: st.AgentID, NotAfter: timePtr(st.AgentNotAfter), RenewAt: timePtr(st.AgentRenewAt),
-			EKSHA256:        strings.TrimPrefix(st.AgentID, "spiffe://"+a.cfg.TrustDomain.String()+"/lanyard/agent/tpm/"),
-			TPMManufacturer: a.tpmManufacturer, NodeSelectors: st.NodeSelectors,
+			NotAfter: timePtr(st.up.AgentNotAfter), RenewAt: timePtr(st.up.AgentRenewAt),
+			EKSHA256: st.up.EKSHA256, TPMManufacturer: a.tpmManufacturer, NodeSelectors: st.up.NodeSelectors,
 		},
 		Signer: SignerReport{
-			Address: a.cfg.SignerAddress, Connected: st.SyncConnected, LastSync: timePtr(st.LastSync),
-			ConsecutiveFailures: max(st.SyncFailures, st.AttestFailures, st.RenewFailures),
+			Address: a.cfg.SignerAddress, Connected: st.up.SyncConnected, LastSync: timePtr(st.up.LastSync),
+			ConsecutiveFailures: max(st.up.SyncFailures, st.up.AttestFailures, st.renew.Failures),
 		},
-		OpenStreams: st.OpenStreams,
-		TPM: TPMReport{Reachable: st.TPMError == "", Error: st.TPMError, UnreachableSince: timePtr(st.TPMLostAt),
-			ReopenFailures: st.TPMReopenFailures},
+		OpenStreams: st.openStreams,
+		TPM: TPMReport{Reachable: st.tpm.Reachable, Error: st.tpm.Error, UnreachableSince: timePtr(st.tpm.LostAt),
+			ReopenFailures: st.tpm.ReopenFailures},
 	}
-	if st.AgentID == "" {
-		r.Agent.EKSHA256 = ""
+	if !st.up.AgentID.IsZero() {
+		r.Agent.SPIFFEID = st.up.AgentID.String()
 	}
-	for _, na := range st.BundleNotAfter {
+	for _, na := range st.cache.BundleNotAfter {
 		r.Bundle = append(r.Bundle, CAReport{NotAfter: na})
 	}
-	for _, s := range st.SVIDs {
+	for _, s := range st.cache.SVIDs {
 		r.Entries = append(r.Entries, EntryReport{ID: s.EntryID, SPIFFEID: s.SPIFFEID, Serial: s.Serial,
 			NotAfter: timePtr(s.NotAfter), RenewAt: timePtr(s.RenewAt)})
 	}
-	r.JWT = JWTReport{KeyIDs: st.JWTKeyIDs, TokensCached: st.JWTTokensCached}
+	r.JWT = JWTReport{KeyIDs: st.cache.JWTKeyIDs, TokensCached: st.jwtTokens}
 	r.Health, r.Reasons = health(st, now)
 	return r
 }
 
 // health judges a status snapshot: the first reasons are the ones to act on.
-func health(st Status, now time.Time) (string, []string) {
+func health(st snapshot, now time.Time) (string, []string) {
 	var bad, warn []string
 	switch {
-	case st.AgentID == "":
+	case st.up.AgentID.IsZero():
 		bad = append(bad, "not attested")
-	case !now.Before(st.AgentNotAfter):
+	case !now.Before(st.up.AgentNotAfter):
 		bad = append(bad, "agent SVID expired")
 	}
-	if st.EntriesWithoutID > 0 {
-		bad = append(bad, pluralize(st.EntriesWithoutID, "entry has", "entries have")+" no valid SVID")
+	if st.cache.EntriesWithoutID > 0 {
+		bad = append(bad, pluralize(st.cache.EntriesWithoutID, "entry has", "entries have")+" no valid SVID")
 	}
-	if st.TPMError != "" {
+	if !st.tpm.Reachable {
 		// First of the warnings: it is why attestations fail.
-		warn = append(warn, fmt.Sprintf("TPM unreachable for %s (%s): %s", now.Sub(st.TPMLostAt).Round(time.Second),
-			pluralize(st.TPMReopenFailures, "reopen attempt", "reopen attempts")+" failed", st.TPMError))
+		warn = append(warn, fmt.Sprintf("TPM unreachable for %s (%s): %s", now.Sub(st.tpm.LostAt).Round(time.Second),
+			pluralize(st.tpm.ReopenFailures, "reopen attempt", "reopen attempts")+" failed", st.tpm.Error))
 	}
-	if st.AttestFailures > 0 {
-		warn = append(warn, pluralize(st.AttestFailures, "attestation", "attestations")+" failed in a row")
+	if st.up.AttestFailures > 0 {
+		warn = append(warn, pluralize(st.up.AttestFailures, "attestation", "attestations")+" failed in a row")
 	}
-	if !st.SyncConnected {
+	if !st.up.SyncConnected {
 		warn = append(warn, "signer unreachable (sync stream down)")
 	}
-	if st.RenewFailures > 0 {
-		warn = append(warn, pluralize(st.RenewFailures, "renewal round", "renewal rounds")+" failed in a row")
+	if st.renew.Failures > 0 {
+		warn = append(warn, pluralize(st.renew.Failures, "renewal round", "renewal rounds")+" failed in a row")
 	}
 	// A caller at a cap, or an accept failing, means some callers are
 	// being turned away right now or were within the last minute.
-	warn = append(warn, exhaustionReasons(st.Exhaustion, now)...)
+	warn = append(warn, exhaustionReasons(st.exhaustion, now)...)
 	switch {
 	case len(bad) > 0:
 		return Unhealthy, append(bad, warn...)

@@ -4,27 +4,30 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 func TestHealth(t *testing.T) {
 	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
-	ok := Status{AgentID: "spiffe://example.org/lanyard/agent/tpm/ab", AgentNotAfter: now.Add(time.Hour), SyncConnected: true}
+	ok := snapshot{up: upstreamSnapshot{AgentID: spiffeid.RequireFromString("spiffe://example.org/lanyard/agent/tpm/ab"), AgentNotAfter: now.Add(time.Hour), SyncConnected: true}, tpm: tpmState{Reachable: true}}
 	tests := []struct {
 		name    string
-		mod     func(*Status)
+		mod     func(*snapshot)
 		want    string
 		reasons []string
 	}{
-		{"all good", func(*Status) {}, Healthy, nil},
-		{"not attested", func(s *Status) { s.AgentID = ""; s.SyncConnected = false },
+		{"all good", func(*snapshot) {}, Healthy, nil},
+		{"not attested", func(s *snapshot) { s.up.AgentID = spiffeid.ID{}; s.up.SyncConnected = false },
 			Unhealthy, []string{"not attested", "signer unreachable (sync stream down)"}},
-		{"agent SVID expired", func(s *Status) { s.AgentNotAfter = now }, Unhealthy, []string{"agent SVID expired"}},
-		{"entry without SVID", func(s *Status) { s.EntriesWithoutID = 2 }, Unhealthy, []string{"2 entries have no valid SVID"}},
-		{"signer down, SVIDs valid", func(s *Status) { s.SyncConnected = false }, Degraded, []string{"signer unreachable (sync stream down)"}},
-		{"renewals failing", func(s *Status) { s.RenewFailures = 1 }, Degraded, []string{"1 renewal round failed in a row"}},
-		{"attestations failing", func(s *Status) { s.AttestFailures = 3 }, Degraded, []string{"3 attestations failed in a row"}},
-		{"TPM unreachable", func(s *Status) {
-			s.TPMError, s.TPMLostAt, s.TPMReopenFailures, s.AttestFailures = "attestor: TPM unreachable: read TPM response from socket /s: EOF", now.Add(-12*time.Second), 4, 2
+		{"agent SVID expired", func(s *snapshot) { s.up.AgentNotAfter = now }, Unhealthy, []string{"agent SVID expired"}},
+		{"entry without SVID", func(s *snapshot) { s.cache.EntriesWithoutID = 2 }, Unhealthy, []string{"2 entries have no valid SVID"}},
+		{"signer down, SVIDs valid", func(s *snapshot) { s.up.SyncConnected = false }, Degraded, []string{"signer unreachable (sync stream down)"}},
+		{"renewals failing", func(s *snapshot) { s.renew.Failures = 1 }, Degraded, []string{"1 renewal round failed in a row"}},
+		{"attestations failing", func(s *snapshot) { s.up.AttestFailures = 3 }, Degraded, []string{"3 attestations failed in a row"}},
+		{"TPM unreachable", func(s *snapshot) {
+			s.tpm = tpmState{Error: "attestor: TPM unreachable: read TPM response from socket /s: EOF", LostAt: now.Add(-12 * time.Second), ReopenFailures: 4}
+			s.up.AttestFailures = 2
 		}, Degraded, []string{"TPM unreachable for 12s (4 reopen attempts failed): attestor: TPM unreachable: read TPM response from socket /s: EOF", "2 attestations failed in a row"}},
 	}
 	for _, tt := range tests {

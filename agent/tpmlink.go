@@ -50,7 +50,7 @@ type tpmLink struct {
 	failures int       // failed reopen attempts since then
 }
 
-// tpmState is the link's state for Status.
+// tpmState is the link's state for the status report.
 type tpmState struct {
 	Reachable      bool
 	Error          string    // why not, when not reachable
@@ -97,8 +97,8 @@ func (l *tpmLink) check(tpm *node.TPM) {
 	}
 }
 
-// state reports whether the TPM is reachable, for status.
-func (l *tpmLink) state() tpmState {
+// Snapshot reports whether the TPM is reachable, for status.
+func (l *tpmLink) Snapshot() tpmState {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.tpm != nil {

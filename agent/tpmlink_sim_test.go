@@ -97,10 +97,10 @@ func TestTPMLinkReopens(t *testing.T) {
 				link.check(first)
 			}
 			pollLink(t, "the TPM reported unreachable after 2 failed reopens", func() bool {
-				st := link.state()
+				st := link.Snapshot()
 				return !st.Reachable && st.ReopenFailures >= 2
 			})
-			st := link.state()
+			st := link.Snapshot()
 			if st.Error != "dial TPM socket: connection refused" || st.LostAt.IsZero() {
 				t.Errorf("state while down = %+v, want the reopen error and when it was lost", st)
 			}
@@ -112,7 +112,7 @@ func TestTPMLinkReopens(t *testing.T) {
 			}
 
 			down.Store(false) // swtpm is back
-			pollLink(t, "the TPM reopened", func() bool { return link.state().Reachable })
+			pollLink(t, "the TPM reopened", func() bool { return link.Snapshot().Reachable })
 			tpm, err := link.current()
 			if err != nil || tpm == first {
 				t.Fatalf("current() after reopen = %p, %v; want a new TPM", tpm, err)

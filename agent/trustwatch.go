@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"sync"
 
 	"github.com/lanyard-dev/lanyard/internal/filewatch"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -12,58 +11,52 @@ import (
 // how an operator tells the agent about a signer it cannot know otherwise
 // (one restarted with a new CA), so a new authority in it is trusted at
 // once, and the attestation and sync loops, and gRPC's reconnect, stop
-// waiting out their backoff to use it. loaded is the content Run started with.
-func (a *Agent) watchTrust(ctx context.Context, loaded []byte) error {
-	w := &filewatch.Watcher{Path: a.cfg.TrustBundlePath, Loaded: loaded, Log: a.log.Named("trust")}
+// waiting out their backoff to use it.
+func (u *upstream) watchTrust(ctx context.Context) error {
+	if u.trustPath == "" {
+		return nil // tests of the loops
+	}
+	w := &filewatch.Watcher{Path: u.trustPath, Loaded: u.loaded, Log: u.log.Named("trust")}
 	return w.Run(ctx, func(data []byte) {
-		b, err := x509bundle.Parse(a.cfg.TrustDomain, data)
+		b, err := x509bundle.Parse(u.td, data)
 		if err != nil {
-			a.log.Error("trust bundle file unusable; keeping the current trust", "path", a.cfg.TrustBundlePath, "error", err)
+			u.log.Error("trust bundle file unusable; keeping the current trust", "path", u.trustPath, "error", err)
 			return
 		}
-		added := a.addTrust(b)
-		a.log.Info("trust bundle file reloaded", "path", a.cfg.TrustBundlePath, "authorities", len(b.X509Authorities()), "new", added)
+		added := u.addTrust(b)
+		u.log.Info("trust bundle file reloaded", "path", u.trustPath, "authorities", len(b.X509Authorities()), "new", added)
 		if added > 0 {
-			a.retryNow()
+			u.retryNow()
 		}
 	})
+}
+
+// reloadTrust adds the authorities in trust_bundle_path to those the agent
+// trusts the signer by. A signer restarted without its TPM-sealed keys is
+// known only by the bundle file the operator distributes; re-reading it
+// before every attestation lets the agent follow.
+func (u *upstream) reloadTrust() {
+	if u.trustPath == "" {
+		return
+	}
+	b, err := x509bundle.Load(u.td, u.trustPath)
+	if err != nil {
+		u.log.Warn("cannot read trust bundle file", "path", u.trustPath, "error", err)
+		return
+	}
+	u.addTrust(b)
 }
 
 // addTrust adds the authorities in b to those the signer is verified
 // against, and returns how many were new. Nothing is removed: the signer's
 // own bundle, pushed on the sync stream, is what retires a CA.
-func (a *Agent) addTrust(b *x509bundle.Bundle) int {
+func (u *upstream) addTrust(b *x509bundle.Bundle) int {
 	added := 0
 	for _, c := range b.X509Authorities() {
-		if !a.up.trust.HasX509Authority(c) {
-			a.up.trust.AddX509Authority(c)
+		if !u.trust.HasX509Authority(c) {
+			u.trust.AddX509Authority(c)
 			added++
 		}
 	}
 	return added
-}
-
-// broadcast wakes every goroutine waiting on it, once per notify.
-type broadcast struct {
-	mu sync.Mutex
-	ch chan struct{}
-}
-
-// C returns a channel closed at the next notify.
-func (b *broadcast) C() <-chan struct{} {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.ch == nil {
-		b.ch = make(chan struct{})
-	}
-	return b.ch
-}
-
-func (b *broadcast) notify() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.ch != nil {
-		close(b.ch)
-	}
-	b.ch = make(chan struct{})
 }

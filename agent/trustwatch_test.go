@@ -2,13 +2,8 @@ package agent
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,28 +14,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
-
-func testCA(t *testing.T, name string) *x509.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
 
 func pemOf(cs ...*x509.Certificate) []byte {
 	var out []byte
@@ -53,17 +26,19 @@ func pemOf(cs ...*x509.Certificate) []byte {
 func TestWatchTrust(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	path := filepath.Join(t.TempDir(), "bundle.pem")
-	ca1, ca2 := testCA(t, "ca1"), testCA(t, "ca2")
+	ca1, ca2 := newTestCA(t, "ca1").cert, newTestCA(t, "ca2").cert
 	initial := pemOf(ca1)
 	if err := os.WriteFile(path, initial, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	logs := &jsonLog{} // its Write and String are safe from the watcher's goroutine
 	a := New(&Config{TrustDomain: td, TrustBundlePath: path}, hclog.New(&hclog.LoggerOptions{Output: logs}))
-	a.up = &upstream{trust: x509bundle.FromX509Authorities(td, []*x509.Certificate{ca1})}
+	a.up.trust = x509bundle.FromX509Authorities(td, []*x509.Certificate{ca1})
+	a.up.loaded = initial
+	a.up.link = &signerConn{} // not connected: nothing to reset
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- a.watchTrust(ctx, initial) }()
+	go func() { done <- a.up.watchTrust(ctx) }()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -85,7 +60,7 @@ func TestWatchTrust(t *testing.T) {
 	}
 	for _, st := range steps {
 		t.Run(st.name, func(t *testing.T) {
-			wake := a.trustWake.C()
+			wake := a.up.trustWake.C()
 			seen := strings.Count(logs.String(), st.wantLog)
 			tmp := path + ".tmp"
 			if err := os.WriteFile(tmp, st.content, 0o644); err != nil {

@@ -1,349 +1,344 @@
 package agent
 
 import (
-	"cmp"
 	"context"
-	"crypto"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/google/go-attestation/attest"
 	"github.com/hashicorp/go-hclog"
-	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/connectivity"
-	"google.golang.org/grpc/credentials"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
-// attestTimeout bounds one attestation round trip with the signer.
-const attestTimeout = 30 * time.Second
-
-// mintTimeout bounds one MintJWTSVIDs call: a caller is waiting.
-const mintTimeout = 10 * time.Second
-
-// connectParams caps gRPC's own reconnect backoff (120 s by default) at a
-// second, so that a signer that comes back is seen within a second: the
-// agent's loops wait for the connection to come up (waitRetry) rather than
-// for their own, longer, backoff. While the signer is down that is one
-// refused TCP connect per second per agent, which a host answers from the
-// kernel; the herd of a fleet reconnecting at once is spread by the jitter
-// and capped by the signer's own limits.
-var connectParams = grpc.ConnectParams{
-	Backoff:           backoff.Config{BaseDelay: 250 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
-	MinConnectTimeout: 5 * time.Second,
+// signerLink is what the upstream's loops need of the connection to the
+// signer. signerConn is the real one (gRPC over mTLS, the key in the
+// TPM); the loops' tests run under synctest on an in-memory one, since
+// neither the network nor the cgo TPM simulator can join a bubble.
+type signerLink interface {
+	// attest proves the TPM and installs the new identity and
+	// connection; on failure the previous one stays.
+	attest(ctx context.Context) (*signerpb.AttestResult, *x509svid.SVID, error)
+	// sync opens the sync stream on the current connection; replaced is
+	// closed once that connection is replaced. errNotConnected before
+	// the first attestation.
+	sync(ctx context.Context) (recv func() (*signerpb.SyncResponse, error), replaced <-chan struct{}, err error)
+	mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error)
+	// replaced returns a channel closed once the current connection is
+	// replaced by a new attestation.
+	replaced() <-chan struct{}
+	// becameReady returns a channel closed when the current connection,
+	// down now, comes up (nil when there is none or it is up).
+	becameReady(ctx context.Context) <-chan struct{}
+	// resetBackoff makes a connection waiting out its reconnect backoff
+	// try again now.
+	resetBackoff()
 }
 
-// syncConnectWait bounds how long opening the sync stream waits for the
-// connection to come up. Without waiting, a call made in the instant the
-// connection is still marked down from the last refused attempt fails at
-// once; with it, the stream opens as soon as the signer answers.
-const syncConnectWait = 10 * time.Second
+// upstreamSink is where what the signer sends goes, checked and
+// converted: the parts that serve it.
+type upstreamSink interface {
+	// attested says a new identity is in place: work that failed on the
+	// old one can go ahead.
+	attested()
+	setBundle(cas []*x509.Certificate, b *signerpb.Bundle) error
+	setEntries(entries []*entry)
+}
 
-// upstream is the agent's side of the signer API. It owns the agent's
-// identity: a TPM session whose key never leaves the TPM, the SVID the
-// signer issued for that key, and the mTLS connection that uses both.
+// upstream keeps the agent attested and synced: it attests at start
+// (retrying until the signer answers), again at half the agent SVID's
+// lifetime or at once when the signer no longer knows the agent, and
+// holds the sync stream open, reconnecting with backoff. It also follows
+// the trust bundle file, the operator's way to name a signer the agent
+// cannot know otherwise.
 type upstream struct {
-	addr     string
-	signerID spiffeid.ID
-	tpm      *tpmLink
-	trust    *x509bundle.Bundle // what the signer is verified against; updated from Sync
-	log      hclog.Logger
+	link      signerLink
+	sink      upstreamSink
+	td        spiffeid.TrustDomain
+	addr      string             // the signer's, for logs and status
+	trust     *x509bundle.Bundle // what the signer is verified against, shared with the link
+	trustPath string
+	loaded    []byte // the trust file's content at start
+	sched     rotator.Schedule
+	backoff   rotator.Backoff
+	rand      func() float64 // backoff jitter in [0, 1)
+	jitter    func() float64 // renewal jitter in [-1, 1]
+	log       hclog.Logger
+	metrics   *metrics
+	// reattestWait bounds how long a JWT-SVID call that found this agent
+	// unknown to the signer waits for the new attestation it triggers.
+	reattestWait time.Duration
 
-	mu     sync.Mutex
-	sess   *node.Session
-	svid   *x509svid.SVID
-	conn   *grpc.ClientConn
-	nodes  []string      // node selectors from the last attestation
-	newCon chan struct{} // closed when a new connection replaces conn
+	reattest  chan struct{} // the signer no longer knows us, or the TPM is back: attest again
+	trustWake broadcast     // the trust file brought a new authority, or a call got through: retry now
+
+	mu   sync.Mutex
+	snap upstreamSnapshot
 }
 
-func newUpstream(addr string, td spiffeid.TrustDomain, tpm *tpmLink, trust *x509bundle.Bundle, log hclog.Logger) (*upstream, error) {
-	id, err := spiffeid.FromSegments(td, "lanyard", "signer")
-	if err != nil {
-		return nil, fmt.Errorf("signer ID: %w", err)
-	}
-	return &upstream{addr: addr, signerID: id, tpm: tpm, trust: trust, log: log, newCon: make(chan struct{})}, nil
+// upstreamSnapshot is the upstream's state for the status report.
+type upstreamSnapshot struct {
+	AgentID        spiffeid.ID // zero before the first attestation
+	EKSHA256       string
+	AgentNotAfter  time.Time
+	AgentRenewAt   time.Time // next attestation
+	NodeSelectors  []string
+	LastSync       time.Time // last message on the sync stream; zero if none yet
+	SyncConnected  bool      // the sync stream is open and has delivered a message
+	SyncFailures   int       // consecutive broken sync streams
+	AttestFailures int       // consecutive failed attestations
 }
 
-// GetX509SVID implements x509svid.Source for the mTLS client config: the
-// private key is the TPM-resident signer.
-func (u *upstream) GetX509SVID() (*x509svid.SVID, error) {
+// jwtReattestWait is upstream.reattestWait: one attestation takes well
+// under a second against swtpm and a few seconds on a slow hardware TPM,
+// and the caller is waiting.
+const jwtReattestWait = 10 * time.Second
+
+// Snapshot returns the upstream's state.
+func (u *upstream) Snapshot() upstreamSnapshot {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.svid == nil {
-		return nil, errors.New("agent is not attested yet")
-	}
-	return u.svid, nil
+	s := u.snap
+	s.NodeSelectors = slices.Clone(s.NodeSelectors)
+	return s
 }
 
-// agentSVID returns the current agent SVID (nil before the first
-// attestation).
-func (u *upstream) agentSVID() *x509svid.SVID {
+func (u *upstream) update(f func(*upstreamSnapshot)) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.svid
+	f(&u.snap)
 }
 
-// client returns the signer client on the current mTLS connection and a
-// channel closed once that connection is replaced.
-func (u *upstream) client() (signerpb.SignerClient, <-chan struct{}) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.conn == nil {
-		return nil, u.newCon
-	}
-	return signerpb.NewSignerClient(u.conn), u.newCon
+// Run attests, syncs and follows the trust file until ctx ends.
+func (u *upstream) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return u.attestLoop(ctx) })
+	g.Go(func() error { return u.syncLoop(ctx) })
+	g.Go(func() error { return u.watchTrust(ctx) })
+	return g.Wait()
 }
 
-// attest proves the TPM to the signer and installs the resulting identity
-// and connection. On failure the previous identity stays in place.
-func (u *upstream) attest(ctx context.Context) (*signerpb.AttestResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, attestTimeout)
-	defer cancel()
-	// A session lives on the TPM it was made on: after a reopen, a new
-	// attestation makes a new AK and key on the new TPM.
-	tpm, err := u.tpm.current()
-	if err != nil {
-		return nil, fmt.Errorf("attest: %w", err)
-	}
-	sess, err := tpm.NewSession()
-	if err != nil {
-		u.tpm.check(tpm)
-		return nil, fmt.Errorf("attest: %w", err)
-	}
-	keep := false
-	defer func() {
-		if !keep {
-			sess.Close()
-		}
-	}()
-	ev, err := sess.Evidence()
-	if err != nil {
-		u.tpm.check(tpm)
-		return nil, fmt.Errorf("attest: %w", err)
-	}
-	conn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(
-		tlsconfig.TLSClientConfig(u.trust, tlsconfig.AuthorizeID(u.signerID)))))
-	if err != nil {
-		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
-	}
-	defer conn.Close()
-	stream, err := signerpb.NewSignerClient(conn).Attest(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
-	}
-	err = stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_Evidence{Evidence: &signerpb.Evidence{
-		EkCertificate: ev.EKCertificate,
-		EkPublic:      ev.EKPublic,
-		Ak:            &signerpb.TPMObject{Public: ev.AK.Public, CreateData: ev.AK.CreateData, CreateAttestation: ev.AK.CreateAttestation, CreateSignature: ev.AK.CreateSignature},
-		Key:           &signerpb.TPMObject{Public: ev.Key.Public, CreateData: ev.Key.CreateData, CreateAttestation: ev.Key.CreateAttestation, CreateSignature: ev.Key.CreateSignature},
-		Csr:           ev.CSR,
-	}}})
-	if err != nil {
-		return nil, fmt.Errorf("attest: send evidence to %s: %w", u.addr, err)
-	}
-	resp, err := stream.Recv()
-	if err != nil {
-		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
-	}
-	ch := resp.GetChallenge()
-	if ch == nil {
-		return nil, fmt.Errorf("attest: signer %s sent no challenge", u.addr)
-	}
-	secret, err := sess.Activate(attest.EncryptedCredential{Credential: ch.GetCredential(), Secret: ch.GetSecret()})
-	if err != nil {
-		u.tpm.check(tpm)
-		return nil, fmt.Errorf("attest: %w", err)
-	}
-	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_ActivationSecret{ActivationSecret: secret}}); err != nil {
-		return nil, fmt.Errorf("attest: send activation answer: %w", err)
-	}
-	resp, err = stream.Recv()
-	if err != nil {
-		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
-	}
-	res := resp.GetResult()
-	if res == nil || len(res.GetSvid()) == 0 {
-		return nil, fmt.Errorf("attest: signer %s sent no SVID", u.addr)
-	}
-	svid, err := u.agentSVIDFrom(res, sess)
-	if err != nil {
-		return nil, fmt.Errorf("attest: %w", err)
-	}
-
-	mtls := tlsconfig.MTLSClientConfig(u, u.trust, tlsconfig.AuthorizeID(u.signerID))
-	newConn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(mtls)), grpc.WithConnectParams(connectParams))
-	if err != nil {
-		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
-	}
-	keep = true
-	u.mu.Lock()
-	oldSess, oldConn := u.sess, u.conn
-	u.sess, u.svid, u.conn, u.nodes = sess, svid, newConn, res.GetNodeSelectors()
-	close(u.newCon)
-	u.newCon = make(chan struct{})
-	u.mu.Unlock()
-	// The old key may still be signing a handshake on the old connection:
-	// close the connection first, then flush the key from the TPM.
-	if oldConn != nil {
-		oldConn.Close()
-	}
-	if oldSess != nil {
-		oldSess.Close()
-	}
-	return res, nil
-}
-
-// agentSVIDFrom checks the SVID the signer issued: it must be for the key
-// the TPM holds, and verify against the bundle.
-func (u *upstream) agentSVIDFrom(res *signerpb.AttestResult, sess *node.Session) (*x509svid.SVID, error) {
-	var chain []*x509.Certificate
-	for _, der := range res.GetSvid() {
-		c, err := x509.ParseCertificate(der)
+// attestLoop attests at start (retrying until the signer answers), then
+// again at half the agent SVID's lifetime, or at once when asked.
+func (u *upstream) attestLoop(ctx context.Context) error {
+	failures := 0
+	for {
+		trustChanged := u.trustWake.C()
+		u.reloadTrust()
+		start := time.Now()
+		res, svid, err := u.link.attest(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("parse agent SVID: %w", err)
+			if ctx.Err() != nil {
+				return nil
+			}
+			u.metrics.attestFailures.Inc()
+			failures++
+			u.update(func(s *upstreamSnapshot) { s.AttestFailures = failures })
+			d := u.backoff.Delay(failures, u.rand())
+			u.log.Error("attestation failed", "signer", u.addr, "error", err, "failures", failures, "retry_in", d.String())
+			if !u.waitRetry(ctx, d, trustChanged, nil, u.reattest) {
+				return nil
+			}
+			continue
 		}
-		chain = append(chain, c)
-	}
-	if !publicKeysEqual(chain[0].PublicKey, sess.Signer().Public()) {
-		return nil, errors.New("agent SVID is not for the TPM key")
-	}
-	bundle := x509bundle.New(u.signerID.TrustDomain())
-	for _, der := range res.GetBundle().GetX509Authorities() {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return nil, fmt.Errorf("parse bundle: %w", err)
+		if failures > 0 {
+			u.retryNow()
 		}
-		bundle.AddX509Authority(c)
-	}
-	id, _, err := x509svid.Verify(chain, bundle)
-	if err != nil {
-		return nil, fmt.Errorf("agent SVID does not verify against the signer's bundle: %w", err)
-	}
-	if !strings.HasPrefix(id.Path(), "/lanyard/agent/tpm/") {
-		return nil, fmt.Errorf("signer issued %s, not an agent SVID", id)
-	}
-	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: sess.Signer()}, nil
-}
-
-// mintJWTSVIDs asks the signer for JWT-SVIDs on the mTLS connection.
-func (u *upstream) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
-	client, _ := u.client()
-	if client == nil {
-		return nil, errors.New("not connected to the signer")
-	}
-	ctx, cancel := context.WithTimeout(ctx, mintTimeout)
-	defer cancel()
-	resp, err := client.MintJWTSVIDs(ctx, &signerpb.MintJWTSVIDsRequest{Requests: reqs})
-	if err != nil {
-		return nil, fmt.Errorf("mint %d JWT-SVIDs: %w", len(reqs), err)
-	}
-	return resp.GetSvids(), nil
-}
-
-// openSync opens the sync stream on client, waiting up to
-// syncConnectWait for the connection to be ready.
-func (u *upstream) openSync(ctx context.Context, client signerpb.SignerClient) (grpc.ServerStreamingClient[signerpb.SyncResponse], error) {
-	ctx, cancel := context.WithCancel(ctx)
-	// The stream's context: cancelled by the timer only if the stream
-	// is not open by then, else when the stream ends (the stream owns
-	// it from here; AfterFunc's Stop reports which).
-	timer := time.AfterFunc(syncConnectWait, cancel)
-	stream, err := client.Sync(ctx, &signerpb.SyncRequest{}, grpc.WaitForReady(true))
-	if !timer.Stop() {
-		cancel()
-		return nil, fmt.Errorf("signer %s: no connection within %v: %w", u.addr, syncConnectWait, cmp.Or(err, ctx.Err()))
-	}
-	if err != nil {
-		cancel()
-		return nil, err
-	}
-	return cancelOnEnd{stream, cancel}, nil
-}
-
-// cancelOnEnd releases the stream's context when Recv ends the stream.
-type cancelOnEnd struct {
-	grpc.ServerStreamingClient[signerpb.SyncResponse]
-	cancel context.CancelFunc
-}
-
-func (s cancelOnEnd) Recv() (*signerpb.SyncResponse, error) {
-	m, err := s.ServerStreamingClient.Recv()
-	if err != nil {
-		s.cancel()
-	}
-	return m, err
-}
-
-// resetBackoff makes the connection to the signer, if it is waiting out
-// gRPC's reconnect backoff, try again now: the caller has reason to think
-// the signer is back.
-func (u *upstream) resetBackoff() {
-	u.mu.Lock()
-	conn := u.conn
-	u.mu.Unlock()
-	if conn != nil {
-		conn.ResetConnectBackoff()
+		u.metrics.attestDuration.Observe(time.Since(start).Seconds())
+		failures = 0
+		u.sink.attested()
+		if err := u.applyBundle(res.GetBundle()); err != nil {
+			u.log.Error("bad bundle from signer", "error", err)
+		}
+		leaf := svid.Certificates[0]
+		u.log.Info("agent attested", "spiffe_id", svid.ID.String(), "serial", leaf.SerialNumber.Text(16),
+			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339), "node_selectors", res.GetNodeSelectors())
+		// Scheduled from now, not the backdated NotBefore (see svid.received).
+		renew := u.sched.RenewAt(time.Now(), leaf.NotAfter, u.jitter())
+		u.update(func(s *upstreamSnapshot) {
+			s.AttestFailures = 0
+			s.AgentID, s.AgentNotAfter, s.AgentRenewAt = svid.ID, leaf.NotAfter, renew
+			s.EKSHA256 = strings.TrimPrefix(svid.ID.Path(), agentPathPrefix)
+			s.NodeSelectors = res.GetNodeSelectors()
+		})
+		t := time.NewTimer(time.Until(renew))
+		select {
+		case <-t.C:
+		case <-u.reattest:
+			t.Stop()
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		}
 	}
 }
 
-// becameReady returns a channel closed when the current connection to the
-// signer, down now, comes up, until ctx ends; nil when there is no
-// connection or it is up (a call that failed on a live connection was
-// refused, and a reconnect would not change that).
-func (u *upstream) becameReady(ctx context.Context) <-chan struct{} {
-	u.mu.Lock()
-	conn := u.conn
-	u.mu.Unlock()
-	if conn == nil {
-		return nil
-	}
-	s := conn.GetState()
-	if s == connectivity.Ready {
-		return nil
-	}
-	conn.Connect() // an idle connection does not redial by itself
-	up := make(chan struct{})
-	go func() {
-		for conn.WaitForStateChange(ctx, s) {
-			switch s = conn.GetState(); s {
-			case connectivity.Ready:
-				close(up)
-				return
-			case connectivity.Shutdown:
-				return
+// syncLoop holds the sync stream open on the current connection, applying
+// every message, and reconnects with backoff when it breaks.
+func (u *upstream) syncLoop(ctx context.Context) error {
+	failures := 0
+	for {
+		// The signer may have restarted with a new CA since the last
+		// attempt; its bundle file is how the agent learns it.
+		trustChanged := u.trustWake.C()
+		u.reloadTrust()
+		recv, replaced, err := u.link.sync(ctx)
+		if errors.Is(err, errNotConnected) {
+			select {
+			case <-replaced:
+				continue
+			case <-ctx.Done():
+				return nil
 			}
 		}
-	}()
-	return up
+		if err == nil {
+			err = u.receive(recv, &failures)
+		}
+		u.update(func(s *upstreamSnapshot) { s.SyncConnected = false })
+		if ctx.Err() != nil {
+			return nil
+		}
+		select {
+		case <-replaced:
+			continue // re-attested: the new connection is ready now
+		default:
+		}
+		u.checkUnauthenticated(err)
+		u.metrics.syncFailures.Inc()
+		failures++
+		u.update(func(s *upstreamSnapshot) { s.SyncFailures = failures })
+		d := u.backoff.Delay(failures, u.rand())
+		u.log.Warn("sync stream broken", "signer", u.addr, "error", err, "failures", failures, "retry_in", d.String())
+		if !u.waitRetry(ctx, d, trustChanged, replaced, nil) {
+			return nil
+		}
+	}
 }
 
-func (u *upstream) close() {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.conn != nil {
-		u.conn.Close()
-		u.conn = nil
-	}
-	if u.sess != nil {
-		u.sess.Close()
-		u.sess = nil
+// receive applies the messages of one sync stream until it breaks. This is
+// the edge where entries become the agent's own (entriesFrom).
+func (u *upstream) receive(recv func() (*signerpb.SyncResponse, error), failures *int) error {
+	for {
+		msg, err := recv()
+		if err != nil {
+			return err
+		}
+		if *failures > 0 {
+			u.retryNow()
+		}
+		*failures = 0
+		u.update(func(s *upstreamSnapshot) { s.SyncFailures, s.SyncConnected, s.LastSync = 0, true, time.Now() })
+		if err := u.applyBundle(msg.GetBundle()); err != nil {
+			u.log.Error("bad bundle from signer", "error", err)
+			continue
+		}
+		entries := entriesFrom(msg.GetEntries(), u.td, u.log)
+		u.sink.setEntries(entries)
+		u.log.Debug("synced", "entries", len(entries), "bundle_sequence", msg.GetBundle().GetSequence())
 	}
 }
 
-// publicKeysEqual compares two public keys of the kinds Go's crypto
-// packages produce.
-func publicKeysEqual(a, b crypto.PublicKey) bool {
-	ea, ok := a.(interface{ Equal(crypto.PublicKey) bool })
-	return ok && ea.Equal(b)
+// waitRetry waits out a retry delay d after a failed call to the signer,
+// and reports whether ctx is still live. It ends early when waiting longer
+// cannot help: the trust file brought a new authority or a call found the
+// signer back (retry, a trustWake channel), the connection was replaced
+// by a new attestation, the current connection to the signer comes back
+// up (gRPC redials in the background, so this is how a signer's return is
+// seen within a second without a hint), or, for the attestation loop
+// (reattest), a new attestation is asked for (the TPM came back).
+func (u *upstream) waitRetry(ctx context.Context, d time.Duration, retry, replaced, reattest <-chan struct{}) bool {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	up := u.link.becameReady(wctx)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-retry:
+	case <-replaced:
+	case <-up:
+	case <-reattest:
+	case <-ctx.Done():
+		return false
+	}
+	return true
+}
+
+// retryNow tells every loop waiting out a backoff, and gRPC's reconnect
+// backoff, that the signer can be reached now (a call got through, or the
+// trust file brought the authority a restarted signer is known by), so
+// they retry at once rather than after their full delay.
+func (u *upstream) retryNow() {
+	u.link.resetBackoff()
+	u.trustWake.notify()
+}
+
+// checkUnauthenticated asks for a new attestation when the signer says it
+// does not know this agent (it restarted, or the agent SVID lapsed): the
+// agent SVID is the key to everything else, so it must not wait for a
+// backoff timer to run out.
+func (u *upstream) checkUnauthenticated(err error) {
+	if status.Code(err) == codes.Unauthenticated {
+		u.requestReattest()
+	}
+}
+
+// requestReattest makes the attestation loop attest at once, whether it
+// is waiting for the renewal point or for a retry.
+func (u *upstream) requestReattest() {
+	select {
+	case u.reattest <- struct{}{}:
+	default:
+	}
+}
+
+// mintJWTSVIDs is the JWT token cache's way to the signer. Like a failed
+// renewal, a signer that no longer knows this agent (it restarted)
+// triggers a new attestation at once; the caller is answered after it,
+// with one more try on the new identity, rather than failed for a state
+// the agent repairs in a moment.
+func (u *upstream) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
+	replaced := u.link.replaced()
+	resp, err := u.link.mintJWTSVIDs(ctx, reqs)
+	if status.Code(err) != codes.Unauthenticated {
+		return resp, err
+	}
+	u.requestReattest()
+	t := time.NewTimer(u.reattestWait)
+	defer t.Stop()
+	select {
+	case <-replaced:
+	case <-t.C:
+		return nil, fmt.Errorf("%w (no new attestation within %v)", err, u.reattestWait)
+	case <-ctx.Done():
+		return nil, err
+	}
+	return u.link.mintJWTSVIDs(ctx, reqs)
+}
+
+// applyBundle installs a trust bundle from the signer, for both verifying
+// the signer and serving workloads.
+func (u *upstream) applyBundle(b *signerpb.Bundle) error {
+	if b.GetTrustDomain() != u.td.String() {
+		return fmt.Errorf("bundle for trust domain %q, want %q", b.GetTrustDomain(), u.td)
+	}
+	cas, err := parseCerts("bundle", b.GetX509Authorities())
+	if err != nil {
+		return err
+	}
+	if len(cas) == 0 {
+		return fmt.Errorf("bundle has no X.509 authorities")
+	}
+	u.trust.SetX509Authorities(cas)
+	return u.sink.setBundle(cas, b)
 }

@@ -206,7 +206,7 @@ func signerID() spiffeid.ID { return spiffeid.RequireFromSegments(simTD(), "lany
 type simEnv struct {
 	sig   *simSigner
 	ek    string
-	u     *upstream
+	u     *signerConn
 	res   *signerpb.AttestResult
 	other string // the EK hash node "other" pins
 }
@@ -219,18 +219,18 @@ func newSimEnv(t testing.TB) *simEnv {
 	other := fakeEK("other")
 	sig := startSigner(t, simPolicy(ek, other))
 	u := newSimUpstream(t, sig, tpm)
-	res, err := u.attest(callCtx(t))
+	res, err := u.attestOnce(callCtx(t))
 	if err != nil {
 		t.Fatalf("attest: %v", err)
 	}
 	return &simEnv{sig: sig, ek: ek, u: u, res: res, other: other}
 }
 
-func newSimUpstream(t testing.TB, sig *simSigner, tpm *node.TPM) *upstream {
+func newSimUpstream(t testing.TB, sig *simSigner, tpm *node.TPM) *signerConn {
 	t.Helper()
-	u, err := newUpstream(sig.addr, simTD(), newTPMLink(tpm, nil, nil), sig.trust, hclog.NewNullLogger())
+	u, err := newSignerConn(sig.addr, simTD(), newTPMLink(tpm, nil, nil), sig.trust, hclog.NewNullLogger())
 	if err != nil {
-		t.Fatalf("newUpstream: %v", err)
+		t.Fatalf("newSignerConn: %v", err)
 	}
 	t.Cleanup(u.close)
 	return u
@@ -577,7 +577,7 @@ func TestAttestRefusesUnpinnedEK(t *testing.T) {
 	sig := startSigner(t, simPolicy(fakeEK("someone else"), fakeEK("other")))
 	u := newSimUpstream(t, sig, tpm)
 
-	_, err := u.attest(callCtx(t))
+	_, err := u.attestOnce(callCtx(t))
 	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "EK") {
 		t.Fatalf("attest error = %v, want PermissionDenied naming the EK", err)
 	}

@@ -32,12 +32,6 @@ func (s Schedule) RenewAt(notBefore, notAfter time.Time, r float64) time.Time {
 	return notBefore.Add(half + time.Duration(float64(half)*j*r))
 }
 
-// Due reports whether an SVID with these bounds, jittered by r, must be
-// renewed at now.
-func (s Schedule) Due(now, notBefore, notAfter time.Time, r float64) bool {
-	return !now.Before(s.RenewAt(notBefore, notAfter, r))
-}
-
 // Backoff spaces out retries after consecutive failures: exponential
 // growth from Base, capped at Max, with full jitter so that a fleet that
 // lost its signer at the same moment does not come back in lockstep.

@@ -32,14 +32,16 @@ func TestRenewAt(t *testing.T) {
 	}
 }
 
+// TestDue: a 10 s SVID falls due at its half-life, not before (the agent's
+// cache.due compares now against RenewAt; Schedule.Due, dead code, went).
 func TestDue(t *testing.T) {
 	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	na := nb.Add(10 * time.Second)
-	s := Schedule{Jitter: DefaultJitter}
-	if s.Due(nb.Add(4*time.Second), nb, na, 0) {
+	at := Schedule{Jitter: DefaultJitter}.RenewAt(nb, na, 0)
+	if nb.Add(4 * time.Second).After(at) {
 		t.Error("due before half-life")
 	}
-	if !s.Due(nb.Add(5*time.Second), nb, na, 0) {
+	if nb.Add(5 * time.Second).Before(at) {
 		t.Error("not due at half-life")
 	}
 }
