@@ -245,6 +245,8 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 		}
 		select {
 		case <-changed:
+		case <-s.stopping:
+			return status.Error(codes.Unavailable, "sync: the signer is shutting down")
 		case <-ctx.Done():
 			if errors.Is(context.Cause(ctx), ErrSyncReplaced) {
 				return status.Errorf(codes.Aborted, "sync: %v: at most %d per agent", ErrSyncReplaced, s.cfg.Limits.MaxSyncStreamsPerAgent)

@@ -40,6 +40,7 @@ type servedSigner struct {
 	addr  string
 	trust *x509bundle.Bundle
 	logs  *syncBuffer
+	stop  func() error // ends Serve and returns its error; safe to call twice
 }
 
 // syncBuffer is a log sink safe to read while the signer writes.
@@ -83,9 +84,12 @@ func serveTestSigner(t *testing.T, policySrc, extra string) *servedSigner {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx, lis) }()
-	t.Cleanup(func() {
+	stop := sync.OnceValue(func() error {
 		cancel()
-		if err := <-done; err != nil {
+		return <-done
+	})
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
 			t.Errorf("Serve: %v", err)
 		}
 	})
@@ -98,7 +102,7 @@ func serveTestSigner(t *testing.T, policySrc, extra string) *servedSigner {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &servedSigner{Signer: s, addr: lis.Addr().String(), trust: trust, logs: logs}
+	return &servedSigner{Signer: s, addr: lis.Addr().String(), trust: trust, logs: logs, stop: stop}
 }
 
 // dial connects to the signer from source IP from (e.g. "127.0.0.2": the

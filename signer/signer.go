@@ -75,6 +75,7 @@ type Signer struct {
 
 	policySrc []byte        // the policy file's content in force
 	ready     chan struct{} // closed once Serve accepts agents
+	stopping  chan struct{} // closed when Serve begins to shut down: Sync streams end at once
 	reloads   reloadCounters
 }
 
@@ -131,6 +132,7 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 
 		policySrc: src,
 		ready:     make(chan struct{}),
+		stopping:  make(chan struct{}),
 
 		gate:    newAttestGate(cfg.Limits),
 		syncs:   newSyncSlots(cfg.Limits),
@@ -204,7 +206,14 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	g.Go(func() error { return s.watchPolicy(ctx) })
 	g.Go(func() error {
 		<-ctx.Done()
-		grpcstop.Stop(srv, 5*time.Second) // Sync streams never finish by themselves
+		start := time.Now()
+		s.log.Info("signer stopping", "address", lis.Addr().String())
+		// Sync streams never end by themselves: end them now (agents
+		// reconnect, to this signer's successor or a replica), so that
+		// only calls in flight, bounded by stopGrace, delay the exit.
+		close(s.stopping)
+		grpcstop.Stop(srv, stopGrace)
+		s.log.Info("signer stopped", "took_ms", time.Since(start).Milliseconds())
 		return nil
 	})
 	if metricsLn != nil {
@@ -216,6 +225,10 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	return err
 }
+
+// stopGrace bounds how long a stopping signer lets calls in flight (an
+// attestation's challenge round trip, a signing batch) finish.
+const stopGrace = 5 * time.Second
 
 // serverLimits are the gRPC server's share of the limits: streams per
 // connection, and keepalive both ways. The signer pings quiet connections
