@@ -56,7 +56,7 @@ lint:
 # tests as it passes; the others print one line per package.
 test: swtpm-deps lint
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/e2e$$')
-	$(GO) test -race -count=1 -timeout 20m -v ./e2e
+	$(GO) test -race -count=1 -timeout 20m -parallel 4 -v ./e2e
 
 demo: build swtpm-deps
 	bash scripts/demo.sh

@@ -71,6 +71,7 @@ func awaitNotify(t *testing.T, msgs <-chan string, d time.Duration, want string,
 // READY=1 comes only once a Workload API fetch works, STATUS= says why it
 // is not ready, WATCHDOG=1 pings keep coming, STOPPING=1 on SIGTERM.
 func TestAgentNotify(t *testing.T) {
+	t.Parallel()
 	tpm := swtpmtest.Start(t)
 	e := newEnv(t, tpm, ekCAPolicy(tpm, fmt.Sprint(os.Getuid())))
 	// The agent needs a bundle file to start; a first signer run writes
@@ -124,6 +125,7 @@ func TestAgentNotify(t *testing.T) {
 // TestSignerNotify: READY=1 once agents can connect, a STATUS= line that
 // shows a refused policy edit, WATCHDOG=1 pings and STOPPING=1.
 func TestSignerNotify(t *testing.T) {
+	t.Parallel()
 	d := shortDir(t)
 	addr := freePort(t)
 	cfg := filepath.Join(d, "signer.hcl")
@@ -163,6 +165,7 @@ func TestSignerNotify(t *testing.T) {
 // a valid edit reaches the workload promptly, an invalid one is logged with
 // file:line and changes nothing, and an editor-style rename-replace works.
 func TestPolicyReloadEndToEnd(t *testing.T) {
+	t.Parallel()
 	tpm := swtpmtest.Start(t)
 	self := fmt.Sprint(os.Getuid())
 	base := ekCAPolicy(tpm, self)
@@ -246,6 +249,7 @@ func TestPolicyReloadEndToEnd(t *testing.T) {
 // starts anything, with one message naming file and line, and exit 78
 // (EX_CONFIG, which the units keep systemd from restarting on).
 func TestRunRefusesInvalidConfig(t *testing.T) {
+	t.Parallel()
 	d := shortDir(t)
 	writeFile(t, filepath.Join(d, "policy.hcl"), "node \"lab\" {\n  ek_sha256 = [\"zz\"]\n}\n")
 	writeFile(t, filepath.Join(d, "good-policy.hcl"), "")

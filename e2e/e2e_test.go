@@ -114,6 +114,7 @@ workload "nobody" {
 }
 
 func TestAgentServesX509SVIDs(t *testing.T) {
+	t.Parallel()
 	tpm := swtpmtest.Start(t)
 	self := fmt.Sprint(os.Getuid())
 	e := newEnv(t, tpm, ekCAPolicy(tpm, self))
@@ -280,6 +281,7 @@ func testMTLS(t *testing.T, ctx context.Context, socket string) {
 var ekHashRE = regexp.MustCompile(`EK SHA-256:\s+([0-9a-f]{64})`)
 
 func TestTPMInfoAndPinnedEK(t *testing.T) {
+	t.Parallel()
 	tpm := swtpmtest.Start(t)
 	self := fmt.Sprint(os.Getuid())
 	// First a policy that knows no TPM: the agent is refused but keeps
@@ -350,6 +352,7 @@ workload "w" {
 }
 
 func TestSignerUnreachableAtAgentStart(t *testing.T) {
+	t.Parallel()
 	tpm := swtpmtest.Start(t)
 	e := newEnv(t, tpm, ekCAPolicy(tpm, fmt.Sprint(os.Getuid())))
 	// The agent needs a trust bundle to start; take it from a first signer
@@ -382,6 +385,7 @@ func TestSignerUnreachableAtAgentStart(t *testing.T) {
 }
 
 func TestPolicyCheck(t *testing.T) {
+	t.Parallel()
 	d := shortDir(t)
 	cfg := filepath.Join(d, "signer.hcl")
 	writeFile(t, cfg, `trust_domain = "example.org"

@@ -21,6 +21,7 @@ import (
 // receive the new entry's SVID, signed for the new revision, and never the
 // certificate (and key) signed for "root", under either label.
 func TestPolicyEditNeverRelabels(t *testing.T) {
+	t.Parallel()
 	if os.Getuid() != 0 {
 		t.Skip("needs root: runs a workload as uid 65534")
 	}

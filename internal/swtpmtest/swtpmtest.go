@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -81,10 +82,9 @@ func Start(t testing.TB) *TPM {
 		t.Fatalf("swtpmtest: %v", err)
 	}
 	t.Cleanup(func() {
-		// The test's own context is already done when cleanups run.
-		ctx, cancel := context.WithTimeout(context.Background(), scriptTimeout)
-		defer cancel()
-		if _, err := runScript(ctx, script, "stop", dir); err != nil {
+		// SIGKILL, not the script's SIGTERM: swtpm takes over a second to
+		// notice a SIGTERM, and the state it would save is deleted next.
+		if err := killSwtpm(dir); err != nil {
 			t.Errorf("swtpmtest: %v", err)
 		}
 		if err := os.RemoveAll(dir); err != nil {
@@ -116,29 +116,49 @@ func Start(t testing.TB) *TPM {
 // behind with nobody listening, as after a real crash.
 func (p *TPM) Kill(t testing.TB) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(p.Dir, "swtpm.pid"))
+	if _, err := os.Stat(filepath.Join(p.Dir, "swtpm.pid")); err != nil {
+		t.Fatalf("swtpmtest: no swtpm running: %v", err)
+	}
+	if err := killSwtpm(p.Dir); err != nil {
+		t.Fatalf("swtpmtest: %v", err)
+	}
+}
+
+// killSwtpm SIGKILLs the swtpm serving dir, if one runs, and waits until it
+// is gone.
+func killSwtpm(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, "swtpm.pid"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // never started, or provisioning failed
+	}
 	if err != nil {
-		t.Fatalf("swtpmtest: read pid: %v", err)
+		return fmt.Errorf("read pid: %w", err)
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil {
-		t.Fatalf("swtpmtest: pid file: %v", err)
+		return fmt.Errorf("pid file: %w", err)
 	}
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatalf("swtpmtest: kill swtpm %d: %v", pid, err)
+	// The pid file may outlive its swtpm (Kill already ran, or a crash):
+	// signal only a process that is still that swtpm.
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !bytes.Contains(cmdline, []byte("dir="+dir+"/state")) {
+		return nil
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill swtpm %d: %w", pid, err)
 	}
 	// swtpm --daemon is not our child: wait for /proc to let it go (or
 	// show a zombie, which nobody may reap in a container).
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 		if err != nil {
-			return
+			return nil
 		}
 		if i := bytes.LastIndexByte(stat, ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
-			return
+			return nil
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("swtpmtest: swtpm %d still alive 10s after SIGKILL", pid)
+			return fmt.Errorf("swtpm %d still alive 10s after SIGKILL", pid)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
