@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/peercred"
 	"github.com/lanyard-dev/lanyard/internal/safedir"
-	"golang.org/x/sys/unix"
 )
 
 // adminServer answers `lanyard-agent status`, `healthcheck` and `explain`
@@ -100,29 +100,13 @@ func (l rootOnly) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		uid, err := peerUID(c)
-		if err == nil && uid == 0 {
+		cred, err := peercred.Read(c, false)
+		if err == nil && cred.UID == 0 {
 			return c, nil
 		}
-		l.log.Warn("admin connection refused: not root", "uid", uid, "error", err)
+		l.log.Warn("admin connection refused: not root", "uid", cred.UID, "error", err)
 		c.Close()
 	}
-}
-
-func peerUID(c *net.UnixConn) (uint32, error) {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	return cred.Uid, nil
 }
 
 // adminHandler serves the admin endpoints.

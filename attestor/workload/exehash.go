@@ -1,7 +1,6 @@
 package workload
 
 import (
-	"container/list"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -12,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/lru"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -45,23 +45,16 @@ func (k exeKey) String() string {
 // so a huge binary costs one read however many of its processes call. The
 // cache holds at most max sums and forgets the least recently used first.
 type exeHashes struct {
-	max    int
 	settle time.Duration // see hashSettle; tests shorten it
 	group  singleflight.Group
 	reads  atomic.Int64 // files read in full, for tests
 
-	mu    sync.Mutex
-	byKey map[exeKey]*list.Element // of *hashEntry
-	lru   list.List                // front = most recently used
-}
-
-type hashEntry struct {
-	key exeKey
-	sum string
+	mu   sync.Mutex
+	sums *lru.Cache[exeKey, string] // under mu
 }
 
 func newExeHashes(max int) *exeHashes {
-	return &exeHashes{max: max, settle: hashSettle, byKey: make(map[exeKey]*list.Element)}
+	return &exeHashes{settle: hashSettle, sums: lru.New[exeKey, string](max)}
 }
 
 // sum returns the hex SHA-256 of the executable at path (the caller's
@@ -137,32 +130,18 @@ func (h *exeHashes) hash(fd int, key exeKey, check bool) (string, error) {
 func (h *exeHashes) get(key exeKey) (string, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	e, ok := h.byKey[key]
-	if !ok {
-		return "", false
-	}
-	h.lru.MoveToFront(e)
-	return e.Value.(*hashEntry).sum, true
+	return h.sums.Get(key)
 }
 
 func (h *exeHashes) put(key exeKey, sum string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if e, ok := h.byKey[key]; ok {
-		h.lru.MoveToFront(e)
-		return
-	}
-	h.byKey[key] = h.lru.PushFront(&hashEntry{key: key, sum: sum})
-	for h.lru.Len() > h.max {
-		oldest := h.lru.Back()
-		h.lru.Remove(oldest)
-		delete(h.byKey, oldest.Value.(*hashEntry).key)
-	}
+	h.sums.Add(key, sum)
 }
 
 // len reports how many sums the cache holds, for tests.
 func (h *exeHashes) len() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.lru.Len()
+	return h.sums.Len()
 }
