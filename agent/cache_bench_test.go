@@ -20,7 +20,7 @@ func benchCache(b *testing.B, entries int) (*cache, []string) {
 	ca := fanoutCA(b)
 	uid := "unix:uid:" + strconv.Itoa(os.Getuid())
 	c := newCache("example.org")
-	c.setBundle([]*x509.Certificate{ca.cert})
+	c.setBundle([]*x509.Certificate{ca.Cert})
 	es := make([]*entry, entries)
 	ss := make([]*svid, entries)
 	leaf := ca.leaf(b, 1)

@@ -130,7 +130,7 @@ func (f *fakeSigner) refusalLocked() error {
 func (f *fakeSigner) bundleLocked() *signerpb.Bundle {
 	b := &signerpb.Bundle{TrustDomain: f.td.String(), Sequence: uint64(len(f.cas))}
 	for _, ca := range f.cas {
-		b.X509Authorities = append(b.X509Authorities, ca.cert.Raw)
+		b.X509Authorities = append(b.X509Authorities, ca.Cert.Raw)
 	}
 	return b
 }
@@ -143,7 +143,7 @@ func (f *fakeSigner) issueLocked(id spiffeid.ID, pub any, ttl time.Duration) (*x
 	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: now.Add(-10 * time.Second), NotAfter: now.Add(ttl),
 		URIs: []*url.URL{id.URL()}, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.Key)
 	if err != nil {
 		return nil, err
 	}

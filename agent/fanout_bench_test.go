@@ -76,7 +76,7 @@ func (ca *testCA) leaf(tb testing.TB, serial int64) *svid {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		URIs:         []*url.URL{{Scheme: "spiffe", Host: "example.org", Path: "/" + fanoutEntryID}},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
 	if err != nil {
 		tb.Fatalf("sign leaf: %v", err)
 	}
@@ -97,7 +97,7 @@ func (ca *testCA) leaf(tb testing.TB, serial int64) *svid {
 func startFanoutServer(tb testing.TB, ca *testCA, log hclog.Logger) (*cache, string) {
 	tb.Helper()
 	c := newCache("spiffe://example.org")
-	c.setBundle([]*x509.Certificate{ca.cert})
+	c.setBundle([]*x509.Certificate{ca.Cert})
 	c.setEntries([]*entry{{
 		ID:        fanoutEntryID,
 		SPIFFEID:  spiffeid.RequireFromString("spiffe://example.org/" + fanoutEntryID),

@@ -26,7 +26,7 @@ func pemOf(cs ...*x509.Certificate) []byte {
 func TestWatchTrust(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	path := filepath.Join(t.TempDir(), "bundle.pem")
-	ca1, ca2 := newTestCA(t, "ca1").cert, newTestCA(t, "ca2").cert
+	ca1, ca2 := newTestCA(t, "ca1").Cert, newTestCA(t, "ca2").Cert
 	initial := pemOf(ca1)
 	if err := os.WriteFile(path, initial, 0o644); err != nil {
 		t.Fatal(err)

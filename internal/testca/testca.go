@@ -17,7 +17,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// CA is a self-signed root valid from a minute ago for an hour.
+// CA is a self-signed root valid from a minute ago for a day, with a random
+// serial (tests tell CAs apart by it).
 type CA struct {
 	Cert *x509.Certificate
 	Key  *ecdsa.PrivateKey
@@ -29,10 +30,10 @@ func New(tb testing.TB, name string, td spiffeid.TrustDomain) *CA {
 	tb.Helper()
 	key := Key(tb)
 	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
+		SerialNumber:          randomSerial(tb),
 		Subject:               pkix.Name{CommonName: name},
 		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
@@ -58,10 +59,7 @@ func Key(tb testing.TB) *ecdsa.PrivateKey {
 func (ca *CA) SVID(tb testing.TB, id spiffeid.ID, serial *big.Int) (*x509.Certificate, *ecdsa.PrivateKey) {
 	tb.Helper()
 	if serial == nil {
-		var err error
-		if serial, err = rand.Int(rand.Reader, big.NewInt(1<<62)); err != nil {
-			tb.Fatalf("testca: serial: %v", err)
-		}
+		serial = randomSerial(tb)
 	}
 	key := Key(tb)
 	tmpl := &x509.Certificate{
@@ -83,6 +81,15 @@ func PKCS8(tb testing.TB, key *ecdsa.PrivateKey) []byte {
 		tb.Fatalf("testca: encode key: %v", err)
 	}
 	return b
+}
+
+func randomSerial(tb testing.TB) *big.Int {
+	tb.Helper()
+	n, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		tb.Fatalf("testca: serial: %v", err)
+	}
+	return n
 }
 
 func create(tb testing.TB, tmpl, parent *x509.Certificate, key, signer *ecdsa.PrivateKey) *x509.Certificate {
