@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -9,10 +8,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testlog"
 	"github.com/lanyard-dev/lanyard/internal/testwait"
 )
 
@@ -54,23 +53,8 @@ type proc struct {
 	err  error
 }
 
-// syncBuffer is a bytes.Buffer safe for the process writer and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a buffer safe for the process writer and the test.
+type syncBuffer = testlog.Buffer
 
 // start runs a binary until the test ends (SIGTERM, then wait).
 func start(t *testing.T, name string, args ...string) *proc {

@@ -1,7 +1,6 @@
 package signer
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -20,6 +19,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/node"
+	"github.com/lanyard-dev/lanyard/internal/testlog"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -44,22 +44,7 @@ type servedSigner struct {
 }
 
 // syncBuffer is a log sink safe to read while the signer writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
+type syncBuffer = testlog.Buffer
 
 // serveTestSigner runs a signer from testConfig (plus policy, when set) on
 // 127.0.0.1 until the test ends, with its log in JSON in logs.

@@ -1,7 +1,6 @@
 package workloadapi
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/internal/testca"
+	"github.com/lanyard-dev/lanyard/internal/testlog"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -109,22 +109,7 @@ func (s *fakeSource) set(selector string, r *workload.X509SVIDResponse) {
 }
 
 // logBuffer collects log output safely while the server writes it.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+type logBuffer struct{ testlog.Buffer }
 
 // waitFor polls until the logs contain want, and returns them.
 func (b *logBuffer) waitFor(t *testing.T, want string) string {
