@@ -20,6 +20,8 @@ import (
 
 	x509ext "github.com/google/go-attestation/x509"
 	"github.com/google/go-cmp/cmp"
+	"github.com/lanyard-dev/lanyard/internal/testca"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // TCG attribute OIDs of the EK certificate's subjectAltName directoryName.
@@ -37,56 +39,23 @@ const (
 )
 
 // ekTestCA is a certificate authority that issues EK certificates in tests.
-type ekTestCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-}
+type ekTestCA struct{ *testca.CA }
 
 func newEKTestRoot(t *testing.T, name string) *ekTestCA {
 	t.Helper()
-	return issueEKTestCA(t, name, nil)
+	return &ekTestCA{testca.New(t, name, spiffeid.TrustDomain{})}
 }
 
 // intermediate returns a CA that ca signed.
 func (ca *ekTestCA) intermediate(t *testing.T, name string) *ekTestCA {
 	t.Helper()
-	return issueEKTestCA(t, name, ca)
-}
-
-func issueEKTestCA(t *testing.T, name string, parent *ekTestCA) *ekTestCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	issuer, signer := tmpl, key
-	if parent != nil {
-		issuer, signer = parent.cert, parent.key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, key.Public(), signer)
-	if err != nil {
-		t.Fatalf("issue CA %s: %v", name, err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &ekTestCA{cert: cert, key: key}
+	return &ekTestCA{ca.Intermediate(t, name)}
 }
 
 // pool returns a pool holding only ca.
 func (ca *ekTestCA) pool() *x509.CertPool {
 	p := x509.NewCertPool()
-	p.AddCert(ca.cert)
+	p.AddCert(ca.Cert)
 	return p
 }
 
@@ -113,7 +82,7 @@ func (ca *ekTestCA) issueEK(t *testing.T, pub crypto.PublicKey, notAfter time.Ti
 		UnknownExtKeyUsage:    []asn1.ObjectIdentifier{{2, 23, 133, 8, 1}},
 		ExtraExtensions:       []pkix.Extension{san},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.Key)
 	if err != nil {
 		t.Fatalf("issue EK certificate: %v", err)
 	}

@@ -44,6 +44,37 @@ func New(tb testing.TB, name string, td spiffeid.TrustDomain) *CA {
 	return &CA{Cert: create(tb, tmpl, tmpl, key, key), Key: key}
 }
 
+// Intermediate returns a CA named name that ca signed, with no SPIFFE ID.
+func (ca *CA) Intermediate(tb testing.TB, name string) *CA {
+	tb.Helper()
+	key := Key(tb)
+	tmpl := &x509.Certificate{
+		SerialNumber:          randomSerial(tb),
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	return &CA{Cert: create(tb, tmpl, ca.Cert, key, ca.Key), Key: key}
+}
+
+// Leaf signs a certificate that is no CA, with subject name (which may be
+// empty, as an EK certificate's is), for a fresh key.
+func (ca *CA) Leaf(tb testing.TB, name string) (*x509.Certificate, *ecdsa.PrivateKey) {
+	tb.Helper()
+	key := Key(tb)
+	tmpl := &x509.Certificate{
+		SerialNumber:          randomSerial(tb),
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		BasicConstraintsValid: true,
+	}
+	return create(tb, tmpl, ca.Cert, key, ca.Key), key
+}
+
 // Key returns a fresh P-256 key.
 func Key(tb testing.TB) *ecdsa.PrivateKey {
 	tb.Helper()

@@ -1,56 +1,19 @@
 package policy
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/lanyard-dev/lanyard/internal/testca"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
-
-// testCert issues a certificate for subject, signed by parent (self-signed
-// when parent is nil), and returns it with its key.
-func testCert(t *testing.T, subject string, isCA bool, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: subject},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		BasicConstraintsValid: true,
-		IsCA:                  isCA,
-	}
-	if isCA {
-		tmpl.KeyUsage = x509.KeyUsageCertSign
-	}
-	if parent == nil {
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, key
-}
 
 func pemOf(certs ...*x509.Certificate) []byte {
 	var out []byte
@@ -61,13 +24,13 @@ func pemOf(certs ...*x509.Certificate) []byte {
 }
 
 func TestEKCA(t *testing.T) {
-	root, rootKey := testCert(t, "Test EK Root", true, nil, nil)
-	inter, interKey := testCert(t, "Test EK Intermediate", true, root, rootKey)
-	ek, _ := testCert(t, "", false, inter, interKey)
+	rootCA := testca.New(t, "Test EK Root", spiffeid.TrustDomain{})
+	interCA := rootCA.Intermediate(t, "Test EK Intermediate")
+	root, inter := rootCA.Cert, interCA.Cert
+	ek, _ := interCA.Leaf(t, "")
 	// A CA that shares its subject with its issuer but is not self-signed
 	// (a cross-signature) must not become a root.
-	otherRoot, otherKey := testCert(t, "Test EK Root", true, nil, nil)
-	cross, _ := testCert(t, "Test EK Root", true, otherRoot, otherKey)
+	cross := testca.New(t, "Test EK Root", spiffeid.TrustDomain{}).Intermediate(t, "Test EK Root").Cert
 
 	dir := t.TempDir()
 	files := map[string][]byte{
@@ -144,7 +107,7 @@ func TestEKCA(t *testing.T) {
 
 func TestEKCAPathsDeduplicated(t *testing.T) {
 	dir := t.TempDir()
-	root, _ := testCert(t, "Test EK Root", true, nil, nil)
+	root := testca.New(t, "Test EK Root", spiffeid.TrustDomain{}).Cert
 	if err := os.WriteFile(filepath.Join(dir, "root.pem"), pemOf(root), 0o644); err != nil {
 		t.Fatal(err)
 	}
