@@ -29,15 +29,7 @@ type CA struct {
 func New(tb testing.TB, name string, td spiffeid.TrustDomain) *CA {
 	tb.Helper()
 	key := Key(tb)
-	tmpl := &x509.Certificate{
-		SerialNumber:          randomSerial(tb),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
+	tmpl := template(tb, name, true)
 	if !td.IsZero() {
 		tmpl.URIs = []*url.URL{td.ID().URL()}
 	}
@@ -48,16 +40,7 @@ func New(tb testing.TB, name string, td spiffeid.TrustDomain) *CA {
 func (ca *CA) Intermediate(tb testing.TB, name string) *CA {
 	tb.Helper()
 	key := Key(tb)
-	tmpl := &x509.Certificate{
-		SerialNumber:          randomSerial(tb),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	return &CA{Cert: create(tb, tmpl, ca.Cert, key, ca.Key), Key: key}
+	return &CA{Cert: create(tb, template(tb, name, true), ca.Cert, key, ca.Key), Key: key}
 }
 
 // Leaf signs a certificate that is no CA, with subject name (which may be
@@ -65,14 +48,7 @@ func (ca *CA) Intermediate(tb testing.TB, name string) *CA {
 func (ca *CA) Leaf(tb testing.TB, name string) (*x509.Certificate, *ecdsa.PrivateKey) {
 	tb.Helper()
 	key := Key(tb)
-	tmpl := &x509.Certificate{
-		SerialNumber:          randomSerial(tb),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		BasicConstraintsValid: true,
-	}
-	return create(tb, tmpl, ca.Cert, key, ca.Key), key
+	return create(tb, template(tb, name, false), ca.Cert, key, ca.Key), key
 }
 
 // Key returns a fresh P-256 key.
@@ -112,6 +88,24 @@ func PKCS8(tb testing.TB, key *ecdsa.PrivateKey) []byte {
 		tb.Fatalf("testca: encode key: %v", err)
 	}
 	return b
+}
+
+// template is a certificate named name, valid from a minute ago for a day;
+// a CA one when isCA.
+func template(tb testing.TB, name string, isCA bool) *x509.Certificate {
+	tb.Helper()
+	tmpl := &x509.Certificate{
+		SerialNumber:          randomSerial(tb),
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		BasicConstraintsValid: true,
+		IsCA:                  isCA,
+	}
+	if isCA {
+		tmpl.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageCRLSign
+	}
+	return tmpl
 }
 
 func randomSerial(tb testing.TB) *big.Int {
