@@ -3,6 +3,10 @@
 // attests agents by their TPMs, streams each agent the workload entries its
 // node may serve together with the trust bundle (X.509 CAs and JWT keys),
 // and signs the agents' CSRs and JWT-SVIDs for those entries only.
+//
+// Size: past the ~800-line guide, as it is one daemon's domain (CA
+// schedule, JWT keys, agent API, limits, policy reload) whose parts share
+// the Signer's lock and state; signer/policy is the part that stands alone.
 package signer
 
 import (

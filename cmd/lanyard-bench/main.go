@@ -4,6 +4,9 @@
 // "suite" runs everything against a signer and agent it starts itself
 // (make bench); "oneshot" and "streams" measure an agent already running,
 // so operators can load-test their own hosts.
+//
+// Size: past the ~800-line guide, as each measurement (one-shot, fan-out,
+// floods, start-up, the floor) is its own file of one program.
 package main
 
 import (
