@@ -291,6 +291,19 @@ func (c *cache) matchLocked(selectors []string) string {
 	return keyb.String()
 }
 
+// holdsValidSVID reports whether any SVID held is valid at now: what the
+// Workload API's health service reports as SERVING.
+func (c *cache) holdsValidSVID(now time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range c.svids {
+		if now.Before(s.notAfter()) {
+			return true
+		}
+	}
+	return false
+}
+
 // X509BundlesResponse returns the trust bundle response and a channel
 // closed on the next change.
 func (c *cache) X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{}) {

@@ -290,3 +290,21 @@ func TestCacheLabelIsCertificateID(t *testing.T) {
 		t.Errorf("label = %s, want the certificate's spiffe://example.org/a", got)
 	}
 }
+
+// TestCacheHoldsValidSVID is what the Workload API's health service
+// reports: SERVING only while some SVID held is valid.
+func TestCacheHoldsValidSVID(t *testing.T) {
+	t0 := time.Now()
+	c := newCache("spiffe://example.org")
+	c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1")})
+	if c.holdsValidSVID(t0) {
+		t.Error("holds a valid SVID before any was signed")
+	}
+	c.putSVIDs([]*svid{testSVID(t, "a", 1, t0, t0.Add(time.Minute))})
+	if !c.holdsValidSVID(t0) {
+		t.Error("holds no valid SVID with one valid for a minute")
+	}
+	if c.holdsValidSVID(t0.Add(time.Minute)) {
+		t.Error("an SVID at its NotAfter still counts as valid")
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	reflectionv1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
@@ -281,12 +282,14 @@ func checkHeader(ctx context.Context) error {
 }
 
 // headerExempt says whether a method may be called without the security
-// header: only server reflection, whose clients (grpcurl) cannot be told to
-// send it and which reveals nothing but the public service definition.
+// header: server reflection and the gRPC health service, whose clients
+// (grpcurl, health probes) cannot be told to send it and which reveal
+// nothing but the public service definition and whether the agent serves.
 // Every other method, including any registered later, needs the header.
 func headerExempt(fullMethod string) bool {
 	return strings.HasPrefix(fullMethod, "/"+reflectionv1.ServerReflection_ServiceDesc.ServiceName+"/") ||
-		strings.HasPrefix(fullMethod, "/"+reflectionv1alpha.ServerReflection_ServiceDesc.ServiceName+"/")
+		strings.HasPrefix(fullMethod, "/"+reflectionv1alpha.ServerReflection_ServiceDesc.ServiceName+"/") ||
+		strings.HasPrefix(fullMethod, "/"+healthpb.Health_ServiceDesc.ServiceName+"/")
 }
 
 // headerUnary applies checkHeader before any unary handler runs.

@@ -51,6 +51,10 @@ type Config struct {
 	// attestation (the agent's metrics and status); nil ignores them. If
 	// it is also a LimitObserver, it is told of every refusal.
 	Observer Observer
+	// Healthy says whether the agent can serve (it holds a valid SVID for
+	// some entry): the gRPC health service on the socket reports SERVING
+	// while it does. Nil means always SERVING.
+	Healthy func() bool
 	// PendingWait is how long a caller entitled to an X.509-SVID that is
 	// being signed (its entry was just added or edited) waits for it
 	// before it is told Unavailable; 0 means 3 s. It applies only to a
@@ -144,6 +148,7 @@ func (s *Server) Run(ctx context.Context) error {
 	// The SPIFFE spec recommends reflection, so that grpcurl and friends
 	// can list the API; it serves only the public proto descriptors.
 	reflection.Register(srv)
+	serveHealth(ctx, srv, s.cfg.Source, s.cfg.Healthy)
 
 	served := make(chan error, 1)
 	go func() {
