@@ -17,17 +17,22 @@ const defaultSocket = "/run/lanyard/workload.sock"
 
 // socketAddr picks the Workload API address: --socket, else
 // SPIFFE_ENDPOINT_SOCKET (as every SPIFFE client does), else the default.
+// Both accept a bare path as well as a unix:// address: the SPIFFE spec
+// wants the scheme in the variable, but a path is what people type, and
+// go-spiffe's own error for it ("workload endpoint socket URI must have
+// a tcp:// or unix:// scheme") names no fix.
 func socketAddr(flagValue string) string {
-	if flagValue != "" {
-		if strings.Contains(flagValue, "://") {
-			return flagValue
-		}
-		return "unix://" + flagValue
+	v := flagValue
+	if v == "" {
+		v = os.Getenv("SPIFFE_ENDPOINT_SOCKET")
 	}
-	if env := os.Getenv("SPIFFE_ENDPOINT_SOCKET"); env != "" {
-		return env
+	switch {
+	case v == "":
+		return "unix://" + defaultSocket
+	case strings.Contains(v, "://"):
+		return v
 	}
-	return "unix://" + defaultSocket
+	return "unix://" + v
 }
 
 // fetchX509 fetches this process's X.509-SVIDs with go-spiffe's client and
