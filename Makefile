@@ -18,7 +18,7 @@ CONFDIR := $(SYSCONFDIR)/lanyard
 all: build
 
 help:
-	@echo 'build       build lanyard-agent and lanyard-signer into $(BIN)/ (static, CGO_ENABLED=0)'
+	@echo 'build       build lanyard-agent, lanyard-signer and lanyard-bench into $(BIN)/ (static, CGO_ENABLED=0)'
 	@echo 'swtpm-deps  install swtpm and swtpm-tools with apt-get when swtpm is missing'
 	@echo 'test        lint, then every test with the race detector (needs swtpm)'
 	@echo 'lint        gofmt check and go vet'
@@ -30,7 +30,8 @@ help:
 	@echo 'generate    regenerate proto/signerpb (needs protoc, protoc-gen-go, protoc-gen-go-grpc; the output is committed)'
 
 build:
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/lanyard-agent ./cmd/lanyard-signer
+	@echo 'build: lanyard-agent, lanyard-signer, lanyard-bench into $(BIN)/ (the first build downloads and compiles the dependencies: a minute or two)'
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/lanyard-agent ./cmd/lanyard-signer ./cmd/lanyard-bench
 
 # The TPM tests and the demo run a real software TPM. swtpm_setup and
 # swtpm_localca come with swtpm-tools, certtool with its dependency gnutls-bin.

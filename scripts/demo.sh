@@ -17,7 +17,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only: a log file or CI gets plain text.
+if [ -t 1 ]; then
+	step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+	step() { printf '\n== %s\n' "$*"; }
+fi
 
 step "software TPM (swtpm) with an EK certificate from a local CA"
 "$root/scripts/swtpm.sh" provision "$work/tpm" >/dev/null
