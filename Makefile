@@ -96,4 +96,4 @@ install: build
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/lanyard-agent $(DESTDIR)$(BINDIR)/lanyard-signer
 	rm -f $(DESTDIR)$(SYSTEMD_UNIT_DIR)/lanyard-agent.service $(DESTDIR)$(SYSTEMD_UNIT_DIR)/lanyard-signer.service
-	@echo 'uninstall: $(CONFDIR) and /var/lib/lanyard-signer are left in place'
+	@echo 'uninstall: $(DESTDIR)$(CONFDIR) and $(DESTDIR)/var/lib/lanyard-signer are left in place'

@@ -100,7 +100,7 @@ func policyCheck(args []string) {
 	if err != nil {
 		cli.Fatalf(1, "%v", err)
 	}
-	fmt.Printf("%s: ok (%d node blocks, %d workload entries)\n", cfg.PolicyPath, len(p.Nodes), len(p.Workloads))
+	fmt.Printf("%s: ok (%s, %s)\n", cfg.PolicyPath, count(len(p.Nodes), "node block", "node blocks"), count(len(p.Workloads), "workload entry", "workload entries"))
 }
 
 func bundle(args []string) {
@@ -128,4 +128,12 @@ func bundle(args []string) {
 		cli.Fatalf(1, "%v", err)
 	}
 	os.Stdout.Write(b)
+}
+
+// count writes n with the noun in the number it needs.
+func count(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
 }
