@@ -12,6 +12,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -93,6 +94,41 @@ func LoadConfig(path string) (*Config, error) {
 		return nil, fmt.Errorf("read agent config: %w", err)
 	}
 	return ParseConfig(src, path)
+}
+
+// LoadRunConfig is LoadConfig for `run`: it also reads the files the config
+// names that must be right before anything starts (the trust bundle), so
+// that a missing or broken one is a config error (exit 78, which systemd
+// does not restart) and not a crash loop. Other commands (tpm info, status)
+// need no bundle, so only run checks it.
+func LoadRunConfig(path string) (*Config, error) {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := x509bundle.Load(cfg.TrustDomain, cfg.TrustBundlePath); err != nil {
+		return nil, hclconf.Errors{{File: path, Line: attrLine(path, "trust_bundle_path"),
+			Msg: fmt.Sprintf("trust_bundle_path: %v", err)}}.Err()
+	}
+	return cfg, nil
+}
+
+// attrLine returns the line of the top-level attribute name in the config
+// file at path, or 0.
+func attrLine(path, name string) int {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	body, _ := hclconf.Parse(src, path)
+	if body == nil {
+		return 0
+	}
+	content, _, _ := body.PartialContent(&hcl.BodySchema{Attributes: []hcl.AttributeSchema{{Name: name}}})
+	if a, ok := content.Attributes[name]; ok {
+		return a.Range.Start.Line
+	}
+	return 0
 }
 
 // ParseConfig validates src as the agent config file filename, reporting

@@ -85,7 +85,7 @@ func run(args []string) {
 	if *path == "" {
 		cli.Fatalf(2, "run: --config is required")
 	}
-	cfg, err := agent.LoadConfig(*path)
+	cfg, err := agent.LoadRunConfig(*path)
 	if err != nil {
 		cli.Fatalf(cli.ExitConfig, "lanyard-agent: invalid config:\n%v", err)
 	}
