@@ -117,7 +117,7 @@ func TestExplain(t *testing.T) {
 	if err := done.Run(); err != nil {
 		t.Fatal(err)
 	}
-	if out, code := agentCmd(t, nil, "explain", fmt.Sprint(done.Process.Pid), "--config", e.agentCfg); code != 2 || !strings.Contains(out, "no such process") {
+	if out, code := agentCmd(t, nil, "explain", fmt.Sprint(done.Process.Pid), "--config", e.agentCfg); code != 2 || !strings.Contains(out, "no such process") || strings.Contains(out, "404") {
 		t.Errorf("explain of an exited PID: exit %d, want 2 and 'no such process'\n%s", code, out)
 	}
 	if out, code := agentCmd(t, nil, "explain", "web", "--config", e.agentCfg); code != 2 || !strings.Contains(out, `"web" is not a process ID`) {

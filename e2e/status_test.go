@@ -101,14 +101,14 @@ func TestStatus(t *testing.T) {
 
 	if os.Getuid() == 0 {
 		nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
-		if out, code := agentCmd(t, nobody, "status", "--admin-socket", admin); code != 2 {
-			t.Errorf("status as nobody: exit %d, want 2 (refused)\n%s", code, out)
+		if out, code := agentCmd(t, nobody, "status", "--admin-socket", admin); code != 4 || !strings.Contains(out, "permission denied: the admin socket is root-only; run as root") {
+			t.Errorf("status as nobody: exit %d, want 4 and the root-only message\n%s", code, out)
 		}
 		// Even with the permissions loosened, the peer uid check refuses.
 		os.Chmod(filepath.Dir(admin), 0o755)
 		os.Chmod(admin, 0o666)
-		if out, code := agentCmd(t, nobody, "status", "--admin-socket", admin); code != 2 {
-			t.Errorf("status as nobody on a 0666 socket: exit %d, want 2\n%s", code, out)
+		if out, code := agentCmd(t, nobody, "status", "--admin-socket", admin); code != 4 || !strings.Contains(out, "root-only") {
+			t.Errorf("status as nobody on a 0666 socket: exit %d, want 4 and the root-only message\n%s", code, out)
 		}
 		agent.waitLog(t, 5*time.Second, "admin connection refused: not root")
 	}

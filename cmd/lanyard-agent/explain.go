@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/cli"
 )
 
 // Exit codes of explain.
@@ -28,16 +29,9 @@ func explain(args []string, stdout, stderr io.Writer) int {
 	af.register(fs)
 	asJSON := fs.Bool("json", false, "print the explanation as JSON (stable field names)")
 	// Flags may come before or after the PID.
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return exitNoExplain
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		pos = append(pos, fs.Arg(0))
-		args = fs.Args()[1:]
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return cli.FlagExit(err, exitNoExplain)
 	}
 	if len(pos) != 1 {
 		fmt.Fprintln(stderr, "usage: lanyard-agent explain PID [--json] [--admin-socket PATH]")
@@ -56,7 +50,7 @@ func explain(args []string, stdout, stderr io.Writer) int {
 	var ex agent.Explanation
 	if err := adminGet(socket, "/v1/explain?pid="+strconv.FormatInt(pid, 10), &ex); err != nil {
 		fmt.Fprintf(stderr, "explain: %v\n", err)
-		return exitNoExplain
+		return adminExit(err, exitNoExplain)
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)

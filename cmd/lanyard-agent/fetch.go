@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/cli"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
@@ -42,7 +43,12 @@ func fetchX509(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	socket := fs.String("socket", "", "Workload API socket (default $SPIFFE_ENDPOINT_SOCKET or "+defaultSocket+")")
 	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
-	if err := fs.Parse(args); err != nil {
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return cli.FlagExit(err, 2)
+	}
+	if len(pos) > 0 {
+		fmt.Fprintf(stderr, "fetch x509: unexpected argument %q\n", pos[0])
 		return 2
 	}
 	addr := socketAddr(*socket)

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/cli"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
@@ -42,10 +43,11 @@ func fetchJWT(args []string, stdout, stderr io.Writer) int {
 	socket := fs.String("socket", "", "Workload API socket (default $SPIFFE_ENDPOINT_SOCKET or "+defaultSocket+")")
 	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
 	tokenOnly := fs.Bool("token-only", false, "print only the token(s), one per line, for scripts")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return cli.FlagExit(err, 2)
 	}
-	if len(aud) == 0 || fs.NArg() > 0 {
+	if len(aud) == 0 || len(pos) > 0 {
 		fmt.Fprintln(stderr, "usage: lanyard-agent fetch jwt --audience A [--audience B] [--spiffe-id ID] [--socket PATH] [--timeout D] [--token-only]")
 		return 2
 	}
@@ -99,14 +101,15 @@ func validateJWT(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	audience := fs.String("audience", "", "audience the token must be for (required)")
 	socket := fs.String("socket", "", "Workload API socket (default $SPIFFE_ENDPOINT_SOCKET or "+defaultSocket+")")
 	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return cli.FlagExit(err, 2)
 	}
-	if *audience == "" || fs.NArg() != 1 {
+	if *audience == "" || len(pos) != 1 {
 		fmt.Fprintln(stderr, "usage: lanyard-agent validate jwt --audience A [--socket PATH] [--timeout D] TOKEN|-")
 		return 2
 	}
-	token := fs.Arg(0)
+	token := pos[0]
 	if token == "-" {
 		line, err := bufio.NewReader(io.LimitReader(stdin, 1<<20)).ReadString('\n')
 		if err != nil && err != io.EOF {

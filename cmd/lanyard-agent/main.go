@@ -45,10 +45,10 @@ func main() {
 		case len(args) >= 2 && args[1] == "jwt":
 			os.Exit(fetchJWT(args[2:], os.Stdout, os.Stderr))
 		}
-		cli.Fatalf(2, "usage: lanyard-agent fetch x509|jwt [flags]")
+		cli.SubUsage(args, "usage: lanyard-agent fetch x509|jwt [flags]")
 	case "validate":
 		if len(args) < 2 || args[1] != "jwt" {
-			cli.Fatalf(2, "usage: lanyard-agent validate jwt --audience A [--socket PATH] TOKEN|-")
+			cli.SubUsage(args, "usage: lanyard-agent validate jwt --audience A [--socket PATH] TOKEN|-")
 		}
 		os.Exit(validateJWT(args[2:], os.Stdin, os.Stdout, os.Stderr))
 	case "status":
@@ -59,7 +59,7 @@ func main() {
 		os.Exit(healthcheck(args[1:], os.Stderr))
 	case "tpm":
 		if len(args) < 2 || args[1] != "info" {
-			cli.Fatalf(2, "usage: lanyard-agent tpm info --config FILE")
+			cli.SubUsage(args, "usage: lanyard-agent tpm info --config FILE")
 		}
 		os.Exit(tpmInfo(args[2:], os.Stdout, os.Stderr))
 	case "version", "--version":

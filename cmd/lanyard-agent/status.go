@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,10 +14,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/cli"
 )
 
 // Exit codes of status and healthcheck.
@@ -24,6 +27,9 @@ const (
 	exitHealthy   = 0
 	exitDegraded  = 1
 	exitUnhealthy = 2 // also: agent not running or not reachable
+	// exitDenied: the admin socket refused this user (it is root-only);
+	// nothing is known of the agent's health. Shared by every admin command.
+	exitDenied = 4
 )
 
 // adminFlags are the flags every admin-socket command takes.
@@ -67,15 +73,35 @@ func adminGet(socket, path string, v any) error {
 		}},
 	}
 	resp, err := c.Get("http://agent" + path)
+	// A non-root user is refused by the socket's mode (EACCES) or, should
+	// it be loosened, by the agent hanging up on any peer but root. Only
+	// "nothing there" means the agent is not running.
+	if err != nil && (errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) ||
+		(os.Geteuid() != 0 && !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ECONNREFUSED))) {
+		return fmt.Errorf("%w (%s)", errAdminDenied, socket)
+	}
 	if err != nil {
 		return fmt.Errorf("agent not reachable on %s: %w", socket, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
+		// The agent's own message; the HTTP status adds nothing for a user.
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("agent answered %s: %s", resp.Status, strings.TrimSpace(string(b)))
+		return errors.New(strings.TrimSpace(string(b)))
 	}
 	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// errAdminDenied is what a non-root user meets at the admin socket.
+var errAdminDenied = errors.New("permission denied: the admin socket is root-only; run as root")
+
+// adminExit is the exit status for an adminGet error: exitDenied when the
+// socket refused this user, else unreachable.
+func adminExit(err error, unreachable int) int {
+	if errors.Is(err, errAdminDenied) {
+		return exitDenied
+	}
+	return unreachable
 }
 
 func healthExit(h string) int {
@@ -95,8 +121,11 @@ func status(args []string, stdout, stderr io.Writer) int {
 	var af adminFlags
 	af.register(fs)
 	asJSON := fs.Bool("json", false, "print the report as JSON (stable field names)")
-	if err := fs.Parse(args); err != nil {
-		return exitUnhealthy
+	if pos, err := cli.ParseFlags(fs, args); err != nil || len(pos) > 0 {
+		if err == nil {
+			fmt.Fprintf(stderr, "status: unexpected argument %q\n", pos[0])
+		}
+		return cli.FlagExit(err, exitUnhealthy)
 	}
 	socket, err := af.path()
 	if err != nil {
@@ -105,6 +134,10 @@ func status(args []string, stdout, stderr io.Writer) int {
 	}
 	var r agent.Report
 	if err := adminGet(socket, "/v1/status", &r); err != nil {
+		if errors.Is(err, errAdminDenied) {
+			fmt.Fprintf(stderr, "status: %v\n", err)
+			return exitDenied
+		}
 		if *asJSON {
 			json.NewEncoder(stdout).Encode(map[string]any{"health": agent.Unhealthy, "reasons": []string{"agent not running: " + err.Error()}})
 		} else {
@@ -239,8 +272,8 @@ func healthcheck(args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var af adminFlags
 	af.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return exitUnhealthy
+	if pos, err := cli.ParseFlags(fs, args); err != nil || len(pos) > 0 {
+		return cli.FlagExit(err, exitUnhealthy)
 	}
 	socket, err := af.path()
 	if err != nil {
@@ -248,7 +281,7 @@ func healthcheck(args []string, stderr io.Writer) int {
 	}
 	var r agent.Report
 	if err := adminGet(socket, "/v1/status", &r); err != nil {
-		return exitUnhealthy
+		return adminExit(err, exitUnhealthy)
 	}
 	return healthExit(r.Health)
 }

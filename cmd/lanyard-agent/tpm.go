@@ -7,6 +7,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/attestor/node"
+	"github.com/lanyard-dev/lanyard/internal/cli"
 )
 
 // tpmInfo prints what an operator pastes into the signer's policy.
@@ -14,8 +15,11 @@ func tpmInfo(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("tpm info", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	path := fs.String("config", "", "agent config file (HCL): its tpm block says which TPM")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if pos, err := cli.ParseFlags(fs, args); err != nil || len(pos) > 0 {
+		if err == nil {
+			fmt.Fprintf(stderr, "tpm info: unexpected argument %q\n", pos[0])
+		}
+		return cli.FlagExit(err, 2)
 	}
 	if *path == "" {
 		fmt.Fprintln(stderr, "tpm info: --config is required")

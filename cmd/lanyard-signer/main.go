@@ -36,7 +36,7 @@ func main() {
 		run(args[1:])
 	case "policy":
 		if len(args) < 2 || args[1] != "check" {
-			cli.Fatalf(2, "usage: lanyard-signer policy check --config FILE")
+			cli.SubUsage(args, "usage: lanyard-signer policy check --config FILE")
 		}
 		policyCheck(args[2:])
 	case "bundle":
