@@ -9,6 +9,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/descriptorpb"
 )
 
 // TestServerReflection lists the services over the socket with a real
@@ -50,6 +52,33 @@ func TestServerReflection(t *testing.T) {
 		MessageRequest: &reflectionv1.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: "SpiffeWorkloadAPI"},
 	}).GetFileDescriptorResponse().GetFileDescriptorProto()
 	if len(files) == 0 {
-		t.Error("no file descriptor for SpiffeWorkloadAPI")
+		t.Fatal("no file descriptor for SpiffeWorkloadAPI")
+	}
+	// The methods advertised are exactly those served: not go-spiffe's
+	// experimental WIT-SVID methods, which answer Unimplemented.
+	var methods []string
+	for _, raw := range files {
+		var fd descriptorpb.FileDescriptorProto
+		if err := proto.Unmarshal(raw, &fd); err != nil {
+			t.Fatal(err)
+		}
+		for _, svc := range fd.GetService() {
+			if svc.GetName() != "SpiffeWorkloadAPI" {
+				continue
+			}
+			for _, m := range svc.GetMethod() {
+				methods = append(methods, m.GetName())
+			}
+		}
+	}
+	slices.Sort(methods)
+	want := []string{"FetchJWTBundles", "FetchJWTSVID", "FetchX509Bundles", "FetchX509SVID", "ValidateJWTSVID"}
+	if !slices.Equal(methods, want) {
+		t.Errorf("advertised methods = %v, want %v", methods, want)
+	}
+	if resp := ask(&reflectionv1.ServerReflectionRequest{
+		MessageRequest: &reflectionv1.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: "SpiffeWorkloadAPI.FetchWITSVID"},
+	}); resp.GetErrorResponse() == nil {
+		t.Error("reflection describes FetchWITSVID, which the agent does not serve")
 	}
 }

@@ -25,7 +25,6 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/safedir"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/reflection"
 )
 
 // gracefulStopTimeout bounds how long Run waits for calls in flight to
@@ -147,7 +146,10 @@ func (s *Server) Run(ctx context.Context) error {
 	})
 	// The SPIFFE spec recommends reflection, so that grpcurl and friends
 	// can list the API; it serves only the public proto descriptors.
-	reflection.Register(srv)
+	if err := registerReflection(srv); err != nil {
+		_ = ln.Close()
+		return err
+	}
 	serveHealth(ctx, srv, s.cfg.Source, s.cfg.Healthy)
 
 	served := make(chan error, 1)
