@@ -37,6 +37,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			JWTMaxTTL:     time.Hour,
 			LogLevel:      "debug",
 			LogFormat:     "json",
+			KeyStorage:    KeyStorageMemory,
 			Limits: func() Limits {
 				l := DefaultLimits()
 				l.AttestFirstMessageTimeout = 2 * time.Second
@@ -59,6 +60,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			JWTMaxTTL:     time.Hour,
 			LogLevel:      "info",
 			LogFormat:     "text",
+			KeyStorage:    KeyStorageMemory,
 			Limits:        DefaultLimits(),
 		}},
 	}
@@ -98,8 +100,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"unknown key", required + "listen = \"x\"\n", []string{
 			`c.hcl:4: Unsupported argument: An argument named "listen" is not expected here.`,
 		}},
-		{"unknown block", required + "tpm {}\n", []string{
-			`c.hcl:4: Unsupported block type: Blocks of type "tpm" are not expected here.`,
+		{"unknown block", required + "hsm {}\n", []string{
+			`c.hcl:4: Unsupported block type: Blocks of type "hsm" are not expected here.`,
 		}},
 		{"syntax error", required + "ca_ttl = \n", []string{
 			`c.hcl:4: Invalid expression: Expected the start of an expression, but found an invalid expression token.`,
