@@ -100,8 +100,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"unknown key", required + "listen = \"x\"\n", []string{
 			`c.hcl:4: Unsupported argument: An argument named "listen" is not expected here.`,
 		}},
-		{"unknown block", required + "hsm {}\n", []string{
-			`c.hcl:4: Unsupported block type: Blocks of type "hsm" are not expected here.`,
+		{"unknown block", required + "vault {}\n", []string{
+			`c.hcl:4: Unsupported block type: Blocks of type "vault" are not expected here.`,
 		}},
 		{"syntax error", required + "ca_ttl = \n", []string{
 			`c.hcl:4: Invalid expression: Expected the start of an expression, but found an invalid expression token.`,
