@@ -618,3 +618,35 @@ func TestRotateCAsLoop(t *testing.T) {
 		}
 	})
 }
+
+func TestMemoryRestartDropsUnusedCAs(t *testing.T) {
+	// 20 crash-restarts in memory mode, nothing signed: the bundle holds
+	// one CA, not 20. A CA that signed stays.
+	dir := t.TempDir()
+	s := newTestSigner(t, dir, "")
+	if err := s.publish(s.auth.publication()); err != nil {
+		t.Fatal(err)
+	}
+	used := s.auth.active.Cert
+	sign(t, s, time.Hour, time.Now())
+	usedKid := s.auth.activeJWT.kid
+	s.mu.Lock()
+	if _, _, _, err := s.auth.mintJWT(testID, []string{"a"}, time.Minute, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Unlock()
+	for range 20 {
+		s = newTestSigner(t, dir, "")
+		if err := s.publish(s.auth.publication()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := s.bundle.X509Authorities()
+	if len(got) != 2 || !got[0].Equal(s.auth.active.Cert) || !got[1].Equal(used) {
+		t.Fatalf("bundle after 20 restarts has %d CAs, want the fresh one and the one that signed", len(got))
+	}
+	keys := s.auth.publishedJWT()
+	if len(keys) != 2 || keys[1].kid != usedKid {
+		t.Fatalf("JWT keys after 20 restarts = %d, want the fresh one and the one that signed", len(keys))
+	}
+}
