@@ -125,6 +125,11 @@ grep -o 'startup_ms=[0-9]*' "$work/agent.log" | head -1 | sed 's/^/agent reports
 
 if [ "$(id -u)" -eq 0 ]; then
   step "lanyard-agent status after the signer restart (what an SRE runs first)"
+  # The agent's sync stream redials with backoff: wait for it to be back.
+  for _ in $(seq 100); do
+    "$bin/lanyard-agent" status --config "$work/agent.hcl" 2>/dev/null | grep -q degraded || break
+    sleep 0.05
+  done
   "$bin/lanyard-agent" status --config "$work/agent.hcl" || true
   step "lanyard-agent explain $$ (why this shell gets its identity)"
   "$bin/lanyard-agent" explain --config "$work/agent.hcl" "$$" || true
