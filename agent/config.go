@@ -5,13 +5,12 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"time"
 
 	"github.com/hashicorp/hcl/v2"
-	"github.com/hashicorp/hcl/v2/hclsyntax"
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/attestor/workload"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/lanyard-dev/lanyard/internal/tpmconf"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -26,11 +25,6 @@ const (
 	// exist.
 	SharedAdminSocketPath = "/run/lanyard/admin.sock"
 )
-
-// maxSocketPath is the longest path a Unix socket can bind: sun_path holds
-// 108 bytes including the terminating NUL. Checked here so a long path is a
-// config error with a line number, not a bind failure at start.
-const maxSocketPath = 107
 
 // Config is the agent's validated configuration file. Paths in it are
 // absolute: relative ones in the file are resolved against its directory.
@@ -57,14 +51,6 @@ type Config struct {
 	Limits LimitsConfig
 }
 
-// Bounds of the tpm block's tuning fields: a probe or a reopen attempt
-// more often than every 100 ms would only load the TPM, and one rarer
-// than every 10 minutes leaves a lost TPM unnoticed or unused too long.
-const (
-	minTPMInterval = 100 * time.Millisecond
-	maxTPMInterval = 10 * time.Minute
-)
-
 var agentConfigSchema = &hcl.BodySchema{
 	Attributes: []hcl.AttributeSchema{
 		{Name: "trust_domain", Required: true},
@@ -79,10 +65,6 @@ var agentConfigSchema = &hcl.BodySchema{
 		{Name: "health_address"},
 	},
 	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}, {Type: "limits"}},
-}
-
-var agentTPMSchema = &hcl.BodySchema{
-	Attributes: []hcl.AttributeSchema{{Name: "device"}, {Name: "socket"}, {Name: "probe_interval"}, {Name: "reopen_max_interval"}},
 }
 
 // LoadConfig reads and validates the agent config file at path. Problems
@@ -164,11 +146,11 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		return d
 	})
 	set("socket_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
-		cfg.SocketPath, d = socketPath(a, dir)
+		cfg.SocketPath, d = hclconf.SocketPath(a, dir)
 		return d
 	})
 	set("admin_socket_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
-		cfg.AdminSocketPath, d = socketPath(a, dir)
+		cfg.AdminSocketPath, d = hclconf.SocketPath(a, dir)
 		return d
 	})
 	set("workload_attestors", func(a *hcl.Attribute) hcl.Diagnostics {
@@ -213,73 +195,11 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		}
 		diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: the Workload API and the admin API need different sockets", attr.Name))
 	}
-	diags = append(diags, decodeTPM(content.Blocks.OfType("tpm"), body, dir, &cfg.TPM)...)
+	_, d := tpmconf.Decode(content.Blocks.OfType("tpm"), body, dir, tpmconf.Options{Required: true, Tuning: true}, &cfg.TPM)
+	diags = append(diags, d...)
 	diags = append(diags, decodeLimits(content.Blocks.OfType("limits"), &cfg.Limits)...)
 	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
 		return nil, err
 	}
 	return cfg, nil
-}
-
-// decodeTPM requires exactly one tpm block naming exactly one of device or
-// socket: guessing between a hardware TPM and a software one is not the
-// agent's call.
-func decodeTPM(blocks hcl.Blocks, file hcl.Body, dir string, tpm *node.TPMConfig) hcl.Diagnostics {
-	if len(blocks) == 0 {
-		// A malformed tpm block (with a label, say) is dropped by the
-		// schema and already reported; don't call it missing as well.
-		if sb, ok := file.(*hclsyntax.Body); ok && slices.ContainsFunc(sb.Blocks, func(b *hclsyntax.Block) bool { return b.Type == "tpm" }) {
-			return nil
-		}
-		return hcl.Diagnostics{hclconf.Errorf(file.MissingItemRange(), `a tpm block is required: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`)}
-	}
-	var diags hcl.Diagnostics
-	for _, b := range blocks[1:] {
-		diags = append(diags, hclconf.Errorf(b.DefRange, "only one tpm block is allowed (first at line %d)", blocks[0].DefRange.Start.Line))
-	}
-	b := blocks[0]
-	content, d := b.Body.Content(agentTPMSchema)
-	diags = append(diags, d...)
-	dev, hasDev := content.Attributes["device"]
-	sock, hasSock := content.Attributes["socket"]
-	switch {
-	case hasDev && hasSock:
-		diags = append(diags, hclconf.Errorf(sock.Range, "tpm: set device or socket, not both"))
-	case hasDev:
-		tpm.Device, d = hclconf.Path(dev, dir)
-		diags = append(diags, d...)
-	case hasSock:
-		tpm.Socket, d = socketPath(sock, dir)
-		diags = append(diags, d...)
-	default:
-		diags = append(diags, hclconf.Errorf(b.DefRange, "tpm: set device (e.g. /dev/tpmrm0) or socket"))
-	}
-	for _, f := range []struct {
-		name string
-		dst  *time.Duration
-	}{{"probe_interval", &tpm.ProbeInterval}, {"reopen_max_interval", &tpm.ReopenMax}} {
-		if attr, ok := content.Attributes[f.name]; ok {
-			d, dd := hclconf.Duration(attr, minTPMInterval)
-			diags = append(diags, dd...)
-			switch {
-			case dd.HasErrors():
-			case d > maxTPMInterval:
-				diags = append(diags, hclconf.Errorf(attr.Expr.Range(), "%s: %s is over the maximum of %s", f.name, d, maxTPMInterval))
-			default:
-				*f.dst = d
-			}
-		}
-	}
-	return diags
-}
-
-func socketPath(attr *hcl.Attribute, dir string) (string, hcl.Diagnostics) {
-	p, diags := hclconf.Path(attr, dir)
-	if diags.HasErrors() {
-		return "", diags
-	}
-	if len(p) > maxSocketPath {
-		return "", hcl.Diagnostics{hclconf.Errorf(attr.Expr.Range(), "%s: %q is %d bytes; a Unix socket path can be at most %d", attr.Name, p, len(p), maxSocketPath)}
-	}
-	return p, nil
 }

@@ -71,7 +71,9 @@ func TestUnitsDirectives(t *testing.T) {
 			// The agent must see every caller's /proc entry.
 			[]string{"ProtectProc=", "ProcSubset=", "PrivateUsers=", "DynamicUser="}},
 		{"lanyard-signer.service", append(common, "StateDirectory=lanyard-signer", "DynamicUser=yes",
-			"ProtectHome=yes", "CapabilityBoundingSet=\n", "PrivateDevices=yes"), nil},
+			"ProtectHome=yes", "CapabilityBoundingSet=\n", "DevicePolicy=closed", "DeviceAllow=/dev/tpmrm0 rw", "SupplementaryGroups=tss"),
+			// PrivateDevices=yes would hide the TPM that unseals the keys.
+			[]string{"PrivateDevices="}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.unit, func(t *testing.T) {
@@ -107,6 +109,9 @@ func TestExampleConfigsLoad(t *testing.T) {
 	s, err := signer.LoadConfig("signer.hcl")
 	if err != nil {
 		t.Fatalf("signer.hcl: %v", err)
+	}
+	if s.KeyStorage != signer.KeyStorageTPM || s.TPM.Device != "/dev/tpmrm0" {
+		t.Errorf("signer.hcl: key_storage %q, TPM device %q: the example keeps its keys in the TPM the unit's DeviceAllow opens", s.KeyStorage, s.TPM.Device)
 	}
 	// The unit makes only StateDirectory writable.
 	for _, p := range []string{s.StateDir, filepath.Dir(s.BundlePath)} {

@@ -10,7 +10,15 @@ policy_path    = "policy.hcl"
 # Public. Copy it to every agent host as its trust_bundle_path. Under
 # StateDirectory=lanyard-signer of the unit, where the signer may write.
 bundle_path    = "/var/lib/lanyard-signer/bundle.pem"
+# Public state, and the CA and JWT keys sealed to this host's TPM: a copy
+# of this directory is useless on any other host.
 state_dir      = "/var/lib/lanyard-signer"
+
+# This host's TPM protects the signing keys across restarts (key_storage
+# defaults to "tpm" with this block): a restart keeps the same CA and the
+# bundle does not change. Without a TPM: key_storage = "memory" and no tpm
+# block (a restart then makes a new CA; README, "Key storage and restarts").
+tpm { device = "/dev/tpmrm0" }
 
 log_level  = "info"
 log_format = "text"

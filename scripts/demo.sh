@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# make demo: a software TPM with an EK certificate, a signer and an agent,
-# all in one temporary folder, ending with an SVID fetched through the
-# SPIFFE Workload API. Everything is stopped and removed on exit.
+# make demo: two software TPMs (the agent's host and the signer's), a signer
+# that seals its keys to its own TPM, and an agent, all in one temporary
+# folder: an SVID fetched through the SPIFFE Workload API, then the signer
+# killed and restarted mid-demo, with the bundle unchanged and the agent
+# healthy. Everything is stopped and removed on exit.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,6 +15,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   "$root/scripts/swtpm.sh" stop "$work/tpm" >/dev/null 2>&1 || true
+  "$root/scripts/swtpm.sh" stop "$work/signer-tpm" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -29,6 +32,11 @@ step "software TPM (swtpm) with an EK certificate from a local CA"
 "$root/scripts/swtpm.sh" start "$work/tpm" >/dev/null
 echo "TPM socket: $work/tpm/tpm.sock"
 
+step "a second software TPM for the signer's host (it seals the signer's keys)"
+"$root/scripts/swtpm.sh" provision "$work/signer-tpm" >/dev/null
+"$root/scripts/swtpm.sh" start "$work/signer-tpm" >/dev/null
+echo "signer TPM socket: $work/signer-tpm/tpm.sock"
+
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()' 2>/dev/null || echo 8443)
 uid=$(id -u)
 user=$(id -un)
@@ -39,6 +47,7 @@ listen_address = "127.0.0.1:$port"
 policy_path    = "policy.hcl"
 bundle_path    = "bundle.pem"
 state_dir      = "$work/signer-state"
+tpm { socket = "$work/signer-tpm/tpm.sock" }   # key_storage = "tpm" by default
 HCL
 cat >"$work/policy.hcl" <<HCL
 # Accept any TPM whose EK certificate chains to the swtpm local CA.
@@ -71,7 +80,8 @@ step "lanyard-agent tpm info (what an operator pastes into policy)"
 
 step "start lanyard-signer on 127.0.0.1:$port"
 "$bin/lanyard-signer" run --config "$work/signer.hcl" >"$work/signer.log" 2>&1 &
-pids+=($!)
+signer_pid=$!
+pids+=($signer_pid)
 for _ in $(seq 100); do [ -s "$work/bundle.pem" ] && break; sleep 0.05; done
 [ -s "$work/bundle.pem" ] || { cat "$work/signer.log"; echo "signer did not write its bundle" >&2; exit 1; }
 echo "trust bundle written to $work/bundle.pem"
@@ -94,12 +104,37 @@ if [ -z "$ok" ]; then
 fi
 echo "$out"
 
+step "kill -9 the signer and start it again (its keys are sealed to its TPM)"
+before=$(sha256sum <"$work/bundle.pem" | cut -d' ' -f1)
+kill -9 "$signer_pid"; wait "$signer_pid" 2>/dev/null || true
+"$bin/lanyard-signer" run --config "$work/signer.hcl" >>"$work/signer.log" 2>&1 &
+signer_pid=$!
+pids+=($signer_pid)
+for _ in $(seq 100); do grep -q 'signing keys unsealed' "$work/signer.log" && grep -q 'signer listening' <(tail -n 20 "$work/signer.log") && break; sleep 0.05; done
+after=$(sha256sum <"$work/bundle.pem" | cut -d' ' -f1)
+echo "bundle.pem sha256 before restart: $before"
+echo "bundle.pem sha256 after restart:  $after"
+[ "$before" = "$after" ] || { echo "the bundle changed across the restart" >&2; exit 1; }
+grep 'signing keys unsealed' "$work/signer.log" | tail -1
+ok=
+for _ in $(seq 300); do
+  if out=$("$bin/lanyard-agent" fetch x509 --socket "$work/workload.sock" 2>&1); then ok=1; break; fi
+  sleep 0.02
+done
+[ -n "$ok" ] || { cat "$work/agent.log"; echo "no SVID after the signer restart" >&2; exit 1; }
+echo "agent still serves its SVID after the restart; no file copied to it"
+
 step "timing"
 echo "agent start to first SVID fetched: $(( (t1 - t0) / 1000000 )) ms (wall clock, includes TPM attestation)"
 grep -o 'startup_ms=[0-9]*' "$work/agent.log" | head -1 | sed 's/^/agent reports /' || true
 
 if [ "$(id -u)" -eq 0 ]; then
-  step "lanyard-agent status (what an SRE runs first)"
+  step "lanyard-agent status after the signer restart (what an SRE runs first)"
+  # The agent's sync stream redials with backoff: wait for it to be back.
+  for _ in $(seq 100); do
+    "$bin/lanyard-agent" status --config "$work/agent.hcl" 2>/dev/null | grep -q degraded || break
+    sleep 0.05
+  done
   "$bin/lanyard-agent" status --config "$work/agent.hcl" || true
   step "lanyard-agent explain $$ (why this shell gets its identity)"
   "$bin/lanyard-agent" explain --config "$work/agent.hcl" "$$" || true

@@ -3,6 +3,7 @@ package signer
 import (
 	"bytes"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -55,6 +56,14 @@ type authority struct {
 	jwtLastSigned time.Time // latest exp of any token activeJWT signed
 	nextJWT       *jwtKey   // set with next
 	earlierJWT    []publicJWTKey
+
+	// signedIDs are the published CAs ("ca:<serial>") and JWT keys
+	// ("jwt:<kid>") known to have signed. When markSigned is set (memory
+	// mode), the first signature of each is recorded through it before
+	// the SVID or token leaves, so a restart can drop the ones that never
+	// signed.
+	signedIDs  map[string]bool
+	markSigned func(ids []string) error
 }
 
 // earlierCA is a published CA that no longer signs (or whose key this
@@ -64,38 +73,127 @@ type earlierCA struct {
 	keepUntil time.Time
 }
 
-// newAuthority starts with a fresh CA and JWT key and publishes the
-// restored certificates of earlier CAs and the restored JWT keys alongside
-// them. What a restored CA signed is unknown, so it is kept until its own
-// NotAfter, which nothing it signed can outlive; a restored JWT key until
-// the keep-until time saved with it. The expired ones are dropped at once.
-func newAuthority(td spiffeid.TrustDomain, ttl, lead time.Duration, restored []*x509.Certificate, restoredJWT []publicJWTKey, now time.Time, log hclog.Logger) (*authority, error) {
-	ca, err := NewCA(td, ttl, now)
-	if err != nil {
-		return nil, err
+// restoredState is what an earlier run left in state_dir.
+type restoredState struct {
+	cas []*x509.Certificate // published CAs, in bundle order
+	jwt []publicJWTKey      // published JWT keys, in bundle order
+	// keys are the decrypted private keys of the generations that were
+	// signing or prepared (key_storage "tpm"); nil in memory mode.
+	keys []restoredKeys
+	// signed, when not nil, names the CAs ("ca:<serial>") and JWT keys
+	// ("jwt:<kid>") that ever signed: the others never vouched for
+	// anything and are not kept (memory mode). nil keeps them all.
+	signed map[string]bool
+}
+
+// newAuthority continues where the earlier run stopped when st holds the
+// keys of its signing generation (sealed to the TPM): that CA signs again,
+// with its prepared successor, and the bundle is unchanged. Otherwise it
+// starts with a fresh CA and JWT key. Restored CAs without a key are
+// published alongside: what such a CA signed is unknown, so it is kept
+// until its own NotAfter, which nothing it signed can outlive; a restored
+// JWT key until the keep-until time saved with it. The expired ones, and
+// (with st.signed) those that never signed, are dropped at once.
+func newAuthority(td spiffeid.TrustDomain, ttl, lead time.Duration, st restoredState, now time.Time, log hclog.Logger) (*authority, error) {
+	a := &authority{td: td, ttl: ttl, lead: lead, log: log, signedIDs: make(map[string]bool)}
+	used := make(map[string]bool) // serials and kids restored with their keys
+	for _, role := range []string{roleActive, roleNext} {
+		i := slices.IndexFunc(st.keys, func(k restoredKeys) bool { return k.role == role })
+		if i < 0 || (role == roleNext && a.active == nil) {
+			continue
+		}
+		ca, key, err := restoreGeneration(td, st.keys[i], st.cas, st.jwt)
+		if err != nil {
+			return nil, err
+		}
+		if ca == nil {
+			// Written before its certificate: it was never published,
+			// so it never signed. Dropping it is safe.
+			log.Warn("stored key generation has no published certificate, not restored", "role", role, "serial", st.keys[i].caSerial, "kid", st.keys[i].kid)
+			continue
+		}
+		used[serialHex(ca.Cert)], used[key.kid] = true, true
+		if role == roleActive {
+			// What it signed before the restart is unknown: assume the
+			// longest, so it stays published while anything may live.
+			a.active, a.activeJWT = ca, key
+			a.lastSigned, a.jwtLastSigned = ca.Cert.NotAfter, key.notAfter
+			a.signedIDs["ca:"+serialHex(ca.Cert)], a.signedIDs["jwt:"+key.kid] = true, true
+		} else {
+			a.next, a.nextJWT = ca, key
+		}
+		log.Info("CA restored with its key", "role", role, "serial", serialHex(ca.Cert), "kid", key.kid, "not_after", ca.Cert.NotAfter.UTC().Format(time.RFC3339))
 	}
-	key, err := newJWTKey(ca.Cert.NotAfter)
-	if err != nil {
-		return nil, err
+	if a.active == nil {
+		ca, err := NewCA(td, ttl, now)
+		if err != nil {
+			return nil, err
+		}
+		key, err := newJWTKey(ca.Cert.NotAfter)
+		if err != nil {
+			return nil, err
+		}
+		a.active, a.activeJWT = ca, key
 	}
-	a := &authority{td: td, ttl: ttl, lead: lead, log: log, active: ca, activeJWT: key}
-	for _, k := range restoredJWT {
-		if rotator.Droppable(now, k.keepUntil) {
+	unsigned := func(id string) bool { return st.signed != nil && !st.signed[id] }
+	for _, k := range st.jwt {
+		switch {
+		case used[k.kid]:
+			continue
+		case rotator.Droppable(now, k.keepUntil):
 			log.Info("earlier JWT key expired, not published", "kid", k.kid, "keep_until", k.keepUntil.UTC().Format(time.RFC3339))
+			continue
+		case unsigned("jwt:" + k.kid):
+			log.Info("earlier JWT key never signed, not published", "kid", k.kid)
 			continue
 		}
 		a.earlierJWT = append(a.earlierJWT, k)
+		if st.signed != nil {
+			a.signedIDs["jwt:"+k.kid] = true
+		}
 		log.Info("earlier JWT key restored", "kid", k.kid, "keep_until", k.keepUntil.UTC().Format(time.RFC3339))
 	}
-	for _, c := range restored {
-		if rotator.Droppable(now, c.NotAfter) {
+	for _, c := range st.cas {
+		switch {
+		case used[serialHex(c)]:
+			continue
+		case rotator.Droppable(now, c.NotAfter):
 			log.Info("earlier CA expired, not published", "serial", serialHex(c), "not_after", c.NotAfter.UTC().Format(time.RFC3339))
+			continue
+		case unsigned("ca:" + serialHex(c)):
+			log.Info("earlier CA never signed, not published", "serial", serialHex(c))
 			continue
 		}
 		a.earlier = append(a.earlier, earlierCA{cert: c, keepUntil: c.NotAfter})
+		if st.signed != nil {
+			a.signedIDs["ca:"+serialHex(c)] = true
+		}
 		log.Info("earlier CA restored", "serial", serialHex(c), "keep_until", c.NotAfter.UTC().Format(time.RFC3339))
 	}
 	return a, nil
+}
+
+// restoreGeneration pairs decrypted keys with their published certificate
+// and JWT key. It returns nil, nil, nil when either was never published,
+// and ErrKeyStorage when a key does not match what was published.
+func restoreGeneration(td spiffeid.TrustDomain, k restoredKeys, cas []*x509.Certificate, jwts []publicJWTKey) (*CA, *jwtKey, error) {
+	ci := slices.IndexFunc(cas, func(c *x509.Certificate) bool { return serialHex(c) == k.caSerial })
+	ji := slices.IndexFunc(jwts, func(p publicJWTKey) bool { return p.kid == k.kid })
+	if ci < 0 || ji < 0 {
+		return nil, nil, nil
+	}
+	cert := cas[ci]
+	if pub, ok := cert.PublicKey.(*ecdsa.PublicKey); !ok || !pub.Equal(&k.caKey.PublicKey) {
+		return nil, nil, fmt.Errorf("%w %s: the CA key of serial %s does not match its certificate in %s", ErrKeyStorage, SigningKeysFile, k.caSerial, CAStateFile)
+	}
+	if !jwts[ji].pub.Equal(&k.jwtKey.PublicKey) {
+		return nil, nil, fmt.Errorf("%w %s: the JWT key %s does not match its public key in %s", ErrKeyStorage, SigningKeysFile, k.kid, JWTStateFile)
+	}
+	key, err := jwtKeyFrom(k.jwtKey, k.kid, cert.NotAfter)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &CA{td: td, key: k.caKey, Cert: cert}, key, nil
 }
 
 // current returns the CA that signs at now. A prepared successor whose
@@ -113,7 +211,11 @@ func (a *authority) current(now time.Time) *CA {
 // sign issues an X.509-SVID from the CA current at now, and remembers its
 // NotAfter: that CA stays published until the last SVID it signed expires.
 func (a *authority) sign(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration, dnsNames []string, now time.Time) (*x509.Certificate, error) {
-	cert, err := a.current(now).SignX509SVID(pub, id, ttl, dnsNames, now)
+	ca := a.current(now)
+	if err := a.noteSigned("ca:" + serialHex(ca.Cert)); err != nil {
+		return nil, err
+	}
+	cert, err := ca.SignX509SVID(pub, id, ttl, dnsNames, now)
 	if err != nil {
 		return nil, err
 	}
@@ -129,6 +231,9 @@ func (a *authority) sign(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration
 func (a *authority) mintJWT(id spiffeid.ID, audience []string, ttl time.Duration, now time.Time) (string, string, time.Time, error) {
 	a.current(now)
 	k := a.activeJWT
+	if err := a.noteSigned("jwt:" + k.kid); err != nil {
+		return "", "", time.Time{}, err
+	}
 	tok, exp, err := k.mint(id, audience, ttl, now)
 	if err != nil {
 		return "", "", time.Time{}, err
@@ -137,6 +242,40 @@ func (a *authority) mintJWT(id spiffeid.ID, audience []string, ttl time.Duration
 		a.jwtLastSigned = exp
 	}
 	return tok, k.kid, exp, nil
+}
+
+// noteSigned records that id signs, the first time it does, through
+// markSigned. A failure refuses the signature: an unrecorded signer could
+// be dropped from the bundle while what it signed lives.
+func (a *authority) noteSigned(id string) error {
+	if a.markSigned == nil || a.signedIDs[id] {
+		return nil
+	}
+	a.signedIDs[id] = true
+	if err := a.markSigned(a.signedList()); err != nil {
+		delete(a.signedIDs, id)
+		return err
+	}
+	return nil
+}
+
+// signedList is signedIDs restricted to what is published, sorted.
+func (a *authority) signedList() []string {
+	pub := make(map[string]bool)
+	for _, c := range a.published() {
+		pub["ca:"+serialHex(c)] = true
+	}
+	for _, k := range a.publishedJWT() {
+		pub["jwt:"+k.kid] = true
+	}
+	var ids []string
+	for id := range a.signedIDs {
+		if pub[id] {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // tick carries out every decision due at now: prepare and publish the
@@ -259,6 +398,23 @@ func (a *authority) publishedJWT() []publicJWTKey {
 		keys = append(keys, a.nextJWT.public())
 	}
 	return append(keys, a.earlierJWT...)
+}
+
+// publication is what publish writes: the published CAs and JWT keys,
+// the private keys of the signing and prepared generations, and the IDs
+// known to have signed.
+type publication struct {
+	cas          []*x509.Certificate
+	keys         []publicJWTKey
+	active, next *CA
+	activeJWT    *jwtKey
+	nextJWT      *jwtKey
+	signed       []string
+}
+
+func (a *authority) publication() publication {
+	return publication{cas: a.published(), keys: a.publishedJWT(), active: a.active, next: a.next,
+		activeJWT: a.activeJWT, nextJWT: a.nextJWT, signed: a.signedList()}
 }
 
 // loadCAState reads the CA certificates an earlier run kept in dir. A

@@ -145,7 +145,7 @@ func checkPublished(t *testing.T, s *Signer, want ...*x509.Certificate) {
 
 func TestCARotationOverlap(t *testing.T) {
 	s := newTestSigner(t, t.TempDir(), "") // ca_ttl 24h, ca_publish_lead 4h
-	if err := s.publish(s.auth.published(), s.auth.publishedJWT()); err != nil {
+	if err := s.publish(s.auth.publication()); err != nil {
 		t.Fatal(err)
 	}
 	ca0 := s.auth.active.Cert
@@ -422,7 +422,7 @@ func TestServerCertificateFollowsActiveCA(t *testing.T) {
 func TestRestartKeepsBundleContinuous(t *testing.T) {
 	dir := t.TempDir()
 	s1 := newTestSigner(t, dir, "")
-	if err := s1.publish(s1.auth.published(), s1.auth.publishedJWT()); err != nil {
+	if err := s1.publish(s1.auth.publication()); err != nil {
 		t.Fatal(err)
 	}
 	t0, ca0 := issued(s1.auth.active), s1.auth.active.Cert
@@ -438,7 +438,7 @@ func TestRestartKeepsBundleContinuous(t *testing.T) {
 	before := s1.bundle.X509Authorities()
 
 	s2 := newTestSigner(t, dir, "")
-	if err := s2.publish(s2.auth.published(), s2.auth.publishedJWT()); err != nil {
+	if err := s2.publish(s2.auth.publication()); err != nil {
 		t.Fatal(err)
 	}
 	got := s2.bundle.X509Authorities()
@@ -471,8 +471,8 @@ func TestRestartKeepsBundleContinuous(t *testing.T) {
 			if bytes.Contains(data, []byte("PRIVATE KEY")) {
 				t.Errorf("%s mentions a private key", path)
 			}
-			if filepath.Base(path) == JWTStateFile {
-				return nil // checked by TestRestartKeepsJWTKeys
+			if filepath.Base(path) == JWTStateFile || filepath.Base(path) == SignedStateFile {
+				return nil // checked by TestRestartKeepsJWTKeys and TestMemoryRestartDropsUnusedCAs
 			}
 			readCerts(t, path) // only CERTIFICATE blocks
 			return nil
@@ -617,4 +617,36 @@ func TestRotateCAsLoop(t *testing.T) {
 			t.Errorf("rotateCAs: %v", err)
 		}
 	})
+}
+
+func TestMemoryRestartDropsUnusedCAs(t *testing.T) {
+	// 20 crash-restarts in memory mode, nothing signed: the bundle holds
+	// one CA, not 20. A CA that signed stays.
+	dir := t.TempDir()
+	s := newTestSigner(t, dir, "")
+	if err := s.publish(s.auth.publication()); err != nil {
+		t.Fatal(err)
+	}
+	used := s.auth.active.Cert
+	sign(t, s, time.Hour, time.Now())
+	usedKid := s.auth.activeJWT.kid
+	s.mu.Lock()
+	if _, _, _, err := s.auth.mintJWT(testID, []string{"a"}, time.Minute, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Unlock()
+	for range 20 {
+		s = newTestSigner(t, dir, "")
+		if err := s.publish(s.auth.publication()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := s.bundle.X509Authorities()
+	if len(got) != 2 || !got[0].Equal(s.auth.active.Cert) || !got[1].Equal(used) {
+		t.Fatalf("bundle after 20 restarts has %d CAs, want the fresh one and the one that signed", len(got))
+	}
+	keys := s.auth.publishedJWT()
+	if len(keys) != 2 || keys[1].kid != usedKid {
+		t.Fatalf("JWT keys after 20 restarts = %d, want the fresh one and the one that signed", len(keys))
+	}
 }

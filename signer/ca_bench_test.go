@@ -19,7 +19,7 @@ import (
 func BenchmarkSignX509SVID(b *testing.B) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	now := time.Now()
-	auth, err := newAuthority(td, 24*time.Hour, time.Hour, nil, nil, now, hclog.NewNullLogger())
+	auth, err := newAuthority(td, 24*time.Hour, time.Hour, restoredState{}, now, hclog.NewNullLogger())
 	if err != nil {
 		b.Fatalf("newAuthority: %v", err)
 	}

@@ -6,7 +6,9 @@ import (
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
+	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/internal/hclconf"
+	"github.com/lanyard-dev/lanyard/internal/tpmconf"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -41,7 +43,7 @@ type Config struct {
 	ListenAddress string
 	PolicyPath    string
 	BundlePath    string        // where the signer writes its trust bundle (PEM)
-	StateDir      string        // public state only, never a private key
+	StateDir      string        // public state, and keys usable only by this host's TPM; never a usable private key
 	CATTL         time.Duration // lifetime of each CA
 	CAPublishLead time.Duration // how long a new CA is in the bundle before it signs
 	X509MaxTTL    time.Duration // workload X.509-SVID TTLs are capped to this
@@ -54,7 +56,20 @@ type Config struct {
 	MetricsAddress string
 	// Limits is the file's limits block over DefaultLimits.
 	Limits Limits
+	// TPM is the signer host's TPM (the tpm block), which protects the
+	// CA and JWT keys at rest; zero when the file has no tpm block.
+	TPM node.TPMConfig
+	// KeyStorage is where the CA and JWT private keys live between runs:
+	// KeyStorageTPM (sealed to TPM, the default with a tpm block) or
+	// KeyStorageMemory (nowhere: a restart makes new ones).
+	KeyStorage string
 }
+
+// Values of key_storage.
+const (
+	KeyStorageTPM    = "tpm"
+	KeyStorageMemory = "memory"
+)
 
 var signerConfigSchema = &hcl.BodySchema{
 	Attributes: []hcl.AttributeSchema{
@@ -71,8 +86,9 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "log_level"},
 		{Name: "log_format"},
 		{Name: "metrics_address"},
+		{Name: "key_storage"},
 	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}},
 }
 
 // LoadConfig reads and validates the signer config file at path. Problems
@@ -163,6 +179,19 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	set("metrics_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.MetricsAddress, d = hclconf.LoopbackAddress(a)
+		return d
+	})
+	hasTPM, d := tpmconf.Decode(content.Blocks.OfType("tpm"), body, dir, tpmconf.Options{}, &cfg.TPM)
+	diags = append(diags, d...)
+	cfg.KeyStorage = KeyStorageMemory
+	if hasTPM {
+		cfg.KeyStorage = KeyStorageTPM
+	}
+	set("key_storage", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.KeyStorage, d = hclconf.OneOf(a, KeyStorageTPM, KeyStorageMemory)
+		if cfg.KeyStorage == KeyStorageTPM && !hasTPM {
+			d = append(d, hclconf.Errorf(a.Expr.Range(), `key_storage: "tpm" needs a tpm block: tpm { device = "/dev/tpmrm0" } or tpm { socket = "/path/to/swtpm.sock" }`))
+		}
 		return d
 	})
 	diags = append(diags, fitToCA(cfg, content.Attributes)...)

@@ -37,6 +37,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			JWTMaxTTL:     time.Hour,
 			LogLevel:      "debug",
 			LogFormat:     "json",
+			KeyStorage:    KeyStorageMemory,
 			Limits: func() Limits {
 				l := DefaultLimits()
 				l.AttestFirstMessageTimeout = 2 * time.Second
@@ -59,6 +60,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			JWTMaxTTL:     time.Hour,
 			LogLevel:      "info",
 			LogFormat:     "text",
+			KeyStorage:    KeyStorageMemory,
 			Limits:        DefaultLimits(),
 		}},
 	}
@@ -98,8 +100,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"unknown key", required + "listen = \"x\"\n", []string{
 			`c.hcl:4: Unsupported argument: An argument named "listen" is not expected here.`,
 		}},
-		{"unknown block", required + "tpm {}\n", []string{
-			`c.hcl:4: Unsupported block type: Blocks of type "tpm" are not expected here.`,
+		{"unknown block", required + "vault {}\n", []string{
+			`c.hcl:4: Unsupported block type: Blocks of type "vault" are not expected here.`,
 		}},
 		{"syntax error", required + "ca_ttl = \n", []string{
 			`c.hcl:4: Invalid expression: Expected the start of an expression, but found an invalid expression token.`,
@@ -223,6 +225,43 @@ func TestParseConfigCADerived(t *testing.T) {
 			got := [4]time.Duration{cfg.CAPublishLead, cfg.X509MaxTTL, cfg.AgentTTL, cfg.JWTMaxTTL}
 			if want := [4]time.Duration{tt.lead, tt.x509MaxTTL, tt.agentTTL, tt.jwtMaxTTL}; got != want {
 				t.Errorf("ca_publish_lead, x509_max_ttl, agent_ttl, jwt_max_ttl = %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+func TestKeyStorageConfig(t *testing.T) {
+	required := "trust_domain = \"example.org\"\npolicy_path = \"p.hcl\"\nbundle_path = \"b.pem\"\n"
+	tests := []struct {
+		name    string
+		src     string
+		storage string
+		tpm     string // device or socket
+		err     string
+	}{
+		{"no tpm block: memory", "", KeyStorageMemory, "", ""},
+		{"tpm block: tpm", "tpm { device = \"/dev/tpmrm0\" }\n", KeyStorageTPM, "/dev/tpmrm0", ""},
+		{"tpm socket", "tpm { socket = \"/run/swtpm/signer.sock\" }\n", KeyStorageTPM, "/run/swtpm/signer.sock", ""},
+		{"memory with a tpm block", "key_storage = \"memory\"\ntpm { device = \"/dev/tpmrm0\" }\n", KeyStorageMemory, "/dev/tpmrm0", ""},
+		{"tpm without a block", "key_storage = \"tpm\"\n", "", "", `c.hcl:4: key_storage: "tpm" needs a tpm block`},
+		{"unknown storage", "key_storage = \"disk\"\n", "", "", `c.hcl:4: key_storage: "disk" is not one of tpm, memory`},
+		{"tpm tuning is the agent's", "tpm {\n  device = \"/dev/tpmrm0\"\n  probe_interval = \"1s\"\n}\n", "", "", `c.hcl:6: Unsupported argument`},
+		{"both", "tpm {\n  device = \"/dev/tpmrm0\"\n  socket = \"/s\"\n}\n", "", "", `c.hcl:6: tpm: set device or socket, not both`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig([]byte(required+tt.src), "c.hcl")
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("ParseConfig error = %v, want %q", err, tt.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.KeyStorage != tt.storage || cfg.TPM.Device+cfg.TPM.Socket != tt.tpm {
+				t.Errorf("key_storage %q tpm %+v, want %q %q", cfg.KeyStorage, cfg.TPM, tt.storage, tt.tpm)
 			}
 		})
 	}

@@ -41,13 +41,19 @@ func newJWTKey(notAfter time.Time) (*jwtKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("generate JWT key: %w", err)
 	}
-	der, err := x509.MarshalPKIXPublicKey(priv.Public())
-	if err != nil {
-		return nil, fmt.Errorf("encode JWT key: %w", err)
-	}
 	kid, err := newKeyID()
 	if err != nil {
 		return nil, err
+	}
+	return jwtKeyFrom(priv, kid, notAfter)
+}
+
+// jwtKeyFrom makes the signing key of priv, known as kid (a new key, or
+// one restored from key storage).
+func jwtKeyFrom(priv *ecdsa.PrivateKey, kid string, notAfter time.Time) (*jwtKey, error) {
+	der, err := x509.MarshalPKIXPublicKey(priv.Public())
+	if err != nil {
+		return nil, fmt.Errorf("encode JWT key: %w", err)
 	}
 	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: priv, KeyID: kid}},
 		(&jose.SignerOptions{}).WithType("JWT"))

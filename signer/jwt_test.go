@@ -291,7 +291,7 @@ func TestJWTKeyRotation(t *testing.T) {
 func TestRestartKeepsJWTKeys(t *testing.T) {
 	dir := t.TempDir()
 	s1 := newJWTTestSigner(t, dir, "")
-	if err := s1.publish(s1.auth.published(), s1.auth.publishedJWT()); err != nil {
+	if err := s1.publish(s1.auth.publication()); err != nil {
 		t.Fatal(err)
 	}
 	m, err := s1.mintOne(testAgent, &signerpb.JWTSVIDRequest{EntryId: "mine", Audience: []string{"a"}}, time.Now())
@@ -300,7 +300,7 @@ func TestRestartKeepsJWTKeys(t *testing.T) {
 	}
 
 	s2 := newJWTTestSigner(t, dir, "")
-	if err := s2.publish(s2.auth.published(), s2.auth.publishedJWT()); err != nil {
+	if err := s2.publish(s2.auth.publication()); err != nil {
 		t.Fatal(err)
 	}
 	b2 := jwtBundle(t, s2)

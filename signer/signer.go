@@ -61,6 +61,8 @@ type Signer struct {
 	mints   *mintLimiter
 	warnLog *logLimiter
 
+	keys *keyStore // nil with memory keys
+
 	mu      sync.Mutex
 	auth    *authority
 	bundle  *x509bundle.Bundle // the CAs the TLS layer verifies agents by; safe for concurrent use
@@ -91,11 +93,18 @@ type agentRecord struct {
 	notAfter time.Time
 }
 
-// New loads the policy named by cfg, creates a fresh in-memory CA and JWT
-// key and publishes them together with the earlier CAs and JWT keys kept
+// New loads the policy named by cfg and restores the CAs and JWT keys kept
 // in cfg.StateDir (an unusable state file is ErrBadCAState or
-// ErrBadJWTState).
+// ErrBadJWTState). With key_storage "tpm" it opens the TPM once, unseals
+// the key-encryption key and signs on with the stored keys (unusable key
+// storage is ErrKeyStorage); otherwise it creates a fresh in-memory CA and
+// JWT key and publishes them with the earlier ones.
 func New(cfg *Config, log hclog.Logger) (*Signer, error) {
+	return newSigner(cfg, log, func() (*node.TPM, error) { return node.OpenTPM(cfg.TPM) })
+}
+
+// newSigner is New with the TPM's opener (tests pass a simulator).
+func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error)) (*Signer, error) {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
@@ -116,9 +125,34 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("restore earlier JWT keys: %w", err)
 	}
-	auth, err := newAuthority(cfg.TrustDomain, cfg.CATTL, cfg.CAPublishLead, restored, restoredJWT, time.Now(), log)
+	st := restoredState{cas: restored, jwt: restoredJWT}
+	var keys *keyStore
+	if cfg.KeyStorage == KeyStorageTPM {
+		start := time.Now()
+		tpm, err := openTPM()
+		if err != nil {
+			return nil, fmt.Errorf("open the signer's TPM: %w", err)
+		}
+		// The TPM is needed only here: the key-encryption key stays in
+		// memory, and every signature is made in memory.
+		keys, err = openKeyStore(cfg.StateDir, tpm)
+		tpm.Close()
+		if err != nil {
+			return nil, err
+		}
+		if st.keys, err = keys.load(); err != nil {
+			return nil, err
+		}
+		log.Info("signing keys unsealed with the TPM", "generations", len(st.keys), "took_ms", time.Since(start).Milliseconds())
+	} else if st.signed, err = loadSignedState(cfg.StateDir); err != nil {
+		return nil, fmt.Errorf("restore earlier CAs: %w", err)
+	}
+	auth, err := newAuthority(cfg.TrustDomain, cfg.CATTL, cfg.CAPublishLead, st, time.Now(), log)
 	if err != nil {
 		return nil, err
+	}
+	if keys == nil {
+		auth.markSigned = func(ids []string) error { return saveSignedState(cfg.StateDir, ids) }
 	}
 	id, err := spiffeid.FromSegments(cfg.TrustDomain, "lanyard", "signer")
 	if err != nil {
@@ -129,6 +163,7 @@ func New(cfg *Config, log hclog.Logger) (*Signer, error) {
 		log:     log,
 		id:      id,
 		auth:    auth,
+		keys:    keys,
 		bundle:  x509bundle.FromX509Authorities(cfg.TrustDomain, auth.published()),
 		bundleN: 1,
 		agents:  make(map[spiffeid.ID]*agentRecord),
@@ -175,9 +210,9 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	// The fresh CA and JWT key are on disk before they sign anything, so
 	// a restart keeps publishing them while their SVIDs live.
 	s.mu.Lock()
-	cas, keys := s.auth.published(), s.auth.publishedJWT()
+	pub := s.auth.publication()
 	s.mu.Unlock()
-	if err := s.publish(cas, keys); err != nil {
+	if err := s.publish(pub); err != nil {
 		lis.Close()
 		if metricsLn != nil {
 			metricsLn.Close()
@@ -342,13 +377,12 @@ func (s *Signer) rotateCAs(ctx context.Context) error {
 func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	s.mu.Lock()
 	changed, next, tickErr := s.auth.tick(now)
-	var cas []*x509.Certificate
-	var keys []publicJWTKey
+	var pub publication
 	if changed {
-		cas, keys = s.auth.published(), s.auth.publishedJWT()
+		pub = s.auth.publication()
 		// The TLS verifier follows at once: a new CA signs nothing before
 		// its publish lead, and a dropped one must stop being accepted.
-		s.bundle.SetX509Authorities(cas)
+		s.bundle.SetX509Authorities(pub.cas)
 	}
 	s.mu.Unlock()
 	if !changed {
@@ -358,9 +392,10 @@ func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	// parties and restarted agents trust, so an agent must never hold a
 	// bundle the file lacks. When the write fails nothing is pushed, and
 	// the error ends the signer.
-	if err := s.publish(cas, keys); err != nil {
+	if err := s.publish(pub); err != nil {
 		return next, err
 	}
+	cas, keys := pub.cas, pub.keys
 	s.mu.Lock()
 	s.bundleN++
 	s.agentBundle = s.bundleMessage(cas, keys)
@@ -371,16 +406,28 @@ func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	return next, tickErr
 }
 
-// publish saves the CA and JWT key state first, then bundle_path: the
-// state is what keeps the bundle continuous across a restart.
-func (s *Signer) publish(cas []*x509.Certificate, keys []publicJWTKey) error {
-	if err := saveCAState(s.cfg.StateDir, cas); err != nil {
+// publish saves the encrypted signing keys (key_storage "tpm") or the
+// record of which keys signed (memory), then the CA and JWT key state,
+// then bundle_path: the state is what keeps the bundle continuous across
+// a restart. Keys go first: a key whose certificate never reached the
+// state was never published, and a restart drops it safely, while a
+// published certificate without its key would make a restart refuse to
+// sign with it.
+func (s *Signer) publish(p publication) error {
+	if s.keys != nil {
+		if err := s.keys.save(p.active, p.activeJWT, p.next, p.nextJWT); err != nil {
+			return err
+		}
+	} else if err := saveSignedState(s.cfg.StateDir, p.signed); err != nil {
 		return err
 	}
-	if err := saveJWTState(s.cfg.StateDir, keys); err != nil {
+	if err := saveCAState(s.cfg.StateDir, p.cas); err != nil {
 		return err
 	}
-	return writeBundle(s.cfg.BundlePath, cas)
+	if err := saveJWTState(s.cfg.StateDir, p.keys); err != nil {
+		return err
+	}
+	return writeBundle(s.cfg.BundlePath, p.cas)
 }
 
 // BundleSequence reports how many times the bundle has changed (tests and

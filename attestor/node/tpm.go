@@ -494,3 +494,16 @@ func (s *Session) Close() error {
 	s.akBlob, s.keyBlob = nil, nil
 	return nil
 }
+
+// WithChannel runs fn with the TPM's raw command stream, holding the TPM
+// for fn's duration so no other command interleaves. It is the door for
+// TPM uses beyond attestation (the signer seals its key-encryption key
+// with it); fn must flush every object it loads.
+func (t *TPM) WithChannel(fn func(rw io.ReadWriter) error) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return errors.New("attestor: TPM is closed")
+	}
+	return fn(t.ch)
+}

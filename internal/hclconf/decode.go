@@ -207,6 +207,24 @@ func Path(attr *hcl.Attribute, dir string) (string, hcl.Diagnostics) {
 	return Resolve(dir, s), nil
 }
 
+// MaxSocketPath is the longest path a Unix socket can bind: sun_path holds
+// 108 bytes including the terminating NUL. Checked in the config so a long
+// path is an error with a line number, not a bind failure at start.
+const MaxSocketPath = 107
+
+// SocketPath decodes attr as a Unix socket path (Path, at most
+// MaxSocketPath bytes).
+func SocketPath(attr *hcl.Attribute, dir string) (string, hcl.Diagnostics) {
+	p, diags := Path(attr, dir)
+	if diags.HasErrors() {
+		return "", diags
+	}
+	if len(p) > MaxSocketPath {
+		return "", hcl.Diagnostics{Errorf(attr.Expr.Range(), "%s: %q is %d bytes; a Unix socket path can be at most %d", attr.Name, p, len(p), MaxSocketPath)}
+	}
+	return p, nil
+}
+
 // LogLevel decodes a log_level key: trace, debug, info, warn or error.
 func LogLevel(attr *hcl.Attribute) (string, hcl.Diagnostics) {
 	return OneOf(attr, "trace", "debug", "info", "warn", "error")
