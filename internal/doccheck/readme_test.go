@@ -24,7 +24,7 @@ var external = map[string]bool{
 	"status=78":                               true, // systemd
 	"address already in use":                  true, // the kernel
 	"policy.hcl:12":                           true, // an example location
-	"(leeway 30s)":                            true, // "(leeway %s)" with JWTLeeway
+	"leeway 30s":                              true, // "(leeway %s)" with JWTLeeway
 	"open TPM:":                               true, // followed by the kernel's error
 	"systemctl start lanyard-agent":           true, // a command, not a message
 	"validate jwt":                            true, // a command
@@ -95,12 +95,14 @@ func TestTroubleshootingQuotesRealMessages(t *testing.T) {
 }
 
 // literalParts splits a quoted message where its values vary: at "...",
-// at quotes (a %q value), at brackets (a list), at ": " (an error wrapping
-// another), at a SPIFFE ID and at an address.
+// at quotes (a %q value), at brackets and parentheses, at ": " (an error
+// wrapping another), at a SPIFFE ID, an address and a file name (which
+// the code often names through a constant).
 func literalParts(q string) []string {
 	var out []string
-	for _, p := range regexp.MustCompile(`\.\.\.|"|\[|\]|: |spiffe://|\d+\.\d+\.\d+\.\d+:\d+`).Split(q, -1) {
-		if p = strings.TrimSpace(p); p != "" {
+	for _, p := range regexp.MustCompile(`\.\.\.|"|\[|\]|\(|\)|: |spiffe://|\d+\.\d+\.\d+\.\d+:\d+|[\w-]+\.(json|pem|hcl)\b`).Split(q, -1) {
+		// A path's directory is elided with "..."; its file name stays.
+		if p = strings.TrimPrefix(strings.TrimSpace(p), "/"); p != "" {
 			out = append(out, p)
 		}
 	}
