@@ -11,6 +11,9 @@ policy_path    = "policy.hcl"
 # StateDirectory=lanyard-signer of the unit, where the signer may write.
 bundle_path    = "/var/lib/lanyard-signer/bundle.pem"
 state_dir      = "/var/lib/lanyard-signer"
+# Root-only: `lanyard-signer status` and `node list|revoke|unrevoke`.
+# Under RuntimeDirectory=lanyard-signer of the unit (this is the default).
+admin_socket_path = "/run/lanyard-signer/admin.sock"
 
 log_level  = "info"
 log_format = "text"
