@@ -34,6 +34,7 @@ listen_address = "127.0.0.1:$port"
 policy_path    = "policy.hcl"
 bundle_path    = "bundle.pem"
 state_dir      = "$work/signer-state"
+admin_socket_path = "$work/signer-admin/admin.sock"
 HCL
 cat >"$work/policy.hcl" <<HCL
 # Accept any TPM whose EK certificate chains to the swtpm local CA.
