@@ -2,11 +2,8 @@ package e2e
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,20 +11,10 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/swtpmtest"
 )
 
-// signerCmd runs a lanyard-signer subcommand as root and returns its
-// output and exit code.
+// signerCmd runs a lanyard-signer subcommand as root.
 func signerCmd(t *testing.T, args ...string) (string, int) {
 	t.Helper()
-	out, err := exec.Command(filepath.Join(bin, "lanyard-signer"), args...).CombinedOutput()
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-		return string(out), 0
-	case errors.As(err, &ee):
-		return string(out), ee.ExitCode()
-	}
-	t.Fatalf("run lanyard-signer %v: %v", args, err)
-	return "", -1
+	return binCmd(t, "lanyard-signer", nil, args...)
 }
 
 // TestNodeRevoke: revoking a node while its agent streams closes its Sync

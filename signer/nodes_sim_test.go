@@ -4,7 +4,6 @@ package signer
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"os"
@@ -13,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm-tools/simulator"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/node"
@@ -64,42 +62,7 @@ func (a *simAgent) attest(t *testing.T, c signerpb.SignerClient, version string)
 	}
 	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(t.Context(), signerpb.AgentVersionHeader, version), 30*time.Second)
 	defer cancel()
-	stream, err := c.Attest(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_Evidence{Evidence: &signerpb.Evidence{
-		EkCertificate: ev.EKCertificate, EkPublic: ev.EKPublic,
-		Ak:  &signerpb.TPMObject{Public: ev.AK.Public, CreateData: ev.AK.CreateData, CreateAttestation: ev.AK.CreateAttestation, CreateSignature: ev.AK.CreateSignature},
-		Key: &signerpb.TPMObject{Public: ev.Key.Public, CreateData: ev.Key.CreateData, CreateAttestation: ev.Key.CreateAttestation, CreateSignature: ev.Key.CreateSignature},
-		Csr: ev.CSR,
-	}}}); err != nil {
-		return nil, err
-	}
-	resp, err := stream.Recv()
-	if err != nil {
-		return nil, err
-	}
-	ch := resp.GetChallenge()
-	secret, err := sess.Activate(attest.EncryptedCredential{Credential: ch.GetCredential(), Secret: ch.GetSecret()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_ActivationSecret{ActivationSecret: secret}}); err != nil {
-		return nil, err
-	}
-	if resp, err = stream.Recv(); err != nil {
-		return nil, err
-	}
-	cert, err := x509.ParseCertificate(resp.GetResult().GetSvid()[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := x509svid.IDFromCert(cert)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &x509svid.SVID{ID: id, Certificates: []*x509.Certificate{cert}, PrivateKey: sess.Signer()}, nil
+	return attestSim(ctx, c, sess, ev)
 }
 
 func nodePolicy(ek string) string {

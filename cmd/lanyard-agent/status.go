@@ -1,13 +1,11 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"maps"
-	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -17,6 +15,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/adminsock"
 )
 
 // Exit codes of status and healthcheck.
@@ -59,14 +58,7 @@ func (f *adminFlags) path() (string, error) {
 
 // adminGet fetches path from the agent's admin socket into v.
 func adminGet(socket, path string, v any) error {
-	c := &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
-	}
-	resp, err := c.Get("http://agent" + path)
+	resp, err := adminsock.Client(socket, 5*time.Second).Get("http://agent" + path)
 	if err != nil {
 		return fmt.Errorf("agent not reachable on %s: %w", socket, err)
 	}

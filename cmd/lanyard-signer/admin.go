@@ -2,13 +2,11 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -16,6 +14,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/adminsock"
 	"github.com/lanyard-dev/lanyard/signer"
 )
 
@@ -60,13 +59,7 @@ func (f *adminFlags) path() (string, error) {
 // adminCall sends one request to the signer's admin socket and decodes
 // the answer into out; a refusal comes back as the signer's error text.
 func adminCall(socket, method, path string, body, out any) error {
-	c := &http.Client{
-		Timeout: 10 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
-	}
+	c := adminsock.Client(socket, 10*time.Second)
 	var rd io.Reader
 	if body != nil {
 		b, _ := json.Marshal(body)
@@ -151,6 +144,37 @@ func nodeCmd(args []string, stdout, stderr io.Writer) int {
 	return exitUsage
 }
 
+// adminCommand parses an admin command's flags (its own added by extra)
+// and finds the socket; done means exit with code now. want is how many
+// positional arguments it takes.
+func adminCommand(name string, args []string, stdout, stderr io.Writer, want int, extra func(*flag.FlagSet)) (socket string, pos []string, code int, done bool) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var af adminFlags
+	af.register(fs)
+	if extra != nil {
+		extra(fs)
+	}
+	pos, code, done = parseFlags(fs, args, stdout)
+	if done {
+		return "", nil, code, true
+	}
+	if len(pos) != want {
+		if want == 0 {
+			fmt.Fprintf(stderr, "%s: unexpected argument %q\n", name, pos[0])
+		} else {
+			fmt.Fprintf(stderr, "usage: lanyard-signer %s (EK-SHA256 | AGENT-SPIFFE-ID)\n", name)
+		}
+		return "", nil, exitUsage, true
+	}
+	socket, err := af.path()
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return "", nil, exitUsage, true
+	}
+	return socket, pos, 0, false
+}
+
 // parseFlags parses fs from args, letting positional arguments come
 // before or between the flags; --help prints usage and exits 0.
 func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) (pos []string, code int, done bool) {
@@ -172,23 +196,12 @@ func parseFlags(fs *flag.FlagSet, args []string, stdout io.Writer) (pos []string
 }
 
 func nodeList(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("node list", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var af adminFlags
-	af.register(fs)
-	asJSON := fs.Bool("json", false, "print the registry as JSON (stable field names)")
-	pos, code, done := parseFlags(fs, args, stdout)
+	var asJSON *bool
+	socket, _, code, done := adminCommand("node list", args, stdout, stderr, 0, func(fs *flag.FlagSet) {
+		asJSON = fs.Bool("json", false, "print the registry as JSON (stable field names)")
+	})
 	if done {
 		return code
-	}
-	if len(pos) > 0 {
-		fmt.Fprintf(stderr, "node list: unexpected argument %q\n", pos[0])
-		return exitUsage
-	}
-	socket, err := af.path()
-	if err != nil {
-		fmt.Fprintf(stderr, "node list: %v\n", err)
-		return exitUsage
 	}
 	var nodes []signer.NodeInfo
 	if err := adminCall(socket, http.MethodGet, "/v1/nodes", nil, &nodes); err != nil {
@@ -231,30 +244,18 @@ func printNodes(w io.Writer, nodes []signer.NodeInfo, now time.Time) {
 }
 
 func nodeChange(verb string, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("node "+verb, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var af adminFlags
-	af.register(fs)
 	var reason *string
-	if verb == "revoke" {
-		reason = fs.String("reason", "", "why (required; printable text): shown in node list, the audit line and the agent's status")
-	}
-	pos, code, done := parseFlags(fs, args, stdout)
+	socket, pos, code, done := adminCommand("node "+verb, args, stdout, stderr, 1, func(fs *flag.FlagSet) {
+		if verb == "revoke" {
+			reason = fs.String("reason", "", "why (required; printable text): shown in node list, the audit line and the agent's status")
+		}
+	})
 	if done {
 		return code
-	}
-	if len(pos) != 1 {
-		fmt.Fprintf(stderr, "usage: lanyard-signer node %s (EK-SHA256 | AGENT-SPIFFE-ID)%s\n", verb, map[bool]string{true: " --reason TEXT"}[verb == "revoke"])
-		return exitUsage
 	}
 	req := signer.NodeRequest{Node: pos[0]}
 	if reason != nil {
 		req.Reason = *reason
-	}
-	socket, err := af.path()
-	if err != nil {
-		fmt.Fprintf(stderr, "node %s: %v\n", verb, err)
-		return exitUsage
 	}
 	var n signer.NodeInfo
 	if err := adminCall(socket, http.MethodPost, "/v1/nodes/"+verb, req, &n); err != nil {
@@ -271,23 +272,12 @@ func nodeChange(verb string, args []string, stdout, stderr io.Writer) int {
 
 // statusCmd prints the signer's health.
 func statusCmd(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var af adminFlags
-	af.register(fs)
-	asJSON := fs.Bool("json", false, "print the report as JSON (stable field names)")
-	pos, code, done := parseFlags(fs, args, stdout)
+	var asJSON *bool
+	socket, _, code, done := adminCommand("status", args, stdout, stderr, 0, func(fs *flag.FlagSet) {
+		asJSON = fs.Bool("json", false, "print the report as JSON (stable field names)")
+	})
 	if done {
 		return code
-	}
-	if len(pos) > 0 {
-		fmt.Fprintf(stderr, "status: unexpected argument %q\n", pos[0])
-		return exitUsage
-	}
-	socket, err := af.path()
-	if err != nil {
-		fmt.Fprintf(stderr, "status: %v\n", err)
-		return exitUsage
 	}
 	var r signer.StatusReport
 	if err := adminCall(socket, http.MethodGet, "/v1/status", nil, &r); err != nil {

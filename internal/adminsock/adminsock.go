@@ -132,3 +132,15 @@ func Peer(r *http.Request) (cred peercred.Cred, ok bool) {
 	cred, ok = r.Context().Value(credKey{}).(peercred.Cred)
 	return cred, ok
 }
+
+// Client is an HTTP client of the admin socket at path: the commands
+// (`status`, `explain`, `node ...`) reach their daemon through it.
+func Client(path string, timeout time.Duration) *http.Client {
+	return &http.Client{
+		Timeout: timeout,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}},
+	}
+}
