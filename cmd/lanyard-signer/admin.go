@@ -24,7 +24,7 @@ const (
 	exitFailed      = 1  // the signer refused the change (unknown node, bad reason, ...)
 	exitUsage       = 2  // bad flags or arguments
 	exitUnavailable = 69 // EX_UNAVAILABLE: the signer is not running or not reachable
-	exitNotRoot     = 77 // EX_NOPERM: the admin socket is root-only
+	exitNotRoot     = 4  // the admin socket is root-only (as lanyard-agent status)
 )
 
 const notRootMsg = "permission denied: the admin socket is root-only; run as root"
@@ -122,7 +122,7 @@ Every command takes --config FILE (to find admin_socket_path) or
 --admin-socket PATH, and must run as root.
 
 exit codes: 0 done, 1 refused by the signer, 2 usage, 69 signer not
-reachable, 77 not root
+reachable, 4 not root
 `
 
 // nodeCmd runs `lanyard-signer node ...` and returns its exit code.
