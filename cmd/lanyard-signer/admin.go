@@ -18,7 +18,7 @@ import (
 	"github.com/lanyard-dev/lanyard/signer"
 )
 
-// Exit codes of status and node (the sysexits names, like run's 78).
+// Exit codes of status and node.
 const (
 	exitOK          = 0
 	exitFailed      = 1  // the signer refused the change (unknown node, bad reason, ...)
