@@ -151,6 +151,11 @@ func (a *Agent) Report(now time.Time) Report {
 // health judges a status snapshot: the first reasons are the ones to act on.
 func health(st snapshot, now time.Time) (string, []string) {
 	var bad, warn []string
+	if st.up.Revoked != "" {
+		// First: nothing else can be fixed on this host until the signer
+		// lifts it.
+		bad = append(bad, "revoked by the signer: "+st.up.Revoked)
+	}
 	switch {
 	case st.up.AgentID.IsZero():
 		bad = append(bad, "not attested")

@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 func TestHealth(t *testing.T) {
@@ -25,6 +29,8 @@ func TestHealth(t *testing.T) {
 		{"signer down, SVIDs valid", func(s *snapshot) { s.up.SyncConnected = false }, Degraded, []string{"signer unreachable (sync stream down)"}},
 		{"renewals failing", func(s *snapshot) { s.renew.Failures = 1 }, Degraded, []string{"1 renewal round failed in a row"}},
 		{"attestations failing", func(s *snapshot) { s.up.AttestFailures = 3 }, Degraded, []string{"3 attestations failed in a row"}},
+		{"revoked by the signer", func(s *snapshot) { s.up.Revoked = "host stolen"; s.up.SyncConnected = false },
+			Unhealthy, []string{"revoked by the signer: host stolen", "signer unreachable (sync stream down)"}},
 		{"TPM unreachable", func(s *snapshot) {
 			s.tpm = tpmState{Error: "attestor: TPM unreachable: read TPM response from socket /s: EOF", LostAt: now.Add(-12 * time.Second), ReopenFailures: 4}
 			s.up.AttestFailures = 2
@@ -39,5 +45,27 @@ func TestHealth(t *testing.T) {
 				t.Errorf("health = %s %q, want %s %q", got, reasons, tt.want, tt.reasons)
 			}
 		})
+	}
+}
+
+// TestRevokedReason: only the signer's PermissionDenied "node revoked: "
+// refusal, however wrapped, marks the agent revoked.
+func TestRevokedReason(t *testing.T) {
+	tests := []struct {
+		name   string
+		err    error
+		reason string
+		ok     bool
+	}{
+		{"revoked", status.Error(codes.PermissionDenied, "node revoked: host stolen"), "host stolen", true},
+		{"wrapped", fmt.Errorf("attest: signer 127.0.0.1:1: %w", status.Error(codes.PermissionDenied, "node revoked: decommissioned")), "decommissioned", true},
+		{"other refusal", status.Error(codes.PermissionDenied, "attestation refused: unknown EK"), "", false},
+		{"other code", status.Error(codes.Unauthenticated, "node revoked: x"), "", false},
+		{"not a status", errors.New("node revoked: x"), "", false},
+	}
+	for _, tt := range tests {
+		if reason, ok := revokedReason(tt.err); reason != tt.reason || ok != tt.ok {
+			t.Errorf("%s: revokedReason = %q, %v; want %q, %v", tt.name, reason, ok, tt.reason, tt.ok)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-attestation/attest"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/node"
+	"github.com/lanyard-dev/lanyard/internal/cli"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -22,6 +23,7 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 )
 
 // attestTimeout bounds one attestation round trip with the signer.
@@ -155,6 +157,8 @@ func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, er
 		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
 	}
 	defer conn.Close()
+	// The signer lists the version in its node registry.
+	ctx = metadata.AppendToOutgoingContext(ctx, signerpb.AgentVersionHeader, cli.Version())
 	stream, err := signerpb.NewSignerClient(conn).Attest(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)

@@ -97,6 +97,9 @@ type upstreamSnapshot struct {
 	SyncConnected  bool      // the sync stream is open and has delivered a message
 	SyncFailures   int       // consecutive broken sync streams
 	AttestFailures int       // consecutive failed attestations
+	// Revoked is the signer's reason when it refused this node as
+	// revoked, until an attestation or a sync gets through again.
+	Revoked string
 }
 
 // jwtReattestWait is upstream.reattestWait: one attestation takes well
@@ -144,6 +147,7 @@ func (u *upstream) attestLoop(ctx context.Context) error {
 			u.metrics.attestFailures.Inc()
 			failures++
 			u.update(func(s *upstreamSnapshot) { s.AttestFailures = failures })
+			u.checkRevoked(err)
 			d := u.backoff.Delay(failures, u.rand())
 			u.log.Error("attestation failed", "signer", u.addr, "error", err, "failures", failures, "retry_in", d.String())
 			if !u.waitRetry(ctx, d, trustChanged, nil, u.reattest) {
@@ -166,7 +170,7 @@ func (u *upstream) attestLoop(ctx context.Context) error {
 		// Scheduled from now, not the backdated NotBefore (see svid.received).
 		renew := u.sched.RenewAt(time.Now(), leaf.NotAfter, u.jitter())
 		u.update(func(s *upstreamSnapshot) {
-			s.AttestFailures = 0
+			s.AttestFailures, s.Revoked = 0, ""
 			s.AgentID, s.AgentNotAfter, s.AgentRenewAt = svid.ID, leaf.NotAfter, renew
 			s.EKSHA256 = strings.TrimPrefix(svid.ID.Path(), agentPathPrefix)
 			s.NodeSelectors = res.GetNodeSelectors()
@@ -214,6 +218,7 @@ func (u *upstream) syncLoop(ctx context.Context) error {
 		default:
 		}
 		u.checkUnauthenticated(err)
+		u.checkRevoked(err)
 		u.metrics.syncFailures.Inc()
 		failures++
 		u.update(func(s *upstreamSnapshot) { s.SyncFailures = failures })
@@ -237,7 +242,9 @@ func (u *upstream) receive(recv func() (*signerpb.SyncResponse, error), failures
 			u.retryNow()
 		}
 		*failures = 0
-		u.update(func(s *upstreamSnapshot) { s.SyncFailures, s.SyncConnected, s.LastSync = 0, true, time.Now() })
+		u.update(func(s *upstreamSnapshot) {
+			s.SyncFailures, s.SyncConnected, s.LastSync, s.Revoked = 0, true, time.Now(), ""
+		})
 		if err := u.applyBundle(msg.GetBundle()); err != nil {
 			u.log.Error("bad bundle from signer", "error", err)
 			continue
@@ -291,6 +298,31 @@ func (u *upstream) checkUnauthenticated(err error) {
 	if status.Code(err) == codes.Unauthenticated {
 		u.requestReattest()
 	}
+}
+
+// checkRevoked notes a refusal because the signer revoked this node: the
+// status then says so first. The loops keep retrying with their backoff,
+// so an unrevoke heals the agent by itself.
+func (u *upstream) checkRevoked(err error) {
+	if reason, ok := revokedReason(err); ok {
+		u.update(func(s *upstreamSnapshot) { s.Revoked = reason })
+	}
+}
+
+// revokedReason is the signer's reason when err is its refusal of a
+// revoked node: PermissionDenied "node revoked: <reason>".
+func revokedReason(err error) (string, bool) {
+	// The status itself, not status.FromError's: that one's message is
+	// the whole wrapped error text.
+	var gs interface{ GRPCStatus() *status.Status }
+	if !errors.As(err, &gs) {
+		return "", false
+	}
+	st := gs.GRPCStatus()
+	if st.Code() != codes.PermissionDenied || !strings.HasPrefix(st.Message(), signerpb.RevokedPrefix) {
+		return "", false
+	}
+	return strings.TrimPrefix(st.Message(), signerpb.RevokedPrefix), true
 }
 
 // requestReattest makes the attestation loop attest at once, whether it

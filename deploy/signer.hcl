@@ -13,6 +13,9 @@ bundle_path    = "/var/lib/lanyard-signer/bundle.pem"
 # Public state, and the CA and JWT keys sealed to this host's TPM: a copy
 # of this directory is useless on any other host.
 state_dir      = "/var/lib/lanyard-signer"
+# Root-only: `lanyard-signer status` and `node list|revoke|unrevoke`.
+# Under RuntimeDirectory=lanyard-signer of the unit (this is the default).
+admin_socket_path = "/run/lanyard-signer/admin.sock"
 
 # This host's TPM protects the signing keys across restarts (key_storage
 # defaults to "tpm" with this block): a restart keeps the same CA and the

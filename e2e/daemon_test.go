@@ -129,7 +129,7 @@ func TestSignerNotify(t *testing.T) {
 	d := shortDir(t)
 	addr := freePort(t)
 	cfg := filepath.Join(d, "signer.hcl")
-	writeFile(t, cfg, fmt.Sprintf("trust_domain = \"example.org\"\nlisten_address = %q\npolicy_path = \"policy.hcl\"\nbundle_path = \"bundle.pem\"\nstate_dir = \"state\"\n", addr))
+	writeFile(t, cfg, fmt.Sprintf("trust_domain = \"example.org\"\nlisten_address = %q\npolicy_path = \"policy.hcl\"\nbundle_path = \"bundle.pem\"\nstate_dir = \"state\"\nadmin_socket_path = \"admin/admin.sock\"\n", addr))
 	good := `node "lab" {
   ek_sha256 = ["` + strings.Repeat("0", 64) + `"]
 }

@@ -38,6 +38,7 @@ type env struct {
 	dir, signerAddr                             string
 	signerCfg, policyPath, bundlePath, agentCfg string
 	socket                                      string
+	signerAdmin                                 string // the signer's admin socket
 	tpm                                         *swtpmtest.TPM
 }
 
@@ -48,14 +49,15 @@ func newEnv(t *testing.T, tpm *swtpmtest.TPM, policy string) *env {
 		dir: d, signerAddr: freePort(t), tpm: tpm,
 		signerCfg: filepath.Join(d, "signer.hcl"), policyPath: filepath.Join(d, "policy.hcl"),
 		bundlePath: filepath.Join(d, "bundle.pem"), agentCfg: filepath.Join(d, "agent.hcl"),
-		socket: filepath.Join(d, "w.sock"),
+		socket: filepath.Join(d, "w.sock"), signerAdmin: filepath.Join(d, "signer-admin", "admin.sock"),
 	}
 	writeFile(t, e.signerCfg, fmt.Sprintf(`trust_domain   = "example.org"
 listen_address = %q
 policy_path    = "policy.hcl"
 bundle_path    = "bundle.pem"
 state_dir      = %q
-`, e.signerAddr, filepath.Join(d, "state")))
+admin_socket_path = %q
+`, e.signerAddr, filepath.Join(d, "state"), e.signerAdmin))
 	writeFile(t, e.policyPath, policy)
 	writeFile(t, e.agentCfg, fmt.Sprintf(`trust_domain      = "example.org"
 signer_address    = %q

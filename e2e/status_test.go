@@ -19,7 +19,14 @@ import (
 // code.
 func agentCmd(t *testing.T, cred *syscall.Credential, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(bin, "lanyard-agent"), args...)
+	return binCmd(t, "lanyard-agent", cred, args...)
+}
+
+// binCmd runs one of the built binaries, as cred when not nil, and returns
+// its output and exit code.
+func binCmd(t *testing.T, name string, cred *syscall.Credential, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(bin, name), args...)
 	if cred != nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	}
@@ -31,7 +38,7 @@ func agentCmd(t *testing.T, cred *syscall.Credential, args ...string) (string, i
 	case errors.As(err, &ee):
 		return string(out), ee.ExitCode()
 	}
-	t.Fatalf("run lanyard-agent %v: %v", args, err)
+	t.Fatalf("run %s %v: %v", name, args, err)
 	return "", -1
 }
 

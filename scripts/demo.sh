@@ -48,6 +48,7 @@ policy_path    = "policy.hcl"
 bundle_path    = "bundle.pem"
 state_dir      = "$work/signer-state"
 tpm { socket = "$work/signer-tpm/tpm.sock" }   # key_storage = "tpm" by default
+admin_socket_path = "$work/signer-admin/admin.sock"
 HCL
 cat >"$work/policy.hcl" <<HCL
 # Accept any TPM whose EK certificate chains to the swtpm local CA.

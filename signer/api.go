@@ -98,9 +98,16 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 		},
 		CSR: pe.GetCsr(),
 	}
+	// A revoked node is refused as soon as its EK is known, before the
+	// challenge costs either side anything.
 	s.mu.Lock()
 	rules := s.rules
+	rev := s.revokedLocked(ev.EKSHA256())
 	s.mu.Unlock()
+	if rev != nil {
+		refusal = ErrNodeRevoked
+		return s.refuseRevoked("Attest", ev.EKSHA256(), rev)
+	}
 	ch, err := node.NewChallenge(ev, rules, nil, time.Now())
 	if err != nil {
 		refusal = err
@@ -140,15 +147,23 @@ func (a *api) Attest(stream signerpb.Signer_AttestServer) (err error) {
 		s.logRefusal(ctx, addr, accepted.EKSHA256, errLeftPolicy, start)
 		return status.Error(codes.PermissionDenied, "attestation refused: the TPM left the policy during attestation")
 	}
+	// Revoked while the TPM answered: refused like one revoked before.
+	if rev := s.revokedLocked(accepted.EKSHA256); rev != nil {
+		s.mu.Unlock()
+		refusal = ErrNodeRevoked
+		return s.refuseRevoked("Attest", accepted.EKSHA256, rev)
+	}
 	cert, err := s.auth.sign(accepted.CSR.PublicKey, id, s.cfg.AgentTTL, nil, now)
 	if err == nil {
 		s.agents[id] = &agentRecord{node: accepted, names: accepted.Names, notAfter: cert.NotAfter}
+		s.recordAttestLocked(accepted, id, agentVersion(ctx), now)
 	}
 	bundle := s.bundleMessageLocked()
 	s.mu.Unlock()
 	if err != nil {
 		return status.Errorf(codes.Internal, "attest: %v", err)
 	}
+	s.markNodesDirty()
 	s.log.Info("agent attested", "ek_sha256", accepted.EKSHA256, "spiffe_id", id.String(), "nodes", accepted.Names,
 		"serial", serialHex(cert), "not_after", cert.NotAfter.UTC().Format(time.RFC3339), "duration_ms", time.Since(start).Milliseconds())
 	return stream.Send(&signerpb.AttestResponse{Step: &signerpb.AttestResponse_Result{Result: &signerpb.AttestResult{
@@ -215,7 +230,7 @@ func attestStatus(err error) error {
 func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) error {
 	s := a.s
 	ctx := stream.Context()
-	id, err := s.authenticate(ctx)
+	id, err := s.authenticate(ctx, "Sync")
 	if err != nil {
 		return err
 	}
@@ -248,6 +263,15 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 		case <-s.stopping:
 			return status.Error(codes.Unavailable, "sync: the signer is shutting down")
 		case <-ctx.Done():
+			if errors.Is(context.Cause(ctx), ErrNodeRevoked) {
+				s.mu.Lock()
+				rev := s.revokedLocked(strings.TrimPrefix(id.Path(), agentPath))
+				s.mu.Unlock()
+				if rev != nil {
+					s.log.Info("sync stream closed: node revoked", "agent", id.String())
+					return revokedStatus(rev)
+				}
+			}
 			if errors.Is(context.Cause(ctx), ErrSyncReplaced) {
 				return status.Errorf(codes.Aborted, "sync: %v: at most %d per agent", ErrSyncReplaced, s.cfg.Limits.MaxSyncStreamsPerAgent)
 			}
@@ -261,6 +285,11 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struct{}, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// Revoked between authenticate and the stream's registration: the
+	// revocation found no stream to close, so this ends it.
+	if rev := s.revokedLocked(strings.TrimPrefix(id.Path(), agentPath)); rev != nil {
+		return nil, nil, revokedStatus(rev)
+	}
 	rec, ok := s.agents[id]
 	if !ok {
 		return nil, nil, status.Error(codes.Unauthenticated, "agent is not attested with this signer (restarted, or its TPM left the policy): attest again")
@@ -274,7 +303,7 @@ func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struc
 
 func (a *api) SignX509SVIDs(ctx context.Context, req *signerpb.SignX509SVIDsRequest) (*signerpb.SignX509SVIDsResponse, error) {
 	s := a.s
-	id, err := s.authenticate(ctx)
+	id, err := s.authenticate(ctx, "SignX509SVIDs")
 	if err != nil {
 		return nil, err
 	}
@@ -379,8 +408,11 @@ func (s *Signer) signOne(agent spiffeid.ID, c *signerpb.CSR, now time.Time) (*x5
 
 // authenticate returns the agent on the other end of ctx's connection: the
 // TLS layer verified its chain against the bundle; here we check that it
-// is an agent SVID, still valid, of an agent this signer attested.
-func (s *Signer) authenticate(ctx context.Context) (spiffeid.ID, error) {
+// is an agent SVID, still valid, of an agent this signer attested and has
+// not revoked: checked on every call, so a revoked agent's SVID, valid
+// until it expires, opens nothing. method names the call for the audit
+// line of a refusal.
+func (s *Signer) authenticate(ctx context.Context, method string) (spiffeid.ID, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
 		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "no peer")
@@ -397,9 +429,14 @@ func (s *Signer) authenticate(ctx context.Context) (spiffeid.ID, error) {
 	if err != nil || !strings.HasPrefix(id.Path(), agentPath) {
 		return spiffeid.ID{}, status.Error(codes.PermissionDenied, "caller is not an agent")
 	}
+	ek := strings.TrimPrefix(id.Path(), agentPath)
 	s.mu.Lock()
 	_, known := s.agents[id]
+	rev := s.revokedLocked(ek)
 	s.mu.Unlock()
+	if rev != nil {
+		return spiffeid.ID{}, s.refuseRevoked(method, ek, rev)
+	}
 	if !known {
 		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "agent is not attested with this signer (restarted, or its TPM left the policy): attest again")
 	}

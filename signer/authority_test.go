@@ -31,7 +31,8 @@ var (
 )
 
 // testConfig writes a policy to dir and returns a config with extra
-// lines, bundle_path out/bundle.pem and state_dir state/ under dir.
+// lines, bundle_path out/bundle.pem and state_dir state/ under dir, and no
+// admin socket unless extra names one.
 func testConfig(t *testing.T, dir, extra string) *Config {
 	t.Helper()
 	pol := "node \"lab\" {\n  ek_sha256 = [\"" + strings.Repeat("ab", 32) + "\"]\n}\n"
@@ -42,6 +43,9 @@ func testConfig(t *testing.T, dir, extra string) *Config {
 	cfg, err := ParseConfig([]byte(src), filepath.Join(dir, "signer.hcl"))
 	if err != nil {
 		t.Fatalf("ParseConfig: %v", err)
+	}
+	if !strings.Contains(extra, "admin_socket_path") {
+		cfg.AdminSocketPath = ""
 	}
 	return cfg
 }

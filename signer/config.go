@@ -16,10 +16,13 @@ import (
 const (
 	DefaultListenAddress = "127.0.0.1:8443"
 	DefaultStateDir      = "/var/lib/lanyard-signer"
-	DefaultCATTL         = 24 * time.Hour
-	DefaultX509MaxTTL    = 12 * time.Hour // or ca_ttl/2 when that is shorter
-	DefaultAgentTTL      = time.Hour      // or ca_ttl/2 when that is shorter
-	DefaultJWTMaxTTL     = time.Hour      // or ca_ttl/2 when that is shorter
+	// DefaultAdminSocketPath is the root-only admin socket, in the
+	// runtime directory systemd gives the signer (RuntimeDirectory=).
+	DefaultAdminSocketPath = "/run/lanyard-signer/admin.sock"
+	DefaultCATTL           = 24 * time.Hour
+	DefaultX509MaxTTL      = 12 * time.Hour // or ca_ttl/2 when that is shorter
+	DefaultAgentTTL        = time.Hour      // or ca_ttl/2 when that is shorter
+	DefaultJWTMaxTTL       = time.Hour      // or ca_ttl/2 when that is shorter
 )
 
 // DefaultCAPublishLead is ca_publish_lead when the file leaves it out: a
@@ -42,15 +45,19 @@ type Config struct {
 	TrustDomain   spiffeid.TrustDomain
 	ListenAddress string
 	PolicyPath    string
-	BundlePath    string        // where the signer writes its trust bundle (PEM)
-	StateDir      string        // public state, and keys usable only by this host's TPM; never a usable private key
-	CATTL         time.Duration // lifetime of each CA
-	CAPublishLead time.Duration // how long a new CA is in the bundle before it signs
-	X509MaxTTL    time.Duration // workload X.509-SVID TTLs are capped to this
-	JWTMaxTTL     time.Duration // workload JWT-SVID TTLs (jwt_ttl) are capped to this
-	AgentTTL      time.Duration // lifetime of agent SVIDs
-	LogLevel      string        // trace, debug, info, warn or error
-	LogFormat     string        // text or json
+	BundlePath    string // where the signer writes its trust bundle (PEM)
+	StateDir      string // public state, and keys usable only by this host's TPM; never a usable private key
+	// AdminSocketPath is the root-only admin socket of `lanyard-signer
+	// status` and `node ...`; empty (only in configs built in code, tests)
+	// means none.
+	AdminSocketPath string
+	CATTL           time.Duration // lifetime of each CA
+	CAPublishLead   time.Duration // how long a new CA is in the bundle before it signs
+	X509MaxTTL      time.Duration // workload X.509-SVID TTLs are capped to this
+	JWTMaxTTL       time.Duration // workload JWT-SVID TTLs (jwt_ttl) are capped to this
+	AgentTTL        time.Duration // lifetime of agent SVIDs
+	LogLevel        string        // trace, debug, info, warn or error
+	LogFormat       string        // text or json
 	// MetricsAddress is the loopback host:port serving Prometheus
 	// metrics on /metrics; empty (the default) means off.
 	MetricsAddress string
@@ -78,6 +85,7 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "policy_path", Required: true},
 		{Name: "bundle_path", Required: true},
 		{Name: "state_dir"},
+		{Name: "admin_socket_path"},
 		{Name: "ca_ttl"},
 		{Name: "ca_publish_lead"},
 		{Name: "x509_max_ttl"},
@@ -112,15 +120,16 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	content, diags := body.Content(signerConfigSchema)
 	dir := hclconf.BaseDir(filename)
 	cfg := &Config{
-		ListenAddress: DefaultListenAddress,
-		StateDir:      DefaultStateDir,
-		CATTL:         DefaultCATTL,
-		X509MaxTTL:    DefaultX509MaxTTL,
-		JWTMaxTTL:     DefaultJWTMaxTTL,
-		AgentTTL:      DefaultAgentTTL,
-		LogLevel:      "info",
-		LogFormat:     "text",
-		Limits:        DefaultLimits(),
+		ListenAddress:   DefaultListenAddress,
+		StateDir:        DefaultStateDir,
+		AdminSocketPath: DefaultAdminSocketPath,
+		CATTL:           DefaultCATTL,
+		X509MaxTTL:      DefaultX509MaxTTL,
+		JWTMaxTTL:       DefaultJWTMaxTTL,
+		AgentTTL:        DefaultAgentTTL,
+		LogLevel:        "info",
+		LogFormat:       "text",
+		Limits:          DefaultLimits(),
 	}
 	// set runs decode on the attribute name when it is present, keeping the
 	// default otherwise; every diagnostic is kept.
@@ -147,6 +156,10 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	set("state_dir", func(a *hcl.Attribute) (d hcl.Diagnostics) {
 		cfg.StateDir, d = hclconf.Path(a, dir)
+		return d
+	})
+	set("admin_socket_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
+		cfg.AdminSocketPath, d = hclconf.Path(a, dir)
 		return d
 	})
 	set("ca_ttl", func(a *hcl.Attribute) (d hcl.Diagnostics) {

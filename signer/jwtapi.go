@@ -36,7 +36,7 @@ var ErrBadAudience = errors.New("bad audience")
 
 func (a *api) MintJWTSVIDs(ctx context.Context, req *signerpb.MintJWTSVIDsRequest) (*signerpb.MintJWTSVIDsResponse, error) {
 	s := a.s
-	id, err := s.authenticate(ctx)
+	id, err := s.authenticate(ctx, "MintJWTSVIDs")
 	if err != nil {
 		return nil, err
 	}

@@ -129,6 +129,31 @@ func (s *syncSlots) open(agent spiffeid.ID, cancel context.CancelCauseFunc) (evi
 	}
 }
 
+// count returns how many Sync streams agent has open.
+func (s *syncSlots) count(agent spiffeid.ID) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.byAgent[agent])
+}
+
+// closeAgent ends every Sync stream of agent with cause, and says how many.
+func (s *syncSlots) closeAgent(agent spiffeid.ID, cause error) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	list := s.byAgent[agent]
+	for _, x := range list {
+		x.cancel(cause)
+	}
+	return len(list)
+}
+
+// connected returns how many agents have a Sync stream open.
+func (s *syncSlots) connected() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.byAgent)
+}
+
 // mintLimiter is a token bucket per agent for JWT-SVID mints. Buckets
 // that have refilled are dropped now and then: a full bucket and no
 // bucket behave the same, so the map holds only recently busy agents.

@@ -4,6 +4,7 @@ package signer
 
 import (
 	"context"
+	"crypto/x509"
 	"runtime"
 	"strings"
 	"sync"
@@ -12,10 +13,10 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
-	"github.com/google/go-tpm-tools/simulator"
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -36,20 +37,8 @@ const (
 // the flood its goroutines are back where they were. The refusals cost a
 // few log lines, not one each.
 func TestAttestFlood(t *testing.T) {
-	sim, err := simulator.GetWithFixedSeedInsecure(1)
-	if err != nil {
-		t.Fatalf("start simulator: %v", err)
-	}
-	tpm, err := node.OpenTPMChannel(sim)
-	if err != nil {
-		sim.Close()
-		t.Fatalf("OpenTPMChannel: %v", err)
-	}
-	defer tpm.Close()
-	info, err := tpm.Info()
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := newSimAgent(t)
+	tpm := a.tpm
 	// The agent's evidence is made before it dials, as the agent does.
 	sess, err := tpm.NewSession()
 	if err != nil {
@@ -62,7 +51,7 @@ func TestAttestFlood(t *testing.T) {
 	}
 
 	const perAddress = 16
-	s := serveTestSigner(t, "node \"lab\" {\n  ek_sha256 = [\""+info.EKSHA256+"\"]\n}\n", `limits {
+	s := serveTestSigner(t, "node \"lab\" {\n  ek_sha256 = [\""+a.ek+"\"]\n}\n", `limits {
   attest_first_message_timeout         = "2s"
   max_pending_attestations             = 64
   max_pending_attestations_per_address = 16
@@ -109,7 +98,7 @@ func TestAttestFlood(t *testing.T) {
 		return s.gate.byAddr["127.0.0.1"] == perAddress
 	})
 	agentConn := s.dialAs(t, "127.0.0.2", nil)
-	if err := attestSim(ctx, signerpb.NewSignerClient(agentConn), sess, ev); err != nil {
+	if _, err := attestSim(ctx, signerpb.NewSignerClient(agentConn), sess, ev); err != nil {
 		t.Errorf("agent attesting during the flood: %v", err)
 	}
 	wg.Wait()
@@ -152,11 +141,11 @@ func TestAttestFlood(t *testing.T) {
 }
 
 // attestSim runs one attestation on c with the simulator's session and
-// evidence, as the agent's upstream does.
-func attestSim(ctx context.Context, c signerpb.SignerClient, sess *node.Session, ev *node.Evidence) error {
+// evidence, as the agent's upstream does, and returns the agent SVID.
+func attestSim(ctx context.Context, c signerpb.SignerClient, sess *node.Session, ev *node.Evidence) (*x509svid.SVID, error) {
 	stream, err := c.Attest(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_Evidence{Evidence: &signerpb.Evidence{
 		EkCertificate: ev.EKCertificate,
@@ -165,26 +154,34 @@ func attestSim(ctx context.Context, c signerpb.SignerClient, sess *node.Session,
 		Key:           &signerpb.TPMObject{Public: ev.Key.Public, CreateData: ev.Key.CreateData, CreateAttestation: ev.Key.CreateAttestation, CreateSignature: ev.Key.CreateSignature},
 		Csr:           ev.CSR,
 	}}}); err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := stream.Recv()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ch := resp.GetChallenge()
 	secret, err := sess.Activate(attest.EncryptedCredential{Credential: ch.GetCredential(), Secret: ch.GetSecret()})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_ActivationSecret{ActivationSecret: secret}}); err != nil {
-		return err
+		return nil, err
 	}
 	resp, err = stream.Recv()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if len(resp.GetResult().GetSvid()) == 0 {
-		return status.Error(codes.Internal, "no SVID in the result")
+		return nil, status.Error(codes.Internal, "no SVID in the result")
 	}
-	return nil
+	cert, err := x509.ParseCertificate(resp.GetResult().GetSvid()[0])
+	if err != nil {
+		return nil, err
+	}
+	id, err := x509svid.IDFromCert(cert)
+	if err != nil {
+		return nil, err
+	}
+	return &x509svid.SVID{ID: id, Certificates: []*x509.Certificate{cert}, PrivateKey: sess.Signer()}, nil
 }

@@ -24,6 +24,8 @@ type Metrics struct {
 	syncStreams    prometheus.Gauge
 	policyReloads  *prometheus.CounterVec
 	limitRefusals  *prometheus.CounterVec
+	// revokedRefusals counts calls of revoked nodes refused, by method.
+	revokedRefusals *prometheus.CounterVec
 }
 
 // Reasons a CSR was refused (svid_refusals_total's reason label).
@@ -55,6 +57,8 @@ func newMetrics(s *Signer) *Metrics {
 			Help: "Policy file reloads by result: ok, or error (the last good policy stays in force)."}, []string{"result"}),
 		limitRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "limit_refusals_total",
 			Help: "Calls refused or ended by a limit, by the limits field that was reached."}, []string{"limit"}),
+		revokedRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "revoked_refusals_total",
+			Help: "Calls of revoked nodes refused, by method: Attest, Sync, SignX509SVIDs, MintJWTSVIDs."}, []string{"method"}),
 	}
 	for _, l := range []string{limitPending, limitPendingPerAddress, limitFirstMessage, limitSyncStreams, limitJWTMintRate} {
 		m.limitRefusals.WithLabelValues(l)
@@ -63,7 +67,7 @@ func newMetrics(s *Signer) *Metrics {
 		m.policyReloads.WithLabelValues(r) // present at 0, so alerts on increase() work from the start
 	}
 	m.attestations.WithLabelValues("ok")
-	m.reg.MustRegister(m.svidsSigned, m.svidRefusals, m.attestations, m.attestDuration, m.syncStreams, m.policyReloads, m.limitRefusals)
+	m.reg.MustRegister(m.svidsSigned, m.svidRefusals, m.attestations, m.attestDuration, m.syncStreams, m.policyReloads, m.limitRefusals, m.revokedRefusals)
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: "pending_attestations",
 		Help: "Attest streams in flight (unauthenticated until they succeed)."}, func() float64 {
 		n, _ := s.gate.inFlight()
@@ -128,6 +132,8 @@ func attestResult(err error) string {
 		return "ok"
 	case errors.Is(err, node.ErrMalformedEvidence):
 		return "malformed"
+	case errors.Is(err, ErrNodeRevoked):
+		return "refused"
 	case isRefusal(err):
 		return "refused"
 	}

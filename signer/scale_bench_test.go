@@ -84,7 +84,7 @@ type scaleSigner struct {
 
 func startScaleSigner(b *testing.B, dir string) *scaleSigner {
 	b.Helper()
-	conf := "trust_domain = \"example.org\"\npolicy_path = \"policy.hcl\"\nbundle_path = \"bundle.pem\"\nstate_dir = \"state\"\nlog_level = \"error\"\n" +
+	conf := "trust_domain = \"example.org\"\npolicy_path = \"policy.hcl\"\nbundle_path = \"bundle.pem\"\nstate_dir = \"state\"\nlog_level = \"error\"\nadmin_socket_path = \"admin/admin.sock\"\n" +
 		// Many streams share each TPM's agent ID here (see the file comment):
 		// lift the per-agent Sync cap that guards a real fleet.
 		"limits {\n  max_sync_streams_per_agent = 1048576\n}\n"

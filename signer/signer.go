@@ -79,6 +79,14 @@ type Signer struct {
 	tlsCA       *CA // the CA that signed tlsCert
 	tlsKey      *ecdsa.PrivateKey
 
+	// nodes is the node registry by EK hash (nodes.go), saved to
+	// state_dir by saveNodes; nodesDirty asks saveNodesLoop for a write.
+	nodes       map[string]*NodeInfo
+	nodesSaveMu sync.Mutex
+	nodesDirty  chan struct{}
+	addr        string // the agent API's listening address, once Serve runs
+	started     time.Time
+
 	policySrc []byte        // the policy file's content in force
 	ready     chan struct{} // closed once Serve accepts agents
 	stopping  chan struct{} // closed when Serve begins to shut down: Sync streams end at once
@@ -125,6 +133,10 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 	if err != nil {
 		return nil, fmt.Errorf("restore earlier JWT keys: %w", err)
 	}
+	nodes, err := loadNodes(cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("restore node registry: %w", err)
+	}
 	st := restoredState{cas: restored, jwt: restoredJWT}
 	var keys *keyStore
 	if cfg.KeyStorage == KeyStorageTPM {
@@ -159,15 +171,18 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 		return nil, fmt.Errorf("signer ID: %w", err)
 	}
 	s := &Signer{
-		cfg:     cfg,
-		log:     log,
-		id:      id,
-		auth:    auth,
-		keys:    keys,
-		bundle:  x509bundle.FromX509Authorities(cfg.TrustDomain, auth.published()),
-		bundleN: 1,
-		agents:  make(map[spiffeid.ID]*agentRecord),
-		changed: make(chan struct{}),
+		cfg:        cfg,
+		log:        log,
+		id:         id,
+		auth:       auth,
+		keys:       keys,
+		bundle:     x509bundle.FromX509Authorities(cfg.TrustDomain, auth.published()),
+		bundleN:    1,
+		agents:     make(map[spiffeid.ID]*agentRecord),
+		nodes:      nodes,
+		nodesDirty: make(chan struct{}, 1),
+		started:    time.Now(),
+		changed:    make(chan struct{}),
 
 		policySrc: src,
 		ready:     make(chan struct{}),
@@ -207,6 +222,14 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 		lis.Close()
 		return err
 	}
+	adminLn, err := s.listenAdmin()
+	if err != nil {
+		lis.Close()
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
+		return err
+	}
 	// The fresh CA and JWT key are on disk before they sign anything, so
 	// a restart keeps publishing them while their SVIDs live.
 	s.mu.Lock()
@@ -216,6 +239,9 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 		lis.Close()
 		if metricsLn != nil {
 			metricsLn.Close()
+		}
+		if adminLn != nil {
+			adminLn.Close()
 		}
 		return err
 	}
@@ -236,6 +262,9 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	srv := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(tlsConf))}, serverLimits(s.cfg.Limits)...)...)
 	signerpb.RegisterSignerServer(srv, &api{s: s})
+	s.mu.Lock()
+	s.addr = lis.Addr().String()
+	s.mu.Unlock()
 	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
 
 	g, ctx := errgroup.WithContext(ctx)
@@ -258,6 +287,10 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	if metricsLn != nil {
 		g.Go(func() error { return s.serveMetrics(ctx, metricsLn) })
 	}
+	if adminLn != nil {
+		g.Go(func() error { return s.serveAdmin(ctx, adminLn) })
+	}
+	g.Go(func() error { return s.saveNodesLoop(ctx) })
 	err = g.Wait()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil

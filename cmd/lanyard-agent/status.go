@@ -1,14 +1,12 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"maps"
-	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -19,6 +17,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/agent"
+	"github.com/lanyard-dev/lanyard/internal/adminsock"
 	"github.com/lanyard-dev/lanyard/internal/cli"
 )
 
@@ -65,14 +64,7 @@ func (f *adminFlags) path() (string, error) {
 
 // adminGet fetches path from the agent's admin socket into v.
 func adminGet(socket, path string, v any) error {
-	c := &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		}},
-	}
-	resp, err := c.Get("http://agent" + path)
+	resp, err := adminsock.Client(socket, 5*time.Second).Get("http://agent" + path)
 	// A non-root user is refused by the socket's mode (EACCES) or, should
 	// it be loosened, by the agent hanging up on any peer but root. Only
 	// "nothing there" means the agent is not running.

@@ -67,3 +67,18 @@ func TestPrintReportTPMUnreachable(t *testing.T) {
 		t.Errorf("output lacks %q:\n%s", want, out.String())
 	}
 }
+
+// TestStatusRevoked: an agent the signer revoked says so on the first line
+// of `status`, and status exits 2.
+func TestStatusRevoked(t *testing.T) {
+	r := agent.Report{Health: agent.Unhealthy, Reasons: []string{"revoked by the signer: host stolen", "signer unreachable (sync stream down)"}}
+	var out bytes.Buffer
+	printReport(&out, r, time.Now())
+	first, _, _ := strings.Cut(out.String(), "\n")
+	if want := "Health:   unhealthy: revoked by the signer: host stolen; signer unreachable (sync stream down)"; first != want {
+		t.Errorf("first line = %q, want %q", first, want)
+	}
+	if got := healthExit(r.Health); got != 2 {
+		t.Errorf("exit code = %d, want 2", got)
+	}
+}

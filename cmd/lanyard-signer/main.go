@@ -22,7 +22,14 @@ commands:
   policy check --config FILE   validate the policy named by the config (exit 0 when valid)
   bundle --config FILE [--jwt] print the trust bundle file the signer wrote (PEM),
                                or with --jwt its JWT-SVID keys (JWKS)
+  status [--json]              the running signer's health: address, bundle
+                               sequence, CAs, agents connected and known, revocations
+  node list|revoke|unrevoke    the node registry and node revocation
+                               (lanyard-signer node --help)
   version                      print the version
+
+status and node talk to the signer's root-only admin socket: run them as
+root, with --config FILE or --admin-socket PATH.
 `
 
 func main() {
@@ -41,6 +48,10 @@ func main() {
 		policyCheck(args[2:])
 	case "bundle":
 		bundle(args[1:])
+	case "status":
+		os.Exit(statusCmd(args[1:], os.Stdout, os.Stderr))
+	case "node":
+		os.Exit(nodeCmd(args[1:], os.Stdout, os.Stderr))
 	case "version", "--version":
 		fmt.Println("lanyard-signer", cli.Version())
 	case "help", "-h", "--help":

@@ -32,6 +32,7 @@ var external = map[string]bool{
 	"fetch jwt":                               true,
 	"explain":                                 true,
 	"lanyard-signer policy check":             true,
+	"lanyard-signer node revoke":              true,
 	"lanyard-agent run":                       true,
 	"lanyard-signer run":                      true,
 	"tpm info":                                true,
@@ -96,11 +97,11 @@ func TestTroubleshootingQuotesRealMessages(t *testing.T) {
 
 // literalParts splits a quoted message where its values vary: at "...",
 // at quotes (a %q value), at brackets and parentheses, at ": " (an error
-// wrapping another), at a SPIFFE ID, an address and a file name (which
-// the code often names through a constant).
+// wrapping another), at a SPIFFE ID, an address, a path and a file name
+// (which the code often names through a constant).
 func literalParts(q string) []string {
 	var out []string
-	for _, p := range regexp.MustCompile(`\.\.\.|"|\[|\]|\(|\)|: |spiffe://|\d+\.\d+\.\d+\.\d+:\d+|[\w-]+\.(json|pem|hcl)\b`).Split(q, -1) {
+	for _, p := range regexp.MustCompile(`\.\.\.|"|\[|\]|\(|\)|: |spiffe://|\d+\.\d+\.\d+\.\d+:\d+|[\w-]+\.(json|pem|hcl)\b|(/[\w.-]+){2,}`).Split(q, -1) {
 		// A path's directory is elided with "..."; its file name stays.
 		if p = strings.TrimPrefix(strings.TrimSpace(p), "/"); p != "" {
 			out = append(out, p)

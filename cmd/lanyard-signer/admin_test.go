@@ -1,0 +1,158 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/adminsock"
+	"github.com/lanyard-dev/lanyard/internal/testlog"
+	"github.com/lanyard-dev/lanyard/signer"
+)
+
+// serveAdmin runs a signer's admin handler on a root-only socket under a
+// directory 65534 may enter, until the test ends; it returns the socket
+// path and the admin log.
+func serveAdmin(t *testing.T) (string, *testlog.Buffer) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("the admin socket answers root only: run as root (CI does)")
+	}
+	base, err := os.MkdirTemp("", "lys")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(base) })
+	os.Chmod(base, 0o755)
+	pol := filepath.Join(base, "policy.hcl")
+	if err := os.WriteFile(pol, []byte("node \"lab\" {\n  ek_sha256 = [\""+strings.Repeat("ab", 32)+"\"]\n}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := signer.ParseConfig([]byte(`trust_domain = "example.org"
+policy_path = "policy.hcl"
+bundle_path = "bundle.pem"
+state_dir = "state"
+`), filepath.Join(base, "signer.hcl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := signer.New(cfg, hclog.NewNullLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &testlog.Buffer{}
+	path := filepath.Join(base, "admin", "admin.sock")
+	ln, err := adminsock.Listen(path, hclog.New(&hclog.LoggerOptions{Output: logs, JSONFormat: true}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	ready := make(chan struct{})
+	go func() { done <- adminsock.Serve(ctx, ln, path, s.AdminHandler(), ready) }()
+	<-ready
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("admin Serve: %v", err)
+		}
+	})
+	return path, logs
+}
+
+func runCmd(f func([]string, *bytes.Buffer, *bytes.Buffer) int, args ...string) (int, string, string) {
+	var out, errb bytes.Buffer
+	code := f(args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func nodeF(args []string, o, e *bytes.Buffer) int   { return nodeCmd(args, o, e) }
+func statusF(args []string, o, e *bytes.Buffer) int { return statusCmd(args, o, e) }
+
+// TestAdminCommands: help exits 0, bad usage 2, the signer's refusals 1
+// with its precise error, an absent signer 69; status and node list read
+// the running signer.
+func TestAdminCommands(t *testing.T) {
+	sock, _ := serveAdmin(t)
+	ek := strings.Repeat("cd", 32)
+	tests := []struct {
+		name      string
+		f         func([]string, *bytes.Buffer, *bytes.Buffer) int
+		args      []string
+		code      int
+		out, errs string
+	}{
+		{"node help", nodeF, []string{"--help"}, 0, "lanyard-signer node <command>", ""},
+		{"revoke help", nodeF, []string{"revoke", "--help"}, 0, "-reason", ""},
+		{"list help", nodeF, []string{"list", "-h"}, 0, "-json", ""},
+		{"status help", statusF, []string{"--help"}, 0, "-admin-socket", ""},
+		{"no node command", nodeF, nil, 2, "", "usage"},
+		{"unknown node command", nodeF, []string{"purge"}, 2, "", `unknown node command "purge"`},
+		{"revoke without node", nodeF, []string{"revoke", "--admin-socket", sock, "--reason", "x"}, 2, "", "usage: lanyard-signer node revoke"},
+		{"revoke unknown node", nodeF, []string{"revoke", ek, "--admin-socket", sock, "--reason", "gone"}, 1, "", "node revoke: " + ek + ": unknown node"},
+		{"revoke empty reason", nodeF, []string{"revoke", "--admin-socket", sock, ek}, 1, "", "bad revocation reason: empty"},
+		{"revoke control character", nodeF, []string{"revoke", ek, "--admin-socket", sock, "--reason", "a\tb"}, 1, "", "control character U+0009"},
+		{"unrevoke bad name", nodeF, []string{"unrevoke", "spiffe://example.org/web", "--admin-socket", sock}, 1, "", "not an EK SHA-256"},
+		{"list empty", nodeF, []string{"list", "--admin-socket", sock}, 0, "(no agent attested yet)", ""},
+		{"list json", nodeF, []string{"list", "--json", "--admin-socket", sock}, 0, "[]", ""},
+		{"status", statusF, []string{"--admin-socket", sock}, 0, "Bundle:   sequence 1, 1 CAs", ""},
+		{"status json", statusF, []string{"--json", "--admin-socket", sock}, 0, `"agents_known": 0`, ""},
+		{"signer not running", statusF, []string{"--admin-socket", filepath.Join(t.TempDir(), "none.sock")}, 69, "", "signer not reachable"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, out, errs := runCmd(tt.f, tt.args...)
+			if code != tt.code || !strings.Contains(out, tt.out) || !strings.Contains(errs, tt.errs) {
+				t.Errorf("exit %d, stdout %q, stderr %q; want %d, %q, %q", code, out, errs, tt.code, tt.out, tt.errs)
+			}
+		})
+	}
+}
+
+// TestAdminNotRoot runs the real binary as uid 65534: refused at the
+// directory (EACCES), and, with the directory and socket opened up, by
+// the signer's peer check; both exit 77 with the same message.
+func TestAdminNotRoot(t *testing.T) {
+	sock, logs := serveAdmin(t)
+	bin := filepath.Join(filepath.Dir(filepath.Dir(sock)), "lanyard-signer")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	run := func() (int, string) {
+		cmd := exec.Command(bin, "node", "list", "--admin-socket", sock)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return ee.ExitCode(), string(out)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0, string(out)
+	}
+	if code, out := run(); code != exitNotRoot || !strings.Contains(out, notRootMsg) {
+		t.Errorf("as uid 65534: exit %d, %q; want %d, %q", code, out, exitNotRoot, notRootMsg)
+	}
+	// Loosened permissions: the peer check still refuses.
+	os.Chmod(filepath.Dir(sock), 0o755)
+	os.Chmod(sock, 0o666)
+	if code, out := run(); code != exitNotRoot || !strings.Contains(out, notRootMsg) {
+		t.Errorf("as uid 65534 past the file modes: exit %d, %q; want %d, %q", code, out, exitNotRoot, notRootMsg)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(logs.String(), `"uid":65534`) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(logs.String(), "admin connection refused: not root") {
+		t.Errorf("no refusal logged: %s", logs)
+	}
+}

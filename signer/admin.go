@@ -1,0 +1,142 @@
+package signer
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/lanyard-dev/lanyard/internal/adminsock"
+	"github.com/lanyard-dev/lanyard/internal/cli"
+)
+
+// StatusReport is the signer's health, as `lanyard-signer status` shows it.
+type StatusReport struct {
+	Version         string     `json:"version"`
+	Address         string     `json:"address"`
+	TrustDomain     string     `json:"trust_domain"`
+	BundleSequence  uint64     `json:"bundle_sequence"`
+	CAs             []CAStatus `json:"cas"`
+	AgentsKnown     int        `json:"agents_known"`
+	AgentsAttested  int        `json:"agents_attested"` // holding a valid attestation now
+	AgentsConnected int        `json:"agents_connected"`
+	Revoked         int        `json:"revoked"`
+	UptimeSeconds   int64      `json:"uptime_seconds"`
+}
+
+// CAStatus is one CA of the trust bundle.
+type CAStatus struct {
+	Subject   string    `json:"subject"`
+	NotBefore time.Time `json:"not_before"`
+	NotAfter  time.Time `json:"not_after"`
+}
+
+// Status is the signer's health report at now.
+func (s *Signer) Status(now time.Time) StatusReport {
+	s.mu.Lock()
+	r := StatusReport{
+		Version: cli.Version(), Address: s.addr, TrustDomain: s.cfg.TrustDomain.String(), BundleSequence: s.bundleN,
+		AgentsKnown: len(s.nodes), UptimeSeconds: int64(now.Sub(s.started).Seconds()),
+	}
+	for _, c := range s.auth.published() {
+		r.CAs = append(r.CAs, CAStatus{Subject: c.Subject.String(), NotBefore: c.NotBefore.UTC(), NotAfter: c.NotAfter.UTC()})
+	}
+	for _, a := range s.agents {
+		if now.Before(a.notAfter) {
+			r.AgentsAttested++
+		}
+	}
+	for _, n := range s.nodes {
+		if n.Revoked != nil {
+			r.Revoked++
+		}
+	}
+	s.mu.Unlock()
+	r.AgentsConnected = s.syncs.connected()
+	return r
+}
+
+// listenAdmin opens admin_socket_path; nil when it is not set.
+func (s *Signer) listenAdmin() (net.Listener, error) {
+	if s.cfg.AdminSocketPath == "" {
+		return nil, nil
+	}
+	return adminsock.Listen(s.cfg.AdminSocketPath, s.log.Named("admin"))
+}
+
+// serveAdmin answers `lanyard-signer status` and `node ...` on ln until
+// ctx ends.
+func (s *Signer) serveAdmin(ctx context.Context, ln net.Listener) error {
+	return adminsock.Serve(ctx, ln, s.cfg.AdminSocketPath, s.AdminHandler(), nil)
+}
+
+// NodeRequest is the body of the admin socket's revoke and unrevoke calls.
+type NodeRequest struct {
+	Node   string `json:"node"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// AdminError is the body of a refused admin call.
+type AdminError struct {
+	Error string `json:"error"`
+}
+
+// AdminHandler serves the admin endpoints (on the root-only socket).
+func (s *Signer) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, s.Status(time.Now()))
+	})
+	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, s.Nodes())
+	})
+	change := func(f func(req NodeRequest, uid uint32) (NodeInfo, error)) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			var req NodeRequest
+			dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+			dec.DisallowUnknownFields()
+			if err := dec.Decode(&req); err != nil {
+				writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
+				return
+			}
+			cred, _ := adminsock.Peer(r)
+			n, err := f(req, cred.UID)
+			if err != nil {
+				writeJSON(w, adminCode(err), AdminError{err.Error()})
+				return
+			}
+			writeJSON(w, http.StatusOK, n)
+		}
+	}
+	mux.HandleFunc("POST /v1/nodes/revoke", change(func(req NodeRequest, uid uint32) (NodeInfo, error) {
+		return s.Revoke(req.Node, req.Reason, uid)
+	}))
+	mux.HandleFunc("POST /v1/nodes/unrevoke", change(func(req NodeRequest, uid uint32) (NodeInfo, error) {
+		return s.Unrevoke(req.Node, uid)
+	}))
+	return mux
+}
+
+// adminCode is the HTTP status of a refused admin call.
+func adminCode(err error) int {
+	switch {
+	case errors.Is(err, ErrUnknownNode):
+		return http.StatusNotFound
+	case errors.Is(err, ErrAlreadyRevoked), errors.Is(err, ErrNotRevoked):
+		return http.StatusConflict
+	case errors.Is(err, ErrBadReason), errors.Is(err, ErrBadNodeName):
+		return http.StatusBadRequest
+	}
+	return http.StatusInternalServerError
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
