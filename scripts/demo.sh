@@ -111,7 +111,10 @@ kill -9 "$signer_pid"; wait "$signer_pid" 2>/dev/null || true
 "$bin/lanyard-signer" run --config "$work/signer.hcl" >>"$work/signer.log" 2>&1 &
 signer_pid=$!
 pids+=($signer_pid)
-for _ in $(seq 100); do grep -q 'signing keys unsealed' "$work/signer.log" && grep -q 'signer listening' <(tail -n 20 "$work/signer.log") && break; sleep 0.05; done
+# The restarted signer has started once its log says "signer listening" a
+# second time (the first is the run killed above).
+for _ in $(seq 200); do [ "$(grep -c 'signer listening' "$work/signer.log")" -ge 2 ] && break; sleep 0.05; done
+[ "$(grep -c 'signer listening' "$work/signer.log")" -ge 2 ] || { cat "$work/signer.log"; echo "the signer did not start again" >&2; exit 1; }
 after=$(sha256sum <"$work/bundle.pem" | cut -d' ' -f1)
 echo "bundle.pem sha256 before restart: $before"
 echo "bundle.pem sha256 after restart:  $after"
@@ -132,8 +135,8 @@ grep -o 'startup_ms=[0-9]*' "$work/agent.log" | head -1 | sed 's/^/agent reports
 if [ "$(id -u)" -eq 0 ]; then
   step "lanyard-agent status after the signer restart (what an SRE runs first)"
   # The agent's sync stream redials with backoff: wait for it to be back.
-  for _ in $(seq 100); do
-    "$bin/lanyard-agent" status --config "$work/agent.hcl" 2>/dev/null | grep -q degraded || break
+  for _ in $(seq 300); do
+    "$bin/lanyard-agent" status --config "$work/agent.hcl" >/dev/null 2>&1 && break
     sleep 0.05
   done
   "$bin/lanyard-agent" status --config "$work/agent.hcl" || true
