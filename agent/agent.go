@@ -171,6 +171,9 @@ func (a *Agent) openTPM() error {
 	a.tpm.reopened = a.up.requestReattest
 	if info, err := tpm.Info(); err == nil {
 		a.tpmManufacturer = info.Manufacturer
+		// Known before any attestation: it is what an operator pins, and
+		// status shows it most when the signer refuses this TPM.
+		a.up.update(func(s *upstreamSnapshot) { s.EKSHA256 = info.EKSHA256 })
 		a.log.Info("TPM opened", "ek_sha256", info.EKSHA256, "manufacturer", info.Manufacturer, "ek_certificate", info.EKCertificate != nil)
 	} else {
 		a.log.Warn("cannot read TPM info", "error", err)

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"fmt"
 	"strconv"
 	"time"
@@ -65,9 +66,12 @@ type AgentReport struct {
 
 // SignerReport is the state of the agent's link to the signer.
 type SignerReport struct {
-	Address             string     `json:"address"`
-	Connected           bool       `json:"connected"`
-	LastSync            *time.Time `json:"last_sync,omitempty"`
+	Address   string     `json:"address"`
+	Connected bool       `json:"connected"`
+	LastSync  *time.Time `json:"last_sync,omitempty"`
+	// Since is when the sync stream came up (Connected) or went down (or
+	// the agent started, when it never came up).
+	Since               *time.Time `json:"since,omitempty"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`
 }
 
@@ -127,6 +131,7 @@ func (a *Agent) Report(now time.Time) Report {
 		},
 		Signer: SignerReport{
 			Address: a.cfg.SignerAddress, Connected: st.up.SyncConnected, LastSync: timePtr(st.up.LastSync),
+			Since:               timePtr(cmp.Or(st.up.SyncSince, st.started)),
 			ConsecutiveFailures: max(st.up.SyncFailures, st.up.AttestFailures, st.renew.Failures),
 		},
 		OpenStreams: st.openStreams,
@@ -151,6 +156,12 @@ func (a *Agent) Report(now time.Time) Report {
 // health judges a status snapshot: the first reasons are the ones to act on.
 func health(st snapshot, now time.Time) (string, []string) {
 	var bad, warn []string
+	if st.up.AttestRefused != "" {
+		// First: the signer answers, and says no; only the policy (or
+		// the TPM) can change that.
+		bad = append(bad, fmt.Sprintf("attestation refused by the signer: %s (to admit this TPM, pin EK SHA-256 %s in a node block: `lanyard-agent tpm info --config FILE` prints the snippet)",
+			st.up.AttestRefused, orDash(st.up.EKSHA256)))
+	}
 	if st.up.Revoked != "" {
 		// First: nothing else can be fixed on this host until the signer
 		// lifts it.
@@ -173,7 +184,9 @@ func health(st snapshot, now time.Time) (string, []string) {
 	if st.up.AttestFailures > 0 {
 		warn = append(warn, pluralize(st.up.AttestFailures, "attestation", "attestations")+" failed in a row")
 	}
-	if !st.up.SyncConnected {
+	if !st.up.SyncConnected && st.up.AttestRefused == "" {
+		// Not when attestation is refused: the signer is reachable, and
+		// the stream is down because of the refusal named above.
 		warn = append(warn, "signer unreachable (sync stream down)")
 	}
 	if st.renew.Failures > 0 {
@@ -203,4 +216,11 @@ func timePtr(t time.Time) *time.Time {
 		return nil
 	}
 	return &t
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

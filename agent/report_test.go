@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -29,6 +30,11 @@ func TestHealth(t *testing.T) {
 		{"signer down, SVIDs valid", func(s *snapshot) { s.up.SyncConnected = false }, Degraded, []string{"signer unreachable (sync stream down)"}},
 		{"renewals failing", func(s *snapshot) { s.renew.Failures = 1 }, Degraded, []string{"1 renewal round failed in a row"}},
 		{"attestations failing", func(s *snapshot) { s.up.AttestFailures = 3 }, Degraded, []string{"3 attestations failed in a row"}},
+		{"attestation refused by the signer", func(s *snapshot) {
+			s.up.AgentID, s.up.SyncConnected, s.up.AttestFailures, s.up.EKSHA256 = spiffeid.ID{}, false, 2, "ab12"
+			s.up.AttestRefused = "attest: EK certificate chains to no trusted ek_ca"
+		}, Unhealthy, []string{"attestation refused by the signer: attest: EK certificate chains to no trusted ek_ca (to admit this TPM, pin EK SHA-256 ab12 in a node block: `lanyard-agent tpm info --config FILE` prints the snippet)",
+			"not attested", "2 attestations failed in a row"}},
 		{"revoked by the signer", func(s *snapshot) { s.up.Revoked = "host stolen"; s.up.SyncConnected = false },
 			Unhealthy, []string{"revoked by the signer: host stolen", "signer unreachable (sync stream down)"}},
 		{"TPM unreachable", func(s *snapshot) {
@@ -67,5 +73,31 @@ func TestRevokedReason(t *testing.T) {
 		if reason, ok := revokedReason(tt.err); reason != tt.reason || ok != tt.ok {
 			t.Errorf("%s: revokedReason = %q, %v; want %q, %v", tt.name, reason, ok, tt.reason, tt.ok)
 		}
+	}
+}
+
+// TestRefusal: only the signer's "no" to an attestation on its merits is
+// a refusal an operator must act on; an unreachable signer, a timeout or a
+// revocation (reported on its own) is not.
+func TestRefusal(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"untrusted EK", fmt.Errorf("attest: %w", status.Error(codes.PermissionDenied, "attestation refused: EK certificate chains to no trusted ek_ca")),
+			"attestation refused: EK certificate chains to no trusted ek_ca"},
+		{"malformed evidence", status.Error(codes.InvalidArgument, "attest: bad AK"), "attest: bad AK"},
+		{"signer down", status.Error(codes.Unavailable, "connection refused"), ""},
+		{"timeout", status.Error(codes.DeadlineExceeded, "deadline"), ""},
+		{"revoked", status.Error(codes.PermissionDenied, signerpb.RevokedPrefix+"stolen"), ""},
+		{"not a gRPC error", errors.New("open TPM: no such file"), ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := refusal(tc.err); got != tc.want {
+				t.Errorf("refusal = %q, want %q", got, tc.want)
+			}
+		})
 	}
 }

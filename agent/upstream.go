@@ -88,15 +88,20 @@ type upstream struct {
 
 // upstreamSnapshot is the upstream's state for the status report.
 type upstreamSnapshot struct {
-	AgentID        spiffeid.ID // zero before the first attestation
-	EKSHA256       string
-	AgentNotAfter  time.Time
-	AgentRenewAt   time.Time // next attestation
-	NodeSelectors  []string
-	LastSync       time.Time // last message on the sync stream; zero if none yet
-	SyncConnected  bool      // the sync stream is open and has delivered a message
-	SyncFailures   int       // consecutive broken sync streams
-	AttestFailures int       // consecutive failed attestations
+	AgentID       spiffeid.ID // zero before the first attestation
+	EKSHA256      string
+	AgentNotAfter time.Time
+	AgentRenewAt  time.Time // next attestation
+	NodeSelectors []string
+	LastSync      time.Time // last message on the sync stream; zero if none yet
+	SyncConnected bool      // the sync stream is open and has delivered a message
+	SyncSince     time.Time // when SyncConnected last changed; zero if it never has
+	// AttestRefused is the signer's reason when it refused the last
+	// attestation on its merits (an unknown or untrusted TPM, a bad
+	// proof), as opposed to being unreachable; "" otherwise.
+	AttestRefused  string
+	SyncFailures   int // consecutive broken sync streams
+	AttestFailures int // consecutive failed attestations
 	// Revoked is the signer's reason when it refused this node as
 	// revoked, until an attestation or a sync gets through again.
 	Revoked string
@@ -146,7 +151,7 @@ func (u *upstream) attestLoop(ctx context.Context) error {
 			}
 			u.metrics.attestFailures.Inc()
 			failures++
-			u.update(func(s *upstreamSnapshot) { s.AttestFailures = failures })
+			u.update(func(s *upstreamSnapshot) { s.AttestFailures, s.AttestRefused = failures, refusal(err) })
 			u.checkRevoked(err)
 			d := u.backoff.Delay(failures, u.rand())
 			u.log.Error("attestation failed", "signer", u.addr, "error", err, "failures", failures, "retry_in", d.String())
@@ -170,7 +175,7 @@ func (u *upstream) attestLoop(ctx context.Context) error {
 		// Scheduled from now, not the backdated NotBefore (see svid.received).
 		renew := u.sched.RenewAt(time.Now(), leaf.NotAfter, u.jitter())
 		u.update(func(s *upstreamSnapshot) {
-			s.AttestFailures, s.Revoked = 0, ""
+			s.AttestFailures, s.Revoked, s.AttestRefused = 0, "", ""
 			s.AgentID, s.AgentNotAfter, s.AgentRenewAt = svid.ID, leaf.NotAfter, renew
 			s.EKSHA256 = strings.TrimPrefix(svid.ID.Path(), agentPathPrefix)
 			s.NodeSelectors = res.GetNodeSelectors()
@@ -208,7 +213,11 @@ func (u *upstream) syncLoop(ctx context.Context) error {
 		if err == nil {
 			err = u.receive(recv, &failures)
 		}
-		u.update(func(s *upstreamSnapshot) { s.SyncConnected = false })
+		u.update(func(s *upstreamSnapshot) {
+			if s.SyncConnected {
+				s.SyncConnected, s.SyncSince = false, time.Now()
+			}
+		})
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -243,7 +252,11 @@ func (u *upstream) receive(recv func() (*signerpb.SyncResponse, error), failures
 		}
 		*failures = 0
 		u.update(func(s *upstreamSnapshot) {
-			s.SyncFailures, s.SyncConnected, s.LastSync, s.Revoked = 0, true, time.Now(), ""
+			now := time.Now()
+			if !s.SyncConnected {
+				s.SyncSince = now
+			}
+			s.SyncFailures, s.SyncConnected, s.LastSync, s.Revoked = 0, true, now, ""
 		})
 		if err := u.applyBundle(msg.GetBundle()); err != nil {
 			u.log.Error("bad bundle from signer", "error", err)
@@ -298,6 +311,26 @@ func (u *upstream) checkUnauthenticated(err error) {
 	if status.Code(err) == codes.Unauthenticated {
 		u.requestReattest()
 	}
+}
+
+// refusal returns the signer's message when err is a refusal of the
+// attestation itself (the signer answered, and said no), else "": an
+// operator must act on a refusal, while an unreachable signer heals alone.
+// A revocation is reported on its own (checkRevoked).
+func refusal(err error) string {
+	var gs interface{ GRPCStatus() *status.Status }
+	if !errors.As(err, &gs) {
+		return ""
+	}
+	st := gs.GRPCStatus()
+	switch st.Code() {
+	case codes.PermissionDenied, codes.InvalidArgument, codes.FailedPrecondition:
+		if _, revoked := revokedReason(err); revoked {
+			return ""
+		}
+		return st.Message()
+	}
+	return ""
 }
 
 // checkRevoked notes a refusal because the signer revoked this node: the

@@ -167,13 +167,19 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		}
 		fmt.Fprintf(tw, "TPM:\t%s\n", tpm)
 	}
+	// "since" is when the stream came up or went down; the last message
+	// may be much older on a quiet, healthy stream (the signer pushes only
+	// changes), so it says nothing about the link by itself.
 	conn := "connected"
 	if !r.Signer.Connected {
 		conn = "DISCONNECTED"
 	}
+	if r.Signer.Since != nil {
+		conn += " since " + now.Sub(*r.Signer.Since).Round(time.Second).String() + " ago"
+	}
 	last := "never synced"
 	if r.Signer.LastSync != nil {
-		last = "last sync " + now.Sub(*r.Signer.LastSync).Round(time.Second).String() + " ago"
+		last = "last sync message " + now.Sub(*r.Signer.LastSync).Round(time.Second).String() + " ago"
 	}
 	fmt.Fprintf(tw, "Signer:\t%s, %s, %s, %d consecutive failures\n", r.Signer.Address, conn, last, r.Signer.ConsecutiveFailures)
 	var cas []string
