@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -144,5 +145,19 @@ func TestStatusNotAttested(t *testing.T) {
 	out, code := agentCmd(t, nil, "status", "--config", e.agentCfg)
 	if code != 2 || !strings.Contains(strings.Split(out, "\n")[0], "not attested") {
 		t.Errorf("status of an unattested agent: exit %d, want 2 and 'not attested' first:\n%s", code, out)
+	}
+	// The signer answers, and refuses: its reason comes first, with the EK
+	// SHA-256 to pin, which the TPM line shows too.
+	ek := regexp.MustCompile(`ek_sha256=([0-9a-f]{64})`).FindStringSubmatch(agent.out.String())
+	if ek == nil {
+		t.Fatalf("no ek_sha256 in the agent log:\n%s", agent.out)
+	}
+	first := strings.Split(out, "\n")[0]
+	if !strings.HasPrefix(first, "Health:   unhealthy: attestation refused by the signer: ") || !strings.Contains(first, "EK is not pinned") ||
+		!strings.Contains(first, "pin EK SHA-256 "+ek[1]) || strings.Contains(first, "signer unreachable") {
+		t.Errorf("first line does not name the signer's refusal and the EK to pin:\n%s", out)
+	}
+	if !strings.Contains(out, "EK SHA-256 "+ek[1]) {
+		t.Errorf("the TPM line lacks the EK SHA-256 of an unattested agent:\n%s", out)
 	}
 }
