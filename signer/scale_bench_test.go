@@ -16,6 +16,11 @@ package signer_test
 // every change, so a stream costs it the same whether or not its agent ID
 // is shared. Set LANYARD_SCALE_TPMS = LANYARD_SCALE_AGENTS for one TPM per
 // agent (about a minute per 1,000 on 2 cores).
+//
+// After the edits the signer, its keys sealed to a swtpm, is killed with
+// SIGKILL and started again on the same address and state dir: each
+// agent redials, attests again and reopens its streams, and the re-sync
+// is timed; then a few nodes are revoked and timed until their streams end.
 
 import (
 	"bufio"
