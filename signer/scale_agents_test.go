@@ -6,9 +6,11 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -16,28 +18,30 @@ import (
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm-tools/simulator"
 	"github.com/lanyard-dev/lanyard/attestor/node"
+	"github.com/lanyard-dev/lanyard/internal/swtpmtest"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 )
 
 // openSeeded opens the simulator with a fixed seed: the same seed gives
 // the same EK, so the EK can be pinned before the agent attests.
-func openSeeded(b *testing.B, seed int64) *node.TPM {
-	b.Helper()
+func openSeeded(seed int64) (*node.TPM, error) {
 	sim, err := simulator.GetWithFixedSeedInsecure(seed)
 	if err != nil {
-		b.Fatalf("start simulator: %v", err)
+		return nil, fmt.Errorf("start simulator: %w", err)
 	}
 	tpm, err := node.OpenTPMChannel(sim)
 	if err != nil {
 		sim.Close()
-		b.Fatalf("OpenTPMChannel: %v", err)
+		return nil, fmt.Errorf("OpenTPMChannel: %w", err)
 	}
-	return tpm
+	return tpm, nil
 }
 
 // syncWatch counts, for the entry count it is armed with, how many streams
@@ -49,13 +53,14 @@ type syncWatch struct {
 	last      time.Time
 	reached   chan struct{}
 	counted   []int // per stream, the entry count it was last counted for
-	failed    chan error
+	ends      <-chan streamEnd
 }
 
 func (w *syncWatch) arm(want, streams int) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.want, w.remaining, w.reached = want, streams, make(chan struct{})
+	clear(w.counted)
 }
 
 func (w *syncWatch) note(i, entries int, at time.Time) {
@@ -81,8 +86,8 @@ func (w *syncWatch) wait() (time.Time, error) {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		return w.last, nil
-	case err := <-w.failed:
-		return time.Time{}, err
+	case e := <-w.ends:
+		return time.Time{}, fmt.Errorf("stream %d ended: %w", e.i, e.err)
 	case <-time.After(scaleTimeout):
 		w.mu.Lock()
 		defer w.mu.Unlock()
@@ -92,25 +97,24 @@ func (w *syncWatch) wait() (time.Time, error) {
 
 // attestAgent attests the TPM with the signer, as the agent's upstream
 // does, and returns the agent SVID whose key stays in the TPM.
-func attestAgent(b *testing.B, ctx context.Context, s *scaleSigner, tpm *node.TPM, ekHash string) *x509svid.SVID {
-	b.Helper()
+func attestAgent(ctx context.Context, s *scaleSigner, tpm *node.TPM, ekHash string) (*x509svid.SVID, error) {
 	sess, err := tpm.NewSession()
 	if err != nil {
-		b.Fatalf("NewSession: %v", err)
+		return nil, fmt.Errorf("NewSession: %w", err)
 	}
 	ev, err := sess.Evidence()
 	if err != nil {
-		b.Fatalf("Evidence: %v", err)
+		return nil, fmt.Errorf("Evidence: %w", err)
 	}
 	signerID := spiffeid.RequireFromSegments(scaleTD, "lanyard", "signer")
 	cc, err := grpc.NewClient(s.addr, grpc.WithTransportCredentials(credentials.NewTLS(tlsconfig.TLSClientConfig(s.trust, tlsconfig.AuthorizeID(signerID)))))
 	if err != nil {
-		b.Fatal(err)
+		return nil, err
 	}
 	defer cc.Close()
 	stream, err := signerpb.NewSignerClient(cc).Attest(ctx)
 	if err != nil {
-		b.Fatalf("Attest: %v", err)
+		return nil, fmt.Errorf("Attest: %w", err)
 	}
 	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_Evidence{Evidence: &signerpb.Evidence{
 		EkCertificate: ev.EKCertificate,
@@ -119,27 +123,135 @@ func attestAgent(b *testing.B, ctx context.Context, s *scaleSigner, tpm *node.TP
 		Key:           &signerpb.TPMObject{Public: ev.Key.Public, CreateData: ev.Key.CreateData, CreateAttestation: ev.Key.CreateAttestation, CreateSignature: ev.Key.CreateSignature},
 		Csr:           ev.CSR,
 	}}}); err != nil {
-		b.Fatalf("send evidence: %v", err)
+		return nil, fmt.Errorf("send evidence: %w", err)
 	}
 	resp, err := stream.Recv()
 	if err != nil || resp.GetChallenge() == nil {
-		b.Fatalf("challenge: %v %v", resp, err)
+		return nil, fmt.Errorf("challenge: %v %v", resp, err)
 	}
 	secret, err := sess.Activate(attest.EncryptedCredential{Credential: resp.GetChallenge().GetCredential(), Secret: resp.GetChallenge().GetSecret()})
 	if err != nil {
-		b.Fatalf("Activate: %v", err)
+		return nil, fmt.Errorf("Activate: %w", err)
 	}
 	if err := stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_ActivationSecret{ActivationSecret: secret}}); err != nil {
-		b.Fatalf("send answer: %v", err)
+		return nil, fmt.Errorf("send answer: %w", err)
 	}
 	if resp, err = stream.Recv(); err != nil || len(resp.GetResult().GetSvid()) == 0 {
-		b.Fatalf("attest result: %v %v", resp, err)
+		return nil, fmt.Errorf("attest result: %v %v", resp, err)
 	}
 	leaf, err := x509.ParseCertificate(resp.GetResult().GetSvid()[0])
 	if err != nil {
-		b.Fatal(err)
+		return nil, err
 	}
-	return &x509svid.SVID{ID: spiffeid.RequireFromPath(scaleTD, "/lanyard/agent/tpm/"+ekHash), Certificates: []*x509.Certificate{leaf}, PrivateKey: sess.Signer()}
+	return &x509svid.SVID{ID: spiffeid.RequireFromPath(scaleTD, "/lanyard/agent/tpm/"+ekHash), Certificates: []*x509.Certificate{leaf}, PrivateKey: sess.Signer()}, nil
+}
+
+// streamEnd is one Sync stream ending, on the agent side.
+type streamEnd struct {
+	i   int
+	err error
+	at  time.Time
+}
+
+// scaleGroup is one simulated TPM and the streams [from, to) it holds.
+type scaleGroup struct {
+	seed     int64
+	ek       string
+	from, to int
+	conns    []*grpc.ClientConn
+	had      time.Time // when connect last had the simulator
+}
+
+// scaleFleet is the simulated agents: groups of streams, one per TPM.
+type scaleFleet struct {
+	ctx    context.Context
+	groups []*scaleGroup
+	w      *syncWatch
+	ends   chan streamEnd
+	wg     sync.WaitGroup
+	// sim is held while a group's simulator is open: the simulator is
+	// one per process.
+	sim sync.Mutex
+}
+
+// connect attests the group's TPM with sig and opens its Sync streams,
+// each on its own connection whose handshake the TPM key signs; it
+// returns when each has its first message, with the times they came.
+func (f *scaleFleet) connect(g *scaleGroup, sig *scaleSigner) ([]time.Time, error) {
+	f.sim.Lock()
+	defer f.sim.Unlock()
+	g.had = time.Now()
+	tpm, err := openSeeded(g.seed)
+	if err != nil {
+		return nil, err
+	}
+	defer tpm.Close()
+	svid, err := attestAgent(f.ctx, sig, tpm, g.ek)
+	if err != nil {
+		return nil, err
+	}
+	for _, cc := range g.conns {
+		cc.Close()
+	}
+	g.conns = nil
+	signerID := spiffeid.RequireFromSegments(scaleTD, "lanyard", "signer")
+	var firsts []time.Time
+	for i := g.from; i < g.to; i++ {
+		cc, err := grpc.NewClient(sig.addr, grpc.WithTransportCredentials(credentials.NewTLS(
+			tlsconfig.MTLSClientConfig(svid, sig.trust, tlsconfig.AuthorizeID(signerID)))))
+		if err != nil {
+			return nil, err
+		}
+		g.conns = append(g.conns, cc)
+		stream, err := signerpb.NewSignerClient(cc).Sync(f.ctx, &signerpb.SyncRequest{})
+		if err != nil {
+			return nil, fmt.Errorf("Sync %d: %w", i, err)
+		}
+		first, err := stream.Recv()
+		if err != nil {
+			return nil, fmt.Errorf("Sync %d first message: %w", i, err)
+		}
+		now := time.Now()
+		firsts = append(firsts, now)
+		f.w.note(i, len(first.GetEntries()), now)
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			for {
+				msg, err := stream.Recv()
+				if err != nil {
+					if f.ctx.Err() == nil {
+						f.ends <- streamEnd{i: i, err: err, at: time.Now()}
+					}
+					return
+				}
+				f.w.note(i, len(msg.GetEntries()), time.Now())
+			}
+		}()
+	}
+	return firsts, nil
+}
+
+// reconnect is what an agent does when its Sync stream ends because the
+// signer went away: dial again every 50 ms until the signer answers
+// (bounded by scaleTimeout), attest again (the restarted signer knows no
+// agent) and open the streams again.
+func (f *scaleFleet) reconnect(g *scaleGroup, sig *scaleSigner) ([]time.Time, error) {
+	deadline := time.Now().Add(scaleTimeout)
+	for {
+		var firsts []time.Time
+		c, err := net.DialTimeout("tcp", sig.addr, time.Second)
+		if err == nil {
+			c.Close()
+			if firsts, err = f.connect(g, sig); err == nil {
+				return firsts, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("agent %s not re-synced after %v: %w", g.ek, scaleTimeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // BenchmarkSignerScale: see scale_child_test.go and the file comment of
@@ -152,6 +264,11 @@ func attestAgent(b *testing.B, ctx context.Context, s *scaleSigner, tpm *node.TP
 //	signer-rss-idle-mib          signer RSS before any agent
 //	signer-rss-mib               signer RSS holding every stream, after the edits
 //	signer-cpu-ms/edit           signer user+sys CPU per edit (10 ms ticks)
+//	signer-start-ms              SIGKILLed signer started again: exec to serving (TPM unseal included)
+//	resync-p50-ms, -p99-ms       restarted signer serving until a stream has its first message again
+//	resync-own-p50-ms, -p99-ms   the same from the moment its TPM's simulator was free (see below)
+//	revokes                      node revocations timed
+//	revoke-p50-ms, -p99-ms       revoke (the Signer method the admin socket calls) until that agent's last stream ended
 func BenchmarkSignerScale(b *testing.B) {
 	agents := envInt(b, "LANYARD_SCALE_AGENTS", 1000)
 	tpms := min(envInt(b, "LANYARD_SCALE_TPMS", 100), agents)
@@ -161,7 +278,10 @@ func BenchmarkSignerScale(b *testing.B) {
 
 	eks := make([]string, tpms)
 	for i := range eks {
-		tpm := openSeeded(b, int64(i+1))
+		tpm, err := openSeeded(int64(i + 1))
+		if err != nil {
+			b.Fatal(err)
+		}
 		info, err := tpm.Info()
 		if err != nil {
 			b.Fatalf("Info: %v", err)
@@ -173,63 +293,34 @@ func BenchmarkSignerScale(b *testing.B) {
 	if err := os.WriteFile(policyPath, []byte(scalePolicy(eks, 0)), 0o600); err != nil {
 		b.Fatal(err)
 	}
-	sig := startScaleSigner(b, dir)
+	writeScaleConfig(b, dir, swtpmtest.Start(b).Socket)
+	sig := startScaleSigner(b, dir, "")
 	rssIdle, _ := sig.usage(b)
 
-	w := &syncWatch{counted: make([]int, agents), failed: make(chan error, agents)}
-	w.arm(scaleWorkloads, agents)
-	var conns []*grpc.ClientConn
-	var wg sync.WaitGroup
+	ends := make(chan streamEnd, 4*agents)
+	f := &scaleFleet{ctx: ctx, ends: ends, w: &syncWatch{counted: make([]int, agents), ends: ends}}
+	f.w.arm(scaleWorkloads, agents)
 	defer func() {
 		cancel()
-		for _, cc := range conns {
-			cc.Close()
+		for _, g := range f.groups {
+			for _, cc := range g.conns {
+				cc.Close()
+			}
 		}
-		wg.Wait()
+		f.wg.Wait()
 	}()
-	signerID := spiffeid.RequireFromSegments(scaleTD, "lanyard", "signer")
 	var attests []time.Duration
 	for t := range tpms {
-		tpm := openSeeded(b, int64(t+1))
+		g := &scaleGroup{seed: int64(t + 1), ek: eks[t], from: t * agents / tpms, to: (t + 1) * agents / tpms}
+		f.groups = append(f.groups, g)
 		t0 := time.Now()
-		svid := attestAgent(b, ctx, sig, tpm, eks[t])
-		attests = append(attests, time.Since(t0))
-		// This TPM's share of the streams; each connection's handshake
-		// signs with the TPM key, so all happen before the TPM closes.
-		for i := t * agents / tpms; i < (t+1)*agents/tpms; i++ {
-			cc, err := grpc.NewClient(sig.addr, grpc.WithTransportCredentials(credentials.NewTLS(
-				tlsconfig.MTLSClientConfig(svid, sig.trust, tlsconfig.AuthorizeID(signerID)))))
-			if err != nil {
-				b.Fatal(err)
-			}
-			conns = append(conns, cc)
-			stream, err := signerpb.NewSignerClient(cc).Sync(ctx, &signerpb.SyncRequest{})
-			if err != nil {
-				b.Fatalf("Sync %d: %v", i, err)
-			}
-			first, err := stream.Recv()
-			if err != nil {
-				b.Fatalf("Sync %d first message: %v", i, err)
-			}
-			w.note(i, len(first.GetEntries()), time.Now())
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					msg, err := stream.Recv()
-					if err != nil {
-						if ctx.Err() == nil {
-							w.failed <- fmt.Errorf("stream %d: %w", i, err)
-						}
-						return
-					}
-					w.note(i, len(msg.GetEntries()), time.Now())
-				}
-			}()
+		firsts, err := f.connect(g, sig)
+		if err != nil {
+			b.Fatalf("agent %d: %v", t, err)
 		}
-		tpm.Close()
+		attests = append(attests, firsts[0].Sub(t0))
 	}
-	if _, err := w.wait(); err != nil {
+	if _, err := f.w.wait(); err != nil {
 		b.Fatalf("first sync: %v", err)
 	}
 
@@ -240,12 +331,12 @@ func BenchmarkSignerScale(b *testing.B) {
 		if err := os.WriteFile(policyPath, []byte(scalePolicy(eks, e)), 0o600); err != nil {
 			b.Fatal(err)
 		}
-		w.arm(scaleWorkloads+e, agents)
+		f.w.arm(scaleWorkloads+e, agents)
 		t0 := time.Now()
 		if err := sig.reload(); err != nil {
 			b.Fatalf("edit %d: %v", e, err)
 		}
-		last, err := w.wait()
+		last, err := f.w.wait()
 		if err != nil {
 			b.Fatalf("edit %d: %v", e, err)
 		}
@@ -253,6 +344,10 @@ func BenchmarkSignerScale(b *testing.B) {
 	}
 	b.StopTimer()
 	rss, cpu1 := sig.usage(b)
+
+	sig, resync, resyncOwn := scaleRestart(b, dir, f, sig)
+	revokes := scaleRevoke(b, f, sig)
+
 	slices.Sort(lasts)
 	slices.Sort(attests)
 	b.ReportMetric(float64(agents), "agents")
@@ -264,6 +359,122 @@ func BenchmarkSignerScale(b *testing.B) {
 	b.ReportMetric(rssIdle, "signer-rss-idle-mib")
 	b.ReportMetric(rss, "signer-rss-mib")
 	b.ReportMetric(msOf(cpu1-cpu0)/scaleEdits, "signer-cpu-ms/edit")
+	b.ReportMetric(msOf(sig.started), "signer-start-ms")
+	b.ReportMetric(msOf(percentile(resync, 50)), "resync-p50-ms")
+	b.ReportMetric(msOf(percentile(resync, 99)), "resync-p99-ms")
+	b.ReportMetric(msOf(percentile(resyncOwn, 50)), "resync-own-p50-ms")
+	b.ReportMetric(msOf(percentile(resyncOwn, 99)), "resync-own-p99-ms")
+	b.ReportMetric(float64(len(revokes)), "revokes")
+	b.ReportMetric(msOf(percentile(revokes, 50)), "revoke-p50-ms")
+	b.ReportMetric(msOf(percentile(revokes, 99)), "revoke-p99-ms")
 }
 
+// scaleRestart kills the signer with SIGKILL once every stream is open,
+// starts it again on the same address and state dir (its keys sealed to
+// the same swtpm), and returns, per stream, the time from the new signer
+// serving to its first message again; the same from the moment its group
+// had the simulator (the agents re-attest one after the other, as the
+// simulator is one per process: a real fleet's TPMs work in parallel);
+// and how long the signer took to start.
+func scaleRestart(b *testing.B, dir string, f *scaleFleet, old *scaleSigner) (sig *scaleSigner, resync, own []time.Duration) {
+	b.Helper()
+	bundleBefore, err := os.ReadFile(filepath.Join(dir, "bundle.pem"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	agents := f.groups[len(f.groups)-1].to
+	if err := old.kill(); err != nil {
+		b.Fatal(err)
+	}
+	for range agents {
+		select {
+		case <-f.ends:
+		case <-time.After(scaleTimeout):
+			b.Fatalf("Sync streams still open %v after the signer was killed", scaleTimeout)
+		}
+	}
+	f.w.arm(scaleWorkloads+scaleEdits, agents)
+	type result struct {
+		firsts []time.Time
+		had    time.Time // the simulator was free for this group
+		err    error
+	}
+	// The agents use old's address and trust: the new signer has the
+	// same address and (checked below) the same bundle.
+	results := make([]chan result, len(f.groups))
+	for k, g := range f.groups {
+		results[k] = make(chan result, 1)
+		go func() {
+			var r result
+			r.firsts, r.err = f.reconnect(g, old)
+			r.had = g.had
+			results[k] <- r
+		}()
+	}
+	sig = startScaleSigner(b, dir, old.addr)
+	bundleAfter, err := os.ReadFile(filepath.Join(dir, "bundle.pem"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if string(bundleAfter) != string(bundleBefore) {
+		b.Fatal("the restarted signer's bundle differs: its keys did not survive the restart")
+	}
+	for k := range f.groups {
+		r := <-results[k]
+		if r.err != nil {
+			b.Fatal(r.err)
+		}
+		from := sig.ready
+		if r.had.After(from) {
+			from = r.had
+		}
+		for _, at := range r.firsts {
+			resync = append(resync, at.Sub(sig.ready))
+			own = append(own, at.Sub(from))
+		}
+	}
+	if _, err := f.w.wait(); err != nil {
+		b.Fatalf("re-sync: %v", err)
+	}
+	return sig, resync, own
+}
+
+// scaleRevoke revokes up to scaleRevokes agents, one at a time, with the
+// Signer method the admin socket's revoke calls, and returns for each the
+// time until the last of its streams ended with the revocation.
+func scaleRevoke(b *testing.B, f *scaleFleet, sig *scaleSigner) []time.Duration {
+	b.Helper()
+	n := min(scaleRevokes, len(f.groups))
+	var out []time.Duration
+	for k := range n {
+		g := f.groups[k*len(f.groups)/n]
+		t0 := time.Now()
+		if err := sig.revoke(g.ek); err != nil {
+			b.Fatal(err)
+		}
+		var last time.Time
+		for range g.to - g.from {
+			select {
+			case e := <-f.ends:
+				if e.i < g.from || e.i >= g.to {
+					b.Fatalf("stream %d ended (%v) when agent %s was revoked", e.i, e.err, g.ek)
+				}
+				if status.Code(e.err) != codes.PermissionDenied || !strings.Contains(e.err.Error(), "node revoked") {
+					b.Fatalf("stream %d of the revoked agent ended with %v, want PermissionDenied: node revoked", e.i, e.err)
+				}
+				last = e.at
+			case <-time.After(scaleTimeout):
+				b.Fatalf("agent %s revoked: its Sync streams still open after %v", g.ek, scaleTimeout)
+			}
+		}
+		out = append(out, last.Sub(t0))
+	}
+	return out
+}
+
+// percentile is the p-th percentile of ds (nearest rank), sorting ds.
+func percentile(ds []time.Duration, p int) time.Duration {
+	slices.Sort(ds)
+	return ds[max(0, (len(ds)*p+99)/100-1)]
+}
 func msOf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -16,6 +16,11 @@ package signer_test
 // every change, so a stream costs it the same whether or not its agent ID
 // is shared. Set LANYARD_SCALE_TPMS = LANYARD_SCALE_AGENTS for one TPM per
 // agent (about a minute per 1,000 on 2 cores).
+//
+// After the edits the signer, its keys sealed to a swtpm, is killed with
+// SIGKILL and started again on the same address and state dir: each
+// agent redials, attests again and reopens its streams, and the re-sync
+// is timed; then a few nodes are revoked and timed until their streams end.
 
 import (
 	"bufio"
@@ -26,6 +31,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -41,6 +47,8 @@ const (
 	scaleEdits = 5
 	// scaleWorkloads is how many entries every node has before the edits.
 	scaleWorkloads = 10
+	// scaleRevokes is how many node revocations are timed.
+	scaleRevokes = 10
 )
 
 var scaleTD = spiffeid.RequireTrustDomainFromString("example.org")
@@ -80,19 +88,33 @@ type scaleSigner struct {
 	lines *bufio.Scanner
 	addr  string
 	trust *x509bundle.Bundle
+	// ready is when the child announced it serves (its clock, the same
+	// host's); started is how long from exec to that announcement.
+	ready   time.Time
+	started time.Duration
 }
 
-func startScaleSigner(b *testing.B, dir string) *scaleSigner {
+// writeScaleConfig writes the child's config: its CA and JWT keys sealed
+// to the swtpm at tpmSocket, as in a real deployment, so a restart keeps
+// them.
+func writeScaleConfig(b *testing.B, dir, tpmSocket string) {
 	b.Helper()
 	conf := "trust_domain = \"example.org\"\npolicy_path = \"policy.hcl\"\nbundle_path = \"bundle.pem\"\nstate_dir = \"state\"\nlog_level = \"error\"\nadmin_socket_path = \"admin/admin.sock\"\n" +
+		fmt.Sprintf("tpm {\n  socket = %q\n}\n", tpmSocket) +
 		// Many streams share each TPM's agent ID here (see the file comment):
 		// lift the per-agent Sync cap that guards a real fleet.
 		"limits {\n  max_sync_streams_per_agent = 1048576\n}\n"
 	if err := os.WriteFile(filepath.Join(dir, "signer.hcl"), []byte(conf), 0o600); err != nil {
 		b.Fatal(err)
 	}
+}
+
+// startScaleSigner starts the child on the config in dir, listening on
+// addr, or on a free loopback port when addr is empty.
+func startScaleSigner(b *testing.B, dir, addr string) *scaleSigner {
+	b.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestScaleSignerChild$", "-test.bench=^$")
-	cmd.Env = append(os.Environ(), scaleChildEnv+"="+filepath.Join(dir, "signer.hcl"))
+	cmd.Env = append(os.Environ(), scaleChildEnv+"="+filepath.Join(dir, "signer.hcl"), scaleChildAddrEnv+"="+addr)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -102,6 +124,7 @@ func startScaleSigner(b *testing.B, dir string) *scaleSigner {
 	if err != nil {
 		b.Fatal(err)
 	}
+	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		b.Fatalf("start signer child: %v", err)
 	}
@@ -118,14 +141,29 @@ func startScaleSigner(b *testing.B, dir string) *scaleSigner {
 		}
 	})
 	line, err := s.line()
-	if err != nil || !strings.HasPrefix(line, "addr ") {
+	s.started = time.Since(t0)
+	f := strings.Fields(line)
+	if err != nil || len(f) != 3 || f[0] != "addr" {
 		b.Fatalf("signer child: %q %v", line, err)
 	}
-	s.addr = strings.TrimPrefix(line, "addr ")
+	ns, err := strconv.ParseInt(f[2], 10, 64)
+	if err != nil {
+		b.Fatalf("signer child: %q: %v", line, err)
+	}
+	s.addr, s.ready = f[1], time.Unix(0, ns)
 	if s.trust, err = x509bundle.Load(scaleTD, filepath.Join(dir, "bundle.pem")); err != nil {
 		b.Fatalf("load bundle: %v", err)
 	}
 	return s
+}
+
+// kill ends the child with SIGKILL, as a crash would, and waits for it.
+func (s *scaleSigner) kill() error {
+	if err := s.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		return fmt.Errorf("kill signer child: %w", err)
+	}
+	_ = s.cmd.Wait() // "signal: killed"
+	return nil
 }
 
 // line reads the child's next line of stdout, within scaleTimeout.
@@ -144,8 +182,14 @@ func (s *scaleSigner) line() (string, error) {
 }
 
 // reload makes the child read its policy file again.
-func (s *scaleSigner) reload() error {
-	if _, err := io.WriteString(s.stdin, "reload\n"); err != nil {
+func (s *scaleSigner) reload() error { return s.command("reload") }
+
+// revoke revokes the node of the EK as `node revoke` does.
+func (s *scaleSigner) revoke(ek string) error { return s.command("revoke " + ek) }
+
+// command sends the child one line and waits for its "ok".
+func (s *scaleSigner) command(c string) error {
+	if _, err := io.WriteString(s.stdin, c+"\n"); err != nil {
 		return err
 	}
 	line, err := s.line()
@@ -153,7 +197,7 @@ func (s *scaleSigner) reload() error {
 		return err
 	}
 	if line != "ok" {
-		return fmt.Errorf("reload: %s", line)
+		return fmt.Errorf("%s: %s", c, line)
 	}
 	return nil
 }

@@ -6,14 +6,17 @@ package signer_test
 // binary, started again), so its RSS and CPU time are its own and not
 // mixed with the simulated agents'. The child serves on loopback, prints
 // its address, and reloads its policy file on each "reload" line of its
-// stdin, as a file watcher would: read, parse, SetPolicy.
+// stdin, as a file watcher would: read, parse, SetPolicy; and revokes a
+// node on each "revoke EK-SHA256" line, as `node revoke` does.
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -25,6 +28,9 @@ import (
 // scaleChildEnv names the signer config the child serves; the child runs
 // only when it is set.
 const scaleChildEnv = "LANYARD_SCALE_SIGNER_CONFIG"
+
+// scaleChildAddrEnv, when set, is the host:port the child listens on.
+const scaleChildAddrEnv = "LANYARD_SCALE_SIGNER_ADDR"
 
 func TestScaleSignerChild(t *testing.T) {
 	path := os.Getenv(scaleChildEnv)
@@ -39,7 +45,8 @@ func TestScaleSignerChild(t *testing.T) {
 	if err != nil {
 		t.Fatalf("signer.New: %v", err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	// A restarted child listens where the killed one did.
+	lis, err := net.Listen("tcp", cmp.Or(os.Getenv(scaleChildAddrEnv), "127.0.0.1:0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,10 +65,21 @@ func TestScaleSignerChild(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	fmt.Printf("addr %s\n", lis.Addr())
+	// The wall clock of readiness goes with the address: the benchmark
+	// times the agents' re-sync from it.
+	fmt.Printf("addr %s %d\n", lis.Addr(), time.Now().UnixNano())
 
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
+		if ek, ok := strings.CutPrefix(in.Text(), "revoke "); ok {
+			// What the admin socket's POST /v1/nodes/revoke calls.
+			if _, err := s.Revoke(ek, "benchmark", 0); err != nil {
+				fmt.Printf("error %v\n", err)
+				continue
+			}
+			fmt.Println("ok")
+			continue
+		}
 		if in.Text() != "reload" {
 			continue
 		}

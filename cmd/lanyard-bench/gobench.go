@@ -87,11 +87,24 @@ func scaleRows(l goBenchLine) []row {
 	edit := singleRow(fmt.Sprintf("signer: policy edit reaches %d agents' Sync streams", agents), "ms", edits, m("edit-last-p50-ms"),
 		fmt.Sprintf("edit to last stream; %d distinct TPMs, signer in its own process", tpms))
 	edit.P99 = m("edit-last-p99-ms")
+	resync := singleRow(fmt.Sprintf("signer: restart to %d agents re-synced", agents), "ms", agents, m("resync-p50-ms"),
+		"kill -9, start on the same state dir and swtpm: serving to each stream's first message; agents re-attest one at a time (one simulator)")
+	resync.P99 = m("resync-p99-ms")
+	own := singleRow("signer: restart, one agent's re-sync once its TPM is free", "ms", agents, m("resync-own-p50-ms"), "re-attest and reopen its streams, from when its simulator was free")
+	own.P99 = m("resync-own-p99-ms")
+	revokes := int(m("revokes"))
+	revoke := singleRow("signer: node revoke to the agent's Sync closed", "ms", revokes, m("revoke-p50-ms"),
+		fmt.Sprintf("until the last of its %d streams ended, %d streams open", agents/max(tpms, 1), agents))
+	revoke.P99 = m("revoke-p99-ms")
 	return []row{
 		edit,
 		singleRow("signer: CPU per policy edit", "ms", edits, m("signer-cpu-ms/edit"), fmt.Sprintf("user+sys, pushing to %d streams", agents)),
 		singleRow("signer: RSS idle", "MiB", 1, m("signer-rss-idle-mib"), "VmRSS"),
 		singleRow(fmt.Sprintf("signer: RSS with %d agents' Sync streams", agents), "MiB", 1, m("signer-rss-mib"), "VmRSS, one mTLS connection per stream"),
 		singleRow("signer: one attestation, wall time", "ms", tpms, m("attest-ms"), "agent side (simulator TPM) included; signer's part: BenchmarkVerifyAttestation"),
+		singleRow("signer: start after kill -9", "ms", 1, m("signer-start-ms"), "exec to serving: config, swtpm, unseal the CA and JWT keys, bundle, listen"),
+		resync,
+		own,
+		revoke,
 	}
 }
