@@ -56,8 +56,11 @@ lint:
 # The end-to-end package runs last and verbose, so CI shows each of its
 # tests as it passes; the others print one line per package.
 test: swtpm-deps lint
-	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/e2e$$')
-	$(GO) test -race -count=1 -timeout 20m -parallel 4 -v ./e2e
+	@echo 'test: every package with the race detector; alongside, the end-to-end package (real binaries and swtpm), each test named as it passes'
+	@$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/e2e$$') & unit=$$!; \
+	$(GO) test -race -count=1 -timeout 20m -parallel 4 -v ./e2e; e2e=$$?; \
+	wait $$unit; unit=$$?; \
+	if [ $$e2e -ne 0 ] || [ $$unit -ne 0 ]; then echo "test: FAILED (unit packages exit $$unit, e2e exit $$e2e)"; exit 1; fi
 
 demo: build swtpm-deps
 	bash scripts/demo.sh
