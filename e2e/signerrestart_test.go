@@ -30,7 +30,8 @@ func (e *env) withSignerTPM(t *testing.T, tpm *swtpmtest.TPM) {
 	writeFile(t, e.signerCfg, string(cfg)+fmt.Sprintf("tpm { socket = %q }\n", tpm.Socket))
 }
 
-// TestSignerRestartWithSealedKeys: kill -9 the signer and start it again.
+// TestSignerRestartWithSealedKeys: kill -9 the signer and start it again,
+// 20 times.
 // Its keys are sealed to its own TPM, so the bundle is byte-identical, and
 // the agent, never given a file, reconnects and renews; an SVID signed
 // before the restart and one signed after both verify against the bundle
@@ -63,6 +64,15 @@ func TestSignerRestartWithSealedKeys(t *testing.T) {
 	}
 	if got, _ := os.ReadFile(e.bundlePath); !bytes.Equal(got, bundle) {
 		t.Errorf("bundle.pem changed across the restart")
+	}
+	// 19 more crash-restarts: not one CA or JWT key is added.
+	for i := range 19 {
+		signer.cmd.Process.Kill()
+		<-signer.done
+		signer = e.startSigner(t)
+		if got, _ := os.ReadFile(e.bundlePath); !bytes.Equal(got, bundle) {
+			t.Fatalf("bundle.pem changed at restart %d", i+2)
+		}
 	}
 
 	// The agent renews (10 s SVIDs) through the restarted signer.
