@@ -8,8 +8,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"slices"
 	"time"
@@ -421,13 +419,9 @@ func (a *authority) publication() publication {
 // missing file (first start) gives none; anything else the file holds
 // than CA certificates of td is an error naming the file.
 func loadCAState(dir string, td spiffeid.TrustDomain) ([]*x509.Certificate, error) {
-	path := filepath.Join(dir, CAStateFile)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read CA state: %w", err)
+	data, path, err := readState(dir, CAStateFile)
+	if err != nil || data == nil {
+		return nil, wrapErr("read CA state", err)
 	}
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w %s: %s", ErrBadCAState, path, fmt.Sprintf(format, args...))

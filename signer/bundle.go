@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 )
@@ -23,6 +25,18 @@ func writeBundle(path string, cas []*x509.Certificate) error {
 
 // writeAtomic writes public data to path through a temporary file and a
 // rename, so readers see the old content or the new, never a torn write.
+// readState reads the file name in the state dir dir. A missing file (a
+// first start, or a state dir from before the file existed) gives nil data
+// and no error; the path is returned for error messages either way.
+func readState(dir, name string) (data []byte, path string, err error) {
+	path = filepath.Join(dir, name)
+	data, err = os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, path, nil
+	}
+	return data, path, err
+}
+
 func writeAtomic(path string, data []byte) error { return writeAtomicMode(path, data, 0o644) }
 
 // writeAtomicMode is writeAtomic with the file's mode; the directory is
@@ -60,4 +74,12 @@ func writeAtomicMode(path string, data []byte, mode os.FileMode) error {
 		d.Close()
 	}
 	return nil
+}
+
+// wrapErr wraps err with step, or is nil when err is.
+func wrapErr(step string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%s: %w", step, err)
 }

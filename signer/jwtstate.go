@@ -8,8 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -47,13 +45,9 @@ type jwtStateExtra struct {
 // none; anything but P-256 public keys with a key ID and a keep-until
 // time is an error naming the file and the key.
 func loadJWTState(dir string) ([]publicJWTKey, error) {
-	path := filepath.Join(dir, JWTStateFile)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read JWT key state: %w", err)
+	data, path, err := readState(dir, JWTStateFile)
+	if err != nil || data == nil {
+		return nil, wrapErr("read JWT key state", err)
 	}
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w %s: %s", ErrBadJWTState, path, fmt.Sprintf(format, args...))

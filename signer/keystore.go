@@ -299,13 +299,12 @@ func (ks *keyStore) save(active *CA, activeJWT *jwtKey, next *CA, nextJWT *jwtKe
 // load reads and decrypts the stored generations. A missing file (first
 // start) gives none.
 func (ks *keyStore) load() ([]restoredKeys, error) {
-	path := filepath.Join(ks.dir, SigningKeysFile)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+	data, path, err := readState(ks.dir, SigningKeysFile)
 	if err != nil {
 		return nil, fmt.Errorf("%w %s: %v", ErrKeyStorage, path, err)
+	}
+	if data == nil {
+		return nil, nil
 	}
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w %s: %s", ErrKeyStorage, path, fmt.Sprintf(format, args...))

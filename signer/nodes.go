@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -67,14 +66,13 @@ type nodesFile struct {
 
 // loadNodes reads the registry in dir; a missing file is an empty one.
 func loadNodes(dir string) (map[string]*NodeInfo, error) {
-	path := filepath.Join(dir, NodesStateFile)
 	out := make(map[string]*NodeInfo)
-	b, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return out, nil
-	}
+	b, path, err := readState(dir, NodesStateFile)
 	if err != nil {
 		return nil, fmt.Errorf("%w %s: %w", ErrBadNodesState, path, err)
+	}
+	if b == nil {
+		return out, nil
 	}
 	var f nodesFile
 	if err := json.Unmarshal(b, &f); err != nil {

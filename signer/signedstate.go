@@ -2,10 +2,7 @@ package signer
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 )
@@ -25,13 +22,9 @@ type signedStateDoc struct {
 // loadSignedState reads dir's SignedStateFile. A missing file gives nil:
 // a state dir from before the file existed keeps every CA.
 func loadSignedState(dir string) (map[string]bool, error) {
-	path := filepath.Join(dir, SignedStateFile)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read signed state: %w", err)
+	data, path, err := readState(dir, SignedStateFile)
+	if err != nil || data == nil {
+		return nil, wrapErr("read signed state", err)
 	}
 	var doc signedStateDoc
 	if err := json.Unmarshal(data, &doc); err != nil {
