@@ -12,7 +12,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -65,11 +64,7 @@ func (f *adminFlags) path() (string, error) {
 // adminGet fetches path from the agent's admin socket into v.
 func adminGet(socket, path string, v any) error {
 	resp, err := adminsock.Client(socket, 5*time.Second).Get("http://agent" + path)
-	// A non-root user is refused by the socket's mode (EACCES) or, should
-	// it be loosened, by the agent hanging up on any peer but root. Only
-	// "nothing there" means the agent is not running.
-	if err != nil && (errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) ||
-		(os.Geteuid() != 0 && !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ECONNREFUSED))) {
+	if adminsock.Refused(err) {
 		return fmt.Errorf("%w (%s)", errAdminDenied, socket)
 	}
 	if err != nil {
@@ -85,7 +80,7 @@ func adminGet(socket, path string, v any) error {
 }
 
 // errAdminDenied is what a non-root user meets at the admin socket.
-var errAdminDenied = errors.New("permission denied: the admin socket is root-only; run as root")
+var errAdminDenied = adminsock.ErrNotRoot
 
 // adminExit is the exit status for an adminGet error: exitDenied when the
 // socket refused this user, else unreachable.

@@ -8,9 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -27,10 +25,8 @@ const (
 	exitNotRoot     = 4  // the admin socket is root-only (as lanyard-agent status)
 )
 
-const notRootMsg = "permission denied: the admin socket is root-only; run as root"
-
 // errNotRoot is an admin call refused because the caller is not root.
-var errNotRoot = errors.New(notRootMsg)
+var errNotRoot = adminsock.ErrNotRoot
 
 // adminFlags are the flags every admin-socket command takes.
 type adminFlags struct {
@@ -68,9 +64,7 @@ func adminCall(socket, method, path string, body, out any) error {
 	req, _ := http.NewRequest(method, "http://signer"+path, rd)
 	resp, err := c.Do(req)
 	if err != nil {
-		// The socket is 0600 in a 0700 directory: connect(2) says EACCES.
-		// Past that, the signer closes a non-root peer's connection.
-		if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) || (os.Geteuid() != 0 && isClosed(err)) {
+		if adminsock.Refused(err) {
 			return errNotRoot
 		}
 		return unavailableError{fmt.Errorf("signer not reachable on %s: %w", socket, err)}
@@ -85,10 +79,6 @@ func adminCall(socket, method, path string, body, out any) error {
 		return errors.New(e.Error)
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
-}
-
-func isClosed(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || strings.Contains(err.Error(), "EOF")
 }
 
 // unavailableError is a signer that cannot be reached.

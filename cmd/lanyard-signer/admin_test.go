@@ -139,14 +139,14 @@ func TestAdminNotRoot(t *testing.T) {
 		}
 		return 0, string(out)
 	}
-	if code, out := run(); code != exitNotRoot || !strings.Contains(out, notRootMsg) {
-		t.Errorf("as uid 65534: exit %d, %q; want %d, %q", code, out, exitNotRoot, notRootMsg)
+	if code, out := run(); code != exitNotRoot || !strings.Contains(out, errNotRoot.Error()) {
+		t.Errorf("as uid 65534: exit %d, %q; want %d, %q", code, out, exitNotRoot, errNotRoot.Error())
 	}
 	// Loosened permissions: the peer check still refuses.
 	os.Chmod(filepath.Dir(sock), 0o755)
 	os.Chmod(sock, 0o666)
-	if code, out := run(); code != exitNotRoot || !strings.Contains(out, notRootMsg) {
-		t.Errorf("as uid 65534 past the file modes: exit %d, %q; want %d, %q", code, out, exitNotRoot, notRootMsg)
+	if code, out := run(); code != exitNotRoot || !strings.Contains(out, errNotRoot.Error()) {
+		t.Errorf("as uid 65534 past the file modes: exit %d, %q; want %d, %q", code, out, exitNotRoot, errNotRoot.Error())
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for !strings.Contains(logs.String(), `"uid":65534`) && time.Now().Before(deadline) {

@@ -144,3 +144,25 @@ func Client(path string, timeout time.Duration) *http.Client {
 		}},
 	}
 }
+
+// ErrNotRoot is what a user other than root meets at an admin socket.
+var ErrNotRoot = errors.New("permission denied: the admin socket is root-only; run as root")
+
+// Refused reports whether err, from a Client call, means the admin socket
+// turned this user away: the socket's mode refused the connect (EACCES),
+// or, should the mode have been loosened, the daemon hung up on a peer
+// other than root (which a client sees as EOF, a reset, or "server closed
+// idle connection", depending on timing). For root, and for "nothing is
+// there" (no socket, nobody listening), it is false: the daemon is simply
+// not running.
+func Refused(err error) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return true
+	case os.Geteuid() == 0, errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ECONNREFUSED):
+		return false
+	}
+	return true
+}
