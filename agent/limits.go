@@ -74,27 +74,14 @@ func decodeLimits(blocks hcl.Blocks, out *LimitsConfig) hcl.Diagnostics {
 	if content == nil {
 		return diags
 	}
-	count := func(name string, dst *int) {
-		if a, ok := content.Attributes[name]; ok {
-			n, d := hclconf.Int(a, 1, maxLimit)
-			diags = append(diags, d...)
-			*dst = n
-		}
-	}
-	count("max_streams_per_connection", &out.MaxStreamsPerConn)
-	count("max_streams_per_uid", &out.MaxStreamsPerUID)
-	count("max_connections_per_uid", &out.MaxConnsPerUID)
-	count("max_connections", &out.MaxConns)
-	duration := func(name string, dst *time.Duration, minimum time.Duration) {
-		if a, ok := content.Attributes[name]; ok {
-			v, d := hclconf.Duration(a, minimum)
-			diags = append(diags, d...)
-			*dst = v
-		}
-	}
-	duration("idle_connection_timeout", &out.IdleConnTimeout, 100*time.Millisecond)
-	duration("warning_interval", &out.WarningInterval, time.Second)
-	return diags
+	f := hclconf.Fields{Content: content, Diags: diags}
+	f.Int("max_streams_per_connection", &out.MaxStreamsPerConn, 1, maxLimit)
+	f.Int("max_streams_per_uid", &out.MaxStreamsPerUID, 1, maxLimit)
+	f.Int("max_connections_per_uid", &out.MaxConnsPerUID, 1, maxLimit)
+	f.Int("max_connections", &out.MaxConns, 1, maxLimit)
+	f.Duration("idle_connection_timeout", &out.IdleConnTimeout, 100*time.Millisecond)
+	f.Duration("warning_interval", &out.WarningInterval, time.Second)
+	return f.Diags
 }
 
 // maxLimit keeps a count within an int32, which every cap fits in.

@@ -116,36 +116,21 @@ func decodeLimits(blocks hcl.Blocks, l *Limits) hcl.Diagnostics {
 	if content == nil {
 		return diags
 	}
-	dur := func(name string, v *time.Duration, minimum time.Duration) {
-		if a, ok := content.Attributes[name]; ok {
-			x, d := hclconf.Duration(a, minimum)
-			diags = append(diags, d...)
-			if !d.HasErrors() {
-				*v = x
-			}
-		}
-	}
-	count := func(name string, v *int) {
-		if a, ok := content.Attributes[name]; ok {
-			x, d := hclconf.Int(a, 1, maxLimitCount)
-			diags = append(diags, d...)
-			if !d.HasErrors() {
-				*v = x
-			}
-		}
-	}
-	dur("attest_first_message_timeout", &l.AttestFirstMessageTimeout, minFirstMessageTimeout)
+	f := hclconf.Fields{Content: content, Diags: diags}
+	count := func(name string, v *int) { f.Int(name, v, 1, maxLimitCount) }
+	f.Duration("attest_first_message_timeout", &l.AttestFirstMessageTimeout, minFirstMessageTimeout)
 	count("max_pending_attestations", &l.MaxPendingAttestations)
 	count("max_pending_attestations_per_address", &l.MaxPendingAttestationsPerAddress)
 	count("max_streams_per_connection", &l.MaxStreamsPerConnection)
-	dur("keepalive_time", &l.KeepaliveTime, minLimitInterval)
-	dur("keepalive_timeout", &l.KeepaliveTimeout, minLimitInterval)
-	dur("max_connection_idle", &l.MaxConnectionIdle, minLimitInterval)
-	dur("min_ping_interval", &l.MinPingInterval, minLimitInterval)
+	f.Duration("keepalive_time", &l.KeepaliveTime, minLimitInterval)
+	f.Duration("keepalive_timeout", &l.KeepaliveTimeout, minLimitInterval)
+	f.Duration("max_connection_idle", &l.MaxConnectionIdle, minLimitInterval)
+	f.Duration("min_ping_interval", &l.MinPingInterval, minLimitInterval)
 	count("max_sync_streams_per_agent", &l.MaxSyncStreamsPerAgent)
 	count("jwt_mints_per_second", &l.JWTMintsPerSecond)
 	count("jwt_mint_burst", &l.JWTMintBurst)
-	dur("refusal_log_interval", &l.RefusalLogInterval, minLimitInterval)
+	f.Duration("refusal_log_interval", &l.RefusalLogInterval, minLimitInterval)
+	diags = f.Diags
 
 	// Cross-field checks, each reported at the field the file set.
 	if a, ok := content.Attributes["attest_first_message_timeout"]; ok && l.AttestFirstMessageTimeout > attestTimeout {

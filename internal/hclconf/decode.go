@@ -290,3 +290,36 @@ func LoopbackAddress(attr *hcl.Attribute) (string, hcl.Diagnostics) {
 	}
 	return s, nil
 }
+
+// Fields decodes the optional attributes of one block (its Content, as
+// OneBlock returns it) into their destinations, gathering every problem in
+// Diags. An attribute that is absent, or does not decode, leaves its
+// destination as it was (its default).
+type Fields struct {
+	Content *hcl.BodyContent
+	Diags   hcl.Diagnostics
+}
+
+// Int decodes attribute name, when present, as a whole number from lo to
+// hi into dst.
+func (f *Fields) Int(name string, dst *int, lo, hi int) {
+	if a, ok := f.Content.Attributes[name]; ok {
+		v, d := Int(a, lo, hi)
+		f.Diags = append(f.Diags, d...)
+		if !d.HasErrors() {
+			*dst = v
+		}
+	}
+}
+
+// Duration decodes attribute name, when present, as a duration of at
+// least minimum into dst.
+func (f *Fields) Duration(name string, dst *time.Duration, minimum time.Duration) {
+	if a, ok := f.Content.Attributes[name]; ok {
+		v, d := Duration(a, minimum)
+		f.Diags = append(f.Diags, d...)
+		if !d.HasErrors() {
+			*dst = v
+		}
+	}
+}
