@@ -240,20 +240,29 @@ func (h *handler) attest(ctx context.Context) (attestor.Process, []string, error
 	if err == nil {
 		return proc, selectors, nil
 	}
-	msg := "could not attest caller"
-	switch {
-	case errors.Is(err, errNoPeerCred):
+	if errors.Is(err, errNoPeerCred) {
 		// peerCredentials refuses such connections; reaching here is a bug.
 		h.log.Error("call without peer credentials")
-		return proc, nil, status.Error(codes.Unavailable, msg)
+		return proc, nil, status.Error(codes.Unavailable, "could not attest caller")
+	}
+	return proc, nil, h.refuseCaller(proc, err, "could not attest caller")
+}
+
+// refuseCaller answers a call whose caller failed attestation or its
+// re-check: PermissionDenied with an audit line when it is no longer the
+// process that connected (pinned.go), else Unavailable (clients retry),
+// with a warning rate-limited per uid. other is the message for a failure
+// that is neither an exit nor a change.
+func (h *handler) refuseCaller(proc attestor.Process, err error, other string) error {
+	msg := other
+	switch {
 	case errors.Is(err, attestor.ErrCallerExited):
 		msg = "caller exited during attestation"
 	case errors.Is(err, attestor.ErrCallerExeced), errors.Is(err, attestor.ErrCallerChanged):
-		// Not the process that connected any more (pinned.go).
-		return proc, nil, h.refuseChanged(proc, err)
+		return h.refuseChanged(proc, err)
 	}
 	h.warn.Warn(proc.UID, msg, "pid", proc.PID, "uid", proc.UID, "error", err)
-	return proc, nil, status.Error(codes.Unavailable, msg)
+	return status.Error(codes.Unavailable, msg)
 }
 
 // wait blocks until changed is closed (nil), the call ends, or the server

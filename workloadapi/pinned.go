@@ -143,15 +143,12 @@ func (h *handler) endStream(log hclog.Logger, reason string, err error) error {
 // mint may wait on the signer), that the caller is still the process that
 // was attested; if not, it is refused as attest would refuse it.
 func (h *handler) recheckCall(proc workload.Process) error {
-	err := proc.Recheck()
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, workload.ErrCallerExeced), errors.Is(err, workload.ErrCallerChanged):
-		return h.refuseChanged(proc, err)
+	if err := proc.Recheck(); err != nil {
+		// A /proc read that fails while the process lives is no proof
+		// either: refused like an exit.
+		return h.refuseCaller(proc, err, "caller exited during attestation")
 	}
-	h.log.Warn("caller exited during attestation", "pid", proc.PID, "uid", proc.UID, "error", err)
-	return status.Error(codes.Unavailable, "caller exited during attestation")
+	return nil
 }
 
 // waitPinned is wait, plus the end of the stream when the caller exits,
