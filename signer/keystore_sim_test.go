@@ -201,15 +201,7 @@ func TestSealedKeysRefused(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			h, err := tpm.open()
-			if err != nil {
-				t.Fatal(err)
-			}
-			ks, err := openKeyStore(s.cfg.StateDir, h)
-			h.Close()
-			if err != nil {
-				t.Fatal(err)
-			}
+			ks := openTestKeyStore(t, tpm, s.cfg.StateDir)
 			// The active certificate with another CA's key.
 			swapped := &CA{td: testTD, key: other.key, Cert: s.auth.active.Cert}
 			if err := ks.save(swapped, s.auth.activeJWT, nil, nil); err != nil {
@@ -258,15 +250,7 @@ func TestSealedKeysFirstStartCreates(t *testing.T) {
 	if err := s.publish(s.auth.publication()); err != nil {
 		t.Fatal(err)
 	}
-	h, err := tpm.open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ks, err := openKeyStore(s.cfg.StateDir, h)
-	h.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ks := openTestKeyStore(t, tpm, s.cfg.StateDir)
 	gens, err := ks.load()
 	if err != nil {
 		t.Fatal(err)
@@ -274,4 +258,19 @@ func TestSealedKeysFirstStartCreates(t *testing.T) {
 	if len(gens) != 1 || gens[0].role != roleActive || gens[0].caSerial != serialHex(s.auth.active.Cert) || !gens[0].caKey.Equal(s.auth.active.key) {
 		t.Fatalf("stored generations = %+v, want the active CA's", gens)
 	}
+}
+
+// openTestKeyStore opens dir's key store with tpm, as a signer start does.
+func openTestKeyStore(t *testing.T, tpm *simTPM, dir string) *keyStore {
+	t.Helper()
+	h, err := tpm.open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks, err := openKeyStore(dir, h)
+	h.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ks
 }
