@@ -243,6 +243,7 @@ func (a *api) Sync(_ *signerpb.SyncRequest, stream signerpb.Signer_SyncServer) e
 		s.warnLimited("sync stream replaced: limit reached", id.String(), "agent", id.String(), "limit", limitSyncStreams,
 			"ended", evicted, "max", s.cfg.Limits.MaxSyncStreamsPerAgent)
 	}
+	s.noteSyncOpen(id)
 	s.log.Debug("sync stream opened", "agent", id.String())
 	s.metrics.syncStreams.Inc()
 	defer s.metrics.syncStreams.Dec()

@@ -70,6 +70,12 @@ type Config struct {
 	// KeyStorageTPM (sealed to TPM, the default with a tpm block) or
 	// KeyStorageMemory (nowhere: a restart makes new ones).
 	KeyStorage string
+	// ReplicaName names this replica in a tier (replica_name, default the
+	// hostname): its key in etcd, in node list and in logs.
+	ReplicaName string
+	// Etcd is the etcd block: nil for a lone signer (state in state_dir,
+	// policy in policy_path).
+	Etcd *EtcdConfig
 }
 
 // Values of key_storage.
@@ -82,7 +88,7 @@ var signerConfigSchema = &hcl.BodySchema{
 	Attributes: []hcl.AttributeSchema{
 		{Name: "trust_domain", Required: true},
 		{Name: "listen_address"},
-		{Name: "policy_path", Required: true},
+		{Name: "policy_path"}, // required without an etcd block
 		{Name: "bundle_path", Required: true},
 		{Name: "state_dir"},
 		{Name: "admin_socket_path"},
@@ -95,8 +101,9 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "log_format"},
 		{Name: "metrics_address"},
 		{Name: "key_storage"},
+		{Name: "replica_name"},
 	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}, {Type: "etcd"}},
 }
 
 // LoadConfig reads and validates the signer config file at path. Problems
@@ -207,6 +214,11 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		}
 		return d
 	})
+	diags = append(diags, decodeEtcd(content.Blocks.OfType("etcd"), dir, cfg)...)
+	diags = append(diags, decodeReplicaName(content.Attributes, cfg)...)
+	if _, ok := content.Attributes["policy_path"]; !ok && cfg.Etcd == nil {
+		diags = append(diags, hclconf.Errorf(body.MissingItemRange(), `Missing required argument: The argument "policy_path" is required, but no definition was found (or add an etcd block, whose replicas share the policy).`))
+	}
 	diags = append(diags, fitToCA(cfg, content.Attributes)...)
 	diags = append(diags, decodeLimits(content.Blocks.OfType("limits"), &cfg.Limits)...)
 	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {

@@ -3,6 +3,7 @@ package signer
 import (
 	"errors"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,6 +21,10 @@ func TestLoadConfigTestdata(t *testing.T) {
 		t.Fatal(err)
 	}
 	td := spiffeid.RequireTrustDomainFromString("example.org")
+	host, err := os.Hostname()
+	if err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		file string
 		want *Config
@@ -40,6 +45,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			LogLevel:        "debug",
 			LogFormat:       "json",
 			KeyStorage:      KeyStorageMemory,
+			ReplicaName:     host,
 			Limits: func() Limits {
 				l := DefaultLimits()
 				l.AttestFirstMessageTimeout = 2 * time.Second
@@ -64,7 +70,32 @@ func TestLoadConfigTestdata(t *testing.T) {
 			LogLevel:        "info",
 			LogFormat:       "text",
 			KeyStorage:      KeyStorageMemory,
+			ReplicaName:     host,
 			Limits:          DefaultLimits(),
+		}},
+		{"signer-tier.hcl", &Config{
+			TrustDomain:     td,
+			ListenAddress:   "127.0.0.1:8443",
+			BundlePath:      filepath.Join(dir, "bundle.pem"),
+			StateDir:        "/var/lib/lanyard-signer",
+			AdminSocketPath: DefaultAdminSocketPath,
+			CATTL:           24 * time.Hour,
+			CAPublishLead:   4 * time.Hour,
+			X509MaxTTL:      12 * time.Hour,
+			AgentTTL:        time.Hour,
+			JWTMaxTTL:       time.Hour,
+			LogLevel:        "info",
+			LogFormat:       "text",
+			KeyStorage:      KeyStorageMemory,
+			ReplicaName:     "signer-2",
+			Etcd: &EtcdConfig{
+				Endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"},
+				Prefix:    "/lanyard/example.org",
+				CAFile:    filepath.Join(dir, "etcd", "ca.pem"),
+				CertFile:  filepath.Join(dir, "etcd", "client.pem"),
+				KeyFile:   filepath.Join(dir, "etcd", "client-key.pem"),
+			},
+			Limits: DefaultLimits(),
 		}},
 	}
 	for _, tt := range tests {
@@ -97,8 +128,8 @@ func TestParseConfigErrors(t *testing.T) {
 	}{
 		{"empty file", "", []string{
 			`c.hcl:1: Missing required argument: The argument "trust_domain" is required, but no definition was found.`,
-			`c.hcl:1: Missing required argument: The argument "policy_path" is required, but no definition was found.`,
 			`c.hcl:1: Missing required argument: The argument "bundle_path" is required, but no definition was found.`,
+			`c.hcl:1: Missing required argument: The argument "policy_path" is required, but no definition was found (or add an etcd block, whose replicas share the policy).`,
 		}},
 		{"unknown key", required + "listen = \"x\"\n", []string{
 			`c.hcl:4: Unsupported argument: An argument named "listen" is not expected here.`,
@@ -177,9 +208,19 @@ func TestParseConfigErrors(t *testing.T) {
 		{"named port", required + "listen_address = \"127.0.0.1:http\"\n", []string{
 			`c.hcl:4: listen_address: "127.0.0.1:http": port must be a number from 1 to 65535`,
 		}},
+		{"etcd block errors", "trust_domain = \"example.org\"\nbundle_path = \"b.pem\"\netcd {\n  endpoints = [\"127.0.0.1:2379\", \"http://a:1\", \"http://a:1\", \"http://b\"]\n  prefix = \"lanyard/\"\n  tls { cert_file = \"c.pem\" }\n}\netcd {\n  endpoints = []\n  prefix = \"/x\"\n}\nreplica_name = \"-bad name\"\n", []string{
+			`c.hcl:3: etcd tls: cert_file and key_file go together (the client certificate and its key)`,
+			`c.hcl:3: etcd: a tls block with http:// endpoints: use https:// endpoints`,
+			`c.hcl:4: endpoints: "127.0.0.1:2379" is not an etcd client URL (http:// or https://host:port)`,
+			`c.hcl:4: endpoints: "http://a:1" is listed twice`,
+			`c.hcl:4: endpoints: "http://b" is not an etcd client URL (http:// or https://host:port)`,
+			`c.hcl:5: prefix: "lanyard/" is not an absolute key path without a trailing slash, e.g. "/lanyard/example.org"`,
+			`c.hcl:8: only one etcd block is allowed (first at line 3)`,
+			`c.hcl:12: replica_name: "-bad name": use 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit`,
+		}},
 		{"every problem at once", "trust_domain = \"\"\nbundle_path = 1\nstate_dir = \"\"\nca_ttl = \"1s\"\nx = 1\n", []string{
-			`c.hcl:1: Missing required argument: The argument "policy_path" is required, but no definition was found.`,
 			`c.hcl:1: trust_domain: must not be empty`,
+			`c.hcl:1: Missing required argument: The argument "policy_path" is required, but no definition was found (or add an etcd block, whose replicas share the policy).`,
 			`c.hcl:2: bundle_path: expected a string, got number`,
 			`c.hcl:3: state_dir: must not be empty`,
 			`c.hcl:4: ca_ttl: 1s is below the minimum of 1m0s`,

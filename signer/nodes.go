@@ -14,6 +14,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/signer/store"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -42,15 +43,17 @@ var (
 // NodeInfo is one agent in the registry, as `lanyard-signer node list`
 // shows it.
 type NodeInfo struct {
-	EKSHA256        string      `json:"ek_sha256"`
-	AgentID         string      `json:"agent_id"`
-	Nodes           []string    `json:"nodes"` // policy node blocks matched at the last attestation
-	TPMManufacturer string      `json:"tpm_manufacturer,omitempty"`
-	FirstAttested   time.Time   `json:"first_attested"`
-	LastAttested    time.Time   `json:"last_attested"`
-	AgentVersion    string      `json:"agent_version,omitempty"`
-	Connected       bool        `json:"connected"` // an open Sync stream now; never true in the file
-	Revoked         *Revocation `json:"revoked,omitempty"`
+	EKSHA256        string    `json:"ek_sha256"`
+	AgentID         string    `json:"agent_id"`
+	Nodes           []string  `json:"nodes"` // policy node blocks matched at the last attestation
+	TPMManufacturer string    `json:"tpm_manufacturer,omitempty"`
+	FirstAttested   time.Time `json:"first_attested"`
+	LastAttested    time.Time `json:"last_attested"`
+	AgentVersion    string    `json:"agent_version,omitempty"`
+	Connected       bool      `json:"connected"` // an open Sync stream now; never true in the file
+	// Replica is the tier replica the agent syncs with (a tier only).
+	Replica string      `json:"replica,omitempty"`
+	Revoked *Revocation `json:"revoked,omitempty"`
 }
 
 // Revocation is why and when a node was revoked, and by whom.
@@ -110,9 +113,28 @@ func (s *Signer) Nodes() []NodeInfo {
 	s.mu.Lock()
 	out := s.nodesLocked()
 	s.mu.Unlock()
+	var alive map[string]store.AliveRecord
+	if s.tier != nil {
+		alive = s.tier.snapshot().Alive
+	}
 	for i := range out {
 		id, err := spiffeid.FromString(out[i].AgentID)
-		out[i].Connected = err == nil && s.syncs.count(id) > 0
+		here := err == nil && s.syncs.count(id) > 0
+		switch {
+		case s.tier == nil:
+			out[i].Connected = here
+		case here:
+			out[i].Connected, out[i].Replica = true, s.tier.name
+		default:
+			// Connected to another replica while that one is alive; a
+			// record naming this replica without a stream here is stale.
+			r := out[i].Replica
+			_, up := alive[r]
+			out[i].Connected = up && r != s.tier.name
+			if !out[i].Connected {
+				out[i].Replica = ""
+			}
+		}
 	}
 	return out
 }
@@ -141,6 +163,9 @@ func (s *Signer) saveNodes() error {
 // markNodesDirty asks saveNodesLoop to write the registry: attestations
 // only record times and names, so their writes are coalesced.
 func (s *Signer) markNodesDirty() {
+	if s.tier != nil {
+		return // the registry lives in etcd (queueNodeLocked)
+	}
 	select {
 	case s.nodesDirty <- struct{}{}:
 	default:
@@ -183,6 +208,9 @@ func (s *Signer) recordAttestLocked(n *node.Node, id spiffeid.ID, version string
 		rec.TPMManufacturer = n.Manufacturer
 	}
 	rec.AgentVersion = version
+	if s.tier != nil {
+		s.queueNodeLocked(rec)
+	}
 }
 
 // agentVersion is the version an agent sent in its request metadata,
@@ -297,7 +325,7 @@ func (s *Signer) Revoke(name, reason string, byUID uint32) (NodeInfo, error) {
 	}
 	n.Revoked = &Revocation{Reason: reason, At: time.Now().UTC(), ByUID: byUID}
 	s.mu.Unlock()
-	if err := s.saveNodes(); err != nil {
+	if err := s.persistRevoke(ek, *n.Revoked); err != nil {
 		s.mu.Lock()
 		n.Revoked = nil
 		s.mu.Unlock()
@@ -337,7 +365,7 @@ func (s *Signer) Unrevoke(name string, byUID uint32) (NodeInfo, error) {
 	if err != nil {
 		return NodeInfo{}, err
 	}
-	if err := s.saveNodes(); err != nil {
+	if err := s.persistUnrevoke(ek); err != nil {
 		s.mu.Lock()
 		n.Revoked = old
 		s.mu.Unlock()
@@ -348,4 +376,42 @@ func (s *Signer) Unrevoke(name string, byUID uint32) (NodeInfo, error) {
 	s.mu.Unlock()
 	s.log.Warn("node unrevoked", "ek_sha256", ek, "agent", n.AgentID, "reason", old.Reason, "by_uid", byUID)
 	return info, nil
+}
+
+// ErrEtcdUnavailable refuses a change the tier must share (node revoke,
+// policy apply) while etcd cannot take it; nothing changed.
+var ErrEtcdUnavailable = errors.New("etcd unavailable: the change was not made (the replicas keep serving; retry when etcd has a quorum)")
+
+// persistRevoke keeps a revocation: in state_dir for a lone signer, in
+// etcd for a tier (where every replica carries it out).
+func (s *Signer) persistRevoke(ek string, r Revocation) error {
+	if s.tier == nil {
+		return s.saveNodes()
+	}
+	err := s.tier.st.Revoke(context.Background(), ek, store.Revocation{Reason: r.Reason, At: r.At, ByUID: r.ByUID, ByReplica: s.tier.name})
+	return tierErr(err)
+}
+
+// persistUnrevoke is persistRevoke's undo.
+func (s *Signer) persistUnrevoke(ek string) error {
+	if s.tier == nil {
+		return s.saveNodes()
+	}
+	_, err := s.tier.st.Unrevoke(context.Background(), ek)
+	return tierErr(err)
+}
+
+// tierErr maps the store's refusals to the signer's.
+func tierErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, store.ErrUnavailable):
+		return fmt.Errorf("%w: %v", ErrEtcdUnavailable, err)
+	case errors.Is(err, store.ErrExists):
+		return fmt.Errorf("%w (through another replica)", ErrAlreadyRevoked)
+	case errors.Is(err, store.ErrNotFound):
+		return fmt.Errorf("%w (lifted through another replica)", ErrNotRevoked)
+	}
+	return err
 }

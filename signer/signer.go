@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -71,13 +72,19 @@ type Signer struct {
 	// bundle_path, so no agent ever trusts a CA the file does not hold.
 	// Never modified, only replaced.
 	agentBundle *signerpb.Bundle
-	pol         *policy.Policy
-	rules       []node.Rule
-	agents      map[spiffeid.ID]*agentRecord
-	changed     chan struct{} // closed and replaced on every change of policy or bundle
-	tlsCert     *tls.Certificate
-	tlsCA       *CA // the CA that signed tlsCert
-	tlsKey      *ecdsa.PrivateKey
+	// peerCAs and peerJWT are the other replicas' published keys (tier
+	// only): the bundle is their union with this replica's.
+	peerCAs  []*x509.Certificate
+	peerJWT  []publicJWTKey
+	bundleMu sync.Mutex // orders bundle_path writes with the pushes that follow them
+	tier     *tier      // nil for a lone signer
+	pol      *policy.Policy
+	rules    []node.Rule
+	agents   map[spiffeid.ID]*agentRecord
+	changed  chan struct{} // closed and replaced on every change of policy or bundle
+	tlsCert  *tls.Certificate
+	tlsCA    *CA // the CA that signed tlsCert
+	tlsKey   *ecdsa.PrivateKey
 
 	// nodes is the node registry by EK hash (nodes.go), saved to
 	// state_dir by saveNodes; nodesDirty asks saveNodesLoop for a write.
@@ -117,13 +124,18 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 		log = hclog.NewNullLogger()
 	}
 	// The bytes are kept so the policy watcher knows what is in force.
-	src, err := os.ReadFile(cfg.PolicyPath)
-	if err != nil {
-		return nil, fmt.Errorf("load policy: %w", err)
-	}
-	pol, err := policy.Parse(src, cfg.PolicyPath, cfg.TrustDomain)
-	if err != nil {
-		return nil, fmt.Errorf("load policy: %w", err)
+	// In a tier, policy_path is optional: it only seeds an empty etcd, and
+	// etcd's revision replaces it as soon as it is read.
+	var src []byte
+	pol := &policy.Policy{}
+	if cfg.Etcd == nil || cfg.PolicyPath != "" {
+		var err error
+		if src, err = os.ReadFile(cfg.PolicyPath); err != nil {
+			return nil, fmt.Errorf("load policy: %w", err)
+		}
+		if pol, err = policy.Parse(src, cfg.PolicyPath, cfg.TrustDomain); err != nil {
+			return nil, fmt.Errorf("load policy: %w", err)
+		}
 	}
 	restored, err := loadCAState(cfg.StateDir, cfg.TrustDomain)
 	if err != nil {
@@ -133,9 +145,12 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 	if err != nil {
 		return nil, fmt.Errorf("restore earlier JWT keys: %w", err)
 	}
-	nodes, err := loadNodes(cfg.StateDir)
-	if err != nil {
-		return nil, fmt.Errorf("restore node registry: %w", err)
+	// A tier's registry is etcd's: the local file is a lone signer's.
+	nodes := make(map[string]*NodeInfo)
+	if cfg.Etcd == nil {
+		if nodes, err = loadNodes(cfg.StateDir); err != nil {
+			return nil, fmt.Errorf("restore node registry: %w", err)
+		}
 	}
 	st := restoredState{cas: restored, jwt: restoredJWT}
 	var keys *keyStore
@@ -193,6 +208,11 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 		mints:   newMintLimiter(cfg.Limits),
 		warnLog: newLogLimiter(cfg.Limits.RefusalLogInterval),
 	}
+	if cfg.Etcd != nil {
+		if s.tier, err = newTier(cfg); err != nil {
+			return nil, err
+		}
+	}
 	s.agentBundle = s.bundleMessage(auth.published(), auth.publishedJWT())
 	s.setPolicyLocked(pol)
 	s.metrics = newMetrics(s)
@@ -205,30 +225,52 @@ func (s *Signer) Metrics() *Metrics { return s.metrics }
 
 // Run writes the trust bundle and the CA state, serves the agent API on the
 // configured address and rotates the CA until ctx ends, and returns once
-// everything it started has ended.
+// everything it started has ended. A replica of a tier opens its port only
+// once it may serve: while a joining replica waits its publish lead, its
+// port refuses, and agents choose another replica.
 func (s *Signer) Run(ctx context.Context) error {
-	lis, err := net.Listen("tcp", s.cfg.ListenAddress)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", s.cfg.ListenAddress, err)
+	listen := func() (net.Listener, error) {
+		lis, err := net.Listen("tcp", s.cfg.ListenAddress)
+		if err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", s.cfg.ListenAddress, err)
+		}
+		return lis, nil
 	}
-	return s.Serve(ctx, lis)
+	if s.tier == nil {
+		lis, err := listen()
+		if err != nil {
+			return err
+		}
+		return s.Serve(ctx, lis)
+	}
+	return s.serve(ctx, listen)
 }
 
 // Serve is Run on a listener the caller opened (tests use port 0).
 func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
+	return s.serve(ctx, func() (net.Listener, error) { return lis, nil })
+}
+
+func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error)) error {
 	// Opened first, so that a metrics port in use stops the start.
 	metricsLn, err := s.listenMetrics()
 	if err != nil {
-		lis.Close()
 		return err
 	}
 	adminLn, err := s.listenAdmin()
 	if err != nil {
-		lis.Close()
 		if metricsLn != nil {
 			metricsLn.Close()
 		}
 		return err
+	}
+	closeAll := func() {
+		if metricsLn != nil {
+			metricsLn.Close()
+		}
+		if adminLn != nil {
+			adminLn.Close()
+		}
 	}
 	// The fresh CA and JWT key are on disk before they sign anything, so
 	// a restart keeps publishing them while their SVIDs live.
@@ -236,12 +278,36 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	pub := s.auth.publication()
 	s.mu.Unlock()
 	if err := s.publish(pub); err != nil {
-		lis.Close()
-		if metricsLn != nil {
-			metricsLn.Close()
+		closeAll()
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g, ctx := errgroup.WithContext(ctx)
+	if metricsLn != nil {
+		g.Go(func() error { return s.serveMetrics(ctx, metricsLn) })
+	}
+	if adminLn != nil {
+		g.Go(func() error { return s.serveAdmin(ctx, adminLn) })
+	}
+	var lis net.Listener
+	if s.tier != nil {
+		err = s.joinTier(ctx, g.Go)
+		if err == nil {
+			g.Go(func() error { return s.tierLoop(ctx) })
 		}
-		if adminLn != nil {
-			adminLn.Close()
+	}
+	if err == nil {
+		lis, err = listen()
+	}
+	if err != nil {
+		cancel()
+		g.Wait()
+		if s.tier != nil {
+			s.tier.st.Close()
+		}
+		if errors.Is(err, context.Canceled) {
+			return nil
 		}
 		return err
 	}
@@ -267,11 +333,12 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 	s.mu.Unlock()
 	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
 
-	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Serve(lis) })
 	close(s.ready) // the listener queues connections until Serve takes them
 	g.Go(func() error { return s.rotateCAs(ctx) })
-	g.Go(func() error { return s.watchPolicy(ctx) })
+	if s.tier == nil {
+		g.Go(func() error { return s.watchPolicy(ctx) })
+	}
 	g.Go(func() error {
 		<-ctx.Done()
 		start := time.Now()
@@ -281,15 +348,14 @@ func (s *Signer) Serve(ctx context.Context, lis net.Listener) error {
 		// only calls in flight, bounded by stopGrace, delay the exit.
 		close(s.stopping)
 		grpcstop.Stop(srv, stopGrace)
+		if s.tier != nil {
+			// The lease goes with the client: the other replicas see
+			// this one gone at once, not a lease TTL later.
+			s.tier.st.Close()
+		}
 		s.log.Info("signer stopped", "took_ms", time.Since(start).Milliseconds())
 		return nil
 	})
-	if metricsLn != nil {
-		g.Go(func() error { return s.serveMetrics(ctx, metricsLn) })
-	}
-	if adminLn != nil {
-		g.Go(func() error { return s.serveAdmin(ctx, adminLn) })
-	}
 	g.Go(func() error { return s.saveNodesLoop(ctx) })
 	err = g.Wait()
 	if errors.Is(err, grpc.ErrServerStopped) {
@@ -408,6 +474,8 @@ func (s *Signer) rotateCAs(ctx context.Context) error {
 // and the rotation itself write the files, one after the other, so
 // writing outside the lock cannot reorder them.
 func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
+	s.bundleMu.Lock()
+	defer s.bundleMu.Unlock()
 	s.mu.Lock()
 	changed, next, tickErr := s.auth.tick(now)
 	var pub publication
@@ -415,7 +483,7 @@ func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 		pub = s.auth.publication()
 		// The TLS verifier follows at once: a new CA signs nothing before
 		// its publish lead, and a dropped one must stop being accepted.
-		s.bundle.SetX509Authorities(pub.cas)
+		s.bundle.SetX509Authorities(s.unionCAsLocked(pub.cas))
 	}
 	s.mu.Unlock()
 	if !changed {
@@ -428,15 +496,83 @@ func (s *Signer) advanceCAs(now time.Time) (time.Time, error) {
 	if err := s.publish(pub); err != nil {
 		return next, err
 	}
-	cas, keys := pub.cas, pub.keys
+	if s.tier != nil {
+		poke(s.tier.dirty) // the other replicas' agents learn of it through etcd
+	}
+	s.pushBundle(pub.cas, pub.keys)
+	return next, tickErr
+}
+
+// pushBundle makes the union of own (cas, keys) and the peers' the bundle
+// agents are sent, and wakes every Sync stream. bundle_path already holds
+// it. The caller holds bundleMu.
+func (s *Signer) pushBundle(cas []*x509.Certificate, keys []publicJWTKey) {
 	s.mu.Lock()
+	cas, keys = s.unionCAsLocked(cas), s.unionKeysLocked(keys)
+	s.bundle.SetX509Authorities(cas)
 	s.bundleN++
 	s.agentBundle = s.bundleMessage(cas, keys)
 	s.notifyLocked()
 	seq := s.bundleN
 	s.mu.Unlock()
 	s.log.Info("trust bundle changed", "sequence", seq, "cas", len(cas), "jwt_keys", len(keys))
-	return next, tickErr
+}
+
+// unionCAsLocked is own followed by the other replicas' CAs (none for a
+// lone signer): the tier's bundle.
+func (s *Signer) unionCAsLocked(own []*x509.Certificate) []*x509.Certificate {
+	if len(s.peerCAs) == 0 {
+		return own
+	}
+	out := slices.Clip(own)
+	for _, c := range s.peerCAs {
+		if !slices.ContainsFunc(own, c.Equal) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// unionKeysLocked is unionCAsLocked for JWT keys.
+func (s *Signer) unionKeysLocked(own []publicJWTKey) []publicJWTKey {
+	if len(s.peerJWT) == 0 {
+		return own
+	}
+	out := slices.Clip(own)
+	for _, k := range s.peerJWT {
+		if !slices.ContainsFunc(own, func(o publicJWTKey) bool { return o.kid == k.kid }) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// setPeers replaces the other replicas' CAs and JWT keys; when that
+// changes the bundle, the union is written to bundle_path, then pushed.
+func (s *Signer) setPeers(cas []*x509.Certificate, keys []publicJWTKey) {
+	s.bundleMu.Lock()
+	defer s.bundleMu.Unlock()
+	s.mu.Lock()
+	same := slices.EqualFunc(s.peerCAs, cas, func(a, b *x509.Certificate) bool { return a.Equal(b) }) &&
+		slices.EqualFunc(s.peerJWT, keys, func(a, b publicJWTKey) bool { return a.kid == b.kid && a.bound.Equal(b.bound) })
+	if same {
+		s.mu.Unlock()
+		return
+	}
+	s.peerCAs, s.peerJWT = cas, keys
+	own, ownKeys := s.auth.published(), s.auth.publishedJWT()
+	union := s.unionCAsLocked(own)
+	s.mu.Unlock()
+	if err := writeBundle(s.cfg.BundlePath, union); err != nil {
+		// Not pushed: no agent may trust what the file lacks. The next
+		// change (or the peers' next record) tries again.
+		s.log.Error("trust bundle not written; the other replicas' keys are not pushed yet", "path", s.cfg.BundlePath, "error", err)
+		s.mu.Lock()
+		s.peerCAs, s.peerJWT = nil, nil
+		s.mu.Unlock()
+		return
+	}
+	s.pushBundle(own, ownKeys)
 }
 
 // publish saves the encrypted signing keys (key_storage "tpm") or the
@@ -460,7 +596,10 @@ func (s *Signer) publish(p publication) error {
 	if err := saveJWTState(s.cfg.StateDir, p.keys); err != nil {
 		return err
 	}
-	return writeBundle(s.cfg.BundlePath, p.cas)
+	s.mu.Lock()
+	cas := s.unionCAsLocked(p.cas)
+	s.mu.Unlock()
+	return writeBundle(s.cfg.BundlePath, cas)
 }
 
 // BundleSequence reports how many times the bundle has changed (tests and
