@@ -13,7 +13,7 @@ SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 CONFDIR := $(SYSCONFDIR)/lanyard
 
-.PHONY: all build swtpm-deps test lint demo bench clean help generate install uninstall
+.PHONY: all build swtpm-deps test lint demo demo-tier etcd bench clean help generate install uninstall
 
 all: build
 
@@ -23,6 +23,8 @@ help:
 	@echo 'test        lint, then every test with the race detector (needs swtpm)'
 	@echo 'lint        gofmt check and go vet'
 	@echo 'demo        run signer + swtpm + agent and fetch an SVID'
+	@echo 'demo-tier   run etcd + three signer replicas (a swtpm each) + an agent: policy apply, kill -9 a replica, the agent fails over'
+	@echo 'etcd        build the etcd server into $(BIN)/etcd from its Go module (the version in go.mod)'
 	@echo 'bench       build, start swtpm + signer + agent, run lanyard-bench and the Go benchmarks, print one table (BENCHMARKS.md)'
 	@echo 'clean       remove build output'
 	@echo 'install     install binaries ($$(BINDIR)), systemd units ($$(SYSTEMD_UNIT_DIR)) and example configs ($$(CONFDIR), never overwritten); honours DESTDIR and PREFIX'
@@ -64,6 +66,16 @@ test: swtpm-deps lint
 
 demo: build swtpm-deps
 	bash scripts/demo.sh
+
+# The etcd server of the tier demo, built from the module go.mod pins (a
+# `tool` there, so go mod tidy keeps what it needs): no package to install,
+# the same version the tests embed.
+etcd:
+	$(GO) build -o $(BIN)/etcd go.etcd.io/etcd/server/v3
+
+# Not part of `make test`: the tier's tests are e2e/tier*_test.go.
+demo-tier: build etcd swtpm-deps
+	bash scripts/demo-tier.sh
 
 # One table: Go benchmarks of the hot paths, the signer scale run, then
 # lanyard-bench against real processes (scripts/bench.sh; BENCHMARKS.md).
