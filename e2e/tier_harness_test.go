@@ -3,7 +3,9 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"net"
 	"net/http"
@@ -185,17 +187,32 @@ func pemCerts(path string) int {
 
 // addAgent configures and starts an agent on tpm that knows the given
 // replicas, trusting a copy of the first one's bundle file (what an
-// operator copies once to a new host).
+// operator copies once to a new host), and waits until it is ready.
 func (tr *tier) addAgent(t *testing.T, tpm *swtpmtest.TPM, replicas ...*replica) *tierAgent {
 	t.Helper()
-	d := shortDir(t)
-	a := &tierAgent{dir: d, cfg: filepath.Join(d, "agent.hcl"), socket: filepath.Join(d, "w.sock"),
-		admin: filepath.Join(d, "admin", "a.sock"), tpm: tpm}
 	b, err := os.ReadFile(replicas[0].bundlePath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeFile(t, filepath.Join(d, "bundle.pem"), string(b))
+	return tr.startAgent(t, tpm, b, replicas)
+}
+
+// addAgentTrusting is addAgent with the given CAs as its trust bundle.
+func (tr *tier) addAgentTrusting(t *testing.T, tpm *swtpmtest.TPM, cas []*x509.Certificate, replicas ...*replica) *tierAgent {
+	t.Helper()
+	var b []byte
+	for _, c := range cas {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return tr.startAgent(t, tpm, b, replicas)
+}
+
+func (tr *tier) startAgent(t *testing.T, tpm *swtpmtest.TPM, bundle []byte, replicas []*replica) *tierAgent {
+	t.Helper()
+	d := shortDir(t)
+	a := &tierAgent{dir: d, cfg: filepath.Join(d, "agent.hcl"), socket: filepath.Join(d, "w.sock"),
+		admin: filepath.Join(d, "admin", "a.sock"), tpm: tpm}
+	writeFile(t, filepath.Join(d, "bundle.pem"), string(bundle))
 	var addrs []string
 	for _, r := range replicas {
 		addrs = append(addrs, fmt.Sprintf("%q", r.addr))

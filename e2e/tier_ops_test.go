@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"context"
 	"crypto/x509"
+	"encoding/json"
 	"maps"
 	"path/filepath"
 	"slices"
@@ -11,9 +13,11 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/swtpmtest"
+	"github.com/lanyard-dev/lanyard/signer/store"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // applyUntil runs `policy apply file` through r until it succeeds or d
@@ -120,38 +124,24 @@ func TestTierEtcdLeaderKill(t *testing.T) {
 
 // TestTierJoinPublishesCAFirst: a fourth replica joins (fresh swtpm,
 // fresh state). Its CA reaches the workloads of an agent synced to the
-// other replicas before it signs anything: the instant the new CA arrives
-// in that workload's bundle precedes the new replica's first signature,
-// and every SVID it signs (for an agent that knows only it) verifies
-// against that workload's bundle.
+// other replicas before it signs anything. A second agent, which knows
+// only the new replica, starts the moment that replica's CA is in etcd
+// (so a replica that signed at once would be caught): the first
+// signature of the new replica comes after its CA arrived in the first
+// agent's workload bundle, and at least ca_publish_lead after it was
+// published; every SVID it signs verifies against a peer workload's
+// bundle.
 func TestTierJoinPublishesCAFirst(t *testing.T) {
 	t.Parallel()
 	tpmA, tpmB := swtpmtest.Start(t), swtpmtest.Start(t)
 	tr := startTier(t, 3, tierPolicy([]*swtpmtest.TPM{tpmA, tpmB}, "1h", "svc"))
 	a := tr.addAgent(t, tpmA, tr.replicas...)
 	recA := recordX509(t, a.socket)
-	before := bundleCAs(recA.latest().x)
 
 	r4 := tr.addReplica(t)
 	r4.start(t)
-	var newCA *x509.Certificate
-	var caAt time.Time
-	waitFor(t, 30*time.Second, "the new replica's CA in the workload's bundle", func() bool {
-		for _, u := range recA.snapshot() {
-			for _, c := range u.x.Bundles.Bundles() {
-				for _, ca := range c.X509Authorities() {
-					if !before[string(ca.Raw)] {
-						newCA, caAt = ca, u.at
-						return true
-					}
-				}
-			}
-		}
-		return false
-	})
-	r4.waitServing(t)
-	r4.waitBundle(t, 4)
-	b := tr.addAgent(t, tpmB, r4)
+	cas, publishedAt := tr.publishedCAs(t, r4.name)
+	b := tr.addAgentTrusting(t, tpmB, cas, r4)
 	recB := recordX509(t, b.socket)
 
 	out := r4.proc.out.String()
@@ -161,10 +151,28 @@ func TestTierJoinPublishesCAFirst(t *testing.T) {
 			signedAt = s
 		}
 	}
-	t.Logf("MEASURED new CA in the workload's bundle %v before %s first signed", signedAt.Sub(caAt).Round(time.Millisecond), r4.name)
+	newCA := issuerIn(t, recB.latest().x.DefaultSVID().Certificates[0], cas)
+	var caAt time.Time
+	for _, u := range recA.snapshot() {
+		if bundleCAs(u.x)[string(newCA.Raw)] {
+			caAt = u.at
+			break
+		}
+	}
+	if caAt.IsZero() {
+		t.Fatalf("%s's CA never reached the other agent's workload, yet %s signed with it", r4.name, r4.name)
+	}
+	t.Logf("MEASURED %s: CA in etcd at %s, in a peer workload's bundle at %s, first signature at %s",
+		r4.name, publishedAt.Format(time.StampMilli), caAt.Format(time.StampMilli), signedAt.Format(time.StampMilli))
 	if !caAt.Before(signedAt) {
 		t.Errorf("%s signed at %s, before its CA reached the other agent's workloads (%s)",
 			r4.name, signedAt.Format(time.StampMilli), caAt.Format(time.StampMilli))
+	}
+	// The lead is a floor: load only makes the first signature later. The
+	// slack covers this test's poll of etcd.
+	lead, _ := time.ParseDuration(tierPublishLead)
+	if got := signedAt.Sub(publishedAt); got < lead-500*time.Millisecond {
+		t.Errorf("%s signed %v after publishing its CA, want at least ca_publish_lead (%v)", r4.name, got, lead)
 	}
 	peers := recA.latest().x.Bundles
 	for _, u := range recB.snapshot() {
@@ -176,8 +184,59 @@ func TestTierJoinPublishesCAFirst(t *testing.T) {
 			t.Errorf("SVID %x signed by %s does not verify against a peer workload's bundle: %v", s.Certificates[0].SerialNumber, r4.name, err)
 		}
 	}
+	r4.waitBundle(t, 4)
 	tr.waitReplicaStates(t, r4, map[string]string{"signer-1": "alive", "signer-2": "alive", "signer-3": "alive", "signer-4": "alive"})
 	recA.checkNoGap(t)
+	recB.checkNoGap(t)
+}
+
+// publishedCAs waits until replica name's record in etcd lists a CA
+// certificate, and returns its CAs and when the test first saw them.
+func (tr *tier) publishedCAs(t *testing.T, name string) ([]*x509.Certificate, time.Time) {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: tr.etcd.Endpoints(), DialTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	var cas []*x509.Certificate
+	waitFor(t, 30*time.Second, name+"'s CA in etcd", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		resp, err := cli.Get(ctx, tierPrefix+"/replicas/"+name)
+		if err != nil || len(resp.Kvs) == 0 {
+			return false
+		}
+		var rec store.ReplicaRecord
+		if err := json.Unmarshal(resp.Kvs[0].Value, &rec); err != nil {
+			t.Fatalf("%s's record in etcd: %v", name, err)
+		}
+		cas = nil
+		for _, k := range rec.Keys {
+			if len(k.CertDER) == 0 {
+				continue
+			}
+			c, err := x509.ParseCertificate(k.CertDER)
+			if err != nil {
+				t.Fatalf("%s's record in etcd: %v", name, err)
+			}
+			cas = append(cas, c)
+		}
+		return len(cas) > 0
+	})
+	return cas, time.Now()
+}
+
+// issuerIn is the CA of cas that signed leaf.
+func issuerIn(t *testing.T, leaf *x509.Certificate, cas []*x509.Certificate) *x509.Certificate {
+	t.Helper()
+	for _, c := range cas {
+		if leaf.CheckSignatureFrom(c) == nil {
+			return c
+		}
+	}
+	t.Fatalf("SVID %x is signed by none of the %d CAs its replica published", leaf.SerialNumber, len(cas))
+	return nil
 }
 
 // bundleCAs is the set of CA certificates (DER) in x's bundles.
