@@ -25,6 +25,8 @@ type StatusReport struct {
 	AgentsConnected int        `json:"agents_connected"`
 	Revoked         int        `json:"revoked"`
 	UptimeSeconds   int64      `json:"uptime_seconds"`
+	// Tier is the replica's view of its tier; nil for a lone signer.
+	Tier *TierStatus `json:"tier,omitempty"`
 }
 
 // CAStatus is one CA of the trust bundle.
@@ -56,6 +58,7 @@ func (s *Signer) Status(now time.Time) StatusReport {
 	}
 	s.mu.Unlock()
 	r.AgentsConnected = s.syncs.connected()
+	r.Tier = s.tierStatus()
 	return r
 }
 
@@ -117,11 +120,57 @@ func (s *Signer) AdminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/nodes/unrevoke", change(func(req NodeRequest, uid uint32) (NodeInfo, error) {
 		return s.Unrevoke(req.Node, uid)
 	}))
+	mux.HandleFunc("GET /v1/policy", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, s.PolicyStatus())
+	})
+	mux.HandleFunc("POST /v1/policy/apply", func(w http.ResponseWriter, r *http.Request) {
+		var req PolicyApply
+		dec := json.NewDecoder(io.LimitReader(r.Body, 4*maxPolicyBytes))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
+			return
+		}
+		cred, _ := adminsock.Peer(r)
+		st, err := s.ApplyPolicy(r.Context(), req, cred.UID)
+		if err != nil {
+			writeJSON(w, adminCode(err), AdminError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
+	})
+	mux.HandleFunc("GET /v1/replicas", func(w http.ResponseWriter, _ *http.Request) {
+		rs, err := s.Replicas()
+		if err != nil {
+			writeJSON(w, adminCode(err), AdminError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, rs)
+	})
+	mux.HandleFunc("POST /v1/replicas/forget", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Name string `json:"name"`
+		}
+		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
+			return
+		}
+		if err := s.ForgetReplica(r.Context(), req.Name); err != nil {
+			writeJSON(w, adminCode(err), AdminError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"forgotten": req.Name})
+	})
 	return mux
 }
 
 // adminCode is the HTTP status of a refused admin call.
 func adminCode(err error) int {
+	if code, ok := tierAdminCode(err); ok {
+		return code
+	}
 	switch {
 	case errors.Is(err, ErrUnknownNode):
 		return http.StatusNotFound

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"time"
 
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/internal/telemetry"
@@ -118,7 +120,32 @@ func (s *Signer) listenMetrics() (net.Listener, error) {
 func (s *Signer) serveMetrics(ctx context.Context, ln net.Listener) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", telemetry.MetricsHandler(s.metrics.reg, s.log.Named("metrics")))
+	mux.HandleFunc("GET /live", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		code, body := s.readiness()
+		w.WriteHeader(code)
+		io.WriteString(w, body+"\n")
+	})
 	return telemetry.Serve(ctx, ln, mux, s.log.Named("http"))
+}
+
+// readiness is /ready: 503 until the signer serves agents (a joining
+// replica waits its publish lead), 200 "ok" while it does, and 200
+// "degraded: ..." while it serves but etcd is unreachable (it signs and
+// syncs on; policy apply and node revoke are refused).
+func (s *Signer) readiness() (int, string) {
+	select {
+	case <-s.ready:
+	default:
+		if t := s.tierStatus(); t != nil && !t.JoiningUntil.IsZero() {
+			return http.StatusServiceUnavailable, "joining: serves agents from " + t.JoiningUntil.UTC().Format(time.RFC3339)
+		}
+		return http.StatusServiceUnavailable, "starting"
+	}
+	if t := s.tierStatus(); t != nil && !t.EtcdOK {
+		return http.StatusOK, "degraded: etcd unavailable: " + t.EtcdError
+	}
+	return http.StatusOK, "ok"
 }
 
 // Registry is where the signer's metrics live, for serving or tests.

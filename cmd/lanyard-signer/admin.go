@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -138,6 +139,12 @@ func nodeCmd(args []string, stdout, stderr io.Writer) int {
 // and finds the socket; done means exit with code now. want is how many
 // positional arguments it takes.
 func adminCommand(name string, args []string, stdout, stderr io.Writer, want int, extra func(*flag.FlagSet)) (socket string, pos []string, code int, done bool) {
+	return adminCommandArgs(name, args, stdout, stderr, want, "(EK-SHA256 | AGENT-SPIFFE-ID)", extra)
+}
+
+// adminCommandArgs is adminCommand with the usage of its positional
+// arguments.
+func adminCommandArgs(name string, args []string, stdout, stderr io.Writer, want int, argUsage string, extra func(*flag.FlagSet)) (socket string, pos []string, code int, done bool) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var af adminFlags
@@ -153,7 +160,7 @@ func adminCommand(name string, args []string, stdout, stderr io.Writer, want int
 		if want == 0 {
 			fmt.Fprintf(stderr, "%s: unexpected argument %q\n", name, pos[0])
 		} else {
-			fmt.Fprintf(stderr, "usage: lanyard-signer %s (EK-SHA256 | AGENT-SPIFFE-ID)\n", name)
+			fmt.Fprintf(stderr, "usage: lanyard-signer %s %s\n", name, argUsage)
 		}
 		return "", nil, exitUsage, true
 	}
@@ -214,9 +221,13 @@ func nodeList(args []string, stdout, stderr io.Writer) int {
 func printNodes(w io.Writer, nodes []signer.NodeInfo, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "EK SHA-256\tAGENT\tNODES\tTPM\tFIRST ATTESTED\tLAST ATTESTED\tCONNECTED\tVERSION\tREVOKED\n")
+	tier := slices.ContainsFunc(nodes, func(n signer.NodeInfo) bool { return n.Replica != "" })
 	for _, n := range nodes {
 		conn := "no"
-		if n.Connected {
+		switch {
+		case n.Connected && tier:
+			conn = "yes, to " + n.Replica
+		case n.Connected:
 			conn = "yes"
 		}
 		rev := "-"
@@ -291,6 +302,22 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(tw, "Bundle:\tsequence %d, %d CAs: %s\n", r.BundleSequence, len(r.CAs), strings.Join(cas, "; "))
 	fmt.Fprintf(tw, "Agents:\t%d connected, %d attested, %d known\n", r.AgentsConnected, r.AgentsAttested, r.AgentsKnown)
 	fmt.Fprintf(tw, "Revoked:\t%d\n", r.Revoked)
+	if t := r.Tier; t != nil {
+		etcd := "ok"
+		if !t.EtcdOK {
+			etcd = fmt.Sprintf("UNAVAILABLE since %s: %s (signing and sync go on; policy apply and node revoke are refused)", t.EtcdSince.UTC().Format(time.RFC3339), t.EtcdError)
+		}
+		fmt.Fprintf(tw, "Replica:\t%s, %d of %d replicas alive\n", t.Replica, t.ReplicasAlive, t.ReplicasKnown)
+		if !t.JoiningUntil.IsZero() {
+			fmt.Fprintf(tw, "Joining:\tserves agents from %s (its CA reaches every agent first)\n", t.JoiningUntil.UTC().Format(time.RFC3339))
+		}
+		fmt.Fprintf(tw, "etcd:\t%s\n", etcd)
+		pol := fmt.Sprintf("revision %d", t.PolicyRevision)
+		if t.PolicyError != "" {
+			pol += "; NEWER REVISION REFUSED: " + t.PolicyError
+		}
+		fmt.Fprintf(tw, "Policy:\t%s\n", pol)
+	}
 	tw.Flush()
 	return exitOK
 }

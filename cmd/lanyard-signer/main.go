@@ -11,7 +11,6 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/cli"
 	"github.com/lanyard-dev/lanyard/internal/sdnotify"
 	"github.com/lanyard-dev/lanyard/signer"
-	"github.com/lanyard-dev/lanyard/signer/policy"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -20,6 +19,9 @@ const usage = `usage: lanyard-signer <command> [flags]
 commands:
   run --config FILE            run the signer
   policy check --config FILE   validate the policy named by the config (exit 0 when valid)
+  policy apply FILE --config F write FILE as the tier's next policy revision (with etcd)
+  policy show --config FILE    the policy revision in force
+  replica list|forget          the replicas of a tier (lanyard-signer replica --help)
   bundle --config FILE [--jwt] print the trust bundle file the signer wrote (PEM),
                                or with --jwt its JWT-SVID keys (JWKS)
   status [--json]              the running signer's health: address, bundle
@@ -28,7 +30,7 @@ commands:
                                (lanyard-signer node --help)
   version                      print the version
 
-status and node talk to the signer's root-only admin socket: run them as
+status, node, policy apply/show and replica talk to the signer's root-only admin socket: run them as
 root, with --config FILE or --admin-socket PATH.
 `
 
@@ -42,10 +44,9 @@ func main() {
 	case "run":
 		run(args[1:])
 	case "policy":
-		if len(args) < 2 || args[1] != "check" {
-			cli.SubUsage(args, "usage: lanyard-signer policy check --config FILE")
-		}
-		policyCheck(args[2:])
+		os.Exit(policyCmd(args[1:], os.Stdout, os.Stderr))
+	case "replica":
+		os.Exit(replicaCmd(args[1:], os.Stdout, os.Stderr))
 	case "bundle":
 		bundle(args[1:])
 	case "status":
@@ -100,18 +101,6 @@ func run(args []string) {
 		log.Error("signer stopped", "error", err)
 		os.Exit(1)
 	}
-}
-
-func policyCheck(args []string) {
-	cfg, err := signer.LoadConfig(configFlag("policy check", args))
-	if err != nil {
-		cli.Fatalf(1, "%v", err)
-	}
-	p, err := policy.Load(cfg.PolicyPath, cfg.TrustDomain)
-	if err != nil {
-		cli.Fatalf(1, "%v", err)
-	}
-	fmt.Printf("%s: ok (%s, %s)\n", cfg.PolicyPath, count(len(p.Nodes), "node block", "node blocks"), count(len(p.Workloads), "workload entry", "workload entries"))
 }
 
 func bundle(args []string) {
