@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -105,6 +106,7 @@ func startTier(t *testing.T, n int, policy string) *tier {
 	for _, r := range tr.replicas {
 		r.waitBundle(t, n)
 	}
+	tr.replicas[0].checkStatusShape(t)
 	return tr
 }
 
@@ -290,7 +292,8 @@ func (tr *tier) other(r *replica) *replica {
 }
 
 // signerTierStatus is the part of `lanyard-signer status --json` a tier
-// adds.
+// adds, as the contract names it: top-level "replica", "etcd" {"ok",
+// "error"} and "policy_revision".
 type signerTierStatus struct {
 	Replica string `json:"replica"`
 	Etcd    struct {
@@ -298,16 +301,55 @@ type signerTierStatus struct {
 		Error string `json:"error"`
 	} `json:"etcd"`
 	PolicyRevision int64 `json:"policy_revision"`
-	CAs            []struct {
-		Subject string `json:"subject"`
-	} `json:"cas"`
+}
+
+// statusShape is what a replica's status --json holds, whatever its
+// shape: the contract's fields, or the same facts nested under "tier"
+// (etcd_ok, etcd_error) as the implementation had them when these tests
+// were written. status reads either, so a test goes on past the
+// mismatch; checkStatusShape reports the mismatch, once.
+type statusShape struct {
+	signerTierStatus
+	Tier *struct {
+		Replica        string `json:"replica"`
+		EtcdOK         bool   `json:"etcd_ok"`
+		EtcdError      string `json:"etcd_error"`
+		PolicyRevision int64  `json:"policy_revision"`
+	} `json:"tier"`
 }
 
 // status reads the replica's report from its admin socket.
 func (r *replica) status() (signerTierStatus, error) {
-	var s signerTierStatus
-	err := getJSON(r.admin, "http://signer/v1/status", &s)
-	return s, err
+	var s statusShape
+	if err := getJSON(r.admin, "http://signer/v1/status", &s); err != nil {
+		return signerTierStatus{}, err
+	}
+	if s.Replica == "" && s.Tier != nil {
+		s.Replica, s.PolicyRevision = s.Tier.Replica, s.Tier.PolicyRevision
+		s.Etcd.OK, s.Etcd.Error = s.Tier.EtcdOK, s.Tier.EtcdError
+	}
+	return s.signerTierStatus, nil
+}
+
+// checkStatusShape asserts the contract's field names in the replica's
+// status --json.
+func (r *replica) checkStatusShape(t *testing.T) {
+	t.Helper()
+	var raw map[string]json.RawMessage
+	if err := getJSON(r.admin, "http://signer/v1/status", &raw); err != nil {
+		t.Fatalf("%s status: %v", r.name, err)
+	}
+	var etcd map[string]json.RawMessage
+	json.Unmarshal(raw["etcd"], &etcd)
+	_, hasOK := etcd["ok"]
+	if raw["replica"] == nil || raw["policy_revision"] == nil || !hasOK {
+		var keys []string
+		for k := range raw {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		t.Errorf(`%s status --json: want top-level "replica", "etcd": {"ok", "error"} and "policy_revision" (the contract); it has %v`, r.name, keys)
+	}
 }
 
 // tierNode is one row of `lanyard-signer node list --json` in a tier.
