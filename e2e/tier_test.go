@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"path/filepath"
@@ -60,9 +59,10 @@ func TestTierReplicaKill9Failover(t *testing.T) {
 	now := tr.byAddr(moved.Signer.Address)
 
 	// A 20 s SVID is renewed about 10 s in: through the new replica.
-	renewed := rec.waitSVID(t, 30*time.Second, "an SVID signed after the kill", func(leaf *x509.Certificate) bool {
-		return leaf.NotBefore.After(killed.Add(-time.Second)) && strings.Contains(now.proc.out.String(), "serial="+leaf.SerialNumber.Text(16))
-	})
+	renewed := rec.renewedAfter(t, 30*time.Second, "an SVID signed after the kill", killed, 20*time.Second)
+	if serial := renewed.x.DefaultSVID().Certificates[0].SerialNumber.Text(16); !strings.Contains(now.proc.out.String(), "serial="+serial) {
+		t.Errorf("the SVID renewed after the kill (serial %s) was not signed by %s, the replica the agent moved to", serial, now.name)
+	}
 	published, err := x509bundle.Load(td, now.bundlePath)
 	if err != nil {
 		t.Fatal(err)

@@ -114,6 +114,25 @@ func (r *x509Recorder) waitSVID(t *testing.T, d time.Duration, what string, ok f
 	return got
 }
 
+// renewedAfter waits for an SVID signed after t0 and returns its update:
+// a serial the workload did not hold before t0, whose lifetime (ttl)
+// started after t0. The signer backdates NotBefore (clock skew), so the
+// instant of signing is NotAfter - ttl, to the second (hence the slack).
+func (r *x509Recorder) renewedAfter(t *testing.T, d time.Duration, what string, t0 time.Time, ttl time.Duration) x509Update {
+	t.Helper()
+	held := map[string]bool{}
+	for _, u := range r.snapshot() {
+		if u.at.Before(t0) {
+			for _, s := range u.x.SVIDs {
+				held[s.Certificates[0].SerialNumber.Text(16)] = true
+			}
+		}
+	}
+	return r.waitSVID(t, d, what, func(leaf *x509.Certificate) bool {
+		return !held[leaf.SerialNumber.Text(16)] && leaf.NotAfter.Add(-ttl).After(t0.Add(-time.Second))
+	})
+}
+
 // checkNoGap stops the recorder and asserts what a workload must never
 // see across the test: a stream error, or an instant without a valid
 // SVID. Each update's default SVID must verify against the bundle that
