@@ -133,6 +133,24 @@ func (r *x509Recorder) renewedAfter(t *testing.T, d time.Duration, what string, 
 	})
 }
 
+// renewalsSince counts the default SVIDs first held after t0.
+func (r *x509Recorder) renewalsSince(t0 time.Time) int {
+	seen := map[string]bool{}
+	n := 0
+	for _, u := range r.snapshot() {
+		s := u.x.DefaultSVID()
+		if s == nil {
+			continue
+		}
+		serial := s.Certificates[0].SerialNumber.Text(16)
+		if !seen[serial] && !u.at.Before(t0) {
+			n++
+		}
+		seen[serial] = true
+	}
+	return n
+}
+
 // checkNoGap stops the recorder and asserts what a workload must never
 // see across the test: a stream error, or an instant without a valid
 // SVID. Each update's default SVID must verify against the bundle that
