@@ -115,9 +115,11 @@ for name in "${replicas[@]}"; do
 	pid[$name]=$!
 	pids+=($!)
 done
+# A replica that finds other replicas' CAs in etcd publishes its own and
+# listens only ca_publish_lead later, once every replica has pushed it.
 for name in "${replicas[@]}"; do
-	for _ in $(seq 400); do [ "$(certs "$work/$name/bundle.pem")" -ge 3 ] && break; sleep 0.05; done
-	[ "$(certs "$work/$name/bundle.pem")" -ge 3 ] || die "$name's bundle does not hold the three replicas' CAs after 20s"
+	listening() { grep -q 'signer listening' "$work/$name.log" && [ "$(certs "$work/$name/bundle.pem")" -ge 3 ]; }
+	until_ok 400 listening || die "$name is not listening with the three replicas' CAs in its bundle after 20s"
 	echo "$name listening on ${addr[$name]}; its bundle.pem holds $(certs "$work/$name/bundle.pem") CAs (every replica's)"
 done
 
