@@ -17,10 +17,10 @@ import (
 const maxCAFileSize = 4 << 20
 
 // readCAFile reads the certificates in an ek_ca file (PEM; a single DER
-// certificate too, as TPM vendors publish them) and splits them into
-// self-signed roots and intermediates.
-func readCAFile(path string) (roots, intermediates []*x509.Certificate, err error) {
-	data, err := readRegularFile(path, maxCAFileSize)
+// certificate too, as TPM vendors publish them), through readFile, and
+// splits them into self-signed roots and intermediates.
+func readCAFile(path string, readFile func(string) ([]byte, error)) (roots, intermediates []*x509.Certificate, err error) {
+	data, err := readFile(path)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -40,6 +40,9 @@ func readCAFile(path string) (roots, intermediates []*x509.Certificate, err erro
 	}
 	return roots, intermediates, nil
 }
+
+// readDiskFile reads an ek_ca file from this host's disk (Parse, Load).
+func readDiskFile(path string) ([]byte, error) { return readRegularFile(path, maxCAFileSize) }
 
 // readRegularFile refuses anything but a regular file before opening it,
 // because opening a FIFO blocks and a device can be endless.

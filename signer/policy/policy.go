@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/hcl/v2"
@@ -102,6 +103,30 @@ func Load(path string, td spiffeid.TrustDomain) (*Policy, error) {
 // relative to the directory of filename. Every problem found is reported,
 // as hclconf.Errors with file and line.
 func Parse(src []byte, filename string, td spiffeid.TrustDomain) (*Policy, error) {
+	return parse(src, filename, td, readDiskFile)
+}
+
+// ParseFiles is Parse for a policy that travelled without its directory (a
+// signer tier keeps the policy in etcd): the ek_ca paths, resolved against
+// filename's directory as Parse does, are looked up in files, never on this
+// host's disk, so every replica loads the same certificates whatever its
+// own file system holds. A path missing from files is the same file:line
+// error as a missing file. Policy.Nodes[i].EKCA lists the keys to collect.
+func ParseFiles(src []byte, filename string, td spiffeid.TrustDomain, files map[string][]byte) (*Policy, error) {
+	return parse(src, filename, td, func(path string) ([]byte, error) {
+		data, ok := files[path]
+		if !ok {
+			return nil, fmt.Errorf("cannot read %q: %w", path, syscall.ENOENT)
+		}
+		if len(data) > maxCAFileSize {
+			return nil, fmt.Errorf("%q is larger than %d bytes", path, maxCAFileSize)
+		}
+		return data, nil
+	})
+}
+
+// parse is Parse with the way ek_ca files are read left to the caller.
+func parse(src []byte, filename string, td spiffeid.TrustDomain, readFile func(path string) ([]byte, error)) (*Policy, error) {
 	if td.IsZero() {
 		return nil, fmt.Errorf("parse policy %s: no trust domain given", filename)
 	}
@@ -116,7 +141,7 @@ func Parse(src []byte, filename string, td spiffeid.TrustDomain) (*Policy, error
 	// Nodes first: a workload may name a node defined further down.
 	nodeLines := map[string]int{}
 	for _, b := range content.Blocks.OfType("node") {
-		n, d := decodeNode(b, dir)
+		n, d := decodeNode(b, dir, readFile)
 		diags = append(diags, d...)
 		if checkName(b, "node", nodeLines, &diags) {
 			p.Nodes = append(p.Nodes, n)
@@ -157,7 +182,7 @@ func checkName(b *hcl.Block, kind string, seen map[string]int, diags *hcl.Diagno
 	return true
 }
 
-func decodeNode(b *hcl.Block, dir string) (Node, hcl.Diagnostics) {
+func decodeNode(b *hcl.Block, dir string, readFile func(string) ([]byte, error)) (Node, hcl.Diagnostics) {
 	n := Node{Name: b.Labels[0]}
 	content, diags := b.Body.Content(nodeSchema)
 	var bad bool // an attribute with errors already explains itself
@@ -181,7 +206,7 @@ func decodeNode(b *hcl.Block, dir string) (Node, hcl.Diagnostics) {
 		var roots, inters []*x509.Certificate
 		for _, it := range items {
 			path := hclconf.Resolve(dir, it.Value)
-			r, i, err := readCAFile(path)
+			r, i, err := readCAFile(path, readFile)
 			if err != nil {
 				diags, bad = append(diags, hclconf.Errorf(it.Range, "ek_ca: %v", err)), true
 				continue
