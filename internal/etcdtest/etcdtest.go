@@ -1,0 +1,208 @@
+// Package etcdtest runs a real etcd cluster for tests: members of
+// go.etcd.io/etcd/server/v3/embed in the test process, on loopback ports,
+// with real Raft between them. Nothing here is a fake: a killed member
+// stops answering, a killed leader forces an election.
+package etcdtest
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+)
+
+// startTimeout bounds how long a cluster (or a restarted member) may take
+// to elect a leader and serve.
+const startTimeout = 30 * time.Second
+
+// Cluster is a running embedded etcd cluster. Its methods are safe for
+// concurrent use.
+type Cluster struct {
+	t       testing.TB
+	mu      sync.Mutex
+	members []*member
+	initial string // name=peerURL,... of every member
+}
+
+type member struct {
+	name      string
+	dir       string
+	peer, cli url.URL
+	etcd      *embed.Etcd // nil while killed
+	logPath   string
+}
+
+// Start starts an n-member cluster and waits until it serves; the test's
+// cleanup stops it.
+func Start(t testing.TB, n int) *Cluster {
+	t.Helper()
+	c := &Cluster{t: t}
+	base := t.TempDir()
+	var initial []string
+	for i := range n {
+		m := &member{
+			name: fmt.Sprintf("m%d", i),
+			dir:  filepath.Join(base, fmt.Sprintf("m%d", i)),
+			peer: loopbackURL(t), cli: loopbackURL(t),
+		}
+		m.logPath = filepath.Join(base, m.name+".log")
+		initial = append(initial, m.name+"="+m.peer.String())
+		c.members = append(c.members, m)
+	}
+	c.initial = strings.Join(initial, ",")
+	errs := make(chan error, n)
+	for _, m := range c.members {
+		go func() { errs <- c.start(m, "new") }()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			c.Close()
+			t.Fatalf("etcdtest: %v", err)
+		}
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// loopbackURL reserves a free loopback port. The port is released before
+// etcd binds it; another process could take it in between, which on a
+// test machine's ephemeral range does not happen in practice.
+func loopbackURL(t testing.TB) url.URL {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("etcdtest: reserve a port: %v", err)
+	}
+	defer l.Close()
+	return url.URL{Scheme: "http", Host: l.Addr().String()}
+}
+
+// start starts m with the given initial cluster state ("new" the first
+// time, "existing" on a restart, which reuses m's data dir).
+func (c *Cluster) start(m *member, state string) error {
+	cfg := embed.NewConfig()
+	cfg.Name = m.name
+	cfg.Dir = m.dir
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{m.peer}, []url.URL{m.peer}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{m.cli}, []url.URL{m.cli}
+	cfg.InitialCluster = c.initial
+	cfg.ClusterState = state
+	cfg.InitialClusterToken = "lanyard-etcdtest"
+	// Short Raft timings: a killed leader is replaced within about a
+	// second, as the tier's tests expect of a production cluster.
+	cfg.TickMs = 50
+	cfg.ElectionMs = 500
+	cfg.LogLevel = "error"
+	cfg.LogOutputs = []string{m.logPath}
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		return fmt.Errorf("start member %s: %w", m.name, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		e.Close()
+		return fmt.Errorf("member %s: %w", m.name, err)
+	case <-time.After(startTimeout):
+		e.Server.Stop()
+		e.Close()
+		return fmt.Errorf("member %s not ready within %s (log: %s)", m.name, startTimeout, m.logPath)
+	}
+	c.mu.Lock()
+	m.etcd = e
+	c.mu.Unlock()
+	return nil
+}
+
+// Endpoints are the members' client URLs, killed members included (a
+// client skips those it cannot reach).
+func (c *Cluster) Endpoints() []string {
+	out := make([]string, len(c.members))
+	for i, m := range c.members {
+		out[i] = m.cli.String()
+	}
+	return out
+}
+
+// Endpoint is member i's client URL.
+func (c *Cluster) Endpoint(i int) string { return c.members[i].cli.String() }
+
+// Leader is the index of the member that is leader now, or -1 while
+// there is none (an election in progress, or no quorum).
+func (c *Cluster) Leader() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, m := range c.members {
+		if m.etcd == nil {
+			continue
+		}
+		s := m.etcd.Server
+		if s.Leader() != 0 && s.Leader() == s.MemberID() {
+			return i
+		}
+	}
+	return -1
+}
+
+// WaitLeader waits until a member is leader and returns its index.
+func (c *Cluster) WaitLeader() int {
+	c.t.Helper()
+	deadline := time.Now().Add(startTimeout)
+	for time.Now().Before(deadline) {
+		if i := c.Leader(); i >= 0 {
+			return i
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.t.Fatalf("etcdtest: no leader within %s", startTimeout)
+	return -1
+}
+
+// Kill stops member i at once, as a crash would (its data dir stays, for
+// Restart). Killing a killed member does nothing.
+func (c *Cluster) Kill(i int) {
+	c.mu.Lock()
+	e := c.members[i].etcd
+	c.members[i].etcd = nil
+	c.mu.Unlock()
+	if e == nil {
+		return
+	}
+	e.Server.HardStop()
+	e.Close()
+}
+
+// Restart starts a killed member again with its data and ports.
+func (c *Cluster) Restart(i int) {
+	c.t.Helper()
+	m := c.members[i]
+	c.mu.Lock()
+	running := m.etcd != nil
+	c.mu.Unlock()
+	if running {
+		return
+	}
+	if err := c.start(m, "existing"); err != nil {
+		c.t.Fatalf("etcdtest: %v", err)
+	}
+}
+
+// Close stops every member.
+func (c *Cluster) Close() {
+	for i := range c.members {
+		c.Kill(i)
+	}
+}
+
+// Log is member i's log so far (errors only), for a failing test's message.
+func (c *Cluster) Log(i int) string {
+	b, _ := os.ReadFile(c.members[i].logPath)
+	return string(b)
+}
