@@ -27,7 +27,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 	}{
 		{"agent.hcl", &Config{
 			TrustDomain:     td,
-			SignerAddress:   "signer.example.org:8443",
+			SignerAddresses: []string{"signer.example.org:8443"},
 			TrustBundlePath: filepath.Join(dir, "bundle.pem"),
 			SocketPath:      "/run/lanyard-test/workload.sock",
 			AdminSocketPath: "/run/lanyard-test/admin.sock",
@@ -38,7 +38,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 		}},
 		{"agent-minimal.hcl", &Config{
 			TrustDomain:     td,
-			SignerAddress:   "127.0.0.1:8443",
+			SignerAddresses: []string{"127.0.0.1:8443"},
 			TrustBundlePath: "/etc/lanyard/bundle.pem",
 			SocketPath:      "/run/lanyard/workload.sock",
 			AdminSocketPath: DefaultAdminSocketPath,

@@ -177,6 +177,7 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		last = "last sync message " + now.Sub(*r.Signer.LastSync).Round(time.Second).String() + " ago"
 	}
 	fmt.Fprintf(tw, "Signer:\t%s, %s, %s, %d consecutive failures\n", r.Signer.Address, conn, last, r.Signer.ConsecutiveFailures)
+	printReplicas(tw, r.Signer, now)
 	var cas []string
 	for _, ca := range r.Bundle {
 		cas = append(cas, until(now, &ca.NotAfter, "expires"))
@@ -201,6 +202,22 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		fmt.Fprintf(tw, "(no entries for this node)\t\t\t\t\n")
 	}
 	tw.Flush()
+}
+
+// printReplicas lists the signer replicas the agent can switch to and
+// those it could not reach recently; nothing for a single signer that
+// answers.
+func printReplicas(w io.Writer, s agent.SignerReport, now time.Time) {
+	if len(s.Candidates) > 1 {
+		fmt.Fprintf(w, "Replicas:\t%s: %s\n", pluralS(len(s.Candidates), "candidate"), strings.Join(s.Candidates, ", "))
+	}
+	for i, u := range s.Unreachable {
+		label := ""
+		if i == 0 {
+			label = "Unreachable:"
+		}
+		fmt.Fprintf(w, "%s\t%s, %s ago: %s\n", label, u.Address, now.Sub(u.At).Round(time.Second), u.Error)
+	}
 }
 
 // until renders a future instant relative to now, e.g. "in 29m41s".
