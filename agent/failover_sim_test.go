@@ -21,6 +21,8 @@ import (
 	"github.com/lanyard-dev/lanyard/signer"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // killableListener keeps every connection it accepts so that kill can cut
@@ -316,5 +318,73 @@ func checkSignsWith(t *testing.T, a *Agent, r *replicaSigner) {
 	}
 	if _, _, err := x509svid.Verify(chain, own); err != nil {
 		t.Errorf("the SVID signed after the switch does not verify against the replica in use (%s): %v", r.addr, err)
+	}
+}
+
+// deadAddress is a loopback address nothing listens on: connecting is
+// refused, as with a replica killed -9.
+func deadAddress(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+// TestAttestTriesAnotherReplica: an attestation that cannot reach the
+// replica it chose tries another at once, each at most once; a refusal is
+// the tier's answer and ends it, since every replica would say the same.
+func TestAttestTriesAnotherReplica(t *testing.T) {
+	tpm, ek := openSimTPM(t)
+	live := startSigner(t, simPolicy(ek, fakeEK("other")))
+	refusing := startSigner(t, simPolicy(fakeEK("someone else"), fakeEK("other")))
+	dead, dead2 := deadAddress(t), deadAddress(t)
+	trust := x509bundle.New(simTD())
+	for _, s := range []*simSigner{live, refusing} {
+		for _, c := range s.trust.X509Authorities() {
+			trust.AddX509Authority(c)
+		}
+	}
+	tests := []struct {
+		name            string
+		addrs           []string // the first is drawn first
+		wantCode        codes.Code
+		wantInUse       string
+		wantUnreachable []string
+	}{
+		{"unreachable, then a live one", []string{dead, live.addr}, codes.OK, live.addr, []string{dead}},
+		{"refused: no other tried", []string{refusing.addr, live.addr}, codes.PermissionDenied, "", nil},
+		{"all unreachable", []string{dead, dead2}, codes.Unavailable, "", []string{dead, dead2}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rs := newReplicaSet(tt.addrs, nil)
+			rs.rand = func(int) int { return 0 }
+			u, err := newSignerConn(rs, simTD(), newTPMLink(tpm, nil, nil), trust, hclog.NewNullLogger())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer u.close()
+			_, _, err = u.attest(callCtx(t))
+			if got := status.Code(err); got != tt.wantCode {
+				t.Fatalf("attest: %v, want code %v", err, tt.wantCode)
+			}
+			rs.mu.Lock()
+			inUse := rs.inUse.addr
+			rs.mu.Unlock()
+			if inUse != tt.wantInUse {
+				t.Errorf("in use: %q, want %q", inUse, tt.wantInUse)
+			}
+			var unreachable []string
+			for _, u := range rs.snapshot(time.Now()).Unreachable {
+				unreachable = append(unreachable, u.Address)
+			}
+			if !slices.Equal(unreachable, tt.wantUnreachable) {
+				t.Errorf("unreachable: %v, want %v", unreachable, tt.wantUnreachable)
+			}
+		})
 	}
 }
