@@ -2,10 +2,12 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -82,5 +84,37 @@ func TestJWTMintSwitchesReplica(t *testing.T) {
 				t.Errorf("the unreachable replica was called %d times, want 1", gone.calls.Load())
 			}
 		})
+	}
+}
+
+// TestReportNamesReplicas: status --json names the replica in use, the
+// configured addresses, the candidates and the replicas not reached
+// recently, under stable field names.
+func TestReportNamesReplicas(t *testing.T) {
+	const a, b = "10.0.1.1:8443", "10.0.1.2:8443"
+	ag := New(&Config{TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), SignerAddresses: []string{a, b}}, nil)
+	now := time.Now()
+	ag.started = now
+	ag.up.replicas.use(replica{addr: b, authority: b})
+	ag.up.replicas.failed(a, status.Error(codes.Unavailable, "connection refused"), now.Add(-time.Second))
+	doc, err := json.Marshal(ag.Report(now).Signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(doc, &got); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{
+		"address":     b,
+		"addresses":   []any{a, b},
+		"candidates":  []any{a, b},
+		"unreachable": []any{map[string]any{"address": a, "error": "rpc error: code = Unavailable desc = connection refused", "at": now.Add(-time.Second).Format(time.RFC3339Nano)}},
+		"connected":   false,
+	}
+	for k, w := range want {
+		if diff := cmp.Diff(w, got[k]); diff != "" {
+			t.Errorf("signer.%s (-want +got):\n%s", k, diff)
+		}
 	}
 }

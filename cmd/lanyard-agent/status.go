@@ -205,18 +205,16 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 }
 
 // printReplicas lists the signer replicas the agent can switch to and
-// those it could not reach recently; nothing for a single signer that
-// answers.
+// those it could not reach recently, one per line; nothing with a single
+// signer (its line says whether it answers). The labels stay within the
+// column the other lines use.
 func printReplicas(w io.Writer, s agent.SignerReport, now time.Time) {
-	if len(s.Candidates) > 1 {
-		fmt.Fprintf(w, "Replicas:\t%s: %s\n", pluralS(len(s.Candidates), "candidate"), strings.Join(s.Candidates, ", "))
+	if len(s.Candidates) <= 1 {
+		return
 	}
-	for i, u := range s.Unreachable {
-		label := ""
-		if i == 0 {
-			label = "Unreachable:"
-		}
-		fmt.Fprintf(w, "%s\t%s, %s ago: %s\n", label, u.Address, now.Sub(u.At).Round(time.Second), u.Error)
+	fmt.Fprintf(w, "Tier:\t%s: %s\n", pluralS(len(s.Candidates), "replica"), strings.Join(s.Candidates, ", "))
+	for _, u := range s.Unreachable {
+		fmt.Fprintf(w, "\tunreachable %s, %s ago: %s\n", u.Address, now.Sub(u.At).Round(time.Second), u.Error)
 	}
 }
 
