@@ -341,6 +341,7 @@ func TestAttestTriesAnotherReplica(t *testing.T) {
 	tpm, ek := openSimTPM(t)
 	live := startSigner(t, simPolicy(ek, fakeEK("other")))
 	refusing := startSigner(t, simPolicy(fakeEK("someone else"), fakeEK("other")))
+	untrusted := startSigner(t, simPolicy(ek, fakeEK("other"))) // its CA is not in the agent's trust
 	dead, dead2 := deadAddress(t), deadAddress(t)
 	trust := x509bundle.New(simTD())
 	for _, s := range []*simSigner{live, refusing} {
@@ -356,6 +357,7 @@ func TestAttestTriesAnotherReplica(t *testing.T) {
 		wantUnreachable []string
 	}{
 		{"unreachable, then a live one", []string{dead, live.addr}, codes.OK, live.addr, []string{dead}},
+		{"CA not trusted, then a live one", []string{untrusted.addr, live.addr}, codes.OK, live.addr, []string{untrusted.addr}},
 		{"refused: no other tried", []string{refusing.addr, live.addr}, codes.PermissionDenied, "", nil},
 		{"all unreachable", []string{dead, dead2}, codes.Unavailable, "", []string{dead, dead2}},
 	}
