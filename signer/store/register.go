@@ -130,7 +130,6 @@ func (s *Store) keepAlive(ctx context.Context, name, val string, id clientv3.Lea
 		ch, err := s.cli.KeepAlive(ctx, id)
 		if err == nil {
 			for range ch {
-				s.setLink(nil)
 				bo.reset()
 			}
 		}

@@ -44,7 +44,7 @@ func TestSnapshotAndWatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	alive := AliveRecord{Name: "r1", Address: "10.0.1.1:8443", Since: t0, Version: "v1"}
-	if err := a.Register(ctx(t), alive); err != nil {
+	if err := a.Register(t.Context(), alive); err != nil {
 		t.Fatal(err)
 	}
 	rev := Revocation{Reason: "stolen", At: t0, ByUID: 0, ByReplica: "r1"}
@@ -246,7 +246,7 @@ func TestWriteErrors(t *testing.T) {
 	if err := a.PublishReplica(ctx(t), ReplicaRecord{Name: "gone"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.Register(ctx(t), AliveRecord{Name: "live"}); err != nil {
+	if err := a.Register(t.Context(), AliveRecord{Name: "live"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.PublishReplica(ctx(t), ReplicaRecord{Name: "live"}); err != nil {
@@ -267,7 +267,7 @@ func TestWriteErrors(t *testing.T) {
 		{"revoke malformed EK", func() error { return a.Revoke(ctx(t), "ABC", Revocation{}) }, ErrInvalid, `EK SHA-256 "ABC": want 64 lowercase hex digits`},
 		{"node with a path in its EK", func() error { return a.PutNode(ctx(t), NodeRecord{EKSHA256: "../" + ek("1")[3:]}) }, ErrInvalid, "want 64 lowercase hex digits"},
 		{"replica name with a slash", func() error { return a.PublishReplica(ctx(t), ReplicaRecord{Name: "a/b"}) }, ErrInvalid, `replica name "a/b"`},
-		{"register empty name", func() error { return a.Register(ctx(t), AliveRecord{}) }, ErrInvalid, `replica name ""`},
+		{"register empty name", func() error { return a.Register(t.Context(), AliveRecord{}) }, ErrInvalid, `replica name ""`},
 		{"oversized node", func() error {
 			return a.PutNode(ctx(t), NodeRecord{EKSHA256: ek("3"), Nodes: []string{strings.Repeat("n", MaxRecordSize)}})
 		}, ErrInvalid, "over the limit of 262144"},
@@ -305,10 +305,10 @@ func TestRegister(t *testing.T) {
 	watcher := open(t, c.Endpoints(), "/lanyard/reg")
 	f := follow(t, watcher.Store)
 
-	if err := a.Register(ctx(t), AliveRecord{Name: "r1", Address: "a:1"}); err != nil {
+	if err := a.Register(t.Context(), AliveRecord{Name: "r1", Address: "a:1"}); err != nil {
 		t.Fatalf("Register a: %v", err)
 	}
-	err := b.Register(ctx(t), AliveRecord{Name: "r1", Address: "b:1"})
+	err := b.Register(t.Context(), AliveRecord{Name: "r1", Address: "b:1"})
 	if !errors.Is(err, ErrAlive) || !strings.Contains(err.Error(), `"a:1"`) {
 		t.Fatalf("Register of a held name: %v, want ErrAlive naming the holder", err)
 	}
@@ -317,7 +317,7 @@ func TestRegister(t *testing.T) {
 		t.Fatalf("Close: %v", err)
 	}
 	// No wait: Close revoked the lease.
-	if err := b.Register(ctx(t), AliveRecord{Name: "r1", Address: "b:1"}); err != nil {
+	if err := b.Register(t.Context(), AliveRecord{Name: "r1", Address: "b:1"}); err != nil {
 		t.Fatalf("Register after the holder's Close: %v", err)
 	}
 	f.waitFor(t, "r1 alive at b", func(st State) bool { return st.Alive["r1"].Address == "b:1" })
@@ -340,7 +340,7 @@ func TestRegister(t *testing.T) {
 		t.Fatalf("DeleteReplica: %v", err)
 	}
 	f.waitFor(t, "r1 deleted", func(st State) bool { _, ok := st.Replicas["r1"]; return !ok })
-	if err := watcher.Register(ctx(t), AliveRecord{Name: "r1"}); err != nil {
+	if err := watcher.Register(t.Context(), AliveRecord{Name: "r1"}); err != nil {
 		t.Errorf("Register after expiry: %v", err)
 	}
 	if w := watcher.Writes(); w == 0 {
