@@ -65,7 +65,7 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 	a.jwt = newJWTSource(a.cache, nil, log.Named("jwt"))
 	a.up = &upstream{
 		sink: served{cache: a.cache, jwt: a.jwt, renew: a.renew, td: cfg.TrustDomain, log: log},
-		td:   cfg.TrustDomain, addr: cfg.SignerAddress, trustPath: cfg.TrustBundlePath,
+		td:   cfg.TrustDomain, replicas: newReplicaSet(cfg.SignerAddresses, log.Named("upstream")), trustPath: cfg.TrustBundlePath,
 		sched: a.renew.sched, backoff: rotator.DefaultBackoff, rand: randFloat, jitter: randJitter,
 		log: log, metrics: a.metrics, reattestWait: jwtReattestWait,
 		reattest: make(chan struct{}, 1),
@@ -102,7 +102,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer a.tpm.close()
-	conn, err := newSignerConn(a.cfg.SignerAddress, a.cfg.TrustDomain, a.tpm, trust, a.log.Named("upstream"))
+	conn, err := newSignerConn(a.up.replicas, a.cfg.TrustDomain, a.tpm, trust, a.log.Named("upstream"))
 	if err != nil {
 		return err
 	}

@@ -2,8 +2,10 @@ package agent
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/hashicorp/hcl/v2"
@@ -13,6 +15,7 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/tpmconf"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/zclconf/go-cty/cty"
 )
 
 // Defaults of the agent config, as documented in the README.
@@ -29,8 +32,11 @@ const (
 // Config is the agent's validated configuration file. Paths in it are
 // absolute: relative ones in the file are resolved against its directory.
 type Config struct {
-	TrustDomain     spiffeid.TrustDomain
-	SignerAddress   string // host:port
+	TrustDomain spiffeid.TrustDomain
+	// SignerAddresses are the signer replicas, host:port each (one
+	// for a single signer). A name with several addresses counts as all
+	// of them.
+	SignerAddresses []string
 	TrustBundlePath string // PEM bundle that authenticates the signer
 	SocketPath      string // Workload API, open to every local user
 	AdminSocketPath string // status and explain, root only
@@ -138,7 +144,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		return d
 	})
 	set("signer_address", func(a *hcl.Attribute) (d hcl.Diagnostics) {
-		cfg.SignerAddress, d = hclconf.HostPort(a, false)
+		cfg.SignerAddresses, d = signerAddresses(a)
 		return d
 	})
 	set("trust_bundle_path", func(a *hcl.Attribute) (d hcl.Diagnostics) {
@@ -202,4 +208,76 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// maxSignerAddresses bounds signer_address: a tier is a handful of
+// replicas (a name may stand for more).
+const maxSignerAddresses = 64
+
+// signerAddresses decodes signer_address: one "host:port" string, as for
+// a single signer, or a list of them, one per replica.
+func signerAddresses(a *hcl.Attribute) ([]string, hcl.Diagnostics) {
+	v, diags := a.Expr.Value(nil)
+	if diags.HasErrors() {
+		return nil, diags
+	}
+	if v.IsKnown() && !v.IsNull() && v.Type() == cty.String {
+		s, d := hclconf.HostPort(a, false)
+		if d.HasErrors() {
+			return nil, d
+		}
+		return []string{s}, nil
+	}
+	if t := v.Type(); v.IsKnown() && !v.IsNull() && !t.IsTupleType() && !t.IsListType() {
+		return nil, hcl.Diagnostics{hclconf.Errorf(a.Expr.Range(), "%s: expected \"host:port\" or a list of them, got %s", a.Name, t.FriendlyName())}
+	}
+	items, diags := hclconf.StringList(a)
+	if diags.HasErrors() {
+		return nil, diags
+	}
+	switch {
+	case len(items) == 0:
+		return nil, hcl.Diagnostics{hclconf.Errorf(a.Expr.Range(), "%s: must name at least one signer (\"host:port\")", a.Name)}
+	case len(items) > maxSignerAddresses:
+		return nil, hcl.Diagnostics{hclconf.Errorf(a.Expr.Range(), "%s: at most %d addresses", a.Name, maxSignerAddresses)}
+	}
+	var out, seen []string
+	for i, it := range items {
+		name := fmt.Sprintf("%s[%d]", a.Name, i)
+		key, err := dialAddress(it.Value)
+		switch {
+		case err != nil:
+			diags = append(diags, hclconf.Errorf(it.Range, "%s: %v", name, err))
+		case slices.Contains(seen, key):
+			diags = append(diags, hclconf.Errorf(it.Range, "%s: %q is listed twice", name, it.Value))
+		default:
+			seen = append(seen, key)
+			out = append(out, it.Value)
+		}
+	}
+	if diags.HasErrors() {
+		return nil, diags
+	}
+	return out, nil
+}
+
+// dialAddress checks s as a host:port to dial (hclconf.HostPort's rules)
+// and returns it in a form in which two spellings of one address are
+// equal (case of the name, leading zeros of the port).
+func dialAddress(s string) (string, error) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", fmt.Errorf("%q is not host:port", s)
+	}
+	if host == "" {
+		return "", fmt.Errorf("%q has no host", s)
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 {
+		return "", fmt.Errorf("%q: port must be a number from 1 to 65535", s)
+	}
+	if ip := net.ParseIP(host); ip != nil {
+		host = ip.String()
+	}
+	return net.JoinHostPort(strings.ToLower(host), strconv.FormatUint(n, 10)), nil
 }

@@ -27,7 +27,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 	}{
 		{"agent.hcl", &Config{
 			TrustDomain:     td,
-			SignerAddress:   "signer.example.org:8443",
+			SignerAddresses: []string{"signer.example.org:8443"},
 			TrustBundlePath: filepath.Join(dir, "bundle.pem"),
 			SocketPath:      "/run/lanyard-test/workload.sock",
 			AdminSocketPath: "/run/lanyard-test/admin.sock",
@@ -38,7 +38,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 		}},
 		{"agent-minimal.hcl", &Config{
 			TrustDomain:     td,
-			SignerAddress:   "127.0.0.1:8443",
+			SignerAddresses: []string{"127.0.0.1:8443"},
 			TrustBundlePath: "/etc/lanyard/bundle.pem",
 			SocketPath:      "/run/lanyard/workload.sock",
 			AdminSocketPath: DefaultAdminSocketPath,
@@ -262,6 +262,58 @@ func TestParseConfigLoopbackAddresses(t *testing.T) {
 			}
 			if cfg.MetricsAddress != tt.wantMetrics || cfg.HealthAddress != tt.wantHeal {
 				t.Errorf("metrics_address, health_address = %q, %q; want %q, %q", cfg.MetricsAddress, cfg.HealthAddress, tt.wantMetrics, tt.wantHeal)
+			}
+		})
+	}
+}
+
+// TestParseConfigSignerAddresses: signer_address is one "host:port", as
+// for a single signer, or a list of them, one per replica; each problem
+// is reported at its element's line, and nothing is kept.
+func TestParseConfigSignerAddresses(t *testing.T) {
+	const head = "trust_domain = \"example.org\"\ntrust_bundle_path = \"b.pem\"\ntpm { socket = \"tpm.sock\" }\n"
+	tests := []struct {
+		name    string
+		value   string // signer_address's value, on line 4
+		want    []string
+		wantErr string
+	}{
+		{name: "one string", value: `"10.0.1.1:8443"`, want: []string{"10.0.1.1:8443"}},
+		{name: "a list", value: `["10.0.1.1:8443", "signer-b.example.org:8443", "[fd00::3]:8443"]`,
+			want: []string{"10.0.1.1:8443", "signer-b.example.org:8443", "[fd00::3]:8443"}},
+		{name: "a list of one", value: `["signers.example.org:8443"]`, want: []string{"signers.example.org:8443"}},
+		{name: "multi-line list", value: "[\n  \"10.0.1.1:8443\",\n  \"10.0.1.2:8443\",\n]", want: []string{"10.0.1.1:8443", "10.0.1.2:8443"}},
+		{name: "empty list", value: `[]`, wantErr: `a.hcl:4: signer_address: must name at least one signer ("host:port")`},
+		{name: "duplicate", value: "[\n  \"10.0.1.1:8443\",\n  \"10.0.1.1:8443\",\n]", wantErr: `a.hcl:6: signer_address[1]: "10.0.1.1:8443" is listed twice`},
+		{name: "duplicate, spelt differently", value: `["Signer.example.org:8443", "signer.example.org:08443"]`,
+			wantErr: `a.hcl:4: signer_address[1]: "signer.example.org:08443" is listed twice`},
+		{name: "no port in a list", value: "[\n  \"10.0.1.1:8443\",\n  \"10.0.1.2\",\n]", wantErr: `a.hcl:6: signer_address[1]: "10.0.1.2" is not host:port`},
+		{name: "no host in a list", value: `["10.0.1.1:8443", ":8443"]`, wantErr: `a.hcl:4: signer_address[1]: ":8443" has no host`},
+		{name: "port 0 in a list", value: `["10.0.1.1:0"]`, wantErr: `a.hcl:4: signer_address[0]: "10.0.1.1:0": port must be a number from 1 to 65535`},
+		{name: "every bad element", value: "[\n  \"a\",\n  \"b:99999\",\n]", wantErr: "a.hcl:5: signer_address[0]: \"a\" is not host:port\n" +
+			`a.hcl:6: signer_address[1]: "b:99999": port must be a number from 1 to 65535`},
+		{name: "not a string in a list", value: `["10.0.1.1:8443", 8443]`, wantErr: `a.hcl:4: signer_address[1]: expected a string, got number`},
+		{name: "a number", value: `8443`, wantErr: `a.hcl:4: signer_address: expected "host:port" or a list of them, got number`},
+		{name: "null", value: `null`, wantErr: `a.hcl:4: signer_address: must not be null`},
+		{name: "too many", value: "[" + strings.Repeat(`"a:1", `, maxSignerAddresses+1) + "]", wantErr: `a.hcl:4: signer_address: at most 64 addresses`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := ParseConfig([]byte(head+"signer_address = "+tt.value+"\n"), "a.hcl")
+			if tt.wantErr != "" {
+				if cfg != nil {
+					t.Errorf("ParseConfig returned a config along with errors")
+				}
+				if err == nil || err.Error() != tt.wantErr {
+					t.Fatalf("ParseConfig error = %v, want %s", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, cfg.SignerAddresses); diff != "" {
+				t.Errorf("SignerAddresses (-want +got):\n%s", diff)
 			}
 		})
 	}

@@ -32,7 +32,7 @@ import (
 // its window, so the instants are the schedule's own.
 func loopAgent(t *testing.T, f *fakeSigner) *Agent {
 	t.Helper()
-	a := New(&Config{TrustDomain: f.td, SignerAddress: "fake:1"}, nil)
+	a := New(&Config{TrustDomain: f.td, SignerAddresses: []string{"fake:1"}}, nil)
 	a.started = time.Now()
 	a.up.link, a.renew.signer, a.up.trust = f, f, x509bundle.New(f.td)
 	a.up.rand, a.renew.rand = func() float64 { return 1 }, func() float64 { return 1 }

@@ -14,7 +14,7 @@ import (
 )
 
 func testAgent() *Agent {
-	return New(&Config{TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), SignerAddress: "127.0.0.1:1"}, nil)
+	return New(&Config{TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), SignerAddresses: []string{"127.0.0.1:1"}}, nil)
 }
 
 func TestMetrics(t *testing.T) {

@@ -66,13 +66,30 @@ type AgentReport struct {
 
 // SignerReport is the state of the agent's link to the signer.
 type SignerReport struct {
-	Address   string     `json:"address"`
-	Connected bool       `json:"connected"`
-	LastSync  *time.Time `json:"last_sync,omitempty"`
+	// Address is the signer replica in use (the one the agent attested
+	// with), or the one being tried before the first attestation.
+	Address string `json:"address"`
+	// Addresses is signer_address as configured.
+	Addresses []string `json:"addresses,omitempty"`
+	// Candidates are the replicas the agent can switch to, the configured
+	// names resolved at the last selection.
+	Candidates []string `json:"candidates,omitempty"`
+	// Unreachable lists, oldest first, the replicas the agent could not
+	// reach in the last 10 minutes and has not reached since.
+	Unreachable []UnreachableReport `json:"unreachable,omitempty"`
+	Connected   bool                `json:"connected"`
+	LastSync    *time.Time          `json:"last_sync,omitempty"`
 	// Since is when the sync stream came up (Connected) or went down (or
 	// the agent started, when it never came up).
 	Since               *time.Time `json:"since,omitempty"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`
+}
+
+// UnreachableReport is a signer replica the agent could not reach.
+type UnreachableReport struct {
+	Address string    `json:"address"`
+	Error   string    `json:"error"`
+	At      time.Time `json:"at"` // the last failure
 }
 
 // CAReport is one trust bundle authority.
@@ -94,6 +111,7 @@ type EntryReport struct {
 type snapshot struct {
 	started     time.Time
 	up          upstreamSnapshot
+	replicas    replicaSnapshot
 	renew       renewerSnapshot
 	cache       cacheSnapshot
 	tpm         tpmState
@@ -107,7 +125,7 @@ type snapshot struct {
 // snapshot reads every part's snapshot.
 func (a *Agent) snapshot(now time.Time) snapshot {
 	s := snapshot{
-		started: a.started, up: a.up.Snapshot(), renew: a.renew.Snapshot(), cache: a.cache.snapshot(a.renew.sched),
+		started: a.started, up: a.up.Snapshot(), replicas: a.up.replicas.snapshot(now), renew: a.renew.Snapshot(), cache: a.cache.snapshot(a.renew.sched),
 		jwtTokens: a.jwt.cached(), openStreams: a.metrics.openStreams(), tpm: tpmState{Reachable: true},
 	}
 	if a.api != nil {
@@ -130,7 +148,8 @@ func (a *Agent) Report(now time.Time) Report {
 			EKSHA256: st.up.EKSHA256, TPMManufacturer: a.tpmManufacturer, NodeSelectors: st.up.NodeSelectors,
 		},
 		Signer: SignerReport{
-			Address: a.cfg.SignerAddress, Connected: st.up.SyncConnected, LastSync: timePtr(st.up.LastSync),
+			Address: st.replicas.Address, Addresses: st.replicas.Configured, Candidates: st.replicas.Candidates,
+			Unreachable: st.replicas.Unreachable, Connected: st.up.SyncConnected, LastSync: timePtr(st.up.LastSync),
 			Since:               timePtr(cmp.Or(st.up.SyncSince, st.started)),
 			ConsecutiveFailures: max(st.up.SyncFailures, st.up.AttestFailures, st.renew.Failures),
 		},

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"crypto"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"strings"
@@ -59,7 +60,7 @@ var errNotConnected = errors.New("not connected to the signer")
 // TPM, the SVID the signer issued for that key, and the mTLS connection
 // that uses both. Each attestation replaces all three.
 type signerConn struct {
-	addr     string
+	replicas *replicaSet // which signer replica to attest with
 	signerID spiffeid.ID
 	tpm      *tpmLink
 	trust    *x509bundle.Bundle // what the signer is verified against; the upstream keeps it current
@@ -67,17 +68,18 @@ type signerConn struct {
 	newCon   broadcast // a new connection replaced conn
 
 	mu   sync.Mutex
+	addr string // the replica conn goes to
 	sess *node.Session
 	svid *x509svid.SVID
 	conn *grpc.ClientConn
 }
 
-func newSignerConn(addr string, td spiffeid.TrustDomain, tpm *tpmLink, trust *x509bundle.Bundle, log hclog.Logger) (*signerConn, error) {
+func newSignerConn(replicas *replicaSet, td spiffeid.TrustDomain, tpm *tpmLink, trust *x509bundle.Bundle, log hclog.Logger) (*signerConn, error) {
 	id, err := spiffeid.FromSegments(td, "lanyard", "signer")
 	if err != nil {
 		return nil, fmt.Errorf("signer ID: %w", err)
 	}
-	return &signerConn{addr: addr, signerID: id, tpm: tpm, trust: trust, log: log}, nil
+	return &signerConn{replicas: replicas, signerID: id, tpm: tpm, trust: trust, log: log}, nil
 }
 
 // GetX509SVID implements x509svid.Source for the mTLS client config: the
@@ -108,14 +110,40 @@ func (u *signerConn) client() (signerpb.SignerClient, <-chan struct{}) {
 // replaced by a new attestation.
 func (u *signerConn) replaced() <-chan struct{} { return u.newCon.C() }
 
-// attest proves the TPM to the signer and installs the resulting identity
-// and connection. On failure the previous identity stays in place.
+// attest proves the TPM to a signer replica and installs the resulting
+// identity and connection. On failure the previous identity stays in
+// place. A replica that cannot be reached is recorded as failed and
+// another tried at once, each at most once (see replicaSet.choose); a
+// refusal ends the attempt, since every replica would say the same.
 func (u *signerConn) attest(ctx context.Context) (*signerpb.AttestResult, *x509svid.SVID, error) {
-	res, err := u.attestOnce(ctx)
-	if err != nil {
-		return nil, nil, err
+	var tried []string
+	err := errNoSignerAddress
+	for {
+		target, ok := u.replicas.choose(ctx, time.Now(), tried)
+		if !ok {
+			return nil, nil, err
+		}
+		var res *signerpb.AttestResult
+		res, err = u.attestTo(ctx, target)
+		if err == nil {
+			return res, u.agentSVID(), nil
+		}
+		if ctx.Err() != nil || !unreachable(err) {
+			return nil, nil, err
+		}
+		u.replicas.failed(target.addr, err, time.Now())
+		tried = append(tried, target.addr)
+		u.log.Warn("signer replica unreachable", "signer", target.addr, "error", err)
 	}
-	return res, u.agentSVID(), nil
+}
+
+// attestOnce attests with the replica the set chooses, trying no other.
+func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, error) {
+	target, ok := u.replicas.choose(ctx, time.Now(), nil)
+	if !ok {
+		return nil, errNoSignerAddress
+	}
+	return u.attestTo(ctx, target)
 }
 
 // agentSVID returns the current agent SVID (nil before the first
@@ -126,7 +154,9 @@ func (u *signerConn) agentSVID() *x509svid.SVID {
 	return u.svid
 }
 
-func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, error) {
+// attestTo attests with one replica and, on success, makes it the one in
+// use.
+func (u *signerConn) attestTo(ctx context.Context, target replica) (*signerpb.AttestResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, attestTimeout)
 	defer cancel()
 	// A session lives on the TPM it was made on: after a reopen, a new
@@ -151,17 +181,23 @@ func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, er
 		u.tpm.check(tpm)
 		return nil, fmt.Errorf("attest: %w", err)
 	}
-	conn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(
-		tlsconfig.TLSClientConfig(u.trust, tlsconfig.AuthorizeID(u.signerID)))))
+	addr := target.addr
+	var attestParams []grpc.DialOption
+	if u.replicas.several() {
+		// Another replica could serve: do not wait gRPC's 20 s for one
+		// whose host is gone.
+		attestParams = append(attestParams, grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: replicaConnectTimeout}))
+	}
+	conn, err := grpc.NewClient(addr, target.dialOptions(tlsconfig.TLSClientConfig(u.trust, tlsconfig.AuthorizeID(u.signerID)), attestParams...)...)
 	if err != nil {
-		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
+		return nil, fmt.Errorf("attest: dial %s: %w", addr, err)
 	}
 	defer conn.Close()
 	// The signer lists the version in its node registry.
 	ctx = metadata.AppendToOutgoingContext(ctx, signerpb.AgentVersionHeader, cli.Version())
 	stream, err := signerpb.NewSignerClient(conn).Attest(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
+		return nil, fmt.Errorf("attest: signer %s: %w", addr, err)
 	}
 	err = stream.Send(&signerpb.AttestRequest{Step: &signerpb.AttestRequest_Evidence{Evidence: &signerpb.Evidence{
 		EkCertificate: ev.EKCertificate,
@@ -171,15 +207,15 @@ func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, er
 		Csr:           ev.CSR,
 	}}})
 	if err != nil {
-		return nil, fmt.Errorf("attest: send evidence to %s: %w", u.addr, err)
+		return nil, fmt.Errorf("attest: send evidence to %s: %w", addr, err)
 	}
 	resp, err := stream.Recv()
 	if err != nil {
-		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
+		return nil, fmt.Errorf("attest: signer %s: %w", addr, err)
 	}
 	ch := resp.GetChallenge()
 	if ch == nil {
-		return nil, fmt.Errorf("attest: signer %s sent no challenge", u.addr)
+		return nil, fmt.Errorf("attest: signer %s sent no challenge", addr)
 	}
 	secret, err := sess.Activate(attest.EncryptedCredential{Credential: ch.GetCredential(), Secret: ch.GetSecret()})
 	if err != nil {
@@ -191,11 +227,11 @@ func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, er
 	}
 	resp, err = stream.Recv()
 	if err != nil {
-		return nil, fmt.Errorf("attest: signer %s: %w", u.addr, err)
+		return nil, fmt.Errorf("attest: signer %s: %w", addr, err)
 	}
 	res := resp.GetResult()
 	if res == nil || len(res.GetSvid()) == 0 {
-		return nil, fmt.Errorf("attest: signer %s sent no SVID", u.addr)
+		return nil, fmt.Errorf("attest: signer %s sent no SVID", addr)
 	}
 	svid, err := u.agentSVIDFrom(res, sess)
 	if err != nil {
@@ -203,14 +239,15 @@ func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, er
 	}
 
 	mtls := tlsconfig.MTLSClientConfig(u, u.trust, tlsconfig.AuthorizeID(u.signerID))
-	newConn, err := grpc.NewClient(u.addr, grpc.WithTransportCredentials(credentials.NewTLS(mtls)), grpc.WithConnectParams(connectParams))
+	newConn, err := grpc.NewClient(addr, target.dialOptions(mtls, grpc.WithConnectParams(connectParams))...)
 	if err != nil {
-		return nil, fmt.Errorf("attest: dial %s: %w", u.addr, err)
+		return nil, fmt.Errorf("attest: dial %s: %w", addr, err)
 	}
 	keep = true
+	u.replicas.use(target)
 	u.mu.Lock()
 	oldSess, oldConn := u.sess, u.conn
-	u.sess, u.svid, u.conn = sess, svid, newConn
+	u.sess, u.svid, u.conn, u.addr = sess, svid, newConn, addr
 	u.newCon.notify()
 	u.mu.Unlock()
 	// The old key may still be signing a handshake on the old connection:
@@ -222,6 +259,15 @@ func (u *signerConn) attestOnce(ctx context.Context) (*signerpb.AttestResult, er
 		oldSess.Close()
 	}
 	return res, nil
+}
+
+// dialOptions are the options of a connection to r over TLS with conf.
+func (r replica) dialOptions(conf *tls.Config, extra ...grpc.DialOption) []grpc.DialOption {
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(conf))}, extra...)
+	if r.authority != r.addr {
+		opts = append(opts, grpc.WithAuthority(r.authority))
+	}
+	return opts
 }
 
 // agentSVIDFrom checks the SVID the signer issued: it must be for the key
@@ -303,7 +349,10 @@ func (u *signerConn) openSync(ctx context.Context, client signerpb.SignerClient)
 	stream, err := client.Sync(ctx, &signerpb.SyncRequest{}, grpc.WaitForReady(true))
 	if !timer.Stop() {
 		cancel()
-		return nil, fmt.Errorf("signer %s: no connection within %v: %w", u.addr, syncConnectWait, cmp.Or(err, ctx.Err()))
+		u.mu.Lock()
+		addr := u.addr
+		u.mu.Unlock()
+		return nil, fmt.Errorf("signer %s: %w within %v: %w", addr, errNoConnection, syncConnectWait, cmp.Or(err, ctx.Err()))
 	}
 	if err != nil {
 		cancel()

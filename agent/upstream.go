@@ -65,7 +65,7 @@ type upstream struct {
 	link      signerLink
 	sink      upstreamSink
 	td        spiffeid.TrustDomain
-	addr      string             // the signer's, for logs and status
+	replicas  *replicaSet        // the signer replicas, and which one is in use
 	trust     *x509bundle.Bundle // what the signer is verified against, shared with the link
 	trustPath string
 	loaded    []byte // the trust file's content at start
@@ -154,7 +154,7 @@ func (u *upstream) attestLoop(ctx context.Context) error {
 			u.update(func(s *upstreamSnapshot) { s.AttestFailures, s.AttestRefused = failures, refusal(err) })
 			u.checkRevoked(err)
 			d := u.backoff.Delay(failures, u.rand())
-			u.log.Error("attestation failed", "signer", u.addr, "error", err, "failures", failures, "retry_in", d.String())
+			u.log.Error("attestation failed", "signer", u.replicas.address(), "error", err, "failures", failures, "retry_in", d.String())
 			if !u.waitRetry(ctx, d, trustChanged, nil, u.reattest) {
 				return nil
 			}
@@ -228,11 +228,18 @@ func (u *upstream) syncLoop(ctx context.Context) error {
 		}
 		u.checkUnauthenticated(err)
 		u.checkRevoked(err)
+		addr := u.replicas.address()
+		if u.replicas.lost(err, time.Now()) {
+			// The replica is gone and another can serve: attest there
+			// now; the new connection ends the wait below.
+			u.log.Warn("signer replica lost; switching to another", "signer", addr, "error", err)
+			u.requestReattest()
+		}
 		u.metrics.syncFailures.Inc()
 		failures++
 		u.update(func(s *upstreamSnapshot) { s.SyncFailures = failures })
 		d := u.backoff.Delay(failures, u.rand())
-		u.log.Warn("sync stream broken", "signer", u.addr, "error", err, "failures", failures, "retry_in", d.String())
+		u.log.Warn("sync stream broken", "signer", addr, "error", err, "failures", failures, "retry_in", d.String())
 		if !u.waitRetry(ctx, d, trustChanged, replaced, nil) {
 			return nil
 		}
@@ -251,6 +258,7 @@ func (u *upstream) receive(recv func() (*signerpb.SyncResponse, error), failures
 			u.retryNow()
 		}
 		*failures = 0
+		u.replicas.reached()
 		u.update(func(s *upstreamSnapshot) {
 			now := time.Now()
 			if !s.SyncConnected {
@@ -372,10 +380,18 @@ func (u *upstream) requestReattest() {
 // triggers a new attestation at once; the caller is answered after it,
 // with one more try on the new identity, rather than failed for a state
 // the agent repairs in a moment.
+//
+// A replica that cannot be reached is treated the same way when another
+// one can serve: the agent switches (as the sync stream would make it do
+// a moment later) and the caller is answered by the new replica.
 func (u *upstream) mintJWTSVIDs(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
 	replaced := u.link.replaced()
 	resp, err := u.link.mintJWTSVIDs(ctx, reqs)
-	if status.Code(err) != codes.Unauthenticated {
+	switch {
+	case status.Code(err) == codes.Unauthenticated:
+	case err != nil && ctx.Err() == nil && u.replicas.lost(err, time.Now()):
+		u.log.Warn("signer replica lost; switching to another", "error", err)
+	default:
 		return resp, err
 	}
 	u.requestReattest()

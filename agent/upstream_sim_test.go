@@ -228,7 +228,7 @@ func newSimEnv(t testing.TB) *simEnv {
 
 func newSimUpstream(t testing.TB, sig *simSigner, tpm *node.TPM) *signerConn {
 	t.Helper()
-	u, err := newSignerConn(sig.addr, simTD(), newTPMLink(tpm, nil, nil), sig.trust, hclog.NewNullLogger())
+	u, err := newSignerConn(newReplicaSet([]string{sig.addr}, nil), simTD(), newTPMLink(tpm, nil, nil), sig.trust, hclog.NewNullLogger())
 	if err != nil {
 		t.Fatalf("newSignerConn: %v", err)
 	}

@@ -2,7 +2,8 @@
 # Every key and its default: README.md, "Configuration reference".
 
 trust_domain   = "example.org"
-# host:port of lanyard-signer.
+# host:port of lanyard-signer; for a tier of replicas, a list of them
+# (["10.0.1.1:8443", "10.0.1.2:8443"]) or a name that resolves to all.
 signer_address = "signer.example.org:8443"
 # The signer's trust bundle (its bundle_path file), copied to this host.
 # Relative paths are relative to this file. The agent follows edits of it.

@@ -136,4 +136,16 @@ func TestExampleConfigsLoad(t *testing.T) {
 	if a.TrustDomain != s.TrustDomain {
 		t.Errorf("agent trust domain %s, signer %s", a.TrustDomain, s.TrustDomain)
 	}
+	r, err := signer.LoadConfig("signer-replica.hcl")
+	if err != nil {
+		t.Fatalf("signer-replica.hcl: %v", err)
+	}
+	if r.Etcd == nil || len(r.Etcd.Endpoints) != 3 || r.Etcd.CertFile == "" || r.PolicyPath != "" || r.ReplicaName != "signer-1" || r.TrustDomain != s.TrustDomain {
+		t.Errorf("signer-replica.hcl: %+v: want a TLS etcd block of three members, a replica name and no policy_path", r)
+	}
+	for _, p := range []string{r.StateDir, filepath.Dir(r.BundlePath)} {
+		if p != "/var/lib/lanyard-signer" {
+			t.Errorf("signer-replica.hcl writes to %s, outside StateDirectory=lanyard-signer", p)
+		}
+	}
 }

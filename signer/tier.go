@@ -372,7 +372,7 @@ func (s *Signer) collectForgotten(ctx context.Context) {
 		if slices.ContainsFunc(r.Keys, func(k store.PublicKey) bool { return !rotator.Droppable(now, k.KeepUntil) }) {
 			continue
 		}
-		if err := s.tier.st.DeleteReplica(ctx, name, 0); err == nil {
+		if err := s.tier.st.DeleteReplica(ctx, name, r.ModRevision); err == nil {
 			s.log.Info("forgotten replica removed: its keys have all expired", "replica", name)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/cli"
@@ -96,7 +97,7 @@ func run(args []string) {
 	notify := sdnotify.FromEnv(log.Named("sdnotify"))
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return a.Run(ctx) })
-	g.Go(func() error { return notify.Run(ctx, notifyDaemon(a, cfg.SignerAddress)) })
+	g.Go(func() error { return notify.Run(ctx, notifyDaemon(a, strings.Join(cfg.SignerAddresses, ", "))) })
 	if err := g.Wait(); err != nil {
 		log.Error("agent stopped", "error", err)
 		os.Exit(1)

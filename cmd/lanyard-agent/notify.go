@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"strings"
 	"time"
@@ -27,11 +28,18 @@ func notifyDaemon(a *agent.Agent, signerAddr string) sdnotify.Daemon {
 }
 
 // statusLine says in one line what the agent is doing, worst news first.
+// It names the signer replica in use (the report's), or signerAddr, the
+// configured one, when the report names none. With several replicas to
+// choose from, the serving line names the one in use too.
 func statusLine(r agent.Report, serving bool, signerAddr string) string {
 	failures := r.Signer.ConsecutiveFailures
+	signerAddr = cmp.Or(r.Signer.Address, signerAddr)
 	switch {
 	case serving:
 		s := fmt.Sprintf("%s: serving %s", r.Health, plural(len(r.Entries), "entry", "entries"))
+		if len(r.Signer.Candidates) > 1 {
+			s += " via signer " + signerAddr
+		}
 		if len(r.Reasons) > 0 {
 			s += "; " + strings.Join(r.Reasons, "; ")
 		}

@@ -27,6 +27,11 @@ func TestStatusLine(t *testing.T) {
 		{"TPM lost while serving", agent.Report{Agent: attested, Health: agent.Degraded, Entries: make([]agent.EntryReport, 1),
 			Reasons: []string{"TPM unreachable for 3s (2 reopen attempts failed): dial: refused"}, TPM: agent.TPMReport{Error: "dial: refused"}}, true,
 			"degraded: serving 1 entry; TPM unreachable for 3s (2 reopen attempts failed): dial: refused"},
+		{"several replicas: the one in use", agent.Report{Agent: attested, Health: agent.Healthy, Entries: make([]agent.EntryReport, 1),
+			Signer: agent.SignerReport{Address: "10.0.0.2:8443", Candidates: []string{addr, "10.0.0.2:8443"}}}, true,
+			"healthy: serving 1 entry via signer 10.0.0.2:8443"},
+		{"several replicas, attesting: the one tried", agent.Report{Signer: agent.SignerReport{Address: "10.0.0.2:8443", ConsecutiveFailures: 1}}, false,
+			"not attested: signer 10.0.0.2:8443 unreachable or refusing (1 failure), retrying"},
 		{"TPM lost before serving", agent.Report{Signer: agent.SignerReport{ConsecutiveFailures: 2}, TPM: agent.TPMReport{Error: "dial: refused"}}, false,
 			"not serving yet: TPM unreachable, reopening it: dial: refused"},
 	}

@@ -177,6 +177,7 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		last = "last sync message " + now.Sub(*r.Signer.LastSync).Round(time.Second).String() + " ago"
 	}
 	fmt.Fprintf(tw, "Signer:\t%s, %s, %s, %d consecutive failures\n", r.Signer.Address, conn, last, r.Signer.ConsecutiveFailures)
+	printReplicas(tw, r.Signer, now)
 	var cas []string
 	for _, ca := range r.Bundle {
 		cas = append(cas, until(now, &ca.NotAfter, "expires"))
@@ -201,6 +202,20 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		fmt.Fprintf(tw, "(no entries for this node)\t\t\t\t\n")
 	}
 	tw.Flush()
+}
+
+// printReplicas lists the signer replicas the agent can switch to and
+// those it could not reach recently, one per line; nothing with a single
+// signer (its line says whether it answers). The labels stay within the
+// column the other lines use.
+func printReplicas(w io.Writer, s agent.SignerReport, now time.Time) {
+	if len(s.Candidates) <= 1 {
+		return
+	}
+	fmt.Fprintf(w, "Tier:\t%s: %s\n", pluralS(len(s.Candidates), "replica"), strings.Join(s.Candidates, ", "))
+	for _, u := range s.Unreachable {
+		fmt.Fprintf(w, "\tunreachable %s, %s ago: %s\n", u.Address, now.Sub(u.At).Round(time.Second), u.Error)
+	}
 }
 
 // until renders a future instant relative to now, e.g. "in 29m41s".

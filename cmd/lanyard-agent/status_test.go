@@ -82,3 +82,35 @@ func TestStatusRevoked(t *testing.T) {
 		t.Errorf("exit code = %d, want 2", got)
 	}
 }
+
+// TestPrintReportReplicas: with several signer replicas, status names the
+// one in use, the others, and those it could not reach recently, in the
+// same column as every other line.
+func TestPrintReportReplicas(t *testing.T) {
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	at := func(d time.Duration) *time.Time { x := now.Add(d); return &x }
+	r := agent.Report{
+		Health: agent.Healthy,
+		Signer: agent.SignerReport{Address: "10.0.1.2:8443", Connected: true, Since: at(-3 * time.Second), LastSync: at(-3 * time.Second),
+			Addresses:  []string{"10.0.1.1:8443", "10.0.1.2:8443", "10.0.1.3:8443"},
+			Candidates: []string{"10.0.1.1:8443", "10.0.1.2:8443", "10.0.1.3:8443"},
+			Unreachable: []agent.UnreachableReport{
+				{Address: "10.0.1.1:8443", Error: "rpc error: code = Unavailable desc = connection refused", At: now.Add(-4 * time.Second)},
+			}},
+	}
+	var out bytes.Buffer
+	printReport(&out, r, now)
+	want := "Signer:   10.0.1.2:8443, connected since 3s ago, last sync message 3s ago, 0 consecutive failures\n" +
+		"Tier:     3 replicas: 10.0.1.1:8443, 10.0.1.2:8443, 10.0.1.3:8443\n" +
+		"          unreachable 10.0.1.1:8443, 4s ago: rpc error: code = Unavailable desc = connection refused\n" +
+		"Bundle:   0 CAs: \n"
+	if !strings.Contains(out.String(), want) {
+		t.Errorf("output lacks\n%s\nwhole output:\n%s", want, out.String())
+	}
+	r.Signer.Candidates = r.Signer.Candidates[:1]
+	out.Reset()
+	printReport(&out, r, now)
+	if strings.Contains(out.String(), "Tier:") {
+		t.Errorf("a single signer shows a Tier line:\n%s", out.String())
+	}
+}

@@ -2,10 +2,17 @@
 // go.etcd.io/etcd/server/v3/embed in the test process, on loopback ports,
 // with real Raft between them. Nothing here is a fake: a killed member
 // stops answering, a killed leader forces an election.
+//
+// Clients reach each member through a loopback TCP relay of the test's
+// own: embed's Close waits seconds for open client connections, during
+// which a "killed" member would go on answering them, whereas a crashed
+// host's connections die at once. Kill closes the relay and every
+// connection through it first, as a crash would, then stops the member.
 package etcdtest
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -32,11 +39,15 @@ type Cluster struct {
 }
 
 type member struct {
-	name      string
-	dir       string
-	peer, cli url.URL
-	etcd      *embed.Etcd // nil while killed
-	logPath   string
+	name    string
+	dir     string
+	peer    url.URL
+	cli     url.URL     // the relay clients use
+	backend url.URL     // the member's own client listener
+	etcd    *embed.Etcd // nil while killed
+	relay   *relay      // nil while killed
+	logPath string
+	stopped sync.WaitGroup // embed shutdowns in flight
 }
 
 // Start starts an n-member cluster and waits until it serves; the test's
@@ -50,7 +61,7 @@ func Start(t testing.TB, n int) *Cluster {
 		m := &member{
 			name: fmt.Sprintf("m%d", i),
 			dir:  filepath.Join(base, fmt.Sprintf("m%d", i)),
-			peer: loopbackURL(t), cli: loopbackURL(t),
+			peer: loopbackURL(t), cli: loopbackURL(t), backend: loopbackURL(t),
 		}
 		m.logPath = filepath.Join(base, m.name+".log")
 		initial = append(initial, m.name+"="+m.peer.String())
@@ -91,7 +102,7 @@ func (c *Cluster) start(m *member, state string) error {
 	cfg.Name = m.name
 	cfg.Dir = m.dir
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{m.peer}, []url.URL{m.peer}
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{m.cli}, []url.URL{m.cli}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{m.backend}, []url.URL{m.cli}
 	cfg.InitialCluster = c.initial
 	cfg.ClusterState = state
 	cfg.InitialClusterToken = "lanyard-etcdtest"
@@ -115,8 +126,14 @@ func (c *Cluster) start(m *member, state string) error {
 		e.Close()
 		return fmt.Errorf("member %s not ready within %s (log: %s)", m.name, startTimeout, m.logPath)
 	}
+	r, err := startRelay(m.cli.Host, m.backend.Host)
+	if err != nil {
+		e.Server.HardStop()
+		e.Close()
+		return fmt.Errorf("member %s: %w", m.name, err)
+	}
 	c.mu.Lock()
-	m.etcd = e
+	m.etcd, m.relay = e, r
 	c.mu.Unlock()
 	return nil
 }
@@ -168,15 +185,23 @@ func (c *Cluster) WaitLeader() int {
 // Kill stops member i at once, as a crash would (its data dir stays, for
 // Restart). Killing a killed member does nothing.
 func (c *Cluster) Kill(i int) {
+	m := c.members[i]
 	c.mu.Lock()
-	e := c.members[i].etcd
-	c.members[i].etcd = nil
+	e, r := m.etcd, m.relay
+	m.etcd, m.relay = nil, nil
 	c.mu.Unlock()
 	if e == nil {
 		return
 	}
+	r.close()
 	e.Server.HardStop()
-	e.Close()
+	// Close waits for connections the relay no longer carries; the
+	// member is already gone for its peers and clients.
+	m.stopped.Add(1)
+	go func() {
+		defer m.stopped.Done()
+		e.Close()
+	}()
 }
 
 // Restart starts a killed member again with its data and ports.
@@ -189,6 +214,7 @@ func (c *Cluster) Restart(i int) {
 	if running {
 		return
 	}
+	m.stopped.Wait() // the data dir is free once the last run closed
 	if err := c.start(m, "existing"); err != nil {
 		c.t.Fatalf("etcdtest: %v", err)
 	}
@@ -196,8 +222,84 @@ func (c *Cluster) Restart(i int) {
 
 // Close stops every member.
 func (c *Cluster) Close() {
-	for i := range c.members {
+	for i, m := range c.members {
 		c.Kill(i)
+		m.stopped.Wait()
+	}
+}
+
+// relay forwards loopback TCP connections to a member's client port
+// until closed; close cuts every connection at once.
+type relay struct {
+	ln    net.Listener
+	mu    sync.Mutex
+	conns map[net.Conn]bool
+	done  bool
+}
+
+func startRelay(listen, backend string) (*relay, error) {
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, fmt.Errorf("relay on %s: %w", listen, err)
+	}
+	r := &relay{ln: ln, conns: make(map[net.Conn]bool)}
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go r.forward(in, backend)
+		}
+	}()
+	return r, nil
+}
+
+func (r *relay) track(cs ...net.Conn) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		return false
+	}
+	for _, c := range cs {
+		r.conns[c] = true
+	}
+	return true
+}
+
+func (r *relay) forward(in net.Conn, backend string) {
+	out, err := net.DialTimeout("tcp", backend, 5*time.Second)
+	if err != nil {
+		in.Close()
+		return
+	}
+	if !r.track(in, out) {
+		in.Close()
+		out.Close()
+		return
+	}
+	copyClose := func(dst, src net.Conn) {
+		io.Copy(dst, src)
+		dst.Close()
+		src.Close()
+	}
+	go copyClose(out, in)
+	copyClose(in, out)
+	r.mu.Lock()
+	delete(r.conns, in)
+	delete(r.conns, out)
+	r.mu.Unlock()
+}
+
+func (r *relay) close() {
+	r.mu.Lock()
+	r.done = true
+	conns := r.conns
+	r.conns = nil
+	r.mu.Unlock()
+	r.ln.Close()
+	for c := range conns {
+		c.Close()
 	}
 }
 
