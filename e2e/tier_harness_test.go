@@ -303,32 +303,11 @@ type signerTierStatus struct {
 	PolicyRevision int64 `json:"policy_revision"`
 }
 
-// statusShape is what a replica's status --json holds, whatever its
-// shape: the contract's fields, or the same facts nested under "tier"
-// (etcd_ok, etcd_error) as the implementation had them when these tests
-// were written. status reads either, so a test goes on past the
-// mismatch; checkStatusShape reports the mismatch, once.
-type statusShape struct {
-	signerTierStatus
-	Tier *struct {
-		Replica        string `json:"replica"`
-		EtcdOK         bool   `json:"etcd_ok"`
-		EtcdError      string `json:"etcd_error"`
-		PolicyRevision int64  `json:"policy_revision"`
-	} `json:"tier"`
-}
-
 // status reads the replica's report from its admin socket.
 func (r *replica) status() (signerTierStatus, error) {
-	var s statusShape
-	if err := getJSON(r.admin, "http://signer/v1/status", &s); err != nil {
-		return signerTierStatus{}, err
-	}
-	if s.Replica == "" && s.Tier != nil {
-		s.Replica, s.PolicyRevision = s.Tier.Replica, s.Tier.PolicyRevision
-		s.Etcd.OK, s.Etcd.Error = s.Tier.EtcdOK, s.Tier.EtcdError
-	}
-	return s.signerTierStatus, nil
+	var s signerTierStatus
+	err := getJSON(r.admin, "http://signer/v1/status", &s)
+	return s, err
 }
 
 // checkStatusShape asserts the contract's field names in the replica's

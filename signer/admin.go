@@ -25,8 +25,9 @@ type StatusReport struct {
 	AgentsConnected int        `json:"agents_connected"`
 	Revoked         int        `json:"revoked"`
 	UptimeSeconds   int64      `json:"uptime_seconds"`
-	// Tier is the replica's view of its tier; nil for a lone signer.
-	Tier *TierStatus `json:"tier,omitempty"`
+	// The replica's view of its tier (replica, etcd, policy_revision,
+	// ...); absent for a lone signer.
+	*TierStatus
 }
 
 // CAStatus is one CA of the trust bundle.
@@ -58,7 +59,7 @@ func (s *Signer) Status(now time.Time) StatusReport {
 	}
 	s.mu.Unlock()
 	r.AgentsConnected = s.syncs.connected()
-	r.Tier = s.tierStatus()
+	r.TierStatus = s.tierStatus()
 	return r
 }
 

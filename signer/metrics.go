@@ -142,8 +142,8 @@ func (s *Signer) readiness() (int, string) {
 		}
 		return http.StatusServiceUnavailable, "starting"
 	}
-	if t := s.tierStatus(); t != nil && !t.EtcdOK {
-		return http.StatusOK, "degraded: etcd unavailable: " + t.EtcdError
+	if t := s.tierStatus(); t != nil && !t.Etcd.OK {
+		return http.StatusOK, "degraded: etcd unavailable: " + t.Etcd.Error
 	}
 	return http.StatusOK, "ok"
 }

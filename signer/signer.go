@@ -10,6 +10,7 @@
 package signer
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -21,6 +22,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -530,6 +532,15 @@ func (s *Signer) unionCAsLocked(own []*x509.Certificate) []*x509.Certificate {
 			out = append(out, c)
 		}
 	}
+	// One order for the whole tier, newest first: every replica then
+	// sends the same bundle, and an agent that moves to another replica
+	// sees no change to push to its workloads.
+	slices.SortStableFunc(out, func(a, b *x509.Certificate) int {
+		if c := b.NotBefore.Compare(a.NotBefore); c != 0 {
+			return c
+		}
+		return bytes.Compare(a.Raw, b.Raw)
+	})
 	return out
 }
 
@@ -544,6 +555,7 @@ func (s *Signer) unionKeysLocked(own []publicJWTKey) []publicJWTKey {
 			out = append(out, k)
 		}
 	}
+	slices.SortStableFunc(out, func(a, b publicJWTKey) int { return strings.Compare(a.kid, b.kid) })
 	return out
 }
 

@@ -58,8 +58,8 @@ func TestTierReplicasShareState(t *testing.T) {
 	c := etcdtest.Start(t, 3)
 	a := newSimAgent(t)
 	ra := serveTestSigner(t, nodePolicy(a.ek), tierExtra(c, "ra"))
-	if st := ra.Status(time.Now()); st.Tier == nil || st.Tier.PolicyRevision != 1 || !st.Tier.EtcdOK {
-		t.Fatalf("first replica's tier status = %+v, want policy revision 1 seeded, etcd ok", st.Tier)
+	if st := ra.Status(time.Now()); st.TierStatus == nil || st.PolicyRevision != 1 || !st.Etcd.OK {
+		t.Fatalf("first replica's tier status = %+v, want policy revision 1 seeded, etcd ok", st.TierStatus)
 	}
 
 	start := time.Now()
@@ -123,7 +123,7 @@ func TestTierReplicasShareState(t *testing.T) {
 	src := nodePolicy(a.ek) + "workload \"db\" {\n  spiffe_id = \"spiffe://example.org/db\"\n  nodes = [\"lab\"]\n  selectors = [\"unix:uid:5\"]\n}\n"
 	applied := time.Now()
 	ps, err := ra.ApplyPolicy(t.Context(), PolicyApply{Filename: "/etc/lanyard/policy.hcl", Source: src}, 0)
-	if err != nil || ps.Revision != 2 || ps.Latest != 2 {
+	if err != nil || ps.Revision != 2 || ps.Latest != 2 || ps.Applied != 2 {
 		t.Fatalf("ApplyPolicy = %+v, %v; want revision 2 in force", ps, err)
 	}
 	next, err := stB.Recv()
@@ -208,7 +208,7 @@ func TestTierEtcdOutage(t *testing.T) {
 	for i := range 3 {
 		c.Kill(i)
 	}
-	within(t, 5*time.Second, "etcd unavailable in status", func() bool { return !ra.Status(time.Now()).Tier.EtcdOK })
+	within(t, 5*time.Second, "etcd unavailable in status", func() bool { return !ra.Status(time.Now()).Etcd.OK })
 	if code, body := ra.readiness(); code != 200 || !strings.HasPrefix(body, "degraded: etcd unavailable") {
 		t.Errorf("/ready = %d %q, want 200 degraded", code, body)
 	}
@@ -227,7 +227,7 @@ func TestTierEtcdOutage(t *testing.T) {
 	for i := range 3 {
 		go c.Restart(i)
 	}
-	within(t, 20*time.Second, "etcd back in status", func() bool { return ra.Status(time.Now()).Tier.EtcdOK })
+	within(t, 20*time.Second, "etcd back in status", func() bool { return ra.Status(time.Now()).Etcd.OK })
 	if _, err := ra.ApplyPolicy(t.Context(), PolicyApply{Filename: "/p.hcl", Source: nodePolicy(a.ek)}, 0); err != nil {
 		t.Fatalf("ApplyPolicy after etcd is back: %v", err)
 	}

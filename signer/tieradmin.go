@@ -40,6 +40,8 @@ type PolicyStatus struct {
 	// Latest is etcd's revision; Error why it is not in force here.
 	Latest int64  `json:"latest"`
 	Error  string `json:"error,omitempty"`
+	// Applied is the revision a policy apply wrote (apply's answer only).
+	Applied int64 `json:"applied,omitempty"`
 }
 
 // ApplyPolicy validates a policy file (the same file:line errors as
@@ -82,13 +84,14 @@ func (s *Signer) ApplyPolicy(ctx context.Context, req PolicyApply, uid uint32) (
 	}
 	s.log.Info("policy revision applied", "revision", rev, "by_uid", uid, "nodes", len(p.Nodes), "workloads", len(p.Workloads))
 	deadline := time.Now().Add(2 * time.Second)
-	for time.Now().Before(deadline) {
-		if st := s.PolicyStatus(); st.Revision >= rev || st.Error != "" {
+	for {
+		st := s.PolicyStatus()
+		st.Applied = rev
+		if st.Revision >= rev || st.Error != "" || time.Now().After(deadline) {
 			return st, nil
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	return s.PolicyStatus(), nil
 }
 
 // ErrBadPolicy: an applied policy that does not validate.
@@ -217,18 +220,24 @@ var (
 	ErrUnknownReplica = errors.New("no such replica in etcd")
 )
 
-// TierStatus is the tier's part of `lanyard-signer status`.
+// TierStatus is the tier's part of `lanyard-signer status`; its fields
+// sit at the top level of the JSON report.
 type TierStatus struct {
-	Replica        string    `json:"replica"`
-	EtcdOK         bool      `json:"etcd_ok"`
-	EtcdError      string    `json:"etcd_error,omitempty"`
-	EtcdSince      time.Time `json:"etcd_since,omitzero"`
-	PolicyRevision int64     `json:"policy_revision"`
-	PolicyError    string    `json:"policy_error,omitempty"`
-	ReplicasAlive  int       `json:"replicas_alive"`
-	ReplicasKnown  int       `json:"replicas_known"`
+	Replica        string     `json:"replica"`
+	Etcd           EtcdHealth `json:"etcd"`
+	PolicyRevision int64      `json:"policy_revision"`
+	PolicyError    string     `json:"policy_error,omitempty"`
+	ReplicasAlive  int        `json:"replicas_alive"`
+	ReplicasKnown  int        `json:"replicas_known"`
 	// JoiningUntil is when a joining replica starts serving agents.
 	JoiningUntil time.Time `json:"joining_until,omitzero"`
+}
+
+// EtcdHealth is the replica's link to etcd.
+type EtcdHealth struct {
+	OK    bool      `json:"ok"`
+	Error string    `json:"error,omitempty"`
+	Since time.Time `json:"since,omitzero"` // when OK last changed
 }
 
 // Tier is the replica's state in its tier, nil for a lone signer.
@@ -242,7 +251,7 @@ func (s *Signer) tierStatus() *TierStatus {
 	}
 	h := t.st.Health()
 	t.mu.Lock()
-	out := &TierStatus{Replica: t.name, EtcdOK: h.OK, EtcdError: h.LastError, EtcdSince: h.Since,
+	out := &TierStatus{Replica: t.name, Etcd: EtcdHealth{OK: h.OK, Error: h.LastError, Since: h.Since},
 		PolicyRevision: t.policyRev, PolicyError: t.policyErr, ReplicasAlive: len(t.state.Alive), JoiningUntil: t.joinUntil}
 	known := len(t.state.Replicas)
 	for name := range t.state.Alive {

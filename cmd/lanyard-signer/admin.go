@@ -302,10 +302,10 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(tw, "Bundle:\tsequence %d, %d CAs: %s\n", r.BundleSequence, len(r.CAs), strings.Join(cas, "; "))
 	fmt.Fprintf(tw, "Agents:\t%d connected, %d attested, %d known\n", r.AgentsConnected, r.AgentsAttested, r.AgentsKnown)
 	fmt.Fprintf(tw, "Revoked:\t%d\n", r.Revoked)
-	if t := r.Tier; t != nil {
+	if t := r.TierStatus; t != nil {
 		etcd := "ok"
-		if !t.EtcdOK {
-			etcd = fmt.Sprintf("UNAVAILABLE since %s: %s (signing and sync go on; policy apply and node revoke are refused)", t.EtcdSince.UTC().Format(time.RFC3339), t.EtcdError)
+		if !t.Etcd.OK {
+			etcd = fmt.Sprintf("UNAVAILABLE since %s: %s (signing and sync go on; policy apply and node revoke are refused)", t.Etcd.Since.UTC().Format(time.RFC3339), t.Etcd.Error)
 		}
 		fmt.Fprintf(tw, "Replica:\t%s, %d of %d replicas alive\n", t.Replica, t.ReplicasAlive, t.ReplicasKnown)
 		if !t.JoiningUntil.IsZero() {

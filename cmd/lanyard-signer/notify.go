@@ -27,8 +27,8 @@ func tierLine(t *signer.TierStatus, line string) string {
 		return line
 	case !t.JoiningUntil.IsZero():
 		return fmt.Sprintf("replica %s joining the tier: serves agents from %s, once every replica has pushed its CA", t.Replica, t.JoiningUntil.UTC().Format("2006-01-02T15:04:05Z"))
-	case !t.EtcdOK:
-		line = "etcd unavailable (serving on; policy apply and node revoke refused): " + t.EtcdError + "; " + line
+	case !t.Etcd.OK:
+		line = "etcd unavailable (serving on; policy apply and node revoke refused): " + t.Etcd.Error + "; " + line
 	}
 	return fmt.Sprintf("replica %s, policy revision %d, %d replicas alive; %s", t.Replica, t.PolicyRevision, t.ReplicasAlive, line)
 }

@@ -135,13 +135,13 @@ func policyApply(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "policy apply: %v\n", err)
 		return exitFor(err)
 	}
-	fmt.Fprintf(stdout, "policy revision %d applied (%s, %s)", out.Latest, count(len(p.Nodes), "node block", "node blocks"),
+	fmt.Fprintf(stdout, "policy revision %d applied (%s, %s)", out.Applied, count(len(p.Nodes), "node block", "node blocks"),
 		count(len(p.Workloads), "workload entry", "workload entries"))
 	switch {
 	case out.Error != "":
 		fmt.Fprintf(stdout, "; NOT in force on this replica: %s\n", out.Error)
 		return exitFailed
-	case out.Revision >= out.Latest:
+	case out.Revision >= out.Applied:
 		fmt.Fprintf(stdout, "; in force on this replica\n")
 	default:
 		fmt.Fprintf(stdout, "; this replica still has revision %d in force\n", out.Revision)
