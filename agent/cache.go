@@ -83,6 +83,12 @@ func (c *cache) notifyLocked() {
 func (c *cache) setEntries(entries []*entry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	// A re-sync that brings nothing new (a reconnection, a move to
+	// another signer replica) wakes no stream: every workload stream would
+	// re-send what it holds.
+	if c.synced && slices.EqualFunc(c.entries, entries, func(a, b *entry) bool { return a.ID == b.ID && a.Revision == b.Revision }) {
+		return
+	}
 	c.entries, c.synced = entries, true
 	c.byID = make(map[string]*entry, len(entries))
 	for _, e := range entries {

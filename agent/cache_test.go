@@ -308,3 +308,39 @@ func TestCacheHoldsValidSVID(t *testing.T) {
 		t.Error("an SVID at its NotAfter still counts as valid")
 	}
 }
+
+// TestCacheResyncWithoutChangeWakesNoStream: a sync that brings the same
+// entries again (a reconnection, a move to another signer replica) must
+// not wake the workload streams, which would all re-send; a changed
+// revision, an added or a removed entry must.
+func TestCacheResyncWithoutChangeWakesNoStream(t *testing.T) {
+	c := newCache("example.org")
+	c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1"), testEntry("b", 1, "unix:uid:1")})
+	woken := func(f func()) bool {
+		c.mu.Lock()
+		ch := c.changed.C()
+		c.mu.Unlock()
+		f()
+		select {
+		case <-ch:
+			return true
+		default:
+			return false
+		}
+	}
+	if woken(func() { c.setEntries([]*entry{testEntry("a", 1, "unix:uid:1"), testEntry("b", 1, "unix:uid:1")}) }) {
+		t.Error("the same entries again woke the streams")
+	}
+	for _, tc := range []struct {
+		name    string
+		entries []*entry
+	}{
+		{"revision changed", []*entry{testEntry("a", 2, "unix:uid:1"), testEntry("b", 1, "unix:uid:1")}},
+		{"entry removed", []*entry{testEntry("a", 2, "unix:uid:1")}},
+		{"entry added", []*entry{testEntry("a", 2, "unix:uid:1"), testEntry("c", 1, "unix:uid:1")}},
+	} {
+		if !woken(func() { c.setEntries(tc.entries) }) {
+			t.Errorf("%s: streams not woken", tc.name)
+		}
+	}
+}
