@@ -331,7 +331,9 @@ func (s *Signer) Revoke(name, reason string, byUID uint32) (NodeInfo, error) {
 		s.mu.Unlock()
 		return NodeInfo{}, fmt.Errorf("revoke %s: %w", name, err)
 	}
-	id, _ := spiffeid.FromString(n.AgentID)
+	// The agent ID follows from the EK: the registry's copy may be
+	// rewritten meanwhile by the tier's watch.
+	id, _ := spiffeid.FromString(agentIDString(s.cfg.TrustDomain, ek))
 	s.mu.Lock()
 	// Nothing of the agent is served any more: its calls are refused
 	// before they look at it, and a re-attestation is refused too.
@@ -339,7 +341,7 @@ func (s *Signer) Revoke(name, reason string, byUID uint32) (NodeInfo, error) {
 	info := *n
 	s.mu.Unlock()
 	ended := s.syncs.closeAgent(id, ErrNodeRevoked)
-	s.log.Warn("node revoked", "ek_sha256", ek, "agent", n.AgentID, "reason", reason, "by_uid", byUID, "sync_streams_ended", ended)
+	s.log.Warn("node revoked", "ek_sha256", ek, "agent", info.AgentID, "reason", reason, "by_uid", byUID, "sync_streams_ended", ended)
 	return info, nil
 }
 
@@ -374,7 +376,7 @@ func (s *Signer) Unrevoke(name string, byUID uint32) (NodeInfo, error) {
 	s.mu.Lock()
 	info := *n
 	s.mu.Unlock()
-	s.log.Warn("node unrevoked", "ek_sha256", ek, "agent", n.AgentID, "reason", old.Reason, "by_uid", byUID)
+	s.log.Warn("node unrevoked", "ek_sha256", ek, "agent", info.AgentID, "reason", old.Reason, "by_uid", byUID)
 	return info, nil
 }
 

@@ -68,6 +68,11 @@ func (s *Signer) watchPolicy(ctx context.Context) error {
 // invalid file the last good policy stays in force and the error, with
 // every file:line problem, is logged, counted and returned.
 func (s *Signer) ReloadPolicy() error {
+	if s.tier != nil {
+		// A replica's policy is etcd's revision; policy_path only seeded it.
+		s.log.Info("policy reload ignored: a tier's policy changes with `lanyard-signer policy apply`")
+		return nil
+	}
 	src, err := os.ReadFile(s.cfg.PolicyPath)
 	if err != nil {
 		s.reloads.failed.Add(1)

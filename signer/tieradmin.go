@@ -231,6 +231,9 @@ type TierStatus struct {
 	JoiningUntil time.Time `json:"joining_until,omitzero"`
 }
 
+// Tier is the replica's state in its tier, nil for a lone signer.
+func (s *Signer) Tier() *TierStatus { return s.tierStatus() }
+
 // tierStatus is nil for a lone signer.
 func (s *Signer) tierStatus() *TierStatus {
 	t := s.tier

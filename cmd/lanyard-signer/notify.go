@@ -16,7 +16,21 @@ import (
 // line with its counts. Stats takes the signer's lock, the one every
 // attestation and sync takes, so a wedged signer stops the watchdog pings.
 func notifyDaemon(s *signer.Signer, addr string) sdnotify.Daemon {
-	return sdnotify.Daemon{Ready: s.Ready(), Status: func() string { return statusLine(s.Stats(), addr) }}
+	return sdnotify.Daemon{Ready: s.Ready(), Status: func() string { return tierLine(s.Tier(), statusLine(s.Stats(), addr)) }}
+}
+
+// tierLine adds a replica's state in its tier to line: joining or etcd
+// trouble first, as what explains the rest.
+func tierLine(t *signer.TierStatus, line string) string {
+	switch {
+	case t == nil:
+		return line
+	case !t.JoiningUntil.IsZero():
+		return fmt.Sprintf("replica %s joining the tier: serves agents from %s, once every replica has pushed its CA", t.Replica, t.JoiningUntil.UTC().Format("2006-01-02T15:04:05Z"))
+	case !t.EtcdOK:
+		line = "etcd unavailable (serving on; policy apply and node revoke refused): " + t.EtcdError + "; " + line
+	}
+	return fmt.Sprintf("replica %s, policy revision %d, %d replicas alive; %s", t.Replica, t.PolicyRevision, t.ReplicasAlive, line)
 }
 
 // statusLine puts a refused policy edit first: it is the thing to fix.

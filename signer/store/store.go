@@ -40,6 +40,20 @@ var (
 	// ErrAlive: Forget of a replica that is alive, or Register of a name
 	// another live process holds.
 	ErrAlive = errors.New("replica is alive")
+	// ErrInvalid: a name or EK hash that cannot be a key (empty, a '/',
+	// not 64 hex digits), or a record over its size limit. Nothing was
+	// written.
+	ErrInvalid = errors.New("invalid record")
+)
+
+// Size limits of a record's JSON. A policy is refused by ApplyPolicy and
+// SeedPolicy above MaxPolicySize (etcd's own request limit is 1.5 MiB); a
+// record read back above its limit is skipped like one that does not
+// decode, so a rogue writer of the prefix cannot make replicas hold
+// arbitrary amounts of memory per key.
+const (
+	MaxPolicySize = 1 << 20
+	MaxRecordSize = 256 << 10
 )
 
 // Config says where the shared state lives.
@@ -89,6 +103,9 @@ type ReplicaRecord struct {
 	Keys      []PublicKey `json:"keys"`
 	Updated   time.Time   `json:"updated"`
 	Forgotten bool        `json:"forgotten,omitempty"` // set by Forget: will not come back
+	// ModRevision is the etcd revision that last wrote this record, set
+	// when it is read (not stored): DeleteReplica's compare-and-swap.
+	ModRevision int64 `json:"-"`
 }
 
 // AliveRecord is present while the replica's lease lives.

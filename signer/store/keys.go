@@ -1,0 +1,93 @@
+package store
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+)
+
+// Kinds of records: the first path element under the prefix.
+const (
+	kindPolicy   = "policy"
+	kindReplicas = "replicas"
+	kindAlive    = "alive"
+	kindRevoked  = "revoked"
+	kindNodes    = "nodes"
+)
+
+// maxNameLen bounds a replica name: it travels in keys, logs and the
+// node registry.
+const maxNameLen = 128
+
+// key is the etcd key of a record; name is "" for the policy.
+func (s *Store) key(kind, name string) string {
+	if kind == kindPolicy {
+		return s.root + kindPolicy
+	}
+	return s.root + kind + "/" + name
+}
+
+// split is key's inverse: ok is false for a key that fits no kind of
+// record (another tool's key under our prefix, or a malformed name).
+func (s *Store) split(key string) (kind, name string, ok bool) {
+	rel, found := strings.CutPrefix(key, s.root)
+	if !found {
+		return "", "", false
+	}
+	if rel == kindPolicy {
+		return kindPolicy, "", true
+	}
+	kind, name, _ = strings.Cut(rel, "/")
+	switch kind {
+	case kindReplicas, kindAlive:
+		return kind, name, checkName(name) == nil
+	case kindRevoked, kindNodes:
+		return kind, name, checkEK(name) == nil
+	}
+	return "", "", false
+}
+
+// checkName accepts a replica name that is one plain path element.
+func checkName(name string) error {
+	if name == "" || len(name) > maxNameLen || strings.IndexFunc(name, func(r rune) bool {
+		return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || strings.ContainsRune("._-", r))
+	}) >= 0 || name == "." || name == ".." {
+		return fmt.Errorf("replica name %q: use 1 to %d letters, digits, '.', '_' and '-': %w", name, maxNameLen, ErrInvalid)
+	}
+	return nil
+}
+
+// checkEK accepts an EK SHA-256 as the signer writes it: 64 lowercase hex
+// digits. Anything else would be a second key for the same node.
+func checkEK(ek string) error {
+	if len(ek) != 64 || strings.IndexFunc(ek, func(r rune) bool {
+		return !('0' <= r && r <= '9' || 'a' <= r && r <= 'f')
+	}) >= 0 {
+		return fmt.Errorf("EK SHA-256 %q: want 64 lowercase hex digits: %w", ek, ErrInvalid)
+	}
+	return nil
+}
+
+// encode is a record's JSON, refused above limit.
+func encode(v any, limit int) (string, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return "", fmt.Errorf("encode record: %w", err)
+	}
+	if len(b) > limit {
+		return "", fmt.Errorf("record is %d bytes, over the limit of %d: %w", len(b), limit, ErrInvalid)
+	}
+	return string(b), nil
+}
+
+// decode reads a record written by encode, refusing one above limit before
+// parsing it.
+func decode(b []byte, limit int, v any) error {
+	if len(b) > limit {
+		return fmt.Errorf("record is %d bytes, over the limit of %d", len(b), limit)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("decode record: %w", err)
+	}
+	return nil
+}
