@@ -68,6 +68,7 @@ const (
 //	moved                           Sync streams of the killed replica
 //	kill-resync-p50-ms, -p99-ms     SIGKILL of r2 until each of its streams has its first message on r0 or r1
 //	kill-resync-own-p50-ms, -p99-ms the same from the moment its TPM's simulator was free
+//	kill-etcd-writes                etcd writes from the kill until etcd is quiet again (the moved agents' registry records)
 func BenchmarkSignerTier(b *testing.B) {
 	agents := envInt(b, "LANYARD_TIER_AGENTS", 1000)
 	tpms := min(envInt(b, "LANYARD_TIER_TPMS", 99), agents)
@@ -119,7 +120,7 @@ func BenchmarkSignerTier(b *testing.B) {
 	}
 	defer cli.Close()
 	q := tierQuietWindow(b, ctx, cli, f, reps, on)
-	moved, resync, own := tierKill(b, f, reps, on)
+	moved, resync, own, killWrites := tierKill(b, ctx, cli, f, reps, on)
 
 	b.ReportMetric(float64(agents), "agents")
 	b.ReportMetric(float64(tpms), "tpms")
@@ -137,6 +138,7 @@ func BenchmarkSignerTier(b *testing.B) {
 	b.ReportMetric(msOf(percentile(resync, 99)), "kill-resync-p99-ms")
 	b.ReportMetric(msOf(percentile(own, 50)), "kill-resync-own-p50-ms")
 	b.ReportMetric(msOf(percentile(own, 99)), "kill-resync-own-p99-ms")
+	b.ReportMetric(float64(killWrites), "kill-etcd-writes")
 }
 
 // fleetEKs is the EK hash of each simulated TPM, seeds 1 to n.
@@ -391,9 +393,14 @@ func (w *writeWatch) until(rev int64) map[string]int {
 // its streams ended, attests with r0 or r1 (alternately) and reopens them
 // there, as the real agent does when it loses its replica. It returns how
 // many streams moved and, per stream, the time from the kill to its first
-// message on the new replica, and the same from when its TPM was free.
-func tierKill(b *testing.B, f *scaleFleet, reps []*scaleSigner, on []int) (moved int, resync, own []time.Duration) {
+// message on the new replica, and the same from when its TPM was free;
+// and how many etcd writes the fail-over made (until etcd is quiet again).
+func tierKill(b *testing.B, ctx context.Context, cli *clientv3.Client, f *scaleFleet, reps []*scaleSigner, on []int) (moved int, resync, own []time.Duration, writes int64) {
 	b.Helper()
+	rev0 := etcdRevision(b, ctx, cli)
+	wctx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	w := watchWrites(wctx, cli, rev0)
 	victim := len(reps) - 1
 	var groups int
 	for k, r := range on {
@@ -451,5 +458,7 @@ func tierKill(b *testing.B, f *scaleFleet, reps []*scaleSigner, on []int) (moved
 	if _, err := f.w.wait(); err != nil {
 		b.Fatalf("streams moved off r%d: %v", victim, err)
 	}
-	return moved, resync, own
+	rev1 := settledRevision(b, ctx, cli)
+	b.Logf("etcd writes of the fail-over: %d; by key: %v", rev1-rev0, w.until(rev1))
+	return moved, resync, own, rev1 - rev0
 }

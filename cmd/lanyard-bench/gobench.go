@@ -142,5 +142,7 @@ func tierRows(l goBenchLine) []row {
 			fmt.Sprintf("over 10 s, every agent connected, %d re-attesting (renewals); etcd revision increments", int(m("reattests")))),
 		kill,
 		own,
+		singleRow("signer tier: etcd writes of that fail-over", "writes", 1, m("kill-etcd-writes"),
+			fmt.Sprintf("kill to etcd quiet again: the registry records of the %d agents that moved", moved/max(agents/max(tpms, 1), 1))),
 	}
 }
