@@ -143,6 +143,6 @@ func tierRows(l goBenchLine) []row {
 		kill,
 		own,
 		singleRow("signer tier: etcd writes of that fail-over", "writes", 1, m("kill-etcd-writes"),
-			fmt.Sprintf("kill to etcd quiet again: the registry records of the %d agents that moved", moved/max(agents/max(tpms, 1), 1))),
+			"kill to etcd quiet again: one registry record per agent (TPM) that moved, not per stream"),
 	}
 }
