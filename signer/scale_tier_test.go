@@ -423,7 +423,10 @@ func tierKill(b *testing.B, ctx context.Context, cli *clientv3.Client, f *scaleF
 	if err := reps[victim].kill(); err != nil {
 		b.Fatal(err)
 	}
-	timeout := time.After(scaleTimeout)
+	// The agents attest one after the other (one simulator): about a
+	// second each is plenty.
+	bound := scaleTimeout + time.Duration(groups)*time.Second
+	timeout := time.After(bound)
 	for got := 0; got < groups; {
 		select {
 		case e := <-f.ends:
@@ -452,7 +455,7 @@ func tierKill(b *testing.B, ctx context.Context, cli *clientv3.Client, f *scaleF
 			}
 			got++
 		case <-timeout:
-			b.Fatalf("r%d killed: %d of %d agents re-synced elsewhere after %v", victim, got, groups, scaleTimeout)
+			b.Fatalf("r%d killed: %d of %d agents re-synced elsewhere after %v", victim, got, groups, bound)
 		}
 	}
 	if _, err := f.w.wait(); err != nil {
