@@ -10,6 +10,7 @@
 # BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (3s), BENCH_SCALE_AGENTS (1000),
 # BENCH_SCALE_TPMS (100), BENCH_TIER_AGENTS (1000), BENCH_TIER_TPMS (99),
 # BENCH_GO (1: run the Go benchmarks, the scale run and the tier run),
+# BENCH_TIER (1: run the tier run, about 50 s; 0 skips it),
 # BENCH_KEEP (set: keep the logs and configs, the TPM state is removed),
 # BENCH_AGENT_LOG_LEVEL (the agent's log_level; default its own, info).
 set -euo pipefail
@@ -48,6 +49,8 @@ if [[ "${BENCH_GO:-1}" == 1 ]]; then
   (cd "$root" && LANYARD_SCALE_AGENTS="${BENCH_SCALE_AGENTS:-1000}" LANYARD_SCALE_TPMS="${BENCH_SCALE_TPMS:-100}" \
     "$go" test -run '^$' -bench 'BenchmarkSignerScale$' -benchtime 1x -timeout 10m ./signer/) | tee "$work/scale.txt" >&2
   gobench+=("$work/scale.txt")
+fi
+if [[ "${BENCH_GO:-1}" == 1 && "${BENCH_TIER:-1}" == 1 ]]; then
   echo "== signer tier run (3 replicas on a real 3-member etcd, simulated agents)" >&2
   (cd "$root" && LANYARD_TIER_AGENTS="${BENCH_TIER_AGENTS:-1000}" LANYARD_TIER_TPMS="${BENCH_TIER_TPMS:-99}" \
     "$go" test -run '^$' -bench 'BenchmarkSignerTier$' -benchtime 1x -timeout 10m ./signer/) | tee "$work/tier.txt" >&2
