@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# make bench: the Go benchmarks of the hot paths, the signer scale run (go
-# test, cgo simulator), then lanyard-bench against a real swtpm, signer and
-# agent; prints one table. Everything runs on loopback in one temporary
+# make bench: the Go benchmarks of the hot paths, the signer scale and tier
+# runs (go test, cgo simulator; the tier's etcd is embedded), then
+# lanyard-bench against a real swtpm, signer and agent; prints one table. Everything runs on loopback in one temporary
 # folder, removed on exit. Nothing secret is written: the configs, the
 # policy, the public bundle and the daemons' logs; swtpm's own state and
 # its stand-in manufacturer CA stay in the temporary folder, as in make demo.
 #
 # Knobs (environment): BENCH_CALLS (2000), BENCH_STREAMS (1000,10000),
 # BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (3s), BENCH_SCALE_AGENTS (1000),
-# BENCH_SCALE_TPMS (100), BENCH_GO (1: run the Go benchmarks and the scale run),
+# BENCH_SCALE_TPMS (100), BENCH_TIER_AGENTS (1000), BENCH_TIER_TPMS (99),
+# BENCH_GO (1: run the Go benchmarks, the scale run and the tier run),
+# BENCH_TIER (1: run the tier run, about 50 s; 0 skips it),
 # BENCH_KEEP (set: keep the logs and configs, the TPM state is removed),
 # BENCH_AGENT_LOG_LEVEL (the agent's log_level; default its own, info).
 set -euo pipefail
@@ -47,6 +49,12 @@ if [[ "${BENCH_GO:-1}" == 1 ]]; then
   (cd "$root" && LANYARD_SCALE_AGENTS="${BENCH_SCALE_AGENTS:-1000}" LANYARD_SCALE_TPMS="${BENCH_SCALE_TPMS:-100}" \
     "$go" test -run '^$' -bench 'BenchmarkSignerScale$' -benchtime 1x -timeout 10m ./signer/) | tee "$work/scale.txt" >&2
   gobench+=("$work/scale.txt")
+fi
+if [[ "${BENCH_GO:-1}" == 1 && "${BENCH_TIER:-1}" == 1 ]]; then
+  echo "== signer tier run (3 replicas on a real 3-member etcd, simulated agents)" >&2
+  (cd "$root" && LANYARD_TIER_AGENTS="${BENCH_TIER_AGENTS:-1000}" LANYARD_TIER_TPMS="${BENCH_TIER_TPMS:-99}" \
+    "$go" test -run '^$' -bench 'BenchmarkSignerTier$' -benchtime 1x -timeout 10m ./signer/) | tee "$work/tier.txt" >&2
+  gobench+=("$work/tier.txt")
 fi
 
 echo "== software TPM" >&2

@@ -160,6 +160,10 @@ type scaleGroup struct {
 	from, to int
 	conns    []*grpc.ClientConn
 	had      time.Time // when connect last had the simulator
+	// stop ends the group's current streams when connect replaces them
+	// (an agent's renewal): their end is the agent's own doing, not
+	// reported on the fleet's ends.
+	stop context.CancelFunc
 }
 
 // scaleFleet is the simulated agents: groups of streams, one per TPM.
@@ -176,7 +180,9 @@ type scaleFleet struct {
 
 // connect attests the group's TPM with sig and opens its Sync streams,
 // each on its own connection whose handshake the TPM key signs; it
-// returns when each has its first message, with the times they came.
+// returns when each has its first message, with the times they came. A
+// group already connected closes its old connections first, as an agent
+// that attested again (a renewal, or with another replica) does.
 func (f *scaleFleet) connect(g *scaleGroup, sig *scaleSigner) ([]time.Time, error) {
 	f.sim.Lock()
 	defer f.sim.Unlock()
@@ -190,10 +196,15 @@ func (f *scaleFleet) connect(g *scaleGroup, sig *scaleSigner) ([]time.Time, erro
 	if err != nil {
 		return nil, err
 	}
+	if g.stop != nil {
+		g.stop()
+	}
 	for _, cc := range g.conns {
 		cc.Close()
 	}
 	g.conns = nil
+	sctx, stop := context.WithCancel(f.ctx)
+	g.stop = stop
 	signerID := spiffeid.RequireFromSegments(scaleTD, "lanyard", "signer")
 	var firsts []time.Time
 	for i := g.from; i < g.to; i++ {
@@ -203,7 +214,7 @@ func (f *scaleFleet) connect(g *scaleGroup, sig *scaleSigner) ([]time.Time, erro
 			return nil, err
 		}
 		g.conns = append(g.conns, cc)
-		stream, err := signerpb.NewSignerClient(cc).Sync(f.ctx, &signerpb.SyncRequest{})
+		stream, err := signerpb.NewSignerClient(cc).Sync(sctx, &signerpb.SyncRequest{})
 		if err != nil {
 			return nil, fmt.Errorf("Sync %d: %w", i, err)
 		}
@@ -220,7 +231,7 @@ func (f *scaleFleet) connect(g *scaleGroup, sig *scaleSigner) ([]time.Time, erro
 			for {
 				msg, err := stream.Recv()
 				if err != nil {
-					if f.ctx.Err() == nil {
+					if sctx.Err() == nil {
 						f.ends <- streamEnd{i: i, err: err, at: time.Now()}
 					}
 					return

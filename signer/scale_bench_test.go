@@ -144,7 +144,15 @@ func startScaleSigner(b *testing.B, dir, addr string) *scaleSigner {
 	s.started = time.Since(t0)
 	f := strings.Fields(line)
 	if err != nil || len(f) != 3 || f[0] != "addr" {
-		b.Fatalf("signer child: %q %v", line, err)
+		// A failing child prints "--- FAIL" first, then why.
+		for range 10 {
+			more, err := s.line()
+			if err != nil {
+				break
+			}
+			line += "\n" + more
+		}
+		b.Fatalf("signer child: %s %v", line, err)
 	}
 	ns, err := strconv.ParseInt(f[2], 10, 64)
 	if err != nil {

@@ -6,8 +6,10 @@ package signer_test
 // binary, started again), so its RSS and CPU time are its own and not
 // mixed with the simulated agents'. The child serves on loopback, prints
 // its address, and reloads its policy file on each "reload" line of its
-// stdin, as a file watcher would: read, parse, SetPolicy; and revokes a
-// node on each "revoke EK-SHA256" line, as `node revoke` does.
+// stdin, as a file watcher would: read, parse, SetPolicy; revokes a node
+// on each "revoke EK-SHA256" line, as `node revoke` does; and, as a
+// replica of BenchmarkSignerTier, applies the policy file of each
+// "apply PATH" line to the tier, as `lanyard-signer policy apply` does.
 
 import (
 	"bufio"
@@ -53,17 +55,15 @@ func TestScaleSignerChild(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx, lis) }()
-	// Serve writes the bundle first: the address is announced once the
-	// bundle an agent needs is there.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := os.Stat(cfg.BundlePath); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no bundle at %s after 30s", cfg.BundlePath)
-		}
-		time.Sleep(10 * time.Millisecond)
+	// Serve writes the bundle before it serves, and a replica of a tier
+	// serves only once it joined (a joining one after ca_publish_lead):
+	// the address is announced once agents are served.
+	select {
+	case <-s.Ready():
+	case err := <-done:
+		t.Fatalf("Serve ended before serving: %v", err)
+	case <-time.After(scaleTimeout):
+		t.Fatalf("not serving after %v", scaleTimeout)
 	}
 	// The wall clock of readiness goes with the address: the benchmark
 	// times the agents' re-sync from it.
@@ -71,6 +71,10 @@ func TestScaleSignerChild(t *testing.T) {
 
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
+		if path, ok := strings.CutPrefix(in.Text(), "apply "); ok {
+			fmt.Println(childApply(ctx, s, path))
+			continue
+		}
 		if ek, ok := strings.CutPrefix(in.Text(), "revoke "); ok {
 			// What the admin socket's POST /v1/nodes/revoke calls.
 			if _, err := s.Revoke(ek, "benchmark", 0); err != nil {
@@ -96,4 +100,24 @@ func TestScaleSignerChild(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Errorf("Serve: %v", err)
 	}
+}
+
+// childApply is what the admin socket's policy apply calls: the file's
+// content becomes etcd's next policy revision. It answers "ok" once the
+// revision is in force on this replica.
+func childApply(ctx context.Context, s *signer.Signer, path string) string {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("error %v", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, scaleTimeout)
+	defer cancel()
+	st, err := s.ApplyPolicy(ctx, signer.PolicyApply{Filename: path, Source: string(src)}, 0)
+	switch {
+	case err != nil:
+		return fmt.Sprintf("error %v", err)
+	case st.Error != "":
+		return "error " + st.Error
+	}
+	return "ok"
 }

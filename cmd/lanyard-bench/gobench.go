@@ -65,6 +65,10 @@ func goBenchRows(path string) ([]row, error) {
 			rows = append(rows, scaleRows(l)...)
 			continue
 		}
+		if l.name == "BenchmarkSignerTier" {
+			rows = append(rows, tierRows(l)...)
+			continue
+		}
 		ns, ok := l.metrics["ns/op"]
 		if !ok || ns == 0 {
 			continue
@@ -74,14 +78,17 @@ func goBenchRows(path string) ([]row, error) {
 	return rows, nil
 }
 
+// metric is l's figure in unit, NaN when absent.
+func (l goBenchLine) metric(unit string) float64 {
+	if v, ok := l.metrics[unit]; ok {
+		return v
+	}
+	return math.NaN()
+}
+
 // scaleRows names the figures of BenchmarkSignerScale.
 func scaleRows(l goBenchLine) []row {
-	m := func(unit string) float64 {
-		if v, ok := l.metrics[unit]; ok {
-			return v
-		}
-		return math.NaN()
-	}
+	m := l.metric
 	agents, tpms := int(m("agents")), int(m("tpms"))
 	edits := int(m("edits"))
 	edit := singleRow(fmt.Sprintf("signer: policy edit reaches %d agents' Sync streams", agents), "ms", edits, m("edit-last-p50-ms"),
@@ -106,5 +113,36 @@ func scaleRows(l goBenchLine) []row {
 		resync,
 		own,
 		revoke,
+	}
+}
+
+// tierRows names the figures of BenchmarkSignerTier.
+func tierRows(l goBenchLine) []row {
+	m := l.metric
+	agents, tpms, replicas := int(m("agents")), int(m("tpms")), int(m("replicas"))
+	per := agents / max(replicas, 1)
+	apply := singleRow(fmt.Sprintf("signer tier: policy apply reaches %d agents on %d replicas", agents, replicas), "ms", int(m("applies")), m("apply-p50-ms"),
+		fmt.Sprintf("apply through one replica (etcd, each replica's watch, push) to the last stream; %d distinct TPMs", tpms))
+	apply.P99 = m("apply-p99-ms")
+	moved := int(m("moved"))
+	kill := singleRow("signer tier: replica killed to its agents re-synced on others", "ms", moved, m("kill-resync-p50-ms"),
+		"kill -9 to each stream's first message on another replica; agents re-attest one at a time (one simulator)")
+	kill.P99 = m("kill-resync-p99-ms")
+	own := singleRow("signer tier: one agent's fail-over once its TPM is free", "ms", moved, m("kill-resync-own-p50-ms"),
+		"attest with another replica and reopen its streams, from when its simulator was free")
+	own.P99 = m("kill-resync-own-p99-ms")
+	return []row{
+		apply,
+		singleRow("signer tier: CPU per policy apply, busiest replica", "ms", int(m("applies")), m("replica-cpu-ms/apply"),
+			fmt.Sprintf("user+sys, each replica pushing to about %d streams", per)),
+		singleRow(fmt.Sprintf("signer tier: RSS per replica with about %d agents' Sync streams", per), "MiB", replicas, m("replica-rss-mib"), "VmRSS, largest replica"),
+		singleRow("signer tier: CPU per re-attestation, serving replica", "ms", int(m("reattests")), m("replica-cpu-ms/attest"),
+			fmt.Sprintf("attest, then reopen the agent's %d Sync streams (one mTLS connection each)", agents/max(tpms, 1))),
+		singleRow("signer tier: etcd writes at steady state", "writes/s", 1, m("etcd-writes/s"),
+			fmt.Sprintf("over 10 s, every agent connected, %d re-attesting (renewals); etcd revision increments", int(m("reattests")))),
+		kill,
+		own,
+		singleRow("signer tier: etcd writes of that fail-over", "writes", 1, m("kill-etcd-writes"),
+			"kill to etcd quiet again: one registry record per agent (TPM) that moved, not per stream"),
 	}
 }

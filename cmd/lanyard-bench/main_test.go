@@ -22,6 +22,7 @@ func TestGoBenchRows(t *testing.T) {
 BenchmarkSignX509SVID 	    4044	    250000 ns/op
 BenchmarkEntryMatching/entries=1000/warm 	14039220	        90.00 ns/op	      80 B/op	       1 allocs/op
 BenchmarkSignerScale-2   	       1	 977259251 ns/op	      1000 agents	       130.6 attest-ms	       185.9 edit-last-p50-ms	       257.3 edit-last-p99-ms	        5.000 edits	       108.0 signer-cpu-ms/edit	        20.82 signer-rss-idle-mib	       126.0 signer-rss-mib	       100.0 tpms	        40.5 signer-start-ms	       900.0 resync-p50-ms	      1800 resync-p99-ms	        95.1 resync-own-p50-ms	       116.1 resync-own-p99-ms	        10.00 revokes	         1.6 revoke-p50-ms	         2.7 revoke-p99-ms
+BenchmarkSignerTier-2   	       1	 869797376 ns/op	      1000 agents	         5.000 applies	       166.4 apply-p50-ms	       201.4 apply-p99-ms	         0 etcd-writes/s	        33.00 kill-etcd-writes	       135.7 kill-resync-own-p50-ms	       385.8 kill-resync-own-p99-ms	      3019 kill-resync-p50-ms	      5557 kill-resync-p99-ms	       334.0 moved	         9.000 reattests	        40.00 replica-cpu-ms/apply	        25.56 replica-cpu-ms/attest	        75.12 replica-rss-mib	         3.000 replicas	        99.00 tpms
 PASS
 `
 	path := filepath.Join(t.TempDir(), "bench.txt")
@@ -55,6 +56,14 @@ PASS
 		{"signer: restart to 1000 agents re-synced", 1000, 900, "1800", "ms"},
 		{"signer: restart, one agent's re-sync once its TPM is free", 1000, 95.1, "116.1", "ms"},
 		{"signer: node revoke to the agent's Sync closed", 10, 1.6, "2.700", "ms"},
+		{"signer tier: policy apply reaches 1000 agents on 3 replicas", 5, 166.4, "201.4", "ms"},
+		{"signer tier: CPU per policy apply, busiest replica", 5, 40, "-", "ms"},
+		{"signer tier: RSS per replica with about 333 agents' Sync streams", 3, 75.12, "-", "MiB"},
+		{"signer tier: CPU per re-attestation, serving replica", 9, 25.56, "-", "ms"},
+		{"signer tier: etcd writes at steady state", 1, 0, "-", "writes/s"},
+		{"signer tier: replica killed to its agents re-synced on others", 334, 3019, "5557", "ms"},
+		{"signer tier: one agent's fail-over once its TPM is free", 334, 135.7, "385.8", "ms"},
+		{"signer tier: etcd writes of that fail-over", 1, 33, "-", "writes"},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("rows (-want +got):\n%s", diff)
