@@ -76,36 +76,52 @@ func (s *Signer) applySharedPolicy(rec *store.PolicyRecord) {
 // carries out revocations made through any replica: the node's agent
 // record is dropped and its Sync streams here end at once.
 func (s *Signer) applySharedNodes(st store.State) {
+	eks := st.NodesChanged
+	if st.Full {
+		eks = make([]string, 0, len(st.Nodes)+len(st.Revoked)+len(s.nodes))
+		for ek := range st.Nodes {
+			eks = append(eks, ek)
+		}
+		for ek := range st.Revoked {
+			eks = append(eks, ek)
+		}
+		s.mu.Lock()
+		for ek := range s.nodes {
+			eks = append(eks, ek)
+		}
+		s.mu.Unlock()
+	}
+	if len(eks) == 0 {
+		return
+	}
 	var cut []spiffeid.ID
 	s.mu.Lock()
-	for ek, r := range st.Nodes {
+	for _, ek := range eks {
+		r, known := st.Nodes[ek]
+		rev, revoked := st.Revoked[ek]
 		n := s.nodes[ek]
 		if n == nil {
-			n = &NodeInfo{EKSHA256: ek}
-			s.nodes[ek] = n
-		}
-		if !r.LastAttested.Before(n.LastAttested) {
-			n.AgentID, n.Nodes, n.TPMManufacturer = r.AgentID, slices.Clone(r.Nodes), r.TPMManufacturer
-			n.FirstAttested, n.LastAttested, n.AgentVersion = r.FirstAttested, r.LastAttested, r.AgentVersion
-		}
-		n.Replica = r.Replica
-	}
-	for ek, r := range st.Revoked {
-		n := s.nodes[ek]
-		if n == nil {
+			if !known && !revoked {
+				continue
+			}
 			n = &NodeInfo{EKSHA256: ek, AgentID: agentIDString(s.cfg.TrustDomain, ek)}
 			s.nodes[ek] = n
 		}
-		if n.Revoked == nil {
-			n.Revoked = &Revocation{Reason: r.Reason, At: r.At, ByUID: r.ByUID}
+		if known {
+			if !r.LastAttested.Before(n.LastAttested) {
+				n.AgentID, n.Nodes, n.TPMManufacturer = r.AgentID, slices.Clone(r.Nodes), r.TPMManufacturer
+				n.FirstAttested, n.LastAttested, n.AgentVersion = r.FirstAttested, r.LastAttested, r.AgentVersion
+			}
+			n.Replica = r.Replica
+		}
+		switch {
+		case revoked && n.Revoked == nil:
+			n.Revoked = &Revocation{Reason: rev.Reason, At: rev.At, ByUID: rev.ByUID}
 			if id, err := spiffeid.FromString(agentIDString(s.cfg.TrustDomain, ek)); err == nil {
 				delete(s.agents, id)
 				cut = append(cut, id)
 			}
-		}
-	}
-	for ek, n := range s.nodes {
-		if _, ok := st.Revoked[ek]; !ok && n.Revoked != nil {
+		case !revoked && n.Revoked != nil:
 			n.Revoked = nil
 			s.log.Info("node revocation lifted through another replica", "ek_sha256", ek)
 		}

@@ -81,6 +81,7 @@ func (s *Store) load(ctx context.Context) (State, error) {
 	}
 	b := builder{s: s, st: State{
 		Revision: resp.Header.Revision,
+		Full:     true,
 		Replicas: map[string]ReplicaRecord{},
 		Alive:    map[string]AliveRecord{},
 		Revoked:  map[string]Revocation{},
@@ -89,6 +90,7 @@ func (s *Store) load(ctx context.Context) (State, error) {
 	for _, kv := range resp.Kvs {
 		b.put(kv)
 	}
+	b.st.NodesChanged = nil // Full: everything
 	s.seen(resp.Header.Revision)
 	return b.st, nil
 }
@@ -119,6 +121,7 @@ func (s *Store) follow(ctx context.Context, st State, onChange func(State), bo *
 		}
 		b := builder{s: s, st: st}
 		b.st.Revision = resp.Events[len(resp.Events)-1].Kv.ModRevision
+		b.st.Full, b.st.NodesChanged = false, nil
 		for _, ev := range resp.Events {
 			if ev.Type == clientv3.EventTypeDelete {
 				b.del(ev.Kv)
@@ -202,11 +205,13 @@ func (b *builder) put(kv *mvccpb.KeyValue) {
 		}
 	case kindRevoked:
 		var rec Revocation
+		b.st.NodesChanged = append(b.st.NodesChanged, name)
 		if err = decode(kv.Value, MaxRecordSize, &rec); err == nil {
 			writable(&b.st.Revoked, &b.own, ownRevoked)[name] = rec
 		}
 	case kindNodes:
 		var rec NodeRecord
+		b.st.NodesChanged = append(b.st.NodesChanged, name)
 		if err = decode(kv.Value, MaxRecordSize, &rec); err == nil {
 			rec.EKSHA256 = name
 			writable(&b.st.Nodes, &b.own, ownNodes)[name] = rec
@@ -240,10 +245,12 @@ func (b *builder) del(kv *mvccpb.KeyValue) {
 			delete(writable(&b.st.Alive, &b.own, ownAlive), name)
 		}
 	case kindRevoked:
+		b.st.NodesChanged = append(b.st.NodesChanged, name)
 		if _, ok := b.st.Revoked[name]; ok {
 			delete(writable(&b.st.Revoked, &b.own, ownRevoked), name)
 		}
 	case kindNodes:
+		b.st.NodesChanged = append(b.st.NodesChanged, name)
 		if _, ok := b.st.Nodes[name]; ok {
 			delete(writable(&b.st.Nodes, &b.own, ownNodes), name)
 		}

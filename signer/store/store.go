@@ -151,6 +151,13 @@ type State struct {
 	Alive    map[string]AliveRecord
 	Revoked  map[string]Revocation // by EK SHA-256
 	Nodes    map[string]NodeRecord // by EK SHA-256
+	// Full is true for a State loaded whole (the first one, and after a
+	// compaction); otherwise NodesChanged names the EK hashes whose node
+	// or revocation record the batch of events behind it wrote or
+	// deleted, so a tier of many agents can apply a change in time
+	// proportional to the change, not to the registry.
+	Full         bool
+	NodesChanged []string
 }
 
 // Health is the store's link to etcd now.

@@ -14,7 +14,7 @@ import (
 var (
 	t0       = time.Date(2026, 8, 1, 12, 0, 0, 0, time.UTC)
 	stateCmp = cmp.Options{
-		cmpopts.IgnoreFields(State{}, "Revision"),
+		cmpopts.IgnoreFields(State{}, "Revision", "Full", "NodesChanged"),
 		cmpopts.IgnoreFields(ReplicaRecord{}, "ModRevision"),
 		cmpopts.EquateEmpty(),
 	}
@@ -83,6 +83,9 @@ func TestSnapshotAndWatch(t *testing.T) {
 	if diff := cmp.Diff(wantSnap, snap, stateCmp); diff != "" {
 		t.Fatalf("snapshot (-want +got):\n%s", diff)
 	}
+	if !snap.Full || snap.NodesChanged != nil {
+		t.Errorf("snapshot: Full %v, NodesChanged %v; want a full load naming no change", snap.Full, snap.NodesChanged)
+	}
 	if snap.Revision == 0 || snap.Replicas["r1"].ModRevision == 0 {
 		t.Errorf("snapshot revision %d, replica mod revision %d: want both set", snap.Revision, snap.Replicas["r1"].ModRevision)
 	}
@@ -116,6 +119,29 @@ func TestSnapshotAndWatch(t *testing.T) {
 	applied := policyRec("# two")
 	applied.Revision = 2
 	final := f.waitFor(t, "policy revision 2", func(st State) bool { return st.Policy != nil && st.Policy.Revision == 2 })
+	// Every watched state names the node and revocation records its batch
+	// changed: a, e (revocations) and b (a node) by now, and nothing else
+	// (c, rewritten after the apply, may follow).
+	changed := map[string]bool{}
+	f.mu.Lock()
+	for _, st := range f.states[1:] {
+		if st.Full {
+			t.Errorf("a watched state (revision %d) says Full", st.Revision)
+		}
+		for _, k := range st.NodesChanged {
+			changed[k] = true
+		}
+	}
+	f.mu.Unlock()
+	for _, k := range []string{ek("a"), ek("e"), ek("b")} {
+		if !changed[k] {
+			t.Errorf("no watched state named %s in NodesChanged: %v", k[:1], changed)
+		}
+	}
+	delete(changed, ek("c"))
+	if len(changed) != 3 {
+		t.Errorf("NodesChanged named %d records, want a, b, e: %v", len(changed), changed)
+	}
 	got := final.Replicas["r2"]
 	if !got.Forgotten || got.Updated.Equal(t0) {
 		t.Errorf("r2 after Forget = %+v, want Forgotten with a new Updated", got)
