@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/testlog"
+	"github.com/lanyard-dev/lanyard/internal/testport"
 	"github.com/lanyard-dev/lanyard/internal/testwait"
 )
 
@@ -123,17 +123,9 @@ func (p *proc) waitLog(t *testing.T, d time.Duration, s string) {
 	})
 }
 
-// freePort returns a loopback address nothing listens on right now.
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
+// freePort returns a loopback address nothing listens on, that a daemon
+// restarted on it can bind again (testport.Free).
+func freePort(t *testing.T) string { return testport.Free(t) }
 
 // shortDir is a temp dir whose paths fit in sun_path, readable by all
 // (children run under other uids must reach the socket in it).

@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lanyard-dev/lanyard/internal/testport"
 	"go.etcd.io/etcd/server/v3/embed"
 )
 
@@ -82,17 +83,9 @@ func Start(t testing.TB, n int) *Cluster {
 	return c
 }
 
-// loopbackURL reserves a free loopback port. The port is released before
-// etcd binds it; another process could take it in between, which on a
-// test machine's ephemeral range does not happen in practice.
+// loopbackURL reserves a loopback port a restarted member can bind again.
 func loopbackURL(t testing.TB) url.URL {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("etcdtest: reserve a port: %v", err)
-	}
-	defer l.Close()
-	return url.URL{Scheme: "http", Host: l.Addr().String()}
+	return url.URL{Scheme: "http", Host: testport.Free(t)}
 }
 
 // start starts m with the given initial cluster state ("new" the first
