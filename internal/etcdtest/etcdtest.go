@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/internal/testport"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 )
 
@@ -36,7 +37,15 @@ type Cluster struct {
 	t       testing.TB
 	mu      sync.Mutex
 	members []*member
-	initial string // name=peerURL,... of every member
+	initial string    // name=peerURL,... of every member
+	tls     *TLSFiles // client TLS; nil for plain http
+}
+
+// TLSFiles make the members serve clients over TLS and require a client
+// certificate signed by TrustedCAFile, as a production etcd does.
+type TLSFiles struct {
+	CertFile, KeyFile string // the members' server certificate (for 127.0.0.1)
+	TrustedCAFile     string // verifies the clients' certificates
 }
 
 type member struct {
@@ -55,7 +64,19 @@ type member struct {
 // cleanup stops it.
 func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
-	c := &Cluster{t: t}
+	return start(t, n, nil)
+}
+
+// StartTLS is Start with client TLS: endpoints are https://, and a client
+// needs a certificate tls.TrustedCAFile signed.
+func StartTLS(t testing.TB, n int, tls TLSFiles) *Cluster {
+	t.Helper()
+	return start(t, n, &tls)
+}
+
+func start(t testing.TB, n int, tls *TLSFiles) *Cluster {
+	t.Helper()
+	c := &Cluster{t: t, tls: tls}
 	base := t.TempDir()
 	var initial []string
 	for i := range n {
@@ -63,6 +84,9 @@ func Start(t testing.TB, n int) *Cluster {
 			name: fmt.Sprintf("m%d", i),
 			dir:  filepath.Join(base, fmt.Sprintf("m%d", i)),
 			peer: loopbackURL(t), cli: loopbackURL(t), backend: loopbackURL(t),
+		}
+		if tls != nil {
+			m.cli.Scheme, m.backend.Scheme = "https", "https"
 		}
 		m.logPath = filepath.Join(base, m.name+".log")
 		initial = append(initial, m.name+"="+m.peer.String())
@@ -99,6 +123,10 @@ func (c *Cluster) start(m *member, state string) error {
 	cfg.InitialCluster = c.initial
 	cfg.ClusterState = state
 	cfg.InitialClusterToken = "lanyard-etcdtest"
+	if c.tls != nil {
+		cfg.ClientTLSInfo = transport.TLSInfo{CertFile: c.tls.CertFile, KeyFile: c.tls.KeyFile,
+			TrustedCAFile: c.tls.TrustedCAFile, ClientCertAuth: true}
+	}
 	// Short Raft timings: a killed leader is replaced within about a
 	// second, as the tier's tests expect of a production cluster.
 	cfg.TickMs = 50

@@ -106,6 +106,11 @@ func (s *Store) updateHealth() {
 	s.health.LastError = ""
 	if err != nil {
 		s.health.LastError = err.Error()
+		if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+			// The client retries a refused connection or TLS handshake
+			// until the deadline and reports only that: say where to look.
+			s.health.LastError += " (no etcd endpoint answered in time: check the endpoints, the etcd tls block, and etcd's own log)"
+		}
 	}
 }
 
