@@ -18,7 +18,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
-	"github.com/lanyard-dev/lanyard/signer"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
@@ -72,21 +71,7 @@ type replicaSigner struct {
 // or stop is called.
 func startReplica(t *testing.T, policySrc string, lis net.Listener) *replicaSigner {
 	t.Helper()
-	dir := t.TempDir()
-	conf := "trust_domain = \"example.org\"\npolicy_path = \"policy.hcl\"\nbundle_path = \"bundle.pem\"\nstate_dir = \"state\"\nca_ttl = \"24h\"\nx509_max_ttl = \"2h\"\n"
-	for name, src := range map[string]string{"signer.hcl": conf, "policy.hcl": policySrc} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(src), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cfg, err := signer.LoadConfig(filepath.Join(dir, "signer.hcl"))
-	if err != nil {
-		t.Fatalf("LoadConfig: %v", err)
-	}
-	s, err := signer.New(cfg, hclog.NewNullLogger())
-	if err != nil {
-		t.Fatalf("signer.New: %v", err)
-	}
+	s, cfg := newTestSigner(t, policySrc, hclog.NewNullLogger())
 	kl := &killableListener{Listener: lis}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

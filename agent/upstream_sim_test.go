@@ -138,8 +138,9 @@ func startSigner(t testing.TB, policySrc string) *simSigner {
 	return startSignerLog(t, policySrc, hclog.NewNullLogger())
 }
 
-// startSignerLog is startSigner with the signer logging to log.
-func startSignerLog(t testing.TB, policySrc string, log hclog.Logger) *simSigner {
+// newTestSigner writes a signer config (24h CAs, 2h X.509-SVIDs) and
+// policySrc to a temp dir and makes the signer, not yet serving.
+func newTestSigner(t testing.TB, policySrc string, log hclog.Logger) (*signer.Signer, *signer.Config) {
 	t.Helper()
 	dir := t.TempDir()
 	conf := `
@@ -163,6 +164,13 @@ x509_max_ttl = "2h"
 	if err != nil {
 		t.Fatalf("signer.New: %v", err)
 	}
+	return s, cfg
+}
+
+// startSignerLog is startSigner with the signer logging to log.
+func startSignerLog(t testing.TB, policySrc string, log hclog.Logger) *simSigner {
+	t.Helper()
+	s, cfg := newTestSigner(t, policySrc, log)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -196,7 +204,7 @@ x509_max_ttl = "2h"
 	if err != nil {
 		t.Fatalf("load signer bundle: %v", err)
 	}
-	return &simSigner{s: s, addr: lis.Addr().String(), dir: dir, trust: trust}
+	return &simSigner{s: s, addr: lis.Addr().String(), dir: filepath.Dir(cfg.BundlePath), trust: trust}
 }
 
 // signerID is the SPIFFE ID the agent authorizes the signer by.

@@ -280,6 +280,28 @@ func (f *scaleFleet) reconnect(g *scaleGroup, sig *scaleSigner) ([]time.Time, er
 //	resync-own-p50-ms, -p99-ms   the same from the moment its TPM's simulator was free (see below)
 //	revokes                      node revocations timed
 //	revoke-p50-ms, -p99-ms       revoke (the Signer method the admin socket calls) until that agent's last stream ended
+//
+// newScaleFleet is a fleet of agents streams, none connected yet, whose
+// watch waits for scaleWorkloads entries on every stream.
+func newScaleFleet(ctx context.Context, agents int) *scaleFleet {
+	ends := make(chan streamEnd, 4*agents)
+	f := &scaleFleet{ctx: ctx, ends: ends, w: &syncWatch{counted: make([]int, agents), ends: ends}}
+	f.w.arm(scaleWorkloads, agents)
+	return f
+}
+
+// close ends the fleet: cancel its context, close its connections, and
+// wait for its streams' goroutines.
+func (f *scaleFleet) close(cancel context.CancelFunc) {
+	cancel()
+	for _, g := range f.groups {
+		for _, cc := range g.conns {
+			cc.Close()
+		}
+	}
+	f.wg.Wait()
+}
+
 func BenchmarkSignerScale(b *testing.B) {
 	agents := envInt(b, "LANYARD_SCALE_AGENTS", 1000)
 	tpms := min(envInt(b, "LANYARD_SCALE_TPMS", 100), agents)
@@ -308,18 +330,8 @@ func BenchmarkSignerScale(b *testing.B) {
 	sig := startScaleSigner(b, dir, "")
 	rssIdle, _ := sig.usage(b)
 
-	ends := make(chan streamEnd, 4*agents)
-	f := &scaleFleet{ctx: ctx, ends: ends, w: &syncWatch{counted: make([]int, agents), ends: ends}}
-	f.w.arm(scaleWorkloads, agents)
-	defer func() {
-		cancel()
-		for _, g := range f.groups {
-			for _, cc := range g.conns {
-				cc.Close()
-			}
-		}
-		f.wg.Wait()
-	}()
+	f := newScaleFleet(ctx, agents)
+	defer f.close(cancel)
 	var attests []time.Duration
 	for t := range tpms {
 		g := &scaleGroup{seed: int64(t + 1), ek: eks[t], from: t * agents / tpms, to: (t + 1) * agents / tpms}

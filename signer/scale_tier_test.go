@@ -80,18 +80,8 @@ func BenchmarkSignerTier(b *testing.B) {
 	etcd := etcdtest.Start(b, 3)
 	reps := startTier(b, dir, etcd, eks)
 
-	ends := make(chan streamEnd, 4*agents)
-	f := &scaleFleet{ctx: ctx, ends: ends, w: &syncWatch{counted: make([]int, agents), ends: ends}}
-	f.w.arm(scaleWorkloads, agents)
-	defer func() {
-		cancel()
-		for _, g := range f.groups {
-			for _, cc := range g.conns {
-				cc.Close()
-			}
-		}
-		f.wg.Wait()
-	}()
+	f := newScaleFleet(ctx, agents)
+	defer f.close(cancel)
 	on := make([]int, tpms) // group k's replica
 	for k := range tpms {
 		g := &scaleGroup{seed: int64(k + 1), ek: eks[k], from: k * agents / tpms, to: (k + 1) * agents / tpms}
