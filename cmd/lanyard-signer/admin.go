@@ -118,20 +118,32 @@ reachable, 4 not root
 
 // nodeCmd runs `lanyard-signer node ...` and returns its exit code.
 func nodeCmd(args []string, stdout, stderr io.Writer) int {
+	return dispatch("node", nodeUsage, args, stdout, stderr, map[string]command{
+		"list":     nodeList,
+		"revoke":   func(args []string, stdout, stderr io.Writer) int { return nodeChange("revoke", args, stdout, stderr) },
+		"unrevoke": func(args []string, stdout, stderr io.Writer) int { return nodeChange("unrevoke", args, stdout, stderr) },
+	})
+}
+
+// command is one subcommand: its arguments in, its exit code out.
+type command func(args []string, stdout, stderr io.Writer) int
+
+// dispatch runs the subcommand of group that args name: usage on stderr
+// (exit 2) without one or for an unknown one, on stdout (exit 0) for help.
+func dispatch(group, usage string, args []string, stdout, stderr io.Writer, cmds map[string]command) int {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, nodeUsage)
+		fmt.Fprint(stderr, usage)
 		return exitUsage
 	}
 	switch args[0] {
 	case "help", "-h", "--help":
-		fmt.Fprint(stdout, nodeUsage)
+		fmt.Fprint(stdout, usage)
 		return exitOK
-	case "list":
-		return nodeList(args[1:], stdout, stderr)
-	case "revoke", "unrevoke":
-		return nodeChange(args[0], args[1:], stdout, stderr)
 	}
-	fmt.Fprintf(stderr, "unknown node command %q\n%s", args[0], nodeUsage)
+	if c, ok := cmds[args[0]]; ok {
+		return c(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "unknown %s command %q\n%s", group, args[0], usage)
 	return exitUsage
 }
 

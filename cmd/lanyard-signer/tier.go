@@ -33,23 +33,9 @@ exit codes: 0 done, 1 invalid or refused (etcd unavailable included), 2 usage,
 
 // policyCmd runs `lanyard-signer policy ...` and returns its exit code.
 func policyCmd(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, policyUsage)
-		return exitUsage
-	}
-	switch args[0] {
-	case "help", "-h", "--help":
-		fmt.Fprint(stdout, policyUsage)
-		return exitOK
-	case "check":
-		return policyCheck(args[1:], stdout, stderr)
-	case "apply":
-		return policyApply(args[1:], stdout, stderr)
-	case "show":
-		return policyShow(args[1:], stdout, stderr)
-	}
-	fmt.Fprintf(stderr, "unknown policy command %q\n%s", args[0], policyUsage)
-	return exitUsage
+	return dispatch("policy", policyUsage, args, stdout, stderr, map[string]command{
+		"check": policyCheck, "apply": policyApply, "show": policyShow,
+	})
 }
 
 func policyCheck(args []string, stdout, stderr io.Writer) int {
@@ -196,31 +182,23 @@ exit codes: 0 done, 1 refused, 2 usage, 69 signer not reachable, 4 not root
 `
 
 func replicaCmd(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, replicaUsage)
-		return exitUsage
+	return dispatch("replica", replicaUsage, args, stdout, stderr, map[string]command{
+		"list": replicaList, "forget": replicaForget,
+	})
+}
+
+func replicaForget(args []string, stdout, stderr io.Writer) int {
+	socket, pos, code, done := adminCommandArgs("replica forget", args, stdout, stderr, 1, "NAME", nil)
+	if done {
+		return code
 	}
-	switch args[0] {
-	case "help", "-h", "--help":
-		fmt.Fprint(stdout, replicaUsage)
-		return exitOK
-	case "list":
-		return replicaList(args[1:], stdout, stderr)
-	case "forget":
-		socket, pos, code, done := adminCommandArgs("replica forget", args[1:], stdout, stderr, 1, "NAME", nil)
-		if done {
-			return code
-		}
-		var out map[string]string
-		if err := adminCall(socket, http.MethodPost, "/v1/replicas/forget", map[string]string{"name": pos[0]}, &out); err != nil {
-			fmt.Fprintf(stderr, "replica forget: %v\n", err)
-			return exitFor(err)
-		}
-		fmt.Fprintf(stdout, "replica %s forgotten: its keys stay in the bundle until they expire\n", pos[0])
-		return exitOK
+	var out map[string]string
+	if err := adminCall(socket, http.MethodPost, "/v1/replicas/forget", map[string]string{"name": pos[0]}, &out); err != nil {
+		fmt.Fprintf(stderr, "replica forget: %v\n", err)
+		return exitFor(err)
 	}
-	fmt.Fprintf(stderr, "unknown replica command %q\n%s", args[0], replicaUsage)
-	return exitUsage
+	fmt.Fprintf(stdout, "replica %s forgotten: its keys stay in the bundle until they expire\n", pos[0])
+	return exitOK
 }
 
 func replicaList(args []string, stdout, stderr io.Writer) int {
