@@ -74,8 +74,10 @@ func runCmd(f func([]string, *bytes.Buffer, *bytes.Buffer) int, args ...string) 
 	return code, out.String(), errb.String()
 }
 
-func nodeF(args []string, o, e *bytes.Buffer) int   { return nodeCmd(args, o, e) }
-func statusF(args []string, o, e *bytes.Buffer) int { return statusCmd(args, o, e) }
+func nodeF(args []string, o, e *bytes.Buffer) int    { return nodeCmd(args, o, e) }
+func statusF(args []string, o, e *bytes.Buffer) int  { return statusCmd(args, o, e) }
+func policyF(args []string, o, e *bytes.Buffer) int  { return policyCmd(args, o, e) }
+func replicaF(args []string, o, e *bytes.Buffer) int { return replicaCmd(args, o, e) }
 
 // TestAdminCommands: help exits 0, bad usage 2, the signer's refusals 1
 // with its precise error, an absent signer 69; status and node list read
@@ -83,6 +85,10 @@ func statusF(args []string, o, e *bytes.Buffer) int { return statusCmd(args, o, 
 func TestAdminCommands(t *testing.T) {
 	sock, _ := serveAdmin(t)
 	ek := strings.Repeat("cd", 32)
+	good := filepath.Join(t.TempDir(), "p.hcl")
+	bad := filepath.Join(t.TempDir(), "bad.hcl")
+	os.WriteFile(good, []byte("node \"lab\" {\n  ek_sha256 = [\""+ek+"\"]\n}\n"), 0o644)
+	os.WriteFile(bad, []byte("node \"lab\" {\n}\nworkload \"w\" {\n  nodes = [\"nope\"]\n}\n"), 0o644)
 	tests := []struct {
 		name      string
 		f         func([]string, *bytes.Buffer, *bytes.Buffer) int
@@ -105,6 +111,16 @@ func TestAdminCommands(t *testing.T) {
 		{"list json", nodeF, []string{"list", "--json", "--admin-socket", sock}, 0, "[]", ""},
 		{"status", statusF, []string{"--admin-socket", sock}, 0, "Bundle:   sequence 1, 1 CAs", ""},
 		{"status json", statusF, []string{"--json", "--admin-socket", sock}, 0, `"agents_known": 0`, ""},
+		{"policy help", policyF, []string{"--help"}, 0, "lanyard-signer policy <command>", ""},
+		{"unknown policy command", policyF, []string{"edit"}, 2, "", `unknown policy command "edit"`},
+		{"policy apply without file", policyF, []string{"apply", "--admin-socket", sock}, 2, "", "usage: lanyard-signer policy apply FILE"},
+		{"policy apply invalid file", policyF, []string{"apply", bad, "--admin-socket", sock}, 1, "", bad + ":4: nodes: no node block named \"nope\""},
+		{"policy apply missing file", policyF, []string{"apply", bad + ".nope", "--admin-socket", sock}, 1, "", "no such file"},
+		{"policy apply on a lone signer", policyF, []string{"apply", good, "--admin-socket", sock}, 1, "", "this signer has no etcd block: it is not part of a tier: edit policy_path instead"},
+		{"policy show on a lone signer", policyF, []string{"show", "--admin-socket", sock}, 0, "a lone signer: no revisions", ""},
+		{"replica help", replicaF, []string{"-h"}, 0, "lanyard-signer replica <command>", ""},
+		{"replica list on a lone signer", replicaF, []string{"list", "--admin-socket", sock}, 1, "", "replica list: this signer has no etcd block"},
+		{"replica forget without name", replicaF, []string{"forget", "--admin-socket", sock}, 2, "", "usage: lanyard-signer replica forget NAME"},
 		{"signer not running", statusF, []string{"--admin-socket", filepath.Join(t.TempDir(), "none.sock")}, 69, "", "signer not reachable"},
 	}
 	for _, tt := range tests {
