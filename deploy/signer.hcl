@@ -31,3 +31,12 @@ log_format = "text"
 # limits {
 #   max_pending_attestations_per_address = 64
 # }
+
+# OIDC discovery (README.md, "Cloud and Vault: OIDC discovery"): clouds and
+# Vault then accept JWT-SVIDs, whose iss becomes this issuer. Plain HTTP on
+# loopback for a TLS-terminating proxy that answers at the issuer URL, or
+# add tls { cert_file = "...", key_file = "..." } and listen publicly.
+# oidc_discovery {
+#   listen_address = "127.0.0.1:8446"
+#   issuer         = "https://oidc.example.org"
+# }

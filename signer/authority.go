@@ -44,6 +44,9 @@ type authority struct {
 	ttl  time.Duration
 	lead time.Duration
 	log  hclog.Logger
+	// issuer is the iss claim of every JWT-SVID: the oidc_discovery
+	// issuer, or "" (no iss) without that block.
+	issuer string
 
 	active     *CA
 	lastSigned time.Time // latest NotAfter of anything active signed
@@ -232,7 +235,7 @@ func (a *authority) mintJWT(id spiffeid.ID, audience []string, ttl time.Duration
 	if err := a.noteSigned("jwt:" + k.kid); err != nil {
 		return "", "", time.Time{}, err
 	}
-	tok, exp, err := k.mint(id, audience, ttl, now)
+	tok, exp, err := k.mint(a.issuer, id, audience, ttl, now)
 	if err != nil {
 		return "", "", time.Time{}, err
 	}

@@ -76,6 +76,9 @@ type Config struct {
 	// Etcd is the etcd block: nil for a lone signer (state in state_dir,
 	// policy in policy_path).
 	Etcd *EtcdConfig
+	// OIDC is the oidc_discovery block: nil means no discovery endpoint,
+	// and JWT-SVIDs without iss.
+	OIDC *OIDCConfig
 }
 
 // Values of key_storage.
@@ -103,7 +106,7 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "key_storage"},
 		{Name: "replica_name"},
 	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}, {Type: "etcd"}},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}, {Type: "etcd"}, {Type: "oidc_discovery"}},
 }
 
 // LoadConfig reads and validates the signer config file at path. Problems
@@ -216,6 +219,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	})
 	diags = append(diags, decodeEtcd(content.Blocks.OfType("etcd"), dir, cfg)...)
 	diags = append(diags, decodeReplicaName(content.Attributes, cfg)...)
+	diags = append(diags, decodeOIDC(content.Blocks.OfType("oidc_discovery"), dir, cfg)...)
 	if _, ok := content.Attributes["policy_path"]; !ok && cfg.Etcd == nil {
 		diags = append(diags, hclconf.Errorf(body.MissingItemRange(), `Missing required argument: The argument "policy_path" is required, but no definition was found (or add an etcd block, whose replicas share the policy).`))
 	}

@@ -54,6 +54,8 @@ func TestLoadConfigTestdata(t *testing.T) {
 				l.JWTMintsPerSecond = 50
 				return l
 			}(),
+			OIDC: &OIDCConfig{ListenAddress: "0.0.0.0:8446", Issuer: "https://oidc.example.org",
+				CertFile: filepath.Join(dir, "tls", "oidc.pem"), KeyFile: filepath.Join(dir, "tls", "oidc-key.pem")},
 		}},
 		{"signer-minimal.hcl", &Config{
 			TrustDomain:     td,

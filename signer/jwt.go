@@ -75,8 +75,9 @@ func newKeyID() (string, error) {
 
 // mint signs a JWT-SVID for id and audience, issued at now and expiring
 // ttl later, but never after the key's notAfter. Times are whole seconds,
-// as the claims carry them.
-func (k *jwtKey) mint(id spiffeid.ID, audience []string, ttl time.Duration, now time.Time) (string, time.Time, error) {
+// as the claims carry them. issuer, when not empty, is the iss claim (the
+// oidc_discovery issuer); the JWT-SVID spec neither needs nor forbids it.
+func (k *jwtKey) mint(issuer string, id spiffeid.ID, audience []string, ttl time.Duration, now time.Time) (string, time.Time, error) {
 	if len(audience) == 0 {
 		return "", time.Time{}, ErrNoAudience
 	}
@@ -86,6 +87,7 @@ func (k *jwtKey) mint(id spiffeid.ID, audience []string, ttl time.Duration, now 
 		exp = k.notAfter.Truncate(time.Second)
 	}
 	tok, err := jwt.Signed(k.signer).Claims(jwt.Claims{
+		Issuer:   issuer, // omitted when empty
 		Subject:  id.String(),
 		Audience: jwt.Audience(audience),
 		Expiry:   jwt.NewNumericDate(exp),

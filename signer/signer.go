@@ -180,6 +180,9 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 	if err != nil {
 		return nil, err
 	}
+	if cfg.OIDC != nil {
+		auth.issuer = cfg.OIDC.Issuer
+	}
 	if keys == nil {
 		auth.markSigned = func(ids []string) error { return saveSignedState(cfg.StateDir, ids) }
 	}
@@ -266,12 +269,20 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 		}
 		return err
 	}
-	closeAll := func() {
-		if metricsLn != nil {
-			metricsLn.Close()
+	oidcLn, err := s.listenOIDC()
+	if err != nil {
+		for _, ln := range []net.Listener{metricsLn, adminLn} {
+			if ln != nil {
+				ln.Close()
+			}
 		}
-		if adminLn != nil {
-			adminLn.Close()
+		return err
+	}
+	closeAll := func() {
+		for _, ln := range []net.Listener{metricsLn, adminLn, oidcLn} {
+			if ln != nil {
+				ln.Close()
+			}
 		}
 	}
 	// The fresh CA and JWT key are on disk before they sign anything, so
@@ -303,6 +314,9 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 		lis, err = listen()
 	}
 	if err != nil {
+		if oidcLn != nil {
+			oidcLn.Close()
+		}
 		cancel()
 		g.Wait()
 		if s.tier != nil {
@@ -336,6 +350,11 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 	s.log.Info("signer listening", "address", lis.Addr().String(), "trust_domain", s.cfg.TrustDomain.String(), "bundle_path", s.cfg.BundlePath)
 
 	g.Go(func() error { return srv.Serve(lis) })
+	if oidcLn != nil {
+		// Served from here, not earlier: a joining replica's JWKS then
+		// already holds the tier's keys, the union agents validate with.
+		g.Go(func() error { return s.serveOIDC(ctx, oidcLn) })
+	}
 	close(s.ready) // the listener queues connections until Serve takes them
 	g.Go(func() error { return s.rotateCAs(ctx) })
 	if s.tier == nil {

@@ -275,6 +275,25 @@ func TestValidateJWTSVID(t *testing.T) {
 	}
 }
 
+// TestValidateJWTSVIDWithIssuer: a JWT-SVID of a signer with
+// oidc_discovery carries iss; ValidateJWTSVID accepts it (the JWT-SVID
+// spec neither needs nor forbids iss) and hands it back with the claims.
+func TestValidateJWTSVIDWithIssuer(t *testing.T) {
+	iss := newJWTIssuer(t, "k1")
+	srv := startJWTServer(t, unixOnly, newFakeJWTSource(t, iss))
+	client := rawClient(t, srv.path)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	token := iss.mint(t, with(jwtClaims(time.Now(), "/web", "sts.amazonaws.com"), "iss", "https://oidc.example.org"))
+	resp, err := client.ValidateJWTSVID(withHeader(ctx), &workload.ValidateJWTSVIDRequest{Svid: token, Audience: "sts.amazonaws.com"})
+	if err != nil {
+		t.Fatalf("ValidateJWTSVID refuses a token with iss: %v", err)
+	}
+	if got := resp.GetClaims().AsMap()["iss"]; got != "https://oidc.example.org" {
+		t.Errorf("iss claim = %v, want https://oidc.example.org", got)
+	}
+}
+
 // TestValidateJWTSVIDLeeway pins where the leeway ends, on each side.
 func TestValidateJWTSVIDLeeway(t *testing.T) {
 	iss := newJWTIssuer(t, "k1")

@@ -16,3 +16,12 @@ limits {
   max_sync_streams_per_agent   = 3
   jwt_mints_per_second         = 50
 }
+
+oidc_discovery {
+  listen_address = "0.0.0.0:8446"
+  issuer         = "https://oidc.example.org"
+  tls {
+    cert_file = "tls/oidc.pem"
+    key_file  = "tls/oidc-key.pem"
+  }
+}
