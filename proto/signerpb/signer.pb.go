@@ -587,8 +587,11 @@ type Entry struct {
 	DnsNames       []string               `protobuf:"bytes,6,rep,name=dns_names,json=dnsNames,proto3" json:"dns_names,omitempty"`
 	Hint           string                 `protobuf:"bytes,7,opt,name=hint,proto3" json:"hint,omitempty"`
 	Revision       uint64                 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"` // changes whenever anything in the entry changes
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Trust domain names (policy federates_with) whose bundles this entry's
+	// X.509-SVID responses carry as federated bundles.
+	FederatesWith []string `protobuf:"bytes,9,rep,name=federates_with,json=federatesWith,proto3" json:"federates_with,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Entry) Reset() {
@@ -677,6 +680,13 @@ func (x *Entry) GetRevision() uint64 {
 	return 0
 }
 
+func (x *Entry) GetFederatesWith() []string {
+	if x != nil {
+		return x.FederatesWith
+	}
+	return nil
+}
+
 type SyncRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -714,11 +724,16 @@ func (*SyncRequest) Descriptor() ([]byte, []int) {
 }
 
 type SyncResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
-	Bundle        *Bundle                `protobuf:"bytes,2,opt,name=bundle,proto3" json:"bundle,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Entries []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	Bundle  *Bundle                `protobuf:"bytes,2,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// The bundles of federated trust domains that this node's entries name
+	// in federates_with, as the signer last fetched them (SPIFFE federation).
+	// Bundle.trust_domain is the federated domain's name; sequence is its
+	// spiffe_sequence.
+	FederatedBundles []*Bundle `protobuf:"bytes,3,rep,name=federated_bundles,json=federatedBundles,proto3" json:"federated_bundles,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *SyncResponse) Reset() {
@@ -761,6 +776,13 @@ func (x *SyncResponse) GetEntries() []*Entry {
 func (x *SyncResponse) GetBundle() *Bundle {
 	if x != nil {
 		return x.Bundle
+	}
+	return nil
+}
+
+func (x *SyncResponse) GetFederatedBundles() []*Bundle {
+	if x != nil {
+		return x.FederatedBundles
 	}
 	return nil
 }
@@ -1228,7 +1250,7 @@ const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\n" +
 	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x1d\n" +
 	"\n" +
-	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\xf1\x01\n" +
+	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\x98\x02\n" +
 	"\x05Entry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12\x1c\n" +
@@ -1237,11 +1259,13 @@ const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\x0fjwt_ttl_seconds\x18\x05 \x01(\x03R\rjwtTtlSeconds\x12\x1b\n" +
 	"\tdns_names\x18\x06 \x03(\tR\bdnsNames\x12\x12\n" +
 	"\x04hint\x18\a \x01(\tR\x04hint\x12\x1a\n" +
-	"\brevision\x18\b \x01(\x04R\brevision\"\r\n" +
-	"\vSyncRequest\"u\n" +
+	"\brevision\x18\b \x01(\x04R\brevision\x12%\n" +
+	"\x0efederates_with\x18\t \x03(\tR\rfederatesWith\"\r\n" +
+	"\vSyncRequest\"\xbd\x01\n" +
 	"\fSyncResponse\x122\n" +
 	"\aentries\x18\x01 \x03(\v2\x18.lanyard.signer.v1.EntryR\aentries\x121\n" +
-	"\x06bundle\x18\x02 \x01(\v2\x19.lanyard.signer.v1.BundleR\x06bundle\"N\n" +
+	"\x06bundle\x18\x02 \x01(\v2\x19.lanyard.signer.v1.BundleR\x06bundle\x12F\n" +
+	"\x11federated_bundles\x18\x03 \x03(\v2\x19.lanyard.signer.v1.BundleR\x10federatedBundles\"N\n" +
 	"\x03CSR\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x10\n" +
 	"\x03csr\x18\x02 \x01(\fR\x03csr\x12\x1a\n" +
@@ -1316,23 +1340,24 @@ var file_proto_signerpb_signer_proto_depIdxs = []int32{
 	7,  // 6: lanyard.signer.v1.Bundle.jwt_authorities:type_name -> lanyard.signer.v1.JWTAuthority
 	8,  // 7: lanyard.signer.v1.SyncResponse.entries:type_name -> lanyard.signer.v1.Entry
 	6,  // 8: lanyard.signer.v1.SyncResponse.bundle:type_name -> lanyard.signer.v1.Bundle
-	11, // 9: lanyard.signer.v1.SignX509SVIDsRequest.csrs:type_name -> lanyard.signer.v1.CSR
-	13, // 10: lanyard.signer.v1.SignX509SVIDsResponse.svids:type_name -> lanyard.signer.v1.SignedX509SVID
-	15, // 11: lanyard.signer.v1.MintJWTSVIDsRequest.requests:type_name -> lanyard.signer.v1.JWTSVIDRequest
-	17, // 12: lanyard.signer.v1.MintJWTSVIDsResponse.svids:type_name -> lanyard.signer.v1.MintedJWTSVID
-	2,  // 13: lanyard.signer.v1.Signer.Attest:input_type -> lanyard.signer.v1.AttestRequest
-	9,  // 14: lanyard.signer.v1.Signer.Sync:input_type -> lanyard.signer.v1.SyncRequest
-	12, // 15: lanyard.signer.v1.Signer.SignX509SVIDs:input_type -> lanyard.signer.v1.SignX509SVIDsRequest
-	16, // 16: lanyard.signer.v1.Signer.MintJWTSVIDs:input_type -> lanyard.signer.v1.MintJWTSVIDsRequest
-	5,  // 17: lanyard.signer.v1.Signer.Attest:output_type -> lanyard.signer.v1.AttestResponse
-	10, // 18: lanyard.signer.v1.Signer.Sync:output_type -> lanyard.signer.v1.SyncResponse
-	14, // 19: lanyard.signer.v1.Signer.SignX509SVIDs:output_type -> lanyard.signer.v1.SignX509SVIDsResponse
-	18, // 20: lanyard.signer.v1.Signer.MintJWTSVIDs:output_type -> lanyard.signer.v1.MintJWTSVIDsResponse
-	17, // [17:21] is the sub-list for method output_type
-	13, // [13:17] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	6,  // 9: lanyard.signer.v1.SyncResponse.federated_bundles:type_name -> lanyard.signer.v1.Bundle
+	11, // 10: lanyard.signer.v1.SignX509SVIDsRequest.csrs:type_name -> lanyard.signer.v1.CSR
+	13, // 11: lanyard.signer.v1.SignX509SVIDsResponse.svids:type_name -> lanyard.signer.v1.SignedX509SVID
+	15, // 12: lanyard.signer.v1.MintJWTSVIDsRequest.requests:type_name -> lanyard.signer.v1.JWTSVIDRequest
+	17, // 13: lanyard.signer.v1.MintJWTSVIDsResponse.svids:type_name -> lanyard.signer.v1.MintedJWTSVID
+	2,  // 14: lanyard.signer.v1.Signer.Attest:input_type -> lanyard.signer.v1.AttestRequest
+	9,  // 15: lanyard.signer.v1.Signer.Sync:input_type -> lanyard.signer.v1.SyncRequest
+	12, // 16: lanyard.signer.v1.Signer.SignX509SVIDs:input_type -> lanyard.signer.v1.SignX509SVIDsRequest
+	16, // 17: lanyard.signer.v1.Signer.MintJWTSVIDs:input_type -> lanyard.signer.v1.MintJWTSVIDsRequest
+	5,  // 18: lanyard.signer.v1.Signer.Attest:output_type -> lanyard.signer.v1.AttestResponse
+	10, // 19: lanyard.signer.v1.Signer.Sync:output_type -> lanyard.signer.v1.SyncResponse
+	14, // 20: lanyard.signer.v1.Signer.SignX509SVIDs:output_type -> lanyard.signer.v1.SignX509SVIDsResponse
+	18, // 21: lanyard.signer.v1.Signer.MintJWTSVIDs:output_type -> lanyard.signer.v1.MintJWTSVIDsResponse
+	18, // [18:22] is the sub-list for method output_type
+	14, // [14:18] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_proto_signerpb_signer_proto_init() }
