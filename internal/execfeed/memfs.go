@@ -46,6 +46,11 @@ func memoryDir(base string) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("make the files' directory: %w", err)
 		}
+		// The umask may have taken bits: the owner must write, no one else read.
+		if err := os.Chmod(dir, 0o700); err != nil {
+			os.Remove(dir)
+			return "", fmt.Errorf("make the files' directory: %w", err)
+		}
 		return dir, nil
 	}
 	return "", fmt.Errorf("no memory file system for the files: %w", errors.Join(errs...))

@@ -86,6 +86,9 @@ func (s *Store) Switch(f Files) error {
 	if err := unix.Mkdirat(fd, name, 0o700); err != nil {
 		return fmt.Errorf("switch files: mkdir %s: %w", name, err)
 	}
+	if err := unix.Fchmodat(fd, name, 0o700, 0); err != nil { // whatever the umask
+		return errors.Join(fmt.Errorf("switch files: chmod %s: %w", name, err), s.remove(name))
+	}
 	if err := s.fill(name, f); err != nil {
 		return errors.Join(fmt.Errorf("switch files: %w", err), s.remove(name))
 	}
