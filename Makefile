@@ -13,14 +13,15 @@ SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 CONFDIR := $(SYSCONFDIR)/lanyard
 
-.PHONY: all build swtpm-deps test lint demo demo-tier etcd bench clean help generate install uninstall
+.PHONY: all build swtpm-deps nginx-deps test lint demo demo-tier etcd bench clean help generate install uninstall
 
 all: build
 
 help:
 	@echo 'build       build lanyard-agent, lanyard-signer and lanyard-bench into $(BIN)/ (static, CGO_ENABLED=0)'
 	@echo 'swtpm-deps  install swtpm and swtpm-tools with apt-get when swtpm is missing'
-	@echo 'test        lint, then every test with the race detector (needs swtpm)'
+	@echo 'nginx-deps  install nginx with apt-get when /usr/sbin/nginx is missing (the lanyard-agent exec end-to-end test)'
+	@echo 'test        lint, then every test with the race detector (needs swtpm and nginx)'
 	@echo 'lint        gofmt check and go vet'
 	@echo 'demo        run signer + swtpm + agent and fetch an SVID'
 	@echo 'demo-tier   run etcd + three signer replicas (a swtpm each) + an agent: policy apply, kill -9 a replica, the agent fails over'
@@ -46,6 +47,16 @@ swtpm-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y swtpm swtpm-tools; \
 	fi
 
+# The end-to-end test of `lanyard-agent exec` runs Debian's nginx.
+nginx-deps:
+	@if [ -x /usr/sbin/nginx ]; then \
+		echo "nginx-deps: nginx already installed (/usr/sbin/nginx)"; \
+	else \
+		echo "nginx-deps: installing nginx"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx; \
+	fi
+
 lint:
 	@unformatted="$$(gofmt -l .)"; \
 	if [ -n "$$unformatted" ]; then \
@@ -57,7 +68,7 @@ lint:
 
 # The end-to-end package runs last and verbose, so CI shows each of its
 # tests as it passes; the others print one line per package.
-test: swtpm-deps lint
+test: swtpm-deps nginx-deps lint
 	@echo 'test: every package with the race detector; alongside, the end-to-end package (real binaries and swtpm), each test named as it passes'
 	@$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/e2e$$') & unit=$$!; \
 	$(GO) test -race -count=1 -timeout 20m -parallel 4 -v ./e2e; e2e=$$?; \

@@ -10,6 +10,7 @@ import (
 
 	"github.com/lanyard-dev/lanyard/agent"
 	"github.com/lanyard-dev/lanyard/internal/cli"
+	"github.com/lanyard-dev/lanyard/internal/execfeed"
 	"github.com/lanyard-dev/lanyard/internal/sdnotify"
 	"golang.org/x/sync/errgroup"
 )
@@ -26,6 +27,9 @@ commands:
   status [--json] [--admin-socket PATH]  is this host healthy, and if not, why (exit 0 healthy, 1 degraded, 2 unhealthy)
   healthcheck [--admin-socket PATH]      exit code only, as status
   explain PID [--json]                   why PID does or does not get an identity (exit 0 some entry matches, 1 none, 2 error)
+  exec [--socket PATH] [--spiffe-id ID] [--signal HUP|none|NAME] [--jwt-audience A]... [--timeout 30s] -- CMD ARGS...
+                                         run CMD with its SVID in $LANYARD_CERT_FILE, $LANYARD_KEY_FILE, $LANYARD_BUNDLE_FILE
+                                         (memory only, replaced and signalled on rotation); exit status is CMD's
   tpm info --config FILE                 show the TPM's EK SHA-256, manufacturer and EK certificate
   version                                print the version
 `
@@ -58,6 +62,10 @@ func main() {
 		os.Exit(explain(args[1:], os.Stdout, os.Stderr))
 	case "healthcheck":
 		os.Exit(healthcheck(args[1:], os.Stderr))
+	case "exec":
+		os.Exit(execCommand(args[1:], os.Stderr))
+	case execfeed.StageArg:
+		os.Exit(execfeed.Stage(args[1:]))
 	case "tpm":
 		if len(args) < 2 || args[1] != "info" {
 			cli.SubUsage(args, "usage: lanyard-agent tpm info --config FILE")
