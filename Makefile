@@ -13,7 +13,7 @@ SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 CONFDIR := $(SYSCONFDIR)/lanyard
 
-.PHONY: all build swtpm-deps nginx-deps test lint demo demo-tier etcd bench clean help generate install uninstall
+.PHONY: all build deps swtpm-deps nginx-deps test lint demo demo-tier etcd bench clean help generate install uninstall
 
 all: build
 
@@ -36,26 +36,23 @@ build:
 	@echo 'build: lanyard-agent, lanyard-signer, lanyard-bench into $(BIN)/ (the first build downloads and compiles the dependencies: a minute or two)'
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/lanyard-agent ./cmd/lanyard-signer ./cmd/lanyard-bench
 
-# The TPM tests and the demo run a real software TPM. swtpm_setup and
-# swtpm_localca come with swtpm-tools, certtool with its dependency gnutls-bin.
-swtpm-deps:
-	@if command -v swtpm >/dev/null 2>&1 && command -v swtpm_setup >/dev/null 2>&1; then \
-		echo "swtpm-deps: swtpm already installed ($$(command -v swtpm))"; \
+# The TPM tests and the demo run a real software TPM (swtpm_setup and
+# swtpm_localca come with swtpm-tools, certtool with its dependency
+# gnutls-bin); the end-to-end test of `lanyard-agent exec` runs Debian's
+# nginx. What is missing is installed with one apt-get update.
+deps:
+	@missing=""; \
+	if ! command -v swtpm >/dev/null 2>&1 || ! command -v swtpm_setup >/dev/null 2>&1; then missing="$$missing swtpm swtpm-tools"; fi; \
+	if [ ! -x /usr/sbin/nginx ]; then missing="$$missing nginx"; fi; \
+	if [ -z "$$missing" ]; then \
+		echo "deps: swtpm and nginx already installed"; \
 	else \
-		echo "swtpm-deps: installing swtpm and swtpm-tools"; \
+		echo "deps: installing$$missing"; \
 		$(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y swtpm swtpm-tools; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	fi
 
-# The end-to-end test of `lanyard-agent exec` runs Debian's nginx.
-nginx-deps:
-	@if [ -x /usr/sbin/nginx ]; then \
-		echo "nginx-deps: nginx already installed (/usr/sbin/nginx)"; \
-	else \
-		echo "nginx-deps: installing nginx"; \
-		$(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx; \
-	fi
+swtpm-deps nginx-deps: deps
 
 lint:
 	@unformatted="$$(gofmt -l .)"; \
@@ -68,7 +65,7 @@ lint:
 
 # The end-to-end package runs last and verbose, so CI shows each of its
 # tests as it passes; the others print one line per package.
-test: swtpm-deps nginx-deps lint
+test: deps lint
 	@echo 'test: every package with the race detector; alongside, the end-to-end package (real binaries and swtpm), each test named as it passes'
 	@$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/e2e$$') & unit=$$!; \
 	$(GO) test -race -count=1 -timeout 20m -parallel 4 -v ./e2e; e2e=$$?; \
