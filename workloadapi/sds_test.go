@@ -1,11 +1,12 @@
 package workloadapi
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -19,211 +20,16 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/lanyard-dev/lanyard/internal/testwait"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
-	"google.golang.org/grpc"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 )
-
-// envoy is a test SDS client that behaves as Envoy does on a
-// StreamSecrets stream: a first request with its node and the names it
-// wants, an ACK (the version and nonce just received) or a NACK (the last
-// version it accepted, the nonce, and an error detail) after each
-// response, and a request with the last nonce when it wants other names.
-// It sends no workload.spiffe.io header: Envoy does not.
-type envoy struct {
-	t        *testing.T
-	stream   grpc.BidiStreamingClient[discoveryv3.DiscoveryRequest, discoveryv3.DiscoveryResponse]
-	resps    chan *discoveryv3.DiscoveryResponse
-	ended    chan error
-	node     *corev3.Node
-	names    []string
-	accepted string // the last version ACKed
-	last     *discoveryv3.DiscoveryResponse
-}
-
-// sdsConn dials the socket at path with no security header.
-func sdsConn(t *testing.T, path string) *grpc.ClientConn {
-	t.Helper()
-	cc, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cc.Close() })
-	return cc
-}
-
-func newEnvoy(t *testing.T, cc *grpc.ClientConn, node *corev3.Node) *envoy {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	stream, err := secretv3.NewSecretDiscoveryServiceClient(cc).StreamSecrets(ctx)
-	if err != nil {
-		t.Fatalf("StreamSecrets: %v", err)
-	}
-	e := &envoy{t: t, stream: stream, resps: make(chan *discoveryv3.DiscoveryResponse, 16), ended: make(chan error, 1), node: node}
-	go func() {
-		for {
-			r, err := stream.Recv()
-			if err != nil {
-				e.ended <- err
-				return
-			}
-			e.resps <- r
-		}
-	}()
-	return e
-}
-
-func (e *envoy) send(req *discoveryv3.DiscoveryRequest) {
-	e.t.Helper()
-	req.TypeUrl = secretTypeURL
-	if err := e.stream.Send(req); err != nil {
-		e.t.Fatalf("send: %v", err)
-	}
-}
-
-// subscribe asks for names (the first request carries the node).
-func (e *envoy) subscribe(names ...string) {
-	e.t.Helper()
-	e.names = names
-	req := &discoveryv3.DiscoveryRequest{ResourceNames: names, VersionInfo: e.accepted}
-	if e.last == nil {
-		req.Node = e.node
-	} else {
-		req.ResponseNonce = e.last.GetNonce()
-	}
-	e.send(req)
-}
-
-func (e *envoy) ack() {
-	e.t.Helper()
-	e.accepted = e.last.GetVersionInfo()
-	e.send(&discoveryv3.DiscoveryRequest{ResourceNames: e.names, VersionInfo: e.accepted, ResponseNonce: e.last.GetNonce()})
-}
-
-func (e *envoy) nack(detail string) {
-	e.t.Helper()
-	e.send(&discoveryv3.DiscoveryRequest{ResourceNames: e.names, VersionInfo: e.accepted, ResponseNonce: e.last.GetNonce(),
-		ErrorDetail: &rpcstatus.Status{Code: int32(codes.InvalidArgument), Message: detail}})
-}
-
-// next returns the next response, checking what every response must
-// carry; it fails after 10s.
-func (e *envoy) next() *discoveryv3.DiscoveryResponse {
-	e.t.Helper()
-	select {
-	case r := <-e.resps:
-		if r.GetVersionInfo() == "" || r.GetNonce() == "" || r.GetTypeUrl() != secretTypeURL {
-			e.t.Fatalf("response version %q, nonce %q, type %q: want all set", r.GetVersionInfo(), r.GetNonce(), r.GetTypeUrl())
-		}
-		if e.last != nil && r.GetNonce() == e.last.GetNonce() {
-			e.t.Fatalf("nonce %q reused", r.GetNonce())
-		}
-		e.last = r
-		return r
-	case err := <-e.ended:
-		e.t.Fatalf("stream ended: %v", err)
-	case <-time.After(10 * time.Second):
-		e.t.Fatal("no SDS response after 10s")
-	}
-	return nil
-}
-
-// decodeSecrets unpacks a response's secrets by name, in order.
-func decodeSecrets(t *testing.T, r *discoveryv3.DiscoveryResponse) ([]string, map[string]*tlsv3.Secret) {
-	t.Helper()
-	var names []string
-	out := map[string]*tlsv3.Secret{}
-	for _, a := range r.GetResources() {
-		s := &tlsv3.Secret{}
-		if err := a.UnmarshalTo(s); err != nil {
-			t.Fatalf("resource of type %s: %v", a.GetTypeUrl(), err)
-		}
-		names = append(names, s.GetName())
-		out[s.GetName()] = s
-	}
-	return names, out
-}
-
-// keyPair turns a tls_certificate secret into what crypto/tls serves.
-func keyPair(t *testing.T, s *tlsv3.Secret) tls.Certificate {
-	t.Helper()
-	tc := s.GetTlsCertificate()
-	if tc == nil {
-		t.Fatalf("secret %q is not a tls_certificate", s.GetName())
-	}
-	c, err := tls.X509KeyPair(tc.GetCertificateChain().GetInlineBytes(), tc.GetPrivateKey().GetInlineBytes())
-	if err != nil {
-		t.Fatalf("secret %q: %v", s.GetName(), err)
-	}
-	if c.Leaf == nil {
-		t.Fatalf("secret %q: no leaf", s.GetName())
-	}
-	return c
-}
-
-// leafID is the SPIFFE ID a tls_certificate secret proves, and its serial.
-func leafID(t *testing.T, s *tlsv3.Secret) (string, string) {
-	t.Helper()
-	c := keyPair(t, s)
-	return c.Leaf.URIs[0].String(), c.Leaf.SerialNumber.Text(16)
-}
-
-// pemCerts parses PEM certificates.
-func pemCerts(t *testing.T, b []byte) []*x509.Certificate {
-	t.Helper()
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, c)
-	}
-	return out
-}
-
-// trustedCA returns the CAs of a validation_context secret with
-// trusted_ca.
-func trustedCA(t *testing.T, s *tlsv3.Secret) []*x509.Certificate {
-	t.Helper()
-	vc := s.GetValidationContext()
-	if vc == nil || vc.GetCustomValidatorConfig() != nil {
-		t.Fatalf("secret %q is not a trusted_ca validation_context: %v", s.GetName(), s)
-	}
-	return pemCerts(t, vc.GetTrustedCa().GetInlineBytes())
-}
-
-// spiffeValidatorTDs returns, per trust domain, the CAs of a
-// validation_context secret with the SPIFFE certificate validator.
-func spiffeValidatorTDs(t *testing.T, s *tlsv3.Secret) ([]string, map[string][]*x509.Certificate) {
-	t.Helper()
-	cv := s.GetValidationContext().GetCustomValidatorConfig()
-	if cv.GetName() != "envoy.tls.cert_validator.spiffe" {
-		t.Fatalf("secret %q: custom validator %q, want envoy.tls.cert_validator.spiffe", s.GetName(), cv.GetName())
-	}
-	cfg := &tlsv3.SPIFFECertValidatorConfig{}
-	if err := cv.GetTypedConfig().UnmarshalTo(cfg); err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	out := map[string][]*x509.Certificate{}
-	for _, td := range cfg.GetTrustDomains() {
-		names = append(names, td.GetName())
-		out[td.GetName()] = pemCerts(t, td.GetTrustBundle().GetInlineBytes())
-	}
-	return names, out
-}
 
 // TestSDSStreamSecrets follows one Envoy through a stream's life:
 // subscription, ACK, rotation push, NACK without a resend, a stale
@@ -235,7 +41,7 @@ func TestSDSStreamSecrets(t *testing.T) {
 	first := ca.svidResponse(t, "/web")
 	src.set(uidSelector(), first)
 	srv := startServerWith(t, Config{SocketPath: socketDir(t) + "/w.sock", Attestor: unixOnly, Source: src,
-		SDS: SDSConfig{TrustDomain: td}})
+		SDS: SDSConfig{TrustDomain: td}, Limits: Limits{WarnInterval: time.Hour}})
 	e := newEnvoy(t, sdsConn(t, srv.path), &corev3.Node{Id: "envoy-1"})
 
 	// served checks a response's names and the default SVID's serial.
@@ -277,21 +83,22 @@ func TestSDSStreamSecrets(t *testing.T) {
 		e.ack()
 	})
 	third := ca.svidResponse(t, "/web")
-	t.Run("NACK is logged and not answered", func(t *testing.T) {
+	t.Run("NACK is logged once and not answered; stale request ignored", func(t *testing.T) {
 		e.nack("Failed to load certificate chain from <inline>")
 		srv.logs.waitForLine(t, `"@message":"envoy rejected SDS secrets"`, `"error_detail":"Failed to load certificate chain from \u003cinline\u003e"`,
 			`"rejected_version":"`+e.last.GetVersionInfo()+`"`)
-		// A resend would come before the rotation's push.
+		e.nack("again")
+		e.send(&discoveryv3.DiscoveryRequest{ResourceNames: []string{"ROOTCA"}, ResponseNonce: "not-the-last-nonce"})
+		// Requests are taken in order: the stale one's line means the
+		// second NACK was handled too.
+		srv.logs.waitFor(t, `"@message":"ignored stale SDS request"`)
+		if n := strings.Count(srv.logs.String(), "envoy rejected SDS secrets"); n != 1 {
+			t.Errorf("%d NACK lines, want 1 (rate-limited per uid)", n)
+		}
+		// A resend, of the NACKed content or for the stale request's
+		// names, would come before the rotation's push.
 		src.set(uidSelector(), third)
 		served(e.next(), []string{"default", "ROOTCA"}, third)
-		e.ack()
-	})
-	t.Run("stale request ignored", func(t *testing.T) {
-		e.send(&discoveryv3.DiscoveryRequest{ResourceNames: []string{"ROOTCA"}, ResponseNonce: "not-the-last-nonce"})
-		srv.logs.waitFor(t, `"@message":"ignored stale SDS request"`)
-		fourth := ca.svidResponse(t, "/web")
-		src.set(uidSelector(), fourth)
-		served(e.next(), []string{"default", "ROOTCA"}, fourth)
 		e.ack()
 	})
 	t.Run("new names answered at once", func(t *testing.T) {
@@ -424,7 +231,8 @@ func describeSecret(t *testing.T, s *tlsv3.Secret, cas map[string]*x509.Certific
 }
 
 // TestSDSRefusesBadRequest: a request that is not for secrets, or names
-// more resources than any Envoy would, gets InvalidArgument.
+// more resources than any Envoy would, gets InvalidArgument; DeltaSecrets
+// is Unimplemented, as on SPIRE's agent.
 func TestSDSRefusesBadRequest(t *testing.T) {
 	ca := newTestCA(t)
 	src := newFakeSource(ca.bundlesResponse())
@@ -443,6 +251,17 @@ func TestSDSRefusesBadRequest(t *testing.T) {
 		{name: "too many names", req: &discoveryv3.DiscoveryRequest{ResourceNames: many}, want: "too many resource names: 65 (limit 64)"},
 		{name: "oversized name", req: &discoveryv3.DiscoveryRequest{ResourceNames: []string{strings.Repeat("a", maxSDSNameSize+1)}}, want: "resource name 0: 2049 bytes"},
 	}
+	t.Run("DeltaSecrets is not served", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stream, err := client.DeltaSecrets(ctx)
+		if err == nil {
+			_, err = stream.Recv()
+		}
+		if status.Code(err) != codes.Unimplemented {
+			t.Errorf("DeltaSecrets: %v, want Unimplemented", err)
+		}
+	})
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -593,52 +412,90 @@ func TestSDSStreamsCountAgainstLimits(t *testing.T) {
 	}
 }
 
-// readSDSStream is readStream for SDS (the helper's reader-sds mode): it
-// subscribes to default, prints "svid <path>" per response and ACKs it,
-// then "end <code>: <message>".
-func readSDSStream(cc *grpc.ClientConn) {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	stream, err := secretv3.NewSecretDiscoveryServiceClient(cc).StreamSecrets(ctx)
-	if err == nil {
-		err = stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: secretTypeURL, ResourceNames: []string{"default"}})
+// TestSDSNonReadingStreamsCoalesce: an Envoy that stops reading costs one
+// queued response per SDS stream, whatever the number of rotations, and
+// gets the latest state when it reads again (the push streams' tracker,
+// sendtrack.go, applied to SDS).
+func TestSDSNonReadingStreamsCoalesce(t *testing.T) {
+	const streams, rotations = 20, 8
+	ca := newTestCA(t)
+	src := newFakeSource(ca.bundlesResponse())
+	src.set(uidSelector(), bigResponse(t, ca))
+	rec := newRecorder()
+	counted := &countingSource{fakeSource: src}
+	srv := startServerWith(t, Config{SocketPath: socketDir(t) + "/w.sock", Attestor: unixOnly, Source: counted, Observer: rec})
+
+	c := dialRawH2(t, srv.path)
+	// A wildcard request: every SVID of the big response, ~25 KiB.
+	req, err := proto.Marshal(&discoveryv3.DiscoveryRequest{TypeUrl: secretTypeURL, Node: &corev3.Node{Id: "slow"}})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if errors.Is(err, io.EOF) {
-		// The server ended the stream first: Recv has its status.
-		_, err = stream.Recv()
+	ids := make([]uint32, 0, streams)
+	for range streams {
+		ids = append(ids, c.openBidi("/"+secretv3.SecretDiscoveryService_ServiceDesc.ServiceName+"/StreamSecrets", req))
 	}
-	for err == nil {
-		var resp *discoveryv3.DiscoveryResponse
-		if resp, err = stream.Recv(); err != nil {
-			break
+	// Each stream subscribed and answered once.
+	testwait.For(t, 10*time.Second, "every SDS stream answered", func() bool { return counted.fetches.Load() >= streams })
+	if _, open, _ := rec.snapshot(); open["StreamSecrets"] != streams {
+		t.Fatalf("open StreamSecrets = %d, want %d", open["StreamSecrets"], streams)
+	}
+	var latest *workload.X509SVIDResponse
+	for range rotations {
+		latest = bigResponse(t, ca)
+		before := counted.fetches.Load()
+		src.set(uidSelector(), latest)
+		testwait.For(t, 10*time.Second, "every SDS stream fetched the rotation or is held", func() bool {
+			return int(counted.fetches.Load()-before)+int(srv.server.limits.parked.Load()) == streams
+		})
+	}
+	wantSerial := leafSerial(latest.Svids[0].X509Svid)
+	counts := c.readMessages(ids, func(msg []byte) bool {
+		var r discoveryv3.DiscoveryResponse
+		if proto.Unmarshal(msg, &r) != nil {
+			return false
 		}
-		var ids []string
-		for _, a := range resp.GetResources() {
+		for _, a := range r.GetResources() {
 			s := &tlsv3.Secret{}
-			if err = a.UnmarshalTo(s); err != nil {
-				break
+			if a.UnmarshalTo(s) != nil || s.GetTlsCertificate() == nil {
+				continue
 			}
 			blk, _ := pem.Decode(s.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
-			if blk == nil {
-				err = errors.New("no certificate")
-				break
+			if blk != nil && leafSerial(blk.Bytes) == wantSerial {
+				return true
 			}
-			c, perr := x509.ParseCertificate(blk.Bytes)
-			if perr != nil || len(c.URIs) == 0 {
-				err = fmt.Errorf("leaf: %v", perr)
-				break
-			}
-			ids = append(ids, strings.TrimPrefix(c.URIs[0].String(), "spiffe://example.org"))
 		}
-		fmt.Println("svid", strings.Join(ids, ","))
-		if err == nil {
-			err = stream.Send(&discoveryv3.DiscoveryRequest{TypeUrl: secretTypeURL, ResourceNames: []string{"default"},
-				VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()})
-			if errors.Is(err, io.EOF) {
-				err = nil // the next Recv has the status
-			}
+		return false
+	})
+	for _, id := range ids {
+		if counts[id] > 3 {
+			t.Errorf("SDS stream %d received %d responses over %d rotations, want at most 3 (first, one queued, latest)", id, counts[id], rotations)
 		}
 	}
-	st := status.Convert(err)
-	fmt.Printf("end %s: %s\n", st.Code(), st.Message())
+}
+
+// openBidi starts a bidirectional call of fullMethod with one message,
+// leaving the client's side open (as Envoy does), and returns its stream
+// ID.
+func (r *rawH2) openBidi(fullMethod string, msg []byte) uint32 {
+	r.t.Helper()
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", fullMethod},
+		{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"}} {
+		if err := enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]}); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	id := r.next
+	r.next += 2
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
+		r.t.Fatal(err)
+	}
+	frame := make([]byte, 5, 5+len(msg))
+	binary.BigEndian.PutUint32(frame[1:], uint32(len(msg)))
+	if err := r.fr.WriteData(id, false, append(frame, msg...)); err != nil {
+		r.t.Fatal(err)
+	}
+	return id
 }
