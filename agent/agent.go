@@ -116,7 +116,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	api := workloadapi.New(workloadapi.Config{SocketPath: a.cfg.SocketPath, Attestor: a.workload, Source: a.cache,
-		JWT: a.jwt, Log: a.log.Named("workloadapi"), Observer: a.metrics, Limits: limits,
+		JWT: a.jwt, Log: a.log.Named("workloadapi"), Observer: a.metrics, Limits: limits, SDS: a.cfg.workloadSDS(),
 		Healthy: func() bool { return a.cache.holdsValidSVID(time.Now()) }})
 	a.api = api
 	admin := &adminServer{path: a.cfg.AdminSocketPath, apiDir: filepath.Dir(a.cfg.SocketPath), log: a.log.Named("admin"),

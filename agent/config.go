@@ -55,6 +55,9 @@ type Config struct {
 	// Limits bounds what Workload API callers can make the agent hold
 	// (the optional limits block; see limits.go).
 	Limits LimitsConfig
+	// SDS names Envoy's SDS resources (the optional sds block; see
+	// sdsconfig.go).
+	SDS SDSConfig
 }
 
 var agentConfigSchema = &hcl.BodySchema{
@@ -70,7 +73,7 @@ var agentConfigSchema = &hcl.BodySchema{
 		{Name: "metrics_address"},
 		{Name: "health_address"},
 	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}, {Type: "limits"}},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "tpm"}, {Type: "limits"}, {Type: "sds"}},
 }
 
 // LoadConfig reads and validates the agent config file at path. Problems
@@ -204,6 +207,7 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	_, d := tpmconf.Decode(content.Blocks.OfType("tpm"), body, dir, tpmconf.Options{Required: true, Tuning: true}, &cfg.TPM)
 	diags = append(diags, d...)
 	diags = append(diags, decodeLimits(content.Blocks.OfType("limits"), &cfg.Limits)...)
+	diags = append(diags, decodeSDS(content.Blocks.OfType("sds"), &cfg.SDS)...)
 	if err := hclconf.FromDiagnostics(diags).Err(); err != nil {
 		return nil, err
 	}

@@ -35,6 +35,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			LogLevel:        "warn",
 			LogFormat:       "json",
 			Limits:          DefaultLimits(),
+			SDS:             DefaultSDS(),
 		}},
 		{"agent-minimal.hcl", &Config{
 			TrustDomain:     td,
@@ -46,6 +47,7 @@ func TestLoadConfigTestdata(t *testing.T) {
 			LogLevel:        "info",
 			LogFormat:       "text",
 			Limits:          DefaultLimits(),
+			SDS:             DefaultSDS(),
 		}},
 	}
 	for _, tt := range tests {

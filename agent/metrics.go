@@ -9,9 +9,10 @@ import (
 	"google.golang.org/grpc/codes"
 )
 
-// streamMethods are the Workload API's streaming methods, whose open
-// streams the agent counts (open_streams, and status).
-var streamMethods = [...]string{"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"}
+// streamMethods are the streaming methods of the socket (the Workload
+// API's and Envoy SDS's), whose open streams the agent counts
+// (open_streams, and status).
+var streamMethods = [...]string{"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles", "StreamSecrets"}
 
 // Reasons an SVID could not be obtained (svid_failures_total's reason
 // label): a fixed, small set, never an entry or SPIFFE ID.

@@ -36,6 +36,7 @@ func TestMetrics(t *testing.T) {
 	m.StreamOpened("FetchX509SVID")
 	m.StreamOpened("FetchX509SVID")
 	m.StreamOpened("FetchX509Bundles")
+	m.StreamOpened("StreamSecrets") // Envoy SDS
 	m.StreamClosed("FetchX509SVID")
 	m.StreamOpened("NotAStream") // ignored
 	m.CallDone("FetchX509SVID", codes.PermissionDenied)
@@ -49,6 +50,7 @@ func TestMetrics(t *testing.T) {
 lanyard_agent_open_streams{method="FetchJWTBundles"} 0
 lanyard_agent_open_streams{method="FetchX509Bundles"} 1
 lanyard_agent_open_streams{method="FetchX509SVID"} 1
+lanyard_agent_open_streams{method="StreamSecrets"} 1
 # HELP lanyard_agent_signer_connected 1 while the sync stream to the signer is open and delivering, else 0.
 # TYPE lanyard_agent_signer_connected gauge
 lanyard_agent_signer_connected 1
@@ -67,8 +69,8 @@ lanyard_agent_workload_api_calls_total{code="PermissionDenied",method="FetchX509
 		"lanyard_agent_svids_issued_total", "lanyard_agent_workload_api_calls_total"); err != nil {
 		t.Error(err)
 	}
-	if got := a.Report(time.Now()).OpenStreams; got["FetchX509SVID"] != 1 || got["FetchX509Bundles"] != 1 || len(got) != 3 {
-		t.Errorf("status open streams = %v, want FetchX509SVID 1, FetchX509Bundles 1 and FetchJWTBundles 0", got)
+	if got := a.Report(time.Now()).OpenStreams; got["FetchX509SVID"] != 1 || got["FetchX509Bundles"] != 1 || got["StreamSecrets"] != 1 || len(got) != 4 {
+		t.Errorf("status open streams = %v, want FetchX509SVID 1, FetchX509Bundles 1, FetchJWTBundles 0 and StreamSecrets 1", got)
 	}
 
 	// Computed at scrape time from the earliest SVID: about 10 minutes.

@@ -293,10 +293,14 @@ func checkHeader(ctx context.Context) error {
 // headerExempt says whether a method may be called without the security
 // header: server reflection and the gRPC health service, whose clients
 // (grpcurl, health probes) cannot be told to send it and which reveal
-// nothing but the public service definition and whether the agent serves.
-// Every other method, including any registered later, needs the header.
+// nothing but the public service definition and whether the agent serves;
+// and Envoy's SDS, as on SPIRE's socket, because Envoy cannot be told to
+// send it either; SDS still attests its caller and answers only with what
+// that caller is entitled to. Every other method, including any
+// registered later, needs the header.
 func headerExempt(fullMethod string) bool {
-	return strings.HasPrefix(fullMethod, "/"+reflectionv1.ServerReflection_ServiceDesc.ServiceName+"/") ||
+	return isSDSMethod(fullMethod) ||
+		strings.HasPrefix(fullMethod, "/"+reflectionv1.ServerReflection_ServiceDesc.ServiceName+"/") ||
 		strings.HasPrefix(fullMethod, "/"+reflectionv1alpha.ServerReflection_ServiceDesc.ServiceName+"/") ||
 		strings.HasPrefix(fullMethod, "/"+healthpb.Health_ServiceDesc.ServiceName+"/")
 }

@@ -421,7 +421,9 @@ func limitStream(stop <-chan struct{}) grpc.StreamServerInterceptor {
 			return err
 		}
 		defer c.closeCall()
-		if !info.IsServerStream || info.IsClientStream {
+		// The push streams: server streams, and SDS's bidirectional one,
+		// whose requests are only subscriptions and ACKs.
+		if !info.IsServerStream || (info.IsClientStream && !isSDSMethod(info.FullMethod)) {
 			return next(srv, ss)
 		}
 		out := c.out.register()

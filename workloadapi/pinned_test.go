@@ -33,7 +33,9 @@ const helperSleep = "LANYARD_TEST_SLEEP"
 //     on fd 3 (SCM_RIGHTS), close its copy, then obey stdin;
 //   - reader: on a line on stdin, stream FetchX509SVID over the connection
 //     on fd 3 and print each response's SPIFFE IDs, then how it ended;
-//   - reader-recv: the same over a connection received on fd 3.
+//   - reader-recv: the same over a connection received on fd 3;
+//   - reader-sds, reader-sds-recv: the same over Envoy's SDS
+//     (readSDSStream).
 func runPinnedHelper(mode, socket string) (code int, ok bool) {
 	switch mode {
 	case "owner", "owner-pass":
@@ -66,9 +68,9 @@ func runPinnedHelper(mode, socket string) (code int, ok bool) {
 		}
 		fmt.Println("ready")
 		return ownerCommands(), true
-	case "reader", "reader-recv":
+	case "reader", "reader-recv", "reader-sds", "reader-sds-recv":
 		fd := 3
-		if mode == "reader-recv" {
+		if strings.HasSuffix(mode, "-recv") {
 			var err error
 			if fd, err = receiveFD(3); err != nil {
 				return fail("receive", err), true
@@ -77,6 +79,16 @@ func runPinnedHelper(mode, socket string) (code int, ok bool) {
 		fmt.Println("ready")
 		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
 			return fail("stdin", err), true
+		}
+		if strings.HasPrefix(mode, "reader-sds") {
+			cc, err := clientOver(os.NewFile(uintptr(fd), "conn"))
+			if err != nil {
+				fmt.Println("end", err)
+				return 0, true
+			}
+			defer cc.Close()
+			readSDSStream(cc)
+			return 0, true
 		}
 		readStream(os.NewFile(uintptr(fd), "conn"))
 		return 0, true
@@ -319,16 +331,7 @@ func TestStreamBoundToConnectingProcess(t *testing.T) {
 		execed   = "the caller ran another executable since it connected"
 		setuided = "the caller changed uid or gid since it connected"
 	)
-	// A step: "call" (the reader opens its stream), "rotate", an owner
-	// command ("exec", "setuid", "exit"), or "=<line>": the reader's next
-	// line must be <line>.
-	tests := []struct {
-		name  string
-		pass  bool // the owner passes its connection over SCM_RIGHTS
-		owner *syscall.Credential
-		steps []string
-		audit []string // in one log line, with the owner's pid
-	}{
+	tests := []boundCase{
 		{name: "fork and exec before the call", owner: nobody,
 			steps: []string{"exec", "call", "=end PermissionDenied: no identity issued: " + execed},
 			audit: []string{`"@message":"no identity issued"`, `"reason":"` + execed + `"`, `"exe":"` + sleep + `"`}},
@@ -348,75 +351,105 @@ func TestStreamBoundToConnectingProcess(t *testing.T) {
 			steps: []string{"exit", "call", "=end Unavailable: caller exited during attestation"},
 			audit: []string{`"@message":"caller exited during attestation"`}},
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			var ownerFD, readerFD *os.File
-			readerMode := "reader"
-			if tc.pass {
-				pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ownerFD, readerFD = os.NewFile(uintptr(pair[0]), "pass"), os.NewFile(uintptr(pair[1]), "receive")
-				readerMode = "reader-recv"
-			} else {
-				fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ownerFD = os.NewFile(uintptr(fd), "conn")
-				readerFD = ownerFD
-			}
-			ownerMode := "owner"
-			if tc.pass {
-				ownerMode = "owner-pass"
-			}
-			owner := startChild(t, exe, ownerMode, srv.path, tc.owner, ownerFD)
-			if l := owner.next(t); l != "ready" {
-				t.Fatalf("owner said %q, want ready", l)
-			}
-			// Started before any exec, with the connection, as a fork.
-			reader := startChild(t, exe, readerMode, srv.path, nobody, readerFD)
-			if l := reader.next(t); l != "ready" {
-				t.Fatalf("reader said %q, want ready", l)
-			}
-			// Only the two children hold the connection now.
-			_ = ownerFD.Close()
-			_ = readerFD.Close()
-			ownerPID := owner.cmd.Process.Pid
-
-			for _, step := range tc.steps {
-				switch {
-				case step == "call":
-					reader.say(t, "go")
-				case step == "rotate":
-					src.rotate()
-				case step == "exec":
-					owner.say(t, "exec")
-					testwait.Exe(t, ownerPID, sleep)
-				case step == "setuid":
-					owner.say(t, "setuid")
-					if l := owner.next(t); l != "done" {
-						t.Fatalf("owner said %q, want done", l)
-					}
-				case step == "exit":
-					_ = owner.stdin.Close()
-					_ = owner.cmd.Wait()
-				case strings.HasPrefix(step, "="):
-					if got := reader.next(t); got != step[1:] {
-						t.Fatalf("reader said %q, want %q\n%s", got, step[1:], srv.logs.String())
-					}
-				default:
-					t.Fatalf("unknown step %q", step)
-				}
-			}
-			// Nothing after the end: the reader exits.
-			for l := range reader.lines {
-				t.Errorf("reader said %q after its stream ended", l)
-			}
-			srv.logs.waitForLine(t, append(tc.audit, `"pid":`+strconv.Itoa(ownerPID)+`,`)...)
-		})
+	// Each case runs for the Workload API and for Envoy's SDS, whose
+	// streams are bound the same way.
+	apis := []struct{ name, reader, ended string }{
+		{"x509", "reader", "ended X.509-SVID stream"},
+		{"sds", "reader-sds", "ended SDS stream"},
 	}
+	for _, api := range apis {
+		for _, tc := range tests {
+			t.Run(api.name+"/"+tc.name, func(t *testing.T) {
+				tc.audit = slices.Clone(tc.audit)
+				for i, a := range tc.audit {
+					tc.audit[i] = strings.Replace(a, "ended X.509-SVID stream", api.ended, 1)
+				}
+				runBoundCase(t, srv, src, exe, sleep, api.reader, tc)
+			})
+		}
+	}
+}
+
+// boundCase is one case of TestStreamBoundToConnectingProcess. A step:
+// "call" (the reader opens its stream), "rotate", an owner command
+// ("exec", "setuid", "exit"), or "=<line>": the reader's next line must
+// be <line>.
+type boundCase struct {
+	name  string
+	pass  bool // the owner passes its connection over SCM_RIGHTS
+	owner *syscall.Credential
+	steps []string
+	audit []string // in one log line, with the owner's pid
+}
+
+// runBoundCase runs tc with reader mode readerMode ("reader" or
+// "reader-sds").
+func runBoundCase(t *testing.T, srv *running, src *rotatingSource, exe, sleep, readerMode string, tc boundCase) {
+	nobody := &syscall.Credential{Uid: 65534, Gid: 65534}
+	var ownerFD, readerFD *os.File
+	if tc.pass {
+		pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ownerFD, readerFD = os.NewFile(uintptr(pair[0]), "pass"), os.NewFile(uintptr(pair[1]), "receive")
+		readerMode += "-recv"
+	} else {
+		fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ownerFD = os.NewFile(uintptr(fd), "conn")
+		readerFD = ownerFD
+	}
+	ownerMode := "owner"
+	if tc.pass {
+		ownerMode = "owner-pass"
+	}
+	owner := startChild(t, exe, ownerMode, srv.path, tc.owner, ownerFD)
+	if l := owner.next(t); l != "ready" {
+		t.Fatalf("owner said %q, want ready", l)
+	}
+	// Started before any exec, with the connection, as a fork.
+	reader := startChild(t, exe, readerMode, srv.path, nobody, readerFD)
+	if l := reader.next(t); l != "ready" {
+		t.Fatalf("reader said %q, want ready", l)
+	}
+	// Only the two children hold the connection now.
+	_ = ownerFD.Close()
+	_ = readerFD.Close()
+	ownerPID := owner.cmd.Process.Pid
+
+	for _, step := range tc.steps {
+		switch {
+		case step == "call":
+			reader.say(t, "go")
+		case step == "rotate":
+			src.rotate()
+		case step == "exec":
+			owner.say(t, "exec")
+			testwait.Exe(t, ownerPID, sleep)
+		case step == "setuid":
+			owner.say(t, "setuid")
+			if l := owner.next(t); l != "done" {
+				t.Fatalf("owner said %q, want done", l)
+			}
+		case step == "exit":
+			_ = owner.stdin.Close()
+			_ = owner.cmd.Wait()
+		case strings.HasPrefix(step, "="):
+			if got := reader.next(t); got != step[1:] {
+				t.Fatalf("reader said %q, want %q\n%s", got, step[1:], srv.logs.String())
+			}
+		default:
+			t.Fatalf("unknown step %q", step)
+		}
+	}
+	// Nothing after the end: the reader exits.
+	for l := range reader.lines {
+		t.Errorf("reader said %q after its stream ended", l)
+	}
+	srv.logs.waitForLine(t, append(tc.audit, `"pid":`+strconv.Itoa(ownerPID)+`,`)...)
 }
 
 // waitForLine polls until one log line holds every fragment.

@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/internal/grpcstop"
 	"github.com/lanyard-dev/lanyard/internal/safedir"
@@ -62,6 +63,10 @@ type Config struct {
 	// Limits bounds the connections and calls callers can hold; the zero
 	// value sets no limit.
 	Limits Limits
+	// SDS names the resources of the Envoy SDS v3 service served on the
+	// same socket (sds.go); the zero value serves SPIRE's names and no
+	// ROOTCA (it needs TrustDomain).
+	SDS SDSConfig
 }
 
 // Server is the Workload API server. Run it once.
@@ -134,7 +139,7 @@ func (s *Server) Run(ctx context.Context) error {
 		opts = append(opts, grpc.MaxConcurrentStreams(uint32(2*n)))
 	}
 	srv := grpc.NewServer(opts...)
-	workload.RegisterSpiffeWorkloadAPIServer(srv, &handler{
+	h := &handler{
 		attestor:    s.cfg.Attestor,
 		source:      s.cfg.Source,
 		jwt:         s.cfg.JWT,
@@ -143,7 +148,10 @@ func (s *Server) Run(ctx context.Context) error {
 		warn:        s.warn,
 		stopping:    ctx.Done(),
 		pendingWait: cmp.Or(s.cfg.PendingWait, defaultPendingWait),
-	})
+	}
+	workload.RegisterSpiffeWorkloadAPIServer(srv, h)
+	// Envoy's SDS, on the same socket and for the same callers (sds.go).
+	secretv3.RegisterSecretDiscoveryServiceServer(srv, &sdsHandler{h: h, cfg: s.cfg.SDS.withDefaults()})
 	// The SPIFFE spec recommends reflection, so that grpcurl and friends
 	// can list the API; it serves only the public proto descriptors.
 	if err := registerReflection(srv); err != nil {
