@@ -468,6 +468,9 @@ func entryMessage(w policy.Workload) *signerpb.Entry {
 		DnsNames:       w.DNSNames,
 		Hint:           w.Hint,
 	}
+	for _, td := range w.FederatesWith {
+		e.FederatesWith = append(e.FederatesWith, td.Name())
+	}
 	// The revision lets an agent tell "same entry" from "changed entry"
 	// (and so re-sign) without comparing fields itself.
 	h := fnv.New64a()
