@@ -299,6 +299,7 @@ func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struc
 	for _, w := range s.pol.WorkloadsForNodes(rec.names) {
 		resp.Entries = append(resp.Entries, entryMessage(w))
 	}
+	resp.FederatedBundles = s.federatedBundlesLocked(resp.Entries)
 	return resp, s.changed, nil
 }
 
