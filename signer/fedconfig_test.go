@@ -61,7 +61,7 @@ federation "web.example" {
 
 func TestFederationConfigErrors(t *testing.T) {
 	const required = "trust_domain = \"example.org\"\npolicy_path = \"p.hcl\"\nbundle_path = \"b.pem\"\n" // lines 1-3
-	fed := func(label, body string) string { return "federation \"" + label + "\" {\n" + body + "}\n" } // body from line 5
+	fed := func(label, body string) string { return "federation \"" + label + "\" {\n" + body + "}\n" }   // body from line 5
 	const spiffeOK = "  bundle_endpoint_url = \"https://h:8443\"\n  profile = \"https_spiffe\"\n  endpoint_spiffe_id = \"spiffe://other.org/x\"\n"
 	tests := []struct {
 		name string
