@@ -170,7 +170,7 @@ func TestValidateJWTSVIDFederated(t *testing.T) {
 		{name: "federating caller, wrong audience", attestor: unixOnly, selector: uidSelector(),
 			token: other.mint(t, otherClaims("a")), audience: "b", wantMsg: `audience "b" is not among the token's ["a"]`},
 		{name: "federating caller, expired", attestor: unixOnly, selector: uidSelector(),
-			token:   other.mint(t, with(otherClaims("a"), "exp", time.Now().Add(-time.Hour).Unix())),
+			token:    other.mint(t, with(otherClaims("a"), "exp", time.Now().Add(-time.Hour).Unix())),
 			audience: "a", wantMsg: "token expired at"},
 		{name: "federating caller, key not in other.org's bundle", attestor: unixOnly, selector: uidSelector(),
 			token: signJWT(t, jose.ES256, stranger, other.kid, otherClaims("a")), audience: "a",
