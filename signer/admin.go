@@ -25,9 +25,25 @@ type StatusReport struct {
 	AgentsConnected int        `json:"agents_connected"`
 	Revoked         int        `json:"revoked"`
 	UptimeSeconds   int64      `json:"uptime_seconds"`
+	// BundleEndpoint is the bundle_endpoint listener; absent without one.
+	BundleEndpoint *BundleEndpointStatus `json:"bundle_endpoint,omitempty"`
+	// Federation is one line per federation block, in file order.
+	Federation []FederationStatus `json:"federation,omitempty"`
+	// Warnings are problems that change nothing yet, such as a policy
+	// federates_with naming a trust domain without a federation block.
+	Warnings []string `json:"warnings,omitempty"`
 	// The replica's view of its tier (replica, etcd, policy_revision,
 	// ...); absent for a lone signer.
 	*TierStatus
+}
+
+// BundleEndpointStatus is the bundle endpoint, as federated peers must be
+// configured to reach it.
+type BundleEndpointStatus struct {
+	ListenAddress      string `json:"listen_address"`
+	Profile            string `json:"profile"`
+	EndpointSPIFFEID   string `json:"endpoint_spiffe_id,omitempty"` // https_spiffe only
+	RefreshHintSeconds int64  `json:"refresh_hint_seconds"`
 }
 
 // CAStatus is one CA of the trust bundle.
@@ -57,7 +73,15 @@ func (s *Signer) Status(now time.Time) StatusReport {
 			r.Revoked++
 		}
 	}
+	r.Warnings = s.fedWarnings
 	s.mu.Unlock()
+	if b := s.cfg.BundleEndpoint; b != nil {
+		r.BundleEndpoint = &BundleEndpointStatus{ListenAddress: b.ListenAddress, Profile: b.Profile(), RefreshHintSeconds: int64(s.bundleHint / time.Second)}
+		if b.Profile() == ProfileHTTPSSPIFFE {
+			r.BundleEndpoint.EndpointSPIFFEID = s.id.String()
+		}
+	}
+	r.Federation = s.federationStatus()
 	r.AgentsConnected = s.syncs.connected()
 	r.TierStatus = s.tierStatus()
 	return r

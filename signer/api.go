@@ -299,6 +299,7 @@ func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struc
 	for _, w := range s.pol.WorkloadsForNodes(rec.names) {
 		resp.Entries = append(resp.Entries, entryMessage(w))
 	}
+	resp.FederatedBundles = s.federatedBundlesLocked(resp.Entries)
 	return resp, s.changed, nil
 }
 
@@ -467,6 +468,9 @@ func entryMessage(w policy.Workload) *signerpb.Entry {
 		JwtTtlSeconds:  int64(w.JWTTTL / time.Second),
 		DnsNames:       w.DNSNames,
 		Hint:           w.Hint,
+	}
+	for _, td := range w.FederatesWith {
+		e.FederatesWith = append(e.FederatesWith, td.Name())
 	}
 	// The revision lets an agent tell "same entry" from "changed entry"
 	// (and so re-sign) without comparing fields itself.

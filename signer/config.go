@@ -79,6 +79,12 @@ type Config struct {
 	// OIDC is the oidc_discovery block: nil means no discovery endpoint,
 	// and JWT-SVIDs without iss.
 	OIDC *OIDCConfig
+	// BundleEndpoint is the bundle_endpoint block: nil means the trust
+	// bundle is not served to federated trust domains.
+	BundleEndpoint *BundleEndpointConfig
+	// Federations are the federation blocks, one per trust domain whose
+	// bundle the signer fetches, in file order.
+	Federations []FederationConfig
 }
 
 // Values of key_storage.
@@ -106,7 +112,8 @@ var signerConfigSchema = &hcl.BodySchema{
 		{Name: "key_storage"},
 		{Name: "replica_name"},
 	},
-	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}, {Type: "etcd"}, {Type: "oidc_discovery"}},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "limits"}, {Type: "tpm"}, {Type: "etcd"}, {Type: "oidc_discovery"},
+		{Type: "bundle_endpoint"}, {Type: "federation", LabelNames: []string{"trust_domain"}}},
 }
 
 // LoadConfig reads and validates the signer config file at path. Problems
@@ -220,6 +227,8 @@ func ParseConfig(src []byte, filename string) (*Config, error) {
 	diags = append(diags, decodeEtcd(content.Blocks.OfType("etcd"), dir, cfg)...)
 	diags = append(diags, decodeReplicaName(content.Attributes, cfg)...)
 	diags = append(diags, decodeOIDC(content.Blocks.OfType("oidc_discovery"), dir, cfg)...)
+	diags = append(diags, decodeBundleEndpoint(content.Blocks.OfType("bundle_endpoint"), dir, cfg)...)
+	diags = append(diags, decodeFederations(content.Blocks.OfType("federation"), dir, cfg)...)
 	if _, ok := content.Attributes["policy_path"]; !ok && cfg.Etcd == nil {
 		diags = append(diags, hclconf.Errorf(body.MissingItemRange(), `Missing required argument: The argument "policy_path" is required, but no definition was found (or add an etcd block, whose replicas share the policy).`))
 	}

@@ -11,8 +11,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-// certReloader is the OIDC listener's HTTPS certificate, read from
-// oidc_discovery's tls files and read again when either file changes, so a
+// certReloader is the HTTPS certificate of the OIDC listener or of an
+// https_web bundle endpoint, read from the block's tls files and read again when either file changes, so a
 // renewed certificate (ACME renews every few weeks) is served without a
 // restart. A pair that fails to load (a renewal caught halfway: new
 // certificate, old key) leaves the last good one in use.
@@ -63,7 +63,7 @@ func (c *certReloader) load() (*tls.Certificate, error) {
 		return c.keep(now, fmt.Errorf("tls: load cert_file %s and key_file %s: %w", c.certFile, c.keyFile, err))
 	}
 	if c.cert != nil {
-		c.log.Info("oidc discovery certificate reloaded", "cert_file", c.certFile)
+		c.log.Info("listener certificate reloaded", "cert_file", c.certFile)
 	}
 	c.cert, c.stamp = &cert, now
 	return c.cert, nil
@@ -77,7 +77,7 @@ func (c *certReloader) keep(now [2]fileStamp, err error) (*tls.Certificate, erro
 	}
 	if now != c.badSeen {
 		c.badSeen = now
-		c.log.Warn("oidc discovery certificate not reloaded; serving the last good one", "error", err.Error())
+		c.log.Warn("listener certificate not reloaded; serving the last good one", "error", err.Error())
 	}
 	return c.cert, nil
 }

@@ -96,6 +96,19 @@ type Signer struct {
 	addr        string // the agent API's listening address, once Serve runs
 	started     time.Time
 
+	// feds are the federation blocks' fetchers, fixed at New;
+	// fedBundles (under mu) the bundles agents are sent of each federated
+	// trust domain held, and fedWarnings the policy's federates_with
+	// names without a federation block.
+	feds        []*fedPeer
+	fedBundles  map[spiffeid.TrustDomain]*signerpb.Bundle
+	fedWarnings []string
+	// fedFloor is the shortest refresh interval obeyed (minRefreshHint;
+	// tests lower it, with bundleHint, the hint served, to see a rotation
+	// cross in well under a second).
+	fedFloor   time.Duration
+	bundleHint time.Duration
+
 	policySrc []byte        // the policy file's content in force
 	ready     chan struct{} // closed once Serve accepts agents
 	stopping  chan struct{} // closed when Serve begins to shut down: Sync streams end at once
@@ -212,6 +225,22 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 		syncs:   newSyncSlots(cfg.Limits),
 		mints:   newMintLimiter(cfg.Limits),
 		warnLog: newLogLimiter(cfg.Limits.RefusalLogInterval),
+
+		fedBundles: make(map[spiffeid.TrustDomain]*signerpb.Bundle),
+		fedFloor:   minRefreshHint,
+	}
+	if cfg.BundleEndpoint != nil {
+		s.bundleHint = cfg.BundleEndpoint.refreshHint(cfg.CAPublishLead)
+	}
+	for _, fc := range cfg.Federations {
+		p, err := newFedPeer(fc, cfg.StateDir, log.Named("federation"))
+		if err != nil {
+			return nil, err
+		}
+		s.feds = append(s.feds, p)
+		if b := p.current(); b != nil {
+			s.fedBundles[fc.TrustDomain] = federatedMessage(b)
+		}
 	}
 	if cfg.Etcd != nil {
 		if s.tier, err = newTier(cfg); err != nil {
@@ -278,8 +307,17 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 		}
 		return err
 	}
-	closeAll := func() {
+	bundleLn, err := s.listenBundleEndpoint()
+	if err != nil {
 		for _, ln := range []net.Listener{metricsLn, adminLn, oidcLn} {
+			if ln != nil {
+				ln.Close()
+			}
+		}
+		return err
+	}
+	closeAll := func() {
+		for _, ln := range []net.Listener{metricsLn, adminLn, oidcLn, bundleLn} {
 			if ln != nil {
 				ln.Close()
 			}
@@ -314,8 +352,10 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 		lis, err = listen()
 	}
 	if err != nil {
-		if oidcLn != nil {
-			oidcLn.Close()
+		for _, ln := range []net.Listener{oidcLn, bundleLn} {
+			if ln != nil {
+				ln.Close()
+			}
 		}
 		cancel()
 		g.Wait()
@@ -354,6 +394,13 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 		// Served from here, not earlier: a joining replica's JWKS then
 		// already holds the tier's keys, the union agents validate with.
 		g.Go(func() error { return s.serveOIDC(ctx, oidcLn) })
+	}
+	if bundleLn != nil {
+		// Like OIDC's: a joining replica serves the tier's union.
+		g.Go(func() error { return s.serveBundleEndpoint(ctx, bundleLn) })
+	}
+	for _, p := range s.feds {
+		g.Go(func() error { return s.runFederation(ctx, p) })
 	}
 	close(s.ready) // the listener queues connections until Serve takes them
 	g.Go(func() error { return s.rotateCAs(ctx) })
@@ -433,6 +480,7 @@ func (s *Signer) setPolicyLocked(p *policy.Policy) {
 			delete(s.agents, id)
 		}
 	}
+	s.fedWarnings = s.federationWarningsLocked()
 }
 
 // notifyLocked wakes every Sync stream.

@@ -330,8 +330,42 @@ func statusCmd(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(tw, "Policy:\t%s\n", pol)
 	}
+	if b := r.BundleEndpoint; b != nil {
+		line := fmt.Sprintf("%s, %s, refresh hint %s", b.ListenAddress, b.Profile, time.Duration(b.RefreshHintSeconds)*time.Second)
+		if b.EndpointSPIFFEID != "" {
+			line += ", endpoint SPIFFE ID " + b.EndpointSPIFFEID
+		}
+		fmt.Fprintf(tw, "Bundle endpoint:\t%s\n", line)
+	}
+	for _, f := range r.Federation {
+		fmt.Fprintf(tw, "Federation %s:\t%s\n", f.TrustDomain, federationLine(f, now))
+	}
+	for _, w := range r.Warnings {
+		fmt.Fprintf(tw, "Warning:\t%s\n", w)
+	}
 	tw.Flush()
 	return exitOK
+}
+
+// federationLine is one federated trust domain: where from, what is
+// trusted, when next, and the failure when fetches are failing now.
+func federationLine(f signer.FederationStatus, now time.Time) string {
+	line := fmt.Sprintf("%s (%s), ", f.URL, f.Profile)
+	switch {
+	case f.Trusting == "":
+		line += "no bundle yet"
+	case f.LastSuccess.IsZero():
+		line += fmt.Sprintf("trusting the %s bundle (sequence %d, %d CAs, %d JWT keys), never fetched", f.Trusting, f.Sequence, f.CAs, f.JWTKeys)
+	default:
+		line += fmt.Sprintf("sequence %d (%d CAs, %d JWT keys), fetched %s ago", f.Sequence, f.CAs, f.JWTKeys, now.Sub(f.LastSuccess).Round(time.Second))
+	}
+	if !f.NextRefresh.IsZero() {
+		line += fmt.Sprintf(", next fetch in %s", f.NextRefresh.Sub(now).Round(time.Second))
+	}
+	if f.LastError != "" && f.LastErrorAt.After(f.LastSuccess) {
+		line += fmt.Sprintf("; FAILING (%d in a row, keeping the last good bundle): %s", f.Failures, f.LastError)
+	}
+	return line
 }
 
 func orDash(s string) string {

@@ -27,6 +27,7 @@ workload "w" {
   selectors = ["unix:uid:0", "systemd:unit:a.service"]
   x509_ttl = "10s"
   dns_names = ["a.example"]
+  federates_with = ["other.org", "spiffe://third.org", "example.org"]
 }`))
 	f.Add([]byte(`workload "w" { selectors = [] nodes = [] spiffe_id = "" }`))
 	f.Add([]byte("node \"a\" {\n ek_sha256 = [\n"))
@@ -115,6 +116,11 @@ func checkInvariants(t *testing.T, p *Policy) {
 		for _, d := range w.DNSNames {
 			if err := validateDNSName(d); err != nil {
 				t.Fatalf("workload %q: DNS name %q: %v", w.Name, d, err)
+			}
+		}
+		for i, td := range w.FederatesWith {
+			if td.IsZero() || td == testTD || slices.Contains(w.FederatesWith[:i], td) {
+				t.Fatalf("workload %q: federates_with %q: empty, own or duplicated", w.Name, w.FederatesWith)
 			}
 		}
 	}

@@ -64,6 +64,12 @@ type Workload struct {
 	JWTTTL    time.Duration
 	DNSNames  []string
 	Hint      string
+	// FederatesWith names the foreign trust domains (SPIFFE federation)
+	// whose bundles the workload is given, in file order, never its own.
+	// A name need not have a federation block in the signer's config:
+	// that is a warning there, not a policy error, so the policy and the
+	// config can change in either order.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 var fileSchema = &hcl.BodySchema{
@@ -86,6 +92,7 @@ var workloadSchema = &hcl.BodySchema{
 		{Name: "jwt_ttl"},
 		{Name: "dns_names"},
 		{Name: "hint"},
+		{Name: "federates_with"},
 	},
 }
 
@@ -295,7 +302,42 @@ func decodeWorkload(b *hcl.Block, td spiffeid.TrustDomain, nodes map[string]int)
 		diags = append(diags, d...)
 		w.Hint = hint
 	}
+	if attr, ok := content.Attributes["federates_with"]; ok {
+		var d hcl.Diagnostics
+		w.FederatesWith, d = decodeFederatesWith(attr, td)
+		diags = append(diags, d...)
+	}
 	return w, diags
+}
+
+// decodeFederatesWith decodes federates_with: trust domain names (not
+// SPIFFE IDs: the agent and the status name them so), not td, no name
+// twice.
+func decodeFederatesWith(attr *hcl.Attribute, td spiffeid.TrustDomain) ([]spiffeid.TrustDomain, hcl.Diagnostics) {
+	items, diags := hclconf.StringList(attr)
+	var out []spiffeid.TrustDomain
+	seen := map[string]int{}
+	for _, it := range items {
+		fd, err := spiffeid.TrustDomainFromString(it.Value)
+		switch {
+		case err != nil:
+			diags = append(diags, hclconf.Errorf(it.Range, "federates_with: %q: %v", it.Value, err))
+			continue
+		case fd.Name() != it.Value:
+			diags = append(diags, hclconf.Errorf(it.Range, "federates_with: %q: write the trust domain name (%q)", it.Value, fd.Name()))
+			continue
+		case fd == td:
+			diags = append(diags, hclconf.Errorf(it.Range, "federates_with: %q is this policy's own trust domain", it.Value))
+			continue
+		}
+		if first, dup := seen[it.Value]; dup {
+			diags = append(diags, hclconf.Errorf(it.Range, "federates_with: %q is listed twice (first at line %d)", it.Value, first))
+			continue
+		}
+		seen[it.Value] = it.Range.Start.Line
+		out = append(out, fd)
+	}
+	return out, diags
 }
 
 func decodeSPIFFEID(attr *hcl.Attribute, td spiffeid.TrustDomain) (spiffeid.ID, hcl.Diagnostics) {

@@ -26,7 +26,7 @@ const (
 // tests that check them on purpose.
 var policyOpts = cmp.Options{
 	cmpopts.IgnoreFields(Node{}, "Roots", "Intermediates"),
-	cmpopts.EquateComparable(spiffeid.ID{}),
+	cmpopts.EquateComparable(spiffeid.ID{}, spiffeid.TrustDomain{}),
 }
 
 func TestLoadTestdata(t *testing.T) {
@@ -178,6 +178,30 @@ workload "web" {
 				}},
 			},
 		},
+		{
+			name: "federates_with in file order",
+			src: `
+node "n1" { ek_sha256 = ["` + hashA + `"] }
+workload "web" {
+  spiffe_id      = "spiffe://example.org/web"
+  nodes          = ["n1"]
+  selectors      = ["unix:uid:0"]
+  federates_with = ["other.org", "partner.example.com"]
+}
+`,
+			want: &Policy{
+				Nodes: []Node{{Name: "n1", EKSHA256: []string{hashA}}},
+				Workloads: []Workload{{
+					Name:          "web",
+					SPIFFEID:      web,
+					Nodes:         []string{"n1"},
+					Selectors:     []string{"unix:uid:0"},
+					X509TTL:       time.Hour,
+					JWTTTL:        5 * time.Minute,
+					FederatesWith: []spiffeid.TrustDomain{spiffeid.RequireTrustDomainFromString("other.org"), spiffeid.RequireTrustDomainFromString("partner.example.com")},
+				}},
+			},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -307,6 +331,16 @@ func TestParseErrors(t *testing.T) {
 		{"bad dns name", workload(okID + okNodes + okSel + `dns_names = ["ok.example", "-bad.example", "10.0.0.1"]`), []string{
 			`$F:6: dns_names: "-bad.example": label starts or ends with '-'`,
 			`$F:6: dns_names: "10.0.0.1": an IP address, not a DNS name`,
+		}},
+		{"federates_with problems", workload(okID + okNodes + okSel + "federates_with = [\"other.org\", \"Other.org\", \"spiffe://third.org\", \"example.org\",\n \"other.org\", \"\"]"), []string{
+			`$F:6: federates_with: "Other.org": trust domain characters are limited to lowercase letters, numbers, dots, dashes, and underscores`,
+			`$F:6: federates_with: "spiffe://third.org": write the trust domain name ("third.org")`,
+			`$F:6: federates_with: "example.org" is this policy's own trust domain`,
+			`$F:7: federates_with: "other.org" is listed twice (first at line 6)`,
+			`$F:7: federates_with: "": trust domain is missing`,
+		}},
+		{"federates_with not a list", workload(okID + okNodes + okSel + `federates_with = "other.org"`), []string{
+			`$F:6: federates_with: expected a list of strings, got string`,
 		}},
 		{"variable reference", workload(okID + okNodes + okSel + `hint = var.hint`), []string{
 			`$F:6: Variables not allowed: Variables may not be used here.`,
