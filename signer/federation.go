@@ -100,6 +100,29 @@ func newFedPeer(cfg FederationConfig, stateDir string, log hclog.Logger) (*fedPe
 	return p, nil
 }
 
+// addFederation starts trusting fc's trust domain with what newFedPeer
+// loads; Serve starts its fetcher. Called before Serve only (tests add a
+// block whose bootstrap bundle exists only once both signers are made).
+func (s *Signer) addFederation(fc FederationConfig) error {
+	p, err := newFedPeer(fc, s.cfg.StateDir, s.log.Named("federation"))
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.feds = append(s.feds, p)
+	if s.cfg.federation(fc.TrustDomain) == nil {
+		s.cfg.Federations = append(s.cfg.Federations, fc)
+	}
+	if b := p.current(); b != nil {
+		s.fedBundles[fc.TrustDomain] = federatedMessage(b)
+	}
+	if s.pol != nil {
+		s.fedWarnings = s.federationWarningsLocked()
+	}
+	return nil
+}
+
 // loadFederated reads the bundle a previous run saved at path; nil when
 // there is none. A file that is not td's is an error: it is state_dir's,
 // and it is never silently replaced by trust in something else.

@@ -233,13 +233,8 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 		s.bundleHint = cfg.BundleEndpoint.refreshHint(cfg.CAPublishLead)
 	}
 	for _, fc := range cfg.Federations {
-		p, err := newFedPeer(fc, cfg.StateDir, log.Named("federation"))
-		if err != nil {
+		if err := s.addFederation(fc); err != nil {
 			return nil, err
-		}
-		s.feds = append(s.feds, p)
-		if b := p.current(); b != nil {
-			s.fedBundles[fc.TrustDomain] = federatedMessage(b)
 		}
 	}
 	if cfg.Etcd != nil {
