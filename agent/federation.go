@@ -109,7 +109,7 @@ func (a *fedBundle) sameContent(b *fedBundle) bool {
 // fedChange is one federated domain whose served bundle changed.
 type fedChange struct {
 	td      spiffeid.TrustDomain
-	bundle  *fedBundle // nil: dropped
+	bundle  *fedBundle // the new bundle; nil when dropped
 	dropped bool
 }
 
