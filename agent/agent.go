@@ -198,6 +198,10 @@ func (s served) setEntries(entries []*entry) {
 	s.renew.wake()
 }
 
+func (s served) setFederated(good []*fedBundle, refused []spiffeid.TrustDomain) {
+	logFederated(s.log, s.cache.setFederated(good, refused))
+}
+
 func (s served) setBundle(cas []*x509.Certificate, b *signerpb.Bundle) error {
 	if s.cache.setBundle(cas) {
 		s.log.Info("trust bundle updated", "sequence", b.GetSequence(), "authorities", len(cas))

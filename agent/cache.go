@@ -56,6 +56,14 @@ type cache struct {
 	td      string    // the trust domain's SPIFFE ID: bundle maps are keyed by it (Workload API spec)
 	jwt     *jwtState // nil before the first bundle with JWT keys
 	synced  bool      // the entries arrived at least once
+
+	// The federated side (federation.go): the bundles of foreign trust
+	// domains, and the responses built from them per federation key (the
+	// sorted names of the domains a caller's entries federate with).
+	federated  map[string]*fedBundle // by trust domain name
+	fedKeys    map[string]string     // caller selectors → federation key, like matched
+	fedBundles map[string]*workload.X509BundlesResponse
+	fedJWT     map[string]*jwtFed
 }
 
 func newCache(td string) *cache {
@@ -65,6 +73,11 @@ func newCache(td string) *cache {
 		responses: make(map[string]*workload.X509SVIDResponse),
 		matched:   make(map[string]string),
 		td:        td,
+
+		federated:  make(map[string]*fedBundle),
+		fedKeys:    make(map[string]string),
+		fedBundles: make(map[string]*workload.X509BundlesResponse),
+		fedJWT:     make(map[string]*jwtFed),
 	}
 }
 
@@ -72,6 +85,9 @@ func newCache(td string) *cache {
 func (c *cache) notifyLocked() {
 	clear(c.responses)
 	clear(c.matched)
+	clear(c.fedKeys)
+	clear(c.fedBundles)
+	clear(c.fedJWT)
 	c.bundles = nil
 	c.changed.notify()
 }
@@ -86,7 +102,7 @@ func (c *cache) setEntries(entries []*entry) {
 	// A re-sync that brings nothing new (a reconnection, a move to
 	// another signer replica) wakes no stream: every workload stream would
 	// re-send what it holds.
-	if c.synced && slices.EqualFunc(c.entries, entries, func(a, b *entry) bool { return a.ID == b.ID && a.Revision == b.Revision }) {
+	if c.synced && slices.EqualFunc(c.entries, entries, sameEntry) {
 		return
 	}
 	c.entries, c.synced = entries, true
@@ -100,6 +116,13 @@ func (c *cache) setEntries(entries []*entry) {
 		}
 	}
 	c.notifyLocked()
+}
+
+// sameEntry reports whether a and b are the same revision of an entry.
+// The revision covers federates_with too; comparing it as well keeps a
+// federation change from going unserved if a signer ever did not.
+func sameEntry(a, b *entry) bool {
+	return a.ID == b.ID && a.Revision == b.Revision && slices.Equal(a.FederatesWith, b.FederatesWith)
 }
 
 // hasSynced reports whether the entries arrived at least once: before,
@@ -237,7 +260,7 @@ func (c *cache) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse
 	if r, ok := c.responses[key]; ok {
 		return r, c.changed.C()
 	}
-	r := &workload.X509SVIDResponse{}
+	r := &workload.X509SVIDResponse{FederatedBundles: c.federatedDERLocked(key)}
 	for id := range strings.SplitSeq(strings.TrimSuffix(key, "\x00"), "\x00") {
 		e := c.byID[id]
 		s := c.svids[e.key()]
@@ -310,15 +333,19 @@ func (c *cache) holdsValidSVID(now time.Time) bool {
 	return false
 }
 
-// X509BundlesResponse returns the trust bundle response and a channel
-// closed on the next change.
+// X509BundlesResponse returns the response holding the agent's own trust
+// bundle only, and a channel closed on the next change.
 func (c *cache) X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.ownBundlesLocked(), c.changed.C()
+}
+
+func (c *cache) ownBundlesLocked() *workload.X509BundlesResponse {
 	if c.bundles == nil && len(c.bundleDER) > 0 {
 		c.bundles = &workload.X509BundlesResponse{Bundles: map[string][]byte{c.td: c.bundleDER}}
 	}
-	return c.bundles, c.changed.C()
+	return c.bundles
 }
 
 // matches reports whether every selector the entry requires is among the
@@ -377,9 +404,10 @@ func (c *cache) explain(selectors []string) *Explanation {
 // cacheSnapshot is what the cache holds, for the status report.
 type cacheSnapshot struct {
 	BundleNotAfter   []time.Time
-	SVIDs            []svidStatus // one per entry, in policy order
-	EntriesWithoutID int          // entries that have no valid SVID now
-	JWTKeyIDs        []string     // the JWT bundle's key IDs, as the signer orders them
+	SVIDs            []svidStatus      // one per entry, in policy order
+	EntriesWithoutID int               // entries that have no valid SVID now
+	JWTKeyIDs        []string          // the JWT bundle's key IDs, as the signer orders them
+	Federated        []federatedStatus // by trust domain name
 }
 
 // svidStatus describes the SVID held for one entry.
@@ -415,5 +443,6 @@ func (c *cache) snapshot(sched rotator.Schedule) cacheSnapshot {
 		}
 		st.SVIDs = append(st.SVIDs, ss)
 	}
+	st.Federated = c.federatedStatusLocked()
 	return st
 }

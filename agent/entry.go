@@ -3,6 +3,8 @@ package agent
 import (
 	"crypto/x509"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -21,6 +23,11 @@ type entry struct {
 	Hint      string
 	X509TTL   time.Duration
 	JWTTTL    time.Duration
+	// FederatesWith names the foreign trust domains (policy
+	// federates_with) whose bundles a caller matching this entry is
+	// given and whose JWT-SVIDs it may validate; sorted, without
+	// duplicates or the agent's own.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // entryKey names one revision of an entry. The agent's caches are keyed
@@ -49,9 +56,27 @@ func entriesFrom(in []*signerpb.Entry, td spiffeid.TrustDomain, log hclog.Logger
 		out = append(out, &entry{
 			ID: e.GetId(), Revision: e.GetRevision(), SPIFFEID: id, Selectors: e.GetSelectors(), Hint: e.GetHint(),
 			X509TTL: time.Duration(e.GetX509TtlSeconds()) * time.Second, JWTTTL: time.Duration(e.GetJwtTtlSeconds()) * time.Second,
+			FederatesWith: federatesWith(e, td, log),
 		})
 	}
 	return out
+}
+
+// federatesWith converts an entry's federates_with. A name that is not a
+// trust domain, or is the agent's own, is left out with a warning: the
+// rest of the entry is still served, only without that bundle.
+func federatesWith(e *signerpb.Entry, own spiffeid.TrustDomain, log hclog.Logger) []spiffeid.TrustDomain {
+	var out []spiffeid.TrustDomain
+	for _, name := range e.GetFederatesWith() {
+		td, err := spiffeid.TrustDomainFromString(name)
+		if err != nil || td == own {
+			log.Warn("ignoring invalid federates_with of entry from signer", "entry", e.GetId(), "trust_domain", name)
+			continue
+		}
+		out = append(out, td)
+	}
+	slices.SortFunc(out, func(a, b spiffeid.TrustDomain) int { return strings.Compare(a.Name(), b.Name()) })
+	return slices.Compact(out)
 }
 
 // parseCerts parses a chain or a bundle as the signer sends them: one

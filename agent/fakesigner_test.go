@@ -37,6 +37,8 @@ type fakeSigner struct {
 	cas      []*testCA // the bundle, oldest first
 	active   int       // the one that signs
 	entries  []*signerpb.Entry
+	fed      []*signerpb.Bundle // federated_bundles of every sync message
+	fedGen   int                // counts setFederated calls: each is sent
 	down     bool
 	unknown  bool // answers Unauthenticated until the next attestation
 	attested bool
@@ -98,6 +100,15 @@ func (f *fakeSigner) forget() {
 func (f *fakeSigner) setEntries(entries ...*signerpb.Entry) {
 	f.mu.Lock()
 	f.entries = entries
+	f.mu.Unlock()
+	f.changed.notify()
+}
+
+// setFederated replaces the federated bundles the sync stream pushes.
+func (f *fakeSigner) setFederated(bundles ...*signerpb.Bundle) {
+	f.mu.Lock()
+	f.fed = bundles
+	f.fedGen++
 	f.mu.Unlock()
 	f.changed.notify()
 }
@@ -186,19 +197,21 @@ func (f *fakeSigner) sync(ctx context.Context) (func() (*signerpb.SyncResponse, 
 		return nil, replaced, err
 	}
 	var sent *signerpb.SyncResponse
+	sentGen := 0
 	recv := func() (*signerpb.SyncResponse, error) {
 		for {
 			wake := f.changed.C()
 			f.mu.Lock()
 			err := f.refusalLocked()
-			msg := &signerpb.SyncResponse{Bundle: f.bundleLocked(), Entries: f.entries}
+			msg := &signerpb.SyncResponse{Bundle: f.bundleLocked(), Entries: f.entries, FederatedBundles: f.fed}
+			gen := f.fedGen
 			f.mu.Unlock()
 			if err != nil {
 				return nil, err
 			}
 			if sent == nil || len(msg.GetBundle().GetX509Authorities()) != len(sent.GetBundle().GetX509Authorities()) ||
-				!sameEntries(msg.GetEntries(), sent.GetEntries()) {
-				sent = msg
+				!sameEntries(msg.GetEntries(), sent.GetEntries()) || gen != sentGen {
+				sent, sentGen = msg, gen
 				return msg, nil
 			}
 			select {

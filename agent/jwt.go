@@ -114,12 +114,14 @@ func (j *jwtSource) Run(ctx context.Context) error {
 }
 
 // JWTBundlesResponse implements workloadapi.JWTSource from the cache.
-func (j *jwtSource) JWTBundlesResponse() (*workload.JWTBundlesResponse, <-chan struct{}) {
-	return j.cache.JWTBundlesResponse()
+func (j *jwtSource) JWTBundlesResponse(selectors []string) (*workload.JWTBundlesResponse, <-chan struct{}) {
+	return j.cache.JWTBundlesResponse(selectors)
 }
 
 // JWTBundles implements workloadapi.JWTSource from the cache.
-func (j *jwtSource) JWTBundles() *jwtbundle.Set { return j.cache.JWTBundles() }
+func (j *jwtSource) JWTBundles(selectors []string) *jwtbundle.Set {
+	return j.cache.JWTBundles(selectors)
+}
 
 // normalizeAudience sorts and deduplicates: the same audience set in any
 // order is the same token.

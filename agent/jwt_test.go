@@ -328,7 +328,7 @@ func TestJWTSVIDsDropTokensOfLeftEntries(t *testing.T) {
 func TestJWTBundle(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	c := newCache(td.String())
-	if resp, _ := c.JWTBundlesResponse(); resp != nil || c.JWTBundles().Len() != 0 {
+	if resp, _ := c.JWTBundlesResponse(nil); resp != nil || c.JWTBundles(nil).Len() != 0 {
 		t.Fatal("a JWT bundle before any was received")
 	}
 	auth := func(kid string) *signerpb.JWTAuthority {
@@ -353,12 +353,12 @@ func TestJWTBundle(t *testing.T) {
 	}
 	for _, st := range steps {
 		t.Run(st.name, func(t *testing.T) {
-			before, woken := c.JWTBundlesResponse()
+			before, woken := c.JWTBundlesResponse(nil)
 			changed, err := c.setJWTBundle(td, st.keys)
 			if err != nil || changed != st.wantChanged {
 				t.Fatalf("setJWTBundle = %v, %v; want %v", changed, err, st.wantChanged)
 			}
-			resp, _ := c.JWTBundlesResponse()
+			resp, _ := c.JWTBundlesResponse(nil)
 			select {
 			case <-woken:
 				if !changed {
@@ -391,7 +391,7 @@ func TestJWTBundle(t *testing.T) {
 			if !slices.Equal(kids, st.wantKids) {
 				t.Errorf("served kids = %v, want %v", kids, st.wantKids)
 			}
-			vb, ok := c.JWTBundles().Get(td)
+			vb, ok := c.JWTBundles(nil).Get(td)
 			if !ok || !vb.Equal(b) {
 				t.Error("validation bundle differs from the served one")
 			}
@@ -400,7 +400,7 @@ func TestJWTBundle(t *testing.T) {
 	if _, err := c.setJWTBundle(td, []*signerpb.JWTAuthority{{KeyId: "bad", PublicKey: []byte("junk")}}); err == nil {
 		t.Error("garbage key accepted")
 	}
-	if resp, _ := c.JWTBundlesResponse(); len(resp.GetBundles()) != 1 {
+	if resp, _ := c.JWTBundlesResponse(nil); len(resp.GetBundles()) != 1 {
 		t.Error("a bad bundle replaced the good one")
 	}
 }

@@ -18,9 +18,11 @@ import (
 // and shared: the go-spiffe bundle ValidateJWTSVID checks against, and the
 // FetchJWTBundles response.
 type jwtState struct {
-	keys []*signerpb.JWTAuthority // as received, to tell a change
-	set  *jwtbundle.Set
-	resp *workload.JWTBundlesResponse
+	keys   []*signerpb.JWTAuthority // as received, to tell a change
+	bundle *jwtbundle.Bundle
+	jwks   []byte // the bundle as FetchJWTBundles serves it
+	set    *jwtbundle.Set
+	resp   *workload.JWTBundlesResponse
 }
 
 // newJWTState parses the signer's JWT authorities into the served forms.
@@ -46,9 +48,11 @@ func newJWTState(td spiffeid.TrustDomain, keys []*signerpb.JWTAuthority) (*jwtSt
 		return nil, fmt.Errorf("encode JWT bundle: %w", err)
 	}
 	return &jwtState{
-		keys: keys,
-		set:  jwtbundle.NewSet(b),
-		resp: &workload.JWTBundlesResponse{Bundles: map[string][]byte{td.IDString(): jwks}},
+		keys:   keys,
+		bundle: b,
+		jwks:   jwks,
+		set:    jwtbundle.NewSet(b),
+		resp:   &workload.JWTBundlesResponse{Bundles: map[string][]byte{td.IDString(): jwks}},
 	}, nil
 }
 
@@ -83,30 +87,36 @@ func (c *cache) setJWTBundle(td spiffeid.TrustDomain, keys []*signerpb.JWTAuthor
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.jwt = st
+	clear(c.fedJWT) // each holds the old own bundle
 	c.changed.notify()
 	return true, nil
 }
 
-// JWTBundlesResponse returns the JWT bundles response (nil before the
-// first bundle) and a channel closed on the next change.
-func (c *cache) JWTBundlesResponse() (*workload.JWTBundlesResponse, <-chan struct{}) {
+// JWTBundlesResponse returns the JWT bundles for a caller with these
+// selectors (nil before the first bundle): the agent's own trust domain's,
+// and those of the federated domains its entries federate with. The
+// channel is closed on the next change.
+func (c *cache) JWTBundlesResponse(selectors []string) (*workload.JWTBundlesResponse, <-chan struct{}) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.jwt == nil {
 		return nil, c.changed.C()
 	}
-	return c.jwt.resp, c.changed.C()
+	resp, _ := c.jwtForLocked(selectors)
+	return resp, c.changed.C()
 }
 
-// JWTBundles returns the JWT bundles tokens are validated against: empty
-// before the first bundle.
-func (c *cache) JWTBundles() *jwtbundle.Set {
+// JWTBundles returns the JWT bundles a caller with these selectors
+// validates tokens against, as JWTBundlesResponse: empty before the first
+// bundle.
+func (c *cache) JWTBundles(selectors []string) *jwtbundle.Set {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.jwt == nil {
 		return jwtbundle.NewSet()
 	}
-	return c.jwt.set
+	_, set := c.jwtForLocked(selectors)
+	return set
 }
 
 // jwtEntries returns the entries a caller with these selectors may have a

@@ -30,6 +30,9 @@ type Report struct {
 	Bundle        []CAReport    `json:"bundle"`
 	Entries       []EntryReport `json:"entries"`
 	JWT           JWTReport     `json:"jwt"`
+	// Federated lists the bundles of foreign trust domains held (SPIFFE
+	// federation), by trust domain name; absent when there is none.
+	Federated []FederatedReport `json:"federated_bundles,omitempty"`
 	// OpenStreams counts open Workload API streams by method; every
 	// streaming method is present, 0 when none is open.
 	OpenStreams map[string]int64 `json:"open_streams"`
@@ -52,6 +55,15 @@ type TPMReport struct {
 type JWTReport struct {
 	KeyIDs       []string `json:"key_ids"`
 	TokensCached int      `json:"tokens_cached"`
+}
+
+// FederatedReport is the bundle of one federated trust domain, as the
+// signer last fetched it and pushed it to this agent.
+type FederatedReport struct {
+	TrustDomain string     `json:"trust_domain"`
+	Sequence    uint64     `json:"sequence"` // the domain's spiffe_sequence
+	CAs         []CAReport `json:"cas"`
+	JWTKeyIDs   []string   `json:"jwt_key_ids"`
 }
 
 // AgentReport is the agent's own identity and how it got it.
@@ -168,6 +180,16 @@ func (a *Agent) Report(now time.Time) Report {
 			NotAfter: timePtr(s.NotAfter), RenewAt: timePtr(s.RenewAt)})
 	}
 	r.JWT = JWTReport{KeyIDs: st.cache.JWTKeyIDs, TokensCached: st.jwtTokens}
+	for _, f := range st.cache.Federated {
+		fr := FederatedReport{TrustDomain: f.TrustDomain, Sequence: f.Sequence, CAs: []CAReport{}, JWTKeyIDs: f.JWTKeyIDs}
+		for _, na := range f.CANotAfter {
+			fr.CAs = append(fr.CAs, CAReport{NotAfter: na})
+		}
+		if fr.JWTKeyIDs == nil {
+			fr.JWTKeyIDs = []string{}
+		}
+		r.Federated = append(r.Federated, fr)
+	}
 	r.Health, r.Reasons = health(st, now)
 	return r
 }

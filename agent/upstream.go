@@ -52,6 +52,9 @@ type upstreamSink interface {
 	// old one can go ahead.
 	attested()
 	setBundle(cas []*x509.Certificate, b *signerpb.Bundle) error
+	// setFederated replaces the federated bundles (federation.go):
+	// refused are the domains whose bundle this message got wrong.
+	setFederated(good []*fedBundle, refused []spiffeid.TrustDomain)
 	setEntries(entries []*entry)
 }
 
@@ -270,9 +273,13 @@ func (u *upstream) receive(recv func() (*signerpb.SyncResponse, error), failures
 			u.log.Error("bad bundle from signer", "error", err)
 			continue
 		}
+		// Federated bundles first, so that an entry that starts to
+		// federate serves the bundle in its very first response.
+		u.sink.setFederated(federatedFrom(msg.GetFederatedBundles(), u.td, u.log))
 		entries := entriesFrom(msg.GetEntries(), u.td, u.log)
 		u.sink.setEntries(entries)
-		u.log.Debug("synced", "entries", len(entries), "bundle_sequence", msg.GetBundle().GetSequence())
+		u.log.Debug("synced", "entries", len(entries), "bundle_sequence", msg.GetBundle().GetSequence(),
+			"federated_bundles", len(msg.GetFederatedBundles()))
 	}
 }
 

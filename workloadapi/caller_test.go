@@ -141,6 +141,10 @@ func (s *entrySource) X509BundlesResponse() (*workload.X509BundlesResponse, <-ch
 	return s.bundles, nil
 }
 
+func (s *entrySource) X509BundlesFor([]string) (*workload.X509BundlesResponse, <-chan struct{}) {
+	return s.bundles, nil
+}
+
 func needRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {

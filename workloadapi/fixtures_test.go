@@ -54,7 +54,10 @@ type fakeSource struct {
 	svids   map[string]*workload.X509SVIDResponse
 	pending map[string]bool // selectors whose SVID is being signed
 	bundles *workload.X509BundlesResponse
-	changed chan struct{}
+	// federated are the bundles (own and federated) of callers with a
+	// selector, as an entry with federates_with gives them.
+	federated map[string]*workload.X509BundlesResponse
+	changed   chan struct{}
 }
 
 func newFakeSource(bundles *workload.X509BundlesResponse) *fakeSource {
@@ -98,6 +101,30 @@ func (s *fakeSource) X509BundlesResponse() (*workload.X509BundlesResponse, <-cha
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.bundles, s.changed
+}
+
+func (s *fakeSource) X509BundlesFor(selectors []string) (*workload.X509BundlesResponse, <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sel := range selectors {
+		if r, ok := s.federated[sel]; ok {
+			return r, s.changed
+		}
+	}
+	return s.bundles, s.changed
+}
+
+// setFederated gives callers with selector r as their bundles and wakes
+// every stream.
+func (s *fakeSource) setFederated(selector string, r *workload.X509BundlesResponse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.federated == nil {
+		s.federated = map[string]*workload.X509BundlesResponse{}
+	}
+	s.federated[selector] = r
+	close(s.changed)
+	s.changed = make(chan struct{})
 }
 
 func (s *fakeSource) set(selector string, r *workload.X509SVIDResponse) {

@@ -35,9 +35,15 @@ type Source interface {
 	// X509SVIDResponse returns the SVIDs a caller with these selectors is
 	// entitled to. Nil or empty means it is entitled to nothing.
 	X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse, <-chan struct{})
-	// X509BundlesResponse returns the trust bundles; nil or empty means the
-	// agent has none yet.
+	// X509BundlesResponse returns the agent's own trust bundle; nil or
+	// empty means the agent has none yet. Its channel closes on every
+	// change of the Source (the health service relies on it).
 	X509BundlesResponse() (*workload.X509BundlesResponse, <-chan struct{})
+	// X509BundlesFor returns the trust bundles for a caller with these
+	// selectors: the own one, and those of the foreign trust domains its
+	// entries federate with (SPIFFE federation). Nil or empty means the
+	// agent has none yet.
+	X509BundlesFor(selectors []string) (*workload.X509BundlesResponse, <-chan struct{})
 }
 
 // ErrNotEntitled is what a JWTSource returns when the caller may not have
@@ -55,12 +61,15 @@ type JWTSource interface {
 	// any other error means the signer could not be reached in time.
 	JWTSVIDs(ctx context.Context, selectors []string, spiffeID string, audience []string) ([]*workload.JWTSVID, error)
 	// JWTBundlesResponse returns the JWT bundles (a JWKS per trust domain)
-	// and a channel closed when they may have changed; like Source, the
-	// response is built once and shared.
-	JWTBundlesResponse() (*workload.JWTBundlesResponse, <-chan struct{})
+	// for a caller with these selectors, the own one and those of the
+	// domains its entries federate with, and a channel closed when they
+	// may have changed; like Source, the response is built once and
+	// shared.
+	JWTBundlesResponse(selectors []string) (*workload.JWTBundlesResponse, <-chan struct{})
 	// JWTBundles returns the JWT bundles ValidateJWTSVID checks tokens
-	// against.
-	JWTBundles() *jwtbundle.Set
+	// against for a caller with these selectors, as JWTBundlesResponse;
+	// nil selectors give the own trust domain's alone.
+	JWTBundles(selectors []string) *jwtbundle.Set
 }
 
 // securityHeader is the metadata key every Workload API call must carry
@@ -187,10 +196,19 @@ func (h *handler) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 	}
 }
 
-// FetchX509Bundles streams the trust bundles. Bundles are public, so the
-// caller is not attested.
+// FetchX509Bundles streams the trust bundles: the own trust domain's, and
+// those of the domains the caller's entries federate with. Bundles are
+// public, but which foreign domains a workload trusts is policy, so the
+// caller is attested (as SPIRE does); one that matches no entry gets the
+// own bundle alone.
 func (h *handler) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
-	return streamBundles(h, stream, h.source.X509BundlesResponse, "no trust bundle yet")
+	_, selectors, err := h.attest(stream.Context())
+	if err != nil {
+		return err
+	}
+	return streamBundles(h, stream, func() (*workload.X509BundlesResponse, <-chan struct{}) {
+		return h.source.X509BundlesFor(selectors)
+	}, "no trust bundle yet")
 }
 
 // bundlesResponse is what the bundle streams send: a pointer to a message

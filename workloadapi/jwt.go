@@ -8,6 +8,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -88,21 +89,30 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 }
 
 // FetchJWTBundles streams the JWT bundles: now, and again each time they
-// change. Like the X.509 bundles they are public, so the caller is not
-// attested.
+// change. Like FetchX509Bundles, the caller is attested so that it gets
+// the bundles of the domains its entries federate with.
 func (h *handler) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
 	if h.jwt == nil {
 		return errNoJWT
 	}
-	return streamBundles(h, stream, h.jwt.JWTBundlesResponse, "no JWT bundle yet")
+	_, selectors, err := h.attest(stream.Context())
+	if err != nil {
+		return err
+	}
+	return streamBundles(h, stream, func() (*workload.JWTBundlesResponse, <-chan struct{}) {
+		return h.jwt.JWTBundlesResponse(selectors)
+	}, "no JWT bundle yet")
 }
 
 // ValidateJWTSVID checks a JWT-SVID against the JWT bundles (see
 // validateJWTSVID for what is checked) and returns its SPIFFE ID and claims.
 // Every refusal is InvalidArgument with the reason. The caller needs no
-// identity of its own: validating uses public keys only, as the spec
-// intends for relying parties that hold no SVID. Its PID is logged at
-// Debug, as validation is a hot path.
+// identity of its own for a token of the agent's own trust domain:
+// validating uses public keys only, as the spec intends for relying
+// parties that hold no SVID. A token of another trust domain is checked
+// against that domain's keys only when the caller's entries federate with
+// it, so only then is the caller attested (callerJWTBundles). Its PID is
+// logged at Debug, as validation is a hot path.
 func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWTSVIDRequest) (*workload.ValidateJWTSVIDResponse, error) {
 	if h.jwt == nil {
 		return nil, errNoJWT
@@ -118,7 +128,8 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	}
 	proc, _ := callerFromContext(ctx)
 	log := h.log.With("pid", proc.PID, "uid", proc.UID, "audience", req.GetAudience())
-	id, claims, err := validateJWTSVID(req.GetSvid(), req.GetAudience(), h.jwt.JWTBundles(), time.Now())
+	bundles := &callerJWTBundles{h: h, ctx: ctx}
+	id, claims, err := validateJWTSVID(req.GetSvid(), req.GetAudience(), bundles.get, time.Now())
 	if err != nil {
 		log.Debug("refused JWT-SVID", "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
@@ -159,4 +170,27 @@ func checkAudience(a string) error {
 		}
 	}
 	return nil
+}
+
+// callerJWTBundles finds the JWT bundle of a token's trust domain for one
+// ValidateJWTSVID call: the agent's own for any caller, with no
+// attestation (the hot path), and a federated domain's only for a caller
+// whose entries federate with it, attested on first need.
+type callerJWTBundles struct {
+	h   *handler
+	ctx context.Context
+}
+
+func (c *callerJWTBundles) get(td spiffeid.TrustDomain) (*jwtbundle.Bundle, string) {
+	if b, ok := c.h.jwt.JWTBundles(nil).Get(td); ok {
+		return b, ""
+	}
+	_, selectors, err := c.h.attest(c.ctx)
+	if err != nil {
+		return nil, "a foreign domain's tokens are validated only for a caller whose entries federate with it, and the caller could not be attested"
+	}
+	if b, ok := c.h.jwt.JWTBundles(selectors).Get(td); ok {
+		return b, ""
+	}
+	return nil, "no entry of the caller federates with it"
 }

@@ -39,7 +39,7 @@ func FuzzValidateJWTSVID(f *testing.F) {
 	}
 	pub := &iss.key.PublicKey
 	f.Fuzz(func(t *testing.T, token, audience string) {
-		id, claims, err := validateJWTSVID(token, audience, set, now)
+		id, claims, err := validateJWTSVID(token, audience, fromSet(set), now)
 		if err != nil {
 			if err.Error() == "" {
 				t.Fatal("refusal without a reason")

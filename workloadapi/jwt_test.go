@@ -313,7 +313,7 @@ func TestValidateJWTSVIDLeeway(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, err := validateJWTSVID(iss.mint(t, tc.claims), "a", iss.set(), now)
+			_, _, err := validateJWTSVID(iss.mint(t, tc.claims), "a", fromSet(iss.set()), now)
 			if (err == nil) != tc.ok {
 				t.Errorf("validateJWTSVID = %v, want ok=%v", err, tc.ok)
 			}
@@ -358,7 +358,7 @@ func TestValidateJWTSVIDAlgorithms(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			id, _, err := validateJWTSVID(signJWT(t, tc.alg, tc.key, tc.kid, claims), "a", iss.set(), now)
+			id, _, err := validateJWTSVID(signJWT(t, tc.alg, tc.key, tc.kid, claims), "a", fromSet(iss.set()), now)
 			switch {
 			case tc.wantErr == "" && err != nil:
 				t.Fatalf("validateJWTSVID: %v", err)

@@ -172,7 +172,14 @@ type fakeJWTSource struct {
 	ids     map[string][]string // selector → SPIFFE IDs
 	bundles *workload.JWTBundlesResponse
 	set     *jwtbundle.Set
+	fed     map[string]fakeJWTFed // by selector: what callers whose entries federate get
 	changed chan struct{}
+}
+
+// fakeJWTFed is the JWT bundles of a caller whose entries federate.
+type fakeJWTFed struct {
+	resp *workload.JWTBundlesResponse
+	set  *jwtbundle.Set
 }
 
 func newFakeJWTSource(t testing.TB, iss *jwtIssuer) *fakeJWTSource {
@@ -219,16 +226,39 @@ func (s *fakeJWTSource) JWTSVIDs(_ context.Context, selectors []string, spiffeID
 	return out, nil
 }
 
-func (s *fakeJWTSource) JWTBundlesResponse() (*workload.JWTBundlesResponse, <-chan struct{}) {
+func (s *fakeJWTSource) JWTBundlesResponse(selectors []string) (*workload.JWTBundlesResponse, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for _, sel := range selectors {
+		if f, ok := s.fed[sel]; ok {
+			return f.resp, s.changed
+		}
+	}
 	return s.bundles, s.changed
 }
 
-func (s *fakeJWTSource) JWTBundles() *jwtbundle.Set {
+func (s *fakeJWTSource) JWTBundles(selectors []string) *jwtbundle.Set {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	for _, sel := range selectors {
+		if f, ok := s.fed[sel]; ok {
+			return f.set
+		}
+	}
 	return s.set
+}
+
+// federate gives callers with selector these JWT bundles and wakes every
+// stream.
+func (s *fakeJWTSource) federate(selector string, resp *workload.JWTBundlesResponse, set *jwtbundle.Set) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fed == nil {
+		s.fed = map[string]fakeJWTFed{}
+	}
+	s.fed[selector] = fakeJWTFed{resp, set}
+	close(s.changed)
+	s.changed = make(chan struct{})
 }
 
 // setBundles replaces the bundles and wakes every stream.

@@ -35,13 +35,29 @@ var jwtAlgorithms = []jose.SignatureAlgorithm{
 	jose.PS256, jose.PS384, jose.PS512,
 }
 
+// jwtBundleFor returns the JWT bundle of a trust domain, or nil and why
+// there is none for this caller ("" for no more to say).
+type jwtBundleFor func(spiffeid.TrustDomain) (*jwtbundle.Bundle, string)
+
+// fromSet looks bundles up in a set.
+func fromSet(set *jwtbundle.Set) jwtBundleFor {
+	return func(td spiffeid.TrustDomain) (*jwtbundle.Bundle, string) {
+		if set != nil {
+			if b, ok := set.Get(td); ok {
+				return b, ""
+			}
+		}
+		return nil, ""
+	}
+}
+
 // validateJWTSVID checks token as a JWT-SVID for audience at time now:
 // a compact JWS with an allowed algorithm, signed by the key its kid names
 // in the bundle of its subject's trust domain, not expired, not used before
 // its time (both within JWTLeeway), and meant for audience. It returns the
 // subject and every claim. Each error names one reason, fit for the caller
 // (the token itself is never quoted).
-func validateJWTSVID(token, audience string, bundles *jwtbundle.Set, now time.Time) (spiffeid.ID, map[string]any, error) {
+func validateJWTSVID(token, audience string, bundleFor jwtBundleFor, now time.Time) (spiffeid.ID, map[string]any, error) {
 	if err := checkJWTHeader(token); err != nil {
 		return spiffeid.ID{}, nil, err
 	}
@@ -66,13 +82,12 @@ func validateJWTSVID(token, audience string, bundles *jwtbundle.Set, now time.Ti
 	if err != nil {
 		return spiffeid.ID{}, nil, fmt.Errorf("sub %.200q is not a SPIFFE ID: %w", claims.Subject, err)
 	}
-	var bundle *jwtbundle.Bundle
-	ok := false
-	if bundles != nil {
-		bundle, ok = bundles.Get(id.TrustDomain())
-	}
-	if !ok {
-		return spiffeid.ID{}, nil, fmt.Errorf("no JWT bundle for trust domain %q of sub %s", id.TrustDomain().Name(), id)
+	bundle, why := bundleFor(id.TrustDomain())
+	if bundle == nil {
+		if why != "" {
+			why = ": " + why
+		}
+		return spiffeid.ID{}, nil, fmt.Errorf("no JWT bundle for trust domain %q of sub %s%s", id.TrustDomain().Name(), id, why)
 	}
 	key, ok := bundle.FindJWTAuthority(kid)
 	if !ok {

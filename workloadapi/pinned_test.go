@@ -231,6 +231,10 @@ func (s *rotatingSource) X509BundlesResponse() (*workload.X509BundlesResponse, <
 	return s.ca.bundlesResponse(), nil
 }
 
+func (s *rotatingSource) X509BundlesFor([]string) (*workload.X509BundlesResponse, <-chan struct{}) {
+	return s.ca.bundlesResponse(), nil
+}
+
 // child is a helper process with its stdin and a line reader on stdout.
 type child struct {
 	cmd   *exec.Cmd

@@ -184,6 +184,7 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 	}
 	fmt.Fprintf(tw, "Bundle:\t%s: %s\n", pluralS(len(r.Bundle), "CA"), strings.Join(cas, "; "))
 	fmt.Fprintf(tw, "JWT:\t%s, %s cached\n", pluralS(len(r.JWT.KeyIDs), "signing key"), pluralS(r.JWT.TokensCached, "token"))
+	printFederated(tw, r.Federated, now)
 	fmt.Fprintf(tw, "Streams:\t%s\n", streams(r.OpenStreams))
 	fmt.Fprintf(tw, "Uptime:\t%s, version %s\n", (time.Duration(r.UptimeSeconds) * time.Second).String(), r.Version)
 	tw.Flush()
@@ -215,6 +216,27 @@ func printReplicas(w io.Writer, s agent.SignerReport, now time.Time) {
 	fmt.Fprintf(w, "Tier:\t%s: %s\n", pluralS(len(s.Candidates), "replica"), strings.Join(s.Candidates, ", "))
 	for _, u := range s.Unreachable {
 		fmt.Fprintf(w, "\tunreachable %s, %s ago: %s\n", u.Address, now.Sub(u.At).Round(time.Second), u.Error)
+	}
+}
+
+// printFederated lists the federated bundles held, one line per trust
+// domain; nothing without federation.
+func printFederated(w io.Writer, fed []agent.FederatedReport, now time.Time) {
+	for i, f := range fed {
+		label := ""
+		if i == 0 {
+			label = "Federated:"
+		}
+		var cas []string
+		for _, ca := range f.CAs {
+			cas = append(cas, until(now, &ca.NotAfter, "expires"))
+		}
+		line := fmt.Sprintf("%s sequence %d, %s", f.TrustDomain, f.Sequence, pluralS(len(f.CAs), "CA"))
+		if len(cas) > 0 {
+			line += " (" + strings.Join(cas, "; ") + ")"
+		}
+		line += ", " + pluralS(len(f.JWTKeyIDs), "JWT key")
+		fmt.Fprintf(w, "%s\t%s\n", label, line)
 	}
 }
 

@@ -114,3 +114,33 @@ func TestPrintReportReplicas(t *testing.T) {
 		t.Errorf("a single signer shows a Tier line:\n%s", out.String())
 	}
 }
+
+// TestPrintReportFederated: each federated bundle held gets a line, with
+// its sequence, its CAs' expiry and its JWT keys; without federation
+// there is no such line.
+func TestPrintReportFederated(t *testing.T) {
+	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	r := agent.Report{
+		Health: agent.Healthy,
+		Federated: []agent.FederatedReport{
+			{TrustDomain: "other.org", Sequence: 7, CAs: []agent.CAReport{{NotAfter: now.Add(time.Hour)}, {NotAfter: now.Add(2 * time.Hour)}}, JWTKeyIDs: []string{"k1"}},
+			{TrustDomain: "third.org", Sequence: 1, CAs: []agent.CAReport{}, JWTKeyIDs: []string{"a", "b"}},
+		},
+	}
+	var out bytes.Buffer
+	printReport(&out, r, now)
+	for _, want := range []string{
+		"Federated:  other.org sequence 7, 2 CAs (expires in 1h0m0s; expires in 2h0m0s), 1 JWT key\n",
+		"            third.org sequence 1, 0 CAs, 2 JWT keys\n",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+	r.Federated = nil
+	out.Reset()
+	printReport(&out, r, now)
+	if strings.Contains(out.String(), "Federated") {
+		t.Errorf("a report without federated bundles prints a Federated line:\n%s", out.String())
+	}
+}
