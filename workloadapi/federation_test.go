@@ -2,10 +2,15 @@ package workloadapi
 
 import (
 	"context"
+	"crypto/x509"
 	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -206,6 +211,44 @@ func TestValidateJWTSVIDFederated(t *testing.T) {
 			}
 			if resp.GetSpiffeId() != tc.wantID {
 				t.Errorf("spiffe_id = %s, want %s", resp.GetSpiffeId(), tc.wantID)
+			}
+		})
+	}
+}
+
+// TestSDSFederatedBundlesPerCaller: over SDS too, a foreign trust domain's
+// bundle (ALL, its name) reaches only a caller whose entries federate
+// with it.
+func TestSDSFederatedBundlesPerCaller(t *testing.T) {
+	ca, other := newTestCA(t), newTestCA(t)
+	withOther := ca.bundlesResponse()
+	withOther.Bundles[otherTD.IDString()] = other.Cert.Raw
+	for _, tc := range []struct {
+		name     string
+		selector string
+		want     []string
+	}{
+		{"caller federates", uidSelector(), []string{"ALL=spiffe:example.org,other.org", "other.org=ca:other.org"}},
+		{"caller does not", "unix:uid:4242424", []string{"ALL=spiffe:example.org"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := newFakeSource(ca.bundlesResponse())
+			src.setFederated(tc.selector, withOther)
+			srv := startServerWith(t, Config{SocketPath: socketDir(t) + "/w.sock", Attestor: unixOnly, Source: src, SDS: SDSConfig{TrustDomain: td}})
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			resp, err := secretv3.NewSecretDiscoveryServiceClient(sdsConn(t, srv.path)).FetchSecrets(ctx,
+				&discoveryv3.DiscoveryRequest{ResourceNames: []string{"ALL", "other.org"}, TypeUrl: secretTypeURL})
+			if err != nil {
+				t.Fatalf("FetchSecrets: %v", err)
+			}
+			names, secrets := decodeSecrets(t, resp)
+			var got []string
+			for _, n := range names {
+				got = append(got, n+"="+describeSecret(t, secrets[n], map[string]*x509.Certificate{"example.org": ca.Cert, "other.org": other.Cert}))
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("served %q, want %q", got, tc.want)
 			}
 		})
 	}

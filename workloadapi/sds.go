@@ -92,7 +92,9 @@ func sameNames(a, b []string) bool {
 // returns the channels closed when that may change.
 func (s *sdsHandler) current(selectors, names []string, node *corev3.Node) (sdsSet, <-chan struct{}, <-chan struct{}) {
 	svids, svidsChanged := s.h.source.X509SVIDResponse(selectors)
-	bundles, bundlesChanged := s.h.source.X509BundlesResponse()
+	// The own bundle, and those of the trust domains the caller's entries
+	// federate with (ALL, a trust domain's name, the wildcard).
+	bundles, bundlesChanged := s.h.source.X509BundlesFor(selectors)
 	set := s.cfg.resolve(names, svids.GetSvids(), bundles.GetBundles(), s.cfg.spiffeValidator(node))
 	return set, svidsChanged, bundlesChanged
 }
