@@ -590,6 +590,9 @@ type Entry struct {
 	// Trust domain names (policy federates_with) whose bundles this entry's
 	// X.509-SVID responses carry as federated bundles.
 	FederatesWith []string `protobuf:"bytes,9,rep,name=federates_with,json=federatesWith,proto3" json:"federates_with,omitempty"`
+	// The entry's action identities (policy actions block); absent when
+	// the entry allows none.
+	Actions       *ActionPolicy `protobuf:"bytes,10,opt,name=actions,proto3" json:"actions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -687,6 +690,143 @@ func (x *Entry) GetFederatesWith() []string {
 	return nil
 }
 
+func (x *Entry) GetActions() *ActionPolicy {
+	if x != nil {
+		return x.Actions
+	}
+	return nil
+}
+
+type ActionPolicy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TtlSeconds    int64                  `protobuf:"varint,1,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	Names         []string               `protobuf:"bytes,2,rep,name=names,proto3" json:"names,omitempty"` // "*" matches one path segment
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActionPolicy) Reset() {
+	*x = ActionPolicy{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActionPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActionPolicy) ProtoMessage() {}
+
+func (x *ActionPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActionPolicy.ProtoReflect.Descriptor instead.
+func (*ActionPolicy) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ActionPolicy) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *ActionPolicy) GetNames() []string {
+	if x != nil {
+		return x.Names
+	}
+	return nil
+}
+
+// TokenRevocation refuses JWT-SVIDs everywhere: one token by its jti, or
+// every token of a SPIFFE ID issued before a time.
+type TokenRevocation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Jti           string                 `protobuf:"bytes,1,opt,name=jti,proto3" json:"jti,omitempty"`                                        // one token; or
+	SpiffeId      string                 `protobuf:"bytes,2,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`              // every token whose sub is this ID and
+	IssuedBefore  int64                  `protobuf:"varint,3,opt,name=issued_before,json=issuedBefore,proto3" json:"issued_before,omitempty"` //   whose iat is before this (unix seconds)
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	ExpiresAt     int64                  `protobuf:"varint,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"` // unix seconds: every token it covers has expired by then
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenRevocation) Reset() {
+	*x = TokenRevocation{}
+	mi := &file_proto_signerpb_signer_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenRevocation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenRevocation) ProtoMessage() {}
+
+func (x *TokenRevocation) ProtoReflect() protoreflect.Message {
+	mi := &file_proto_signerpb_signer_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenRevocation.ProtoReflect.Descriptor instead.
+func (*TokenRevocation) Descriptor() ([]byte, []int) {
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *TokenRevocation) GetJti() string {
+	if x != nil {
+		return x.Jti
+	}
+	return ""
+}
+
+func (x *TokenRevocation) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *TokenRevocation) GetIssuedBefore() int64 {
+	if x != nil {
+		return x.IssuedBefore
+	}
+	return 0
+}
+
+func (x *TokenRevocation) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *TokenRevocation) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
 type SyncRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -695,7 +835,7 @@ type SyncRequest struct {
 
 func (x *SyncRequest) Reset() {
 	*x = SyncRequest{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[9]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -707,7 +847,7 @@ func (x *SyncRequest) String() string {
 func (*SyncRequest) ProtoMessage() {}
 
 func (x *SyncRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[9]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -720,7 +860,7 @@ func (x *SyncRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncRequest.ProtoReflect.Descriptor instead.
 func (*SyncRequest) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{9}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{11}
 }
 
 type SyncResponse struct {
@@ -732,13 +872,15 @@ type SyncResponse struct {
 	// Bundle.trust_domain is the federated domain's name; sequence is its
 	// spiffe_sequence.
 	FederatedBundles []*Bundle `protobuf:"bytes,3,rep,name=federated_bundles,json=federatedBundles,proto3" json:"federated_bundles,omitempty"`
+	// Token revocations in force (until their expires_at).
+	TokenRevocations []*TokenRevocation `protobuf:"bytes,4,rep,name=token_revocations,json=tokenRevocations,proto3" json:"token_revocations,omitempty"`
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
 
 func (x *SyncResponse) Reset() {
 	*x = SyncResponse{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[10]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -750,7 +892,7 @@ func (x *SyncResponse) String() string {
 func (*SyncResponse) ProtoMessage() {}
 
 func (x *SyncResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[10]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -763,7 +905,7 @@ func (x *SyncResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncResponse.ProtoReflect.Descriptor instead.
 func (*SyncResponse) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{10}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SyncResponse) GetEntries() []*Entry {
@@ -787,6 +929,13 @@ func (x *SyncResponse) GetFederatedBundles() []*Bundle {
 	return nil
 }
 
+func (x *SyncResponse) GetTokenRevocations() []*TokenRevocation {
+	if x != nil {
+		return x.TokenRevocations
+	}
+	return nil
+}
+
 type CSR struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	EntryId string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
@@ -801,7 +950,7 @@ type CSR struct {
 
 func (x *CSR) Reset() {
 	*x = CSR{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[11]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -813,7 +962,7 @@ func (x *CSR) String() string {
 func (*CSR) ProtoMessage() {}
 
 func (x *CSR) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[11]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -826,7 +975,7 @@ func (x *CSR) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CSR.ProtoReflect.Descriptor instead.
 func (*CSR) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{11}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CSR) GetEntryId() string {
@@ -859,7 +1008,7 @@ type SignX509SVIDsRequest struct {
 
 func (x *SignX509SVIDsRequest) Reset() {
 	*x = SignX509SVIDsRequest{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[12]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1020,7 @@ func (x *SignX509SVIDsRequest) String() string {
 func (*SignX509SVIDsRequest) ProtoMessage() {}
 
 func (x *SignX509SVIDsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[12]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1033,7 @@ func (x *SignX509SVIDsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignX509SVIDsRequest.ProtoReflect.Descriptor instead.
 func (*SignX509SVIDsRequest) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{12}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SignX509SVIDsRequest) GetCsrs() []*CSR {
@@ -906,7 +1055,7 @@ type SignedX509SVID struct {
 
 func (x *SignedX509SVID) Reset() {
 	*x = SignedX509SVID{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[13]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +1067,7 @@ func (x *SignedX509SVID) String() string {
 func (*SignedX509SVID) ProtoMessage() {}
 
 func (x *SignedX509SVID) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[13]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1080,7 @@ func (x *SignedX509SVID) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedX509SVID.ProtoReflect.Descriptor instead.
 func (*SignedX509SVID) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{13}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SignedX509SVID) GetEntryId() string {
@@ -971,7 +1120,7 @@ type SignX509SVIDsResponse struct {
 
 func (x *SignX509SVIDsResponse) Reset() {
 	*x = SignX509SVIDsResponse{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[14]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -983,7 +1132,7 @@ func (x *SignX509SVIDsResponse) String() string {
 func (*SignX509SVIDsResponse) ProtoMessage() {}
 
 func (x *SignX509SVIDsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[14]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -996,7 +1145,7 @@ func (x *SignX509SVIDsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignX509SVIDsResponse.ProtoReflect.Descriptor instead.
 func (*SignX509SVIDsResponse) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{14}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SignX509SVIDsResponse) GetSvids() []*SignedX509SVID {
@@ -1007,16 +1156,21 @@ func (x *SignX509SVIDsResponse) GetSvids() []*SignedX509SVID {
 }
 
 type JWTSVIDRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
-	Audience      []string               `protobuf:"bytes,2,rep,name=audience,proto3" json:"audience,omitempty"` // at least one
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	EntryId  string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
+	Audience []string               `protobuf:"bytes,2,rep,name=audience,proto3" json:"audience,omitempty"` // at least one
+	// action, when set, asks for a single-use action identity
+	// "<entry spiffe_id>/action/<action>" that the entry's policy actions
+	// block allows: exactly one audience, a unique jti, an RFC 8693 "act"
+	// claim naming the entry's own SPIFFE ID, exp = now + the action ttl.
+	Action        string `protobuf:"bytes,3,opt,name=action,proto3" json:"action,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *JWTSVIDRequest) Reset() {
 	*x = JWTSVIDRequest{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[15]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1028,7 +1182,7 @@ func (x *JWTSVIDRequest) String() string {
 func (*JWTSVIDRequest) ProtoMessage() {}
 
 func (x *JWTSVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[15]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1041,7 +1195,7 @@ func (x *JWTSVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JWTSVIDRequest.ProtoReflect.Descriptor instead.
 func (*JWTSVIDRequest) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{15}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *JWTSVIDRequest) GetEntryId() string {
@@ -1058,6 +1212,13 @@ func (x *JWTSVIDRequest) GetAudience() []string {
 	return nil
 }
 
+func (x *JWTSVIDRequest) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
 type MintJWTSVIDsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Requests      []*JWTSVIDRequest      `protobuf:"bytes,1,rep,name=requests,proto3" json:"requests,omitempty"`
@@ -1067,7 +1228,7 @@ type MintJWTSVIDsRequest struct {
 
 func (x *MintJWTSVIDsRequest) Reset() {
 	*x = MintJWTSVIDsRequest{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[16]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1079,7 +1240,7 @@ func (x *MintJWTSVIDsRequest) String() string {
 func (*MintJWTSVIDsRequest) ProtoMessage() {}
 
 func (x *MintJWTSVIDsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[16]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1092,7 +1253,7 @@ func (x *MintJWTSVIDsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintJWTSVIDsRequest.ProtoReflect.Descriptor instead.
 func (*MintJWTSVIDsRequest) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{16}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MintJWTSVIDsRequest) GetRequests() []*JWTSVIDRequest {
@@ -1105,15 +1266,17 @@ func (x *MintJWTSVIDsRequest) GetRequests() []*JWTSVIDRequest {
 type MintedJWTSVID struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	EntryId       string                 `protobuf:"bytes,1,opt,name=entry_id,json=entryId,proto3" json:"entry_id,omitempty"`
-	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"` // compact JWS
-	Error         string                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"` // set instead of token when this request was refused
+	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`                           // compact JWS
+	Error         string                 `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`                           // set instead of token when this request was refused
+	Jti           string                 `protobuf:"bytes,4,opt,name=jti,proto3" json:"jti,omitempty"`                               // the token's unique ID (every JWT-SVID has one)
+	ExpiresAt     int64                  `protobuf:"varint,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"` // the token's exp, unix seconds
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *MintedJWTSVID) Reset() {
 	*x = MintedJWTSVID{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[17]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1125,7 +1288,7 @@ func (x *MintedJWTSVID) String() string {
 func (*MintedJWTSVID) ProtoMessage() {}
 
 func (x *MintedJWTSVID) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[17]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1138,7 +1301,7 @@ func (x *MintedJWTSVID) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintedJWTSVID.ProtoReflect.Descriptor instead.
 func (*MintedJWTSVID) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{17}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *MintedJWTSVID) GetEntryId() string {
@@ -1162,6 +1325,20 @@ func (x *MintedJWTSVID) GetError() string {
 	return ""
 }
 
+func (x *MintedJWTSVID) GetJti() string {
+	if x != nil {
+		return x.Jti
+	}
+	return ""
+}
+
+func (x *MintedJWTSVID) GetExpiresAt() int64 {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return 0
+}
+
 type MintJWTSVIDsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Svids         []*MintedJWTSVID       `protobuf:"bytes,1,rep,name=svids,proto3" json:"svids,omitempty"` // in request order
@@ -1171,7 +1348,7 @@ type MintJWTSVIDsResponse struct {
 
 func (x *MintJWTSVIDsResponse) Reset() {
 	*x = MintJWTSVIDsResponse{}
-	mi := &file_proto_signerpb_signer_proto_msgTypes[18]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1183,7 +1360,7 @@ func (x *MintJWTSVIDsResponse) String() string {
 func (*MintJWTSVIDsResponse) ProtoMessage() {}
 
 func (x *MintJWTSVIDsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_proto_signerpb_signer_proto_msgTypes[18]
+	mi := &file_proto_signerpb_signer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1196,7 +1373,7 @@ func (x *MintJWTSVIDsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MintJWTSVIDsResponse.ProtoReflect.Descriptor instead.
 func (*MintJWTSVIDsResponse) Descriptor() ([]byte, []int) {
-	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{18}
+	return file_proto_signerpb_signer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *MintJWTSVIDsResponse) GetSvids() []*MintedJWTSVID {
@@ -1250,7 +1427,7 @@ const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\n" +
 	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x1d\n" +
 	"\n" +
-	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\x98\x02\n" +
+	"expires_at\x18\x03 \x01(\x03R\texpiresAt\"\xd3\x02\n" +
 	"\x05Entry\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12\x1c\n" +
@@ -1260,12 +1437,26 @@ const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\tdns_names\x18\x06 \x03(\tR\bdnsNames\x12\x12\n" +
 	"\x04hint\x18\a \x01(\tR\x04hint\x12\x1a\n" +
 	"\brevision\x18\b \x01(\x04R\brevision\x12%\n" +
-	"\x0efederates_with\x18\t \x03(\tR\rfederatesWith\"\r\n" +
-	"\vSyncRequest\"\xbd\x01\n" +
+	"\x0efederates_with\x18\t \x03(\tR\rfederatesWith\x129\n" +
+	"\aactions\x18\n" +
+	" \x01(\v2\x1f.lanyard.signer.v1.ActionPolicyR\aactions\"E\n" +
+	"\fActionPolicy\x12\x1f\n" +
+	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
+	"ttlSeconds\x12\x14\n" +
+	"\x05names\x18\x02 \x03(\tR\x05names\"\x9c\x01\n" +
+	"\x0fTokenRevocation\x12\x10\n" +
+	"\x03jti\x18\x01 \x01(\tR\x03jti\x12\x1b\n" +
+	"\tspiffe_id\x18\x02 \x01(\tR\bspiffeId\x12#\n" +
+	"\rissued_before\x18\x03 \x01(\x03R\fissuedBefore\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\x03R\texpiresAt\"\r\n" +
+	"\vSyncRequest\"\x8e\x02\n" +
 	"\fSyncResponse\x122\n" +
 	"\aentries\x18\x01 \x03(\v2\x18.lanyard.signer.v1.EntryR\aentries\x121\n" +
 	"\x06bundle\x18\x02 \x01(\v2\x19.lanyard.signer.v1.BundleR\x06bundle\x12F\n" +
-	"\x11federated_bundles\x18\x03 \x03(\v2\x19.lanyard.signer.v1.BundleR\x10federatedBundles\"N\n" +
+	"\x11federated_bundles\x18\x03 \x03(\v2\x19.lanyard.signer.v1.BundleR\x10federatedBundles\x12O\n" +
+	"\x11token_revocations\x18\x04 \x03(\v2\".lanyard.signer.v1.TokenRevocationR\x10tokenRevocations\"N\n" +
 	"\x03CSR\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x10\n" +
 	"\x03csr\x18\x02 \x01(\fR\x03csr\x12\x1a\n" +
@@ -1278,16 +1469,20 @@ const file_proto_signerpb_signer_proto_rawDesc = "" +
 	"\x05error\x18\x03 \x01(\tR\x05error\x12\x1a\n" +
 	"\brevision\x18\x04 \x01(\x04R\brevision\"P\n" +
 	"\x15SignX509SVIDsResponse\x127\n" +
-	"\x05svids\x18\x01 \x03(\v2!.lanyard.signer.v1.SignedX509SVIDR\x05svids\"G\n" +
+	"\x05svids\x18\x01 \x03(\v2!.lanyard.signer.v1.SignedX509SVIDR\x05svids\"_\n" +
 	"\x0eJWTSVIDRequest\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x1a\n" +
-	"\baudience\x18\x02 \x03(\tR\baudience\"T\n" +
+	"\baudience\x18\x02 \x03(\tR\baudience\x12\x16\n" +
+	"\x06action\x18\x03 \x01(\tR\x06action\"T\n" +
 	"\x13MintJWTSVIDsRequest\x12=\n" +
-	"\brequests\x18\x01 \x03(\v2!.lanyard.signer.v1.JWTSVIDRequestR\brequests\"V\n" +
+	"\brequests\x18\x01 \x03(\v2!.lanyard.signer.v1.JWTSVIDRequestR\brequests\"\x87\x01\n" +
 	"\rMintedJWTSVID\x12\x19\n" +
 	"\bentry_id\x18\x01 \x01(\tR\aentryId\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"N\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\x12\x10\n" +
+	"\x03jti\x18\x04 \x01(\tR\x03jti\x12\x1d\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\x03R\texpiresAt\"N\n" +
 	"\x14MintJWTSVIDsResponse\x126\n" +
 	"\x05svids\x18\x01 \x03(\v2 .lanyard.signer.v1.MintedJWTSVIDR\x05svids2\xeb\x02\n" +
 	"\x06Signer\x12Q\n" +
@@ -1308,7 +1503,7 @@ func file_proto_signerpb_signer_proto_rawDescGZIP() []byte {
 	return file_proto_signerpb_signer_proto_rawDescData
 }
 
-var file_proto_signerpb_signer_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_proto_signerpb_signer_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_proto_signerpb_signer_proto_goTypes = []any{
 	(*TPMObject)(nil),             // 0: lanyard.signer.v1.TPMObject
 	(*Evidence)(nil),              // 1: lanyard.signer.v1.Evidence
@@ -1319,16 +1514,18 @@ var file_proto_signerpb_signer_proto_goTypes = []any{
 	(*Bundle)(nil),                // 6: lanyard.signer.v1.Bundle
 	(*JWTAuthority)(nil),          // 7: lanyard.signer.v1.JWTAuthority
 	(*Entry)(nil),                 // 8: lanyard.signer.v1.Entry
-	(*SyncRequest)(nil),           // 9: lanyard.signer.v1.SyncRequest
-	(*SyncResponse)(nil),          // 10: lanyard.signer.v1.SyncResponse
-	(*CSR)(nil),                   // 11: lanyard.signer.v1.CSR
-	(*SignX509SVIDsRequest)(nil),  // 12: lanyard.signer.v1.SignX509SVIDsRequest
-	(*SignedX509SVID)(nil),        // 13: lanyard.signer.v1.SignedX509SVID
-	(*SignX509SVIDsResponse)(nil), // 14: lanyard.signer.v1.SignX509SVIDsResponse
-	(*JWTSVIDRequest)(nil),        // 15: lanyard.signer.v1.JWTSVIDRequest
-	(*MintJWTSVIDsRequest)(nil),   // 16: lanyard.signer.v1.MintJWTSVIDsRequest
-	(*MintedJWTSVID)(nil),         // 17: lanyard.signer.v1.MintedJWTSVID
-	(*MintJWTSVIDsResponse)(nil),  // 18: lanyard.signer.v1.MintJWTSVIDsResponse
+	(*ActionPolicy)(nil),          // 9: lanyard.signer.v1.ActionPolicy
+	(*TokenRevocation)(nil),       // 10: lanyard.signer.v1.TokenRevocation
+	(*SyncRequest)(nil),           // 11: lanyard.signer.v1.SyncRequest
+	(*SyncResponse)(nil),          // 12: lanyard.signer.v1.SyncResponse
+	(*CSR)(nil),                   // 13: lanyard.signer.v1.CSR
+	(*SignX509SVIDsRequest)(nil),  // 14: lanyard.signer.v1.SignX509SVIDsRequest
+	(*SignedX509SVID)(nil),        // 15: lanyard.signer.v1.SignedX509SVID
+	(*SignX509SVIDsResponse)(nil), // 16: lanyard.signer.v1.SignX509SVIDsResponse
+	(*JWTSVIDRequest)(nil),        // 17: lanyard.signer.v1.JWTSVIDRequest
+	(*MintJWTSVIDsRequest)(nil),   // 18: lanyard.signer.v1.MintJWTSVIDsRequest
+	(*MintedJWTSVID)(nil),         // 19: lanyard.signer.v1.MintedJWTSVID
+	(*MintJWTSVIDsResponse)(nil),  // 20: lanyard.signer.v1.MintJWTSVIDsResponse
 }
 var file_proto_signerpb_signer_proto_depIdxs = []int32{
 	0,  // 0: lanyard.signer.v1.Evidence.ak:type_name -> lanyard.signer.v1.TPMObject
@@ -1338,26 +1535,28 @@ var file_proto_signerpb_signer_proto_depIdxs = []int32{
 	3,  // 4: lanyard.signer.v1.AttestResponse.challenge:type_name -> lanyard.signer.v1.Challenge
 	4,  // 5: lanyard.signer.v1.AttestResponse.result:type_name -> lanyard.signer.v1.AttestResult
 	7,  // 6: lanyard.signer.v1.Bundle.jwt_authorities:type_name -> lanyard.signer.v1.JWTAuthority
-	8,  // 7: lanyard.signer.v1.SyncResponse.entries:type_name -> lanyard.signer.v1.Entry
-	6,  // 8: lanyard.signer.v1.SyncResponse.bundle:type_name -> lanyard.signer.v1.Bundle
-	6,  // 9: lanyard.signer.v1.SyncResponse.federated_bundles:type_name -> lanyard.signer.v1.Bundle
-	11, // 10: lanyard.signer.v1.SignX509SVIDsRequest.csrs:type_name -> lanyard.signer.v1.CSR
-	13, // 11: lanyard.signer.v1.SignX509SVIDsResponse.svids:type_name -> lanyard.signer.v1.SignedX509SVID
-	15, // 12: lanyard.signer.v1.MintJWTSVIDsRequest.requests:type_name -> lanyard.signer.v1.JWTSVIDRequest
-	17, // 13: lanyard.signer.v1.MintJWTSVIDsResponse.svids:type_name -> lanyard.signer.v1.MintedJWTSVID
-	2,  // 14: lanyard.signer.v1.Signer.Attest:input_type -> lanyard.signer.v1.AttestRequest
-	9,  // 15: lanyard.signer.v1.Signer.Sync:input_type -> lanyard.signer.v1.SyncRequest
-	12, // 16: lanyard.signer.v1.Signer.SignX509SVIDs:input_type -> lanyard.signer.v1.SignX509SVIDsRequest
-	16, // 17: lanyard.signer.v1.Signer.MintJWTSVIDs:input_type -> lanyard.signer.v1.MintJWTSVIDsRequest
-	5,  // 18: lanyard.signer.v1.Signer.Attest:output_type -> lanyard.signer.v1.AttestResponse
-	10, // 19: lanyard.signer.v1.Signer.Sync:output_type -> lanyard.signer.v1.SyncResponse
-	14, // 20: lanyard.signer.v1.Signer.SignX509SVIDs:output_type -> lanyard.signer.v1.SignX509SVIDsResponse
-	18, // 21: lanyard.signer.v1.Signer.MintJWTSVIDs:output_type -> lanyard.signer.v1.MintJWTSVIDsResponse
-	18, // [18:22] is the sub-list for method output_type
-	14, // [14:18] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	9,  // 7: lanyard.signer.v1.Entry.actions:type_name -> lanyard.signer.v1.ActionPolicy
+	8,  // 8: lanyard.signer.v1.SyncResponse.entries:type_name -> lanyard.signer.v1.Entry
+	6,  // 9: lanyard.signer.v1.SyncResponse.bundle:type_name -> lanyard.signer.v1.Bundle
+	6,  // 10: lanyard.signer.v1.SyncResponse.federated_bundles:type_name -> lanyard.signer.v1.Bundle
+	10, // 11: lanyard.signer.v1.SyncResponse.token_revocations:type_name -> lanyard.signer.v1.TokenRevocation
+	13, // 12: lanyard.signer.v1.SignX509SVIDsRequest.csrs:type_name -> lanyard.signer.v1.CSR
+	15, // 13: lanyard.signer.v1.SignX509SVIDsResponse.svids:type_name -> lanyard.signer.v1.SignedX509SVID
+	17, // 14: lanyard.signer.v1.MintJWTSVIDsRequest.requests:type_name -> lanyard.signer.v1.JWTSVIDRequest
+	19, // 15: lanyard.signer.v1.MintJWTSVIDsResponse.svids:type_name -> lanyard.signer.v1.MintedJWTSVID
+	2,  // 16: lanyard.signer.v1.Signer.Attest:input_type -> lanyard.signer.v1.AttestRequest
+	11, // 17: lanyard.signer.v1.Signer.Sync:input_type -> lanyard.signer.v1.SyncRequest
+	14, // 18: lanyard.signer.v1.Signer.SignX509SVIDs:input_type -> lanyard.signer.v1.SignX509SVIDsRequest
+	18, // 19: lanyard.signer.v1.Signer.MintJWTSVIDs:input_type -> lanyard.signer.v1.MintJWTSVIDsRequest
+	5,  // 20: lanyard.signer.v1.Signer.Attest:output_type -> lanyard.signer.v1.AttestResponse
+	12, // 21: lanyard.signer.v1.Signer.Sync:output_type -> lanyard.signer.v1.SyncResponse
+	16, // 22: lanyard.signer.v1.Signer.SignX509SVIDs:output_type -> lanyard.signer.v1.SignX509SVIDsResponse
+	20, // 23: lanyard.signer.v1.Signer.MintJWTSVIDs:output_type -> lanyard.signer.v1.MintJWTSVIDsResponse
+	20, // [20:24] is the sub-list for method output_type
+	16, // [16:20] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_proto_signerpb_signer_proto_init() }
@@ -1379,7 +1578,7 @@ func file_proto_signerpb_signer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_proto_signerpb_signer_proto_rawDesc), len(file_proto_signerpb_signer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
