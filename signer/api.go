@@ -300,6 +300,7 @@ func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struc
 		resp.Entries = append(resp.Entries, entryMessage(w))
 	}
 	resp.FederatedBundles = s.federatedBundlesLocked(resp.Entries)
+	resp.TokenRevocations = s.tokenRevMsgs
 	return resp, s.changed, nil
 }
 
