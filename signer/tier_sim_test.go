@@ -160,6 +160,19 @@ func TestTierReplicasShareState(t *testing.T) {
 		t.Errorf("second revoke through rb = %v, want ErrAlreadyRevoked", err)
 	}
 
+	// A token revocation through ra is in force on rb (and pushed to its
+	// agents) within a second; the same jti again, through rb, is refused.
+	if _, err := ra.RevokeToken(TokenRevokeRequest{JTI: "leakedTokenID", Reason: "pasted in a ticket"}, 0); err != nil {
+		t.Fatalf("RevokeToken through ra: %v", err)
+	}
+	within(t, time.Second, "ra's token revocation in force on rb", func() bool {
+		revs := rb.TokenRevocations()
+		return len(revs) == 1 && revs[0].JTI == "leakedTokenID" && revs[0].Reason == "pasted in a ticket"
+	})
+	if _, err := rb.RevokeToken(TokenRevokeRequest{JTI: "leakedTokenID", Reason: "again"}, 0); !errors.Is(err, ErrTokenAlreadyRevoked) {
+		t.Errorf("the same jti revoked through rb = %v, want ErrTokenAlreadyRevoked", err)
+	}
+
 	// replica list, and forget.
 	rs, err := ra.Replicas()
 	if err != nil || len(rs) != 2 || !rs[0].Alive || !rs[1].Alive || !rs[0].Self || rs[1].Name != "rb" {
@@ -220,6 +233,12 @@ func TestTierEtcdOutage(t *testing.T) {
 	}
 	if _, err := ra.Revoke(a.ek, "gone", 0); !errors.Is(err, ErrEtcdUnavailable) {
 		t.Errorf("Revoke with etcd down = %v, want ErrEtcdUnavailable", err)
+	}
+	if _, err := ra.RevokeToken(TokenRevokeRequest{SPIFFEID: "spiffe://example.org/web", Reason: "gone"}, 0); !errors.Is(err, ErrEtcdUnavailable) {
+		t.Errorf("RevokeToken with etcd down = %v, want ErrEtcdUnavailable", err)
+	}
+	if revs := ra.TokenRevocations(); len(revs) != 0 {
+		t.Errorf("a refused token revocation is in force: %+v", revs)
 	}
 	if n := ra.Nodes(); len(n) != 1 || n[0].Revoked != nil {
 		t.Errorf("a refused revoke changed the registry: %+v", n)

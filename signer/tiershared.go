@@ -20,6 +20,7 @@ import (
 func (s *Signer) applyShared(st store.State) {
 	s.applySharedPolicy(st.Policy)
 	s.applySharedNodes(st)
+	s.applySharedTokens(st)
 	s.refreshPeers(time.Now())
 }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
+	"github.com/lanyard-dev/lanyard/signer/store"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -30,10 +31,6 @@ var (
 	ErrBadTokenRevocation   = errors.New("bad token revocation")
 	ErrTokenAlreadyRevoked  = errors.New("token already revoked")
 	ErrBadTokenRevokedState = errors.New("unusable token revocations file")
-	// ErrTierTokenRevocation refuses a token revocation on a tier
-	// replica: kept by one replica only, it would not reach the agents
-	// of the others, which is worse than a clear refusal.
-	ErrTierTokenRevocation = errors.New("token revocation is not yet shared by a signer tier: not revoked")
 )
 
 // TokenRevocation refuses JWT-SVIDs on every agent: one token by its jti,
@@ -197,7 +194,18 @@ func (s *Signer) RevokeToken(req TokenRevokeRequest, byUID uint32) (TokenRevocat
 		next = append(next, r)
 	}
 	next = liveTokenRevocations(next, now)
-	if err := s.persistTokenRevocations(next); err != nil {
+	if s.tier != nil {
+		// Shared in etcd: every replica's watch puts it in force, this
+		// one's too (below, at once, so the command returns once it is).
+		err = tierErr(s.tier.st.RevokeToken(context.Background(), store.TokenRevocation{JTI: r.JTI, SPIFFEID: r.SPIFFEID,
+			IssuedBefore: r.IssuedBefore, Reason: r.Reason, At: r.At, ByUID: r.ByUID, ByReplica: s.tier.name, ExpiresAt: r.ExpiresAt}))
+		if errors.Is(err, ErrAlreadyRevoked) {
+			err = fmt.Errorf("%w: jti %s (through another replica)", ErrTokenAlreadyRevoked, r.JTI)
+		}
+	} else {
+		err = s.saveTokenRevocations(next)
+	}
+	if err != nil {
 		return TokenRevocation{}, fmt.Errorf("revoke token: %w", err)
 	}
 	s.setTokenRevocations(next)
@@ -206,12 +214,34 @@ func (s *Signer) RevokeToken(req TokenRevokeRequest, byUID uint32) (TokenRevocat
 	return r, nil
 }
 
-// persistTokenRevocations keeps revs: in state_dir for a lone signer.
+// persistTokenRevocations keeps revs: in state_dir for a lone signer; a
+// tier's live in etcd, where each expires by itself (its lease).
 func (s *Signer) persistTokenRevocations(revs []TokenRevocation) error {
 	if s.tier != nil {
-		return ErrTierTokenRevocation
+		return nil
 	}
 	return s.saveTokenRevocations(revs)
+}
+
+// applySharedTokens puts a tier's token revocations in force: those in
+// etcd at st, less the expired.
+func (s *Signer) applySharedTokens(st store.State) {
+	revs := make([]TokenRevocation, 0, len(st.TokenRevoked))
+	for _, r := range st.TokenRevoked {
+		revs = append(revs, TokenRevocation{JTI: r.JTI, SPIFFEID: r.SPIFFEID, IssuedBefore: r.IssuedBefore, Reason: r.Reason,
+			At: r.At, ByUID: r.ByUID, ExpiresAt: r.ExpiresAt})
+	}
+	revs = liveTokenRevocations(revs, time.Now())
+	s.tokenRevsMu.Lock()
+	defer s.tokenRevsMu.Unlock()
+	s.mu.Lock()
+	same := slices.EqualFunc(s.tokenRevs, revs, func(a, b TokenRevocation) bool {
+		return a.key() == b.key() && a.IssuedBefore.Equal(b.IssuedBefore) && a.ExpiresAt.Equal(b.ExpiresAt)
+	})
+	s.mu.Unlock()
+	if !same {
+		s.setTokenRevocations(revs)
+	}
 }
 
 // setTokenRevocations puts revs in force and wakes every Sync stream.

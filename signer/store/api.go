@@ -381,6 +381,56 @@ func (s *Store) Unrevoke(ctx context.Context, ek string) (Revocation, error) {
 	return r, nil
 }
 
+// RevokeToken writes P/tokenrevoked/<TokenRevocationName> on a lease that
+// ends at rec.ExpiresAt, when every token it covers has expired: etcd
+// then deletes it, and every replica's watch drops it. A revocation of a
+// jti is created only once (ErrExists); one of a SPIFFE ID replaces the
+// earlier one (its later cut-off covers more).
+func (s *Store) RevokeToken(ctx context.Context, rec TokenRevocation) error {
+	name := TokenRevocationName(rec.JTI, rec.SPIFFEID)
+	if err := checkTokenName(name); err != nil || (rec.JTI == "") == (rec.SPIFFEID == "") {
+		return fmt.Errorf("revoke token: exactly one of jti and SPIFFE ID: %w", ErrInvalid)
+	}
+	val, err := encode(rec, MaxRecordSize)
+	if err != nil {
+		return fmt.Errorf("revoke token %s: %w", name, err)
+	}
+	ttl := int64(time.Until(rec.ExpiresAt)/time.Second) + 1
+	if ttl < 1 {
+		return fmt.Errorf("revoke token %s: already expired: %w", name, ErrInvalid)
+	}
+	key, step := s.key(kindTokens, name), "revoke token "+name
+	var ok bool
+	err = s.do(ctx, step, func(ctx context.Context) error {
+		lease, err := s.cli.Grant(ctx, ttl)
+		if err != nil {
+			return err
+		}
+		put := clientv3.OpPut(key, val, clientv3.WithLease(lease.ID))
+		if rec.SPIFFEID != "" {
+			_, err = s.cli.Put(ctx, key, val, clientv3.WithLease(lease.ID))
+			ok = err == nil
+			return err
+		}
+		resp, err := s.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).Then(put).Commit()
+		if err == nil {
+			ok = resp.Succeeded
+			if !ok {
+				s.cli.Revoke(ctx, lease.ID)
+			}
+		}
+		return err
+	})
+	switch {
+	case err != nil:
+		return err
+	case !ok:
+		return fmt.Errorf("%s: %w", step, ErrExists)
+	}
+	s.writes.Add(2) // the lease and the record
+	return nil
+}
+
 // PutNode writes P/nodes/<rec.EKSHA256>.
 func (s *Store) PutNode(ctx context.Context, rec NodeRecord) error {
 	if err := checkEK(rec.EKSHA256); err != nil {

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -13,6 +14,7 @@ const (
 	kindAlive    = "alive"
 	kindRevoked  = "revoked"
 	kindNodes    = "nodes"
+	kindTokens   = "tokenrevoked"
 )
 
 // maxNameLen bounds a replica name: it travels in keys, logs and the
@@ -43,6 +45,8 @@ func (s *Store) split(key string) (kind, name string, ok bool) {
 		return kind, name, checkName(name) == nil
 	case kindRevoked, kindNodes:
 		return kind, name, checkEK(name) == nil
+	case kindTokens:
+		return kind, name, checkTokenName(name) == nil
 	}
 	return "", "", false
 }
@@ -88,6 +92,26 @@ func decode(b []byte, limit int, v any) error {
 	}
 	if err := json.Unmarshal(b, v); err != nil {
 		return fmt.Errorf("decode record: %w", err)
+	}
+	return nil
+}
+
+// TokenRevocationName is the key name of a token revocation: "t-" and
+// the jti, or "i-" and the SPIFFE ID in unpadded base64url (a key segment
+// holds no '/').
+func TokenRevocationName(jti, spiffeID string) string {
+	if jti != "" {
+		return "t-" + jti
+	}
+	return "i-" + base64.RawURLEncoding.EncodeToString([]byte(spiffeID))
+}
+
+// checkTokenName accepts what TokenRevocationName makes.
+func checkTokenName(name string) error {
+	if len(name) < 3 || len(name) > 4096 || (name[:2] != "t-" && name[:2] != "i-") || strings.IndexFunc(name[2:], func(r rune) bool {
+		return !('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '-' || r == '_')
+	}) >= 0 {
+		return fmt.Errorf("token revocation name %q: %w", name, ErrInvalid)
 	}
 	return nil
 }

@@ -86,6 +86,8 @@ func (s *Store) load(ctx context.Context) (State, error) {
 		Alive:    map[string]AliveRecord{},
 		Revoked:  map[string]Revocation{},
 		Nodes:    map[string]NodeRecord{},
+
+		TokenRevoked: map[string]TokenRevocation{},
 	}, own: allOwned}
 	for _, kv := range resp.Kvs {
 		b.put(kv)
@@ -166,7 +168,8 @@ const (
 	ownAlive
 	ownRevoked
 	ownNodes
-	allOwned = ownReplicas | ownAlive | ownRevoked | ownNodes
+	ownTokens
+	allOwned = ownReplicas | ownAlive | ownRevoked | ownNodes | ownTokens
 )
 
 // builder makes the next State from the previous one, copying each map
@@ -209,6 +212,11 @@ func (b *builder) put(kv *mvccpb.KeyValue) {
 		if err = decode(kv.Value, MaxRecordSize, &rec); err == nil {
 			writable(&b.st.Revoked, &b.own, ownRevoked)[name] = rec
 		}
+	case kindTokens:
+		var rec TokenRevocation
+		if err = decode(kv.Value, MaxRecordSize, &rec); err == nil {
+			writable(&b.st.TokenRevoked, &b.own, ownTokens)[name] = rec
+		}
 	case kindNodes:
 		var rec NodeRecord
 		b.st.NodesChanged = append(b.st.NodesChanged, name)
@@ -248,6 +256,10 @@ func (b *builder) del(kv *mvccpb.KeyValue) {
 		b.st.NodesChanged = append(b.st.NodesChanged, name)
 		if _, ok := b.st.Revoked[name]; ok {
 			delete(writable(&b.st.Revoked, &b.own, ownRevoked), name)
+		}
+	case kindTokens:
+		if _, ok := b.st.TokenRevoked[name]; ok {
+			delete(writable(&b.st.TokenRevoked, &b.own, ownTokens), name)
 		}
 	case kindNodes:
 		b.st.NodesChanged = append(b.st.NodesChanged, name)

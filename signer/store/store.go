@@ -128,6 +128,19 @@ type Revocation struct {
 	ByReplica string    `json:"by_replica"`
 }
 
+// TokenRevocation refuses JWT-SVIDs on every agent of every replica: one
+// token by JTI, or every token of SPIFFEID issued before IssuedBefore.
+type TokenRevocation struct {
+	JTI          string    `json:"jti,omitempty"`
+	SPIFFEID     string    `json:"spiffe_id,omitempty"`
+	IssuedBefore time.Time `json:"issued_before,omitzero"`
+	Reason       string    `json:"reason"`
+	At           time.Time `json:"at"`
+	ByUID        uint32    `json:"by_uid"`
+	ByReplica    string    `json:"by_replica"`
+	ExpiresAt    time.Time `json:"expires_at"`
+}
+
 // NodeRecord is one agent in the shared registry.
 type NodeRecord struct {
 	EKSHA256        string    `json:"ek_sha256"`
@@ -151,6 +164,9 @@ type State struct {
 	Alive    map[string]AliveRecord
 	Revoked  map[string]Revocation // by EK SHA-256
 	Nodes    map[string]NodeRecord // by EK SHA-256
+	// TokenRevoked are the token revocations in force, by
+	// TokenRevocationName; etcd drops each at its ExpiresAt (a lease).
+	TokenRevoked map[string]TokenRevocation
 	// Full is true for a State loaded whole (the first one, and after a
 	// compaction); otherwise NodesChanged names the EK hashes whose node
 	// or revocation record the batch of events behind it wrote or
