@@ -189,9 +189,9 @@ type served struct {
 	cache  *cache
 	jwt    *jwtSource
 	tokens *workloadapi.TokenGuard
-	renew *renewer
-	td    spiffeid.TrustDomain
-	log   hclog.Logger
+	renew  *renewer
+	td     spiffeid.TrustDomain
+	log    hclog.Logger
 }
 
 func (s served) attested() { s.renew.wake() }

@@ -132,7 +132,7 @@ type snapshot struct {
 	cache       cacheSnapshot
 	tpm         tpmState
 	jwtTokens   int
-	revocations int // token revocations in force
+	revocations int              // token revocations in force
 	openStreams map[string]int64 // open Workload API streams by method
 	// exhaustion lists the Workload API limits callers reached now or
 	// within the last minute, and failed accepts.

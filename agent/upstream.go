@@ -12,8 +12,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
-	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/lanyard-dev/lanyard/rotator"
+	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
