@@ -145,6 +145,25 @@ func (s *Signer) AdminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/nodes/unrevoke", change(func(req NodeRequest, uid uint32) (NodeInfo, error) {
 		return s.Unrevoke(req.Node, uid)
 	}))
+	mux.HandleFunc("GET /v1/tokens", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, s.TokenRevocations())
+	})
+	mux.HandleFunc("POST /v1/tokens/revoke", func(w http.ResponseWriter, r *http.Request) {
+		var req TokenRevokeRequest
+		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
+			return
+		}
+		cred, _ := adminsock.Peer(r)
+		rev, err := s.RevokeToken(req, cred.UID)
+		if err != nil {
+			writeJSON(w, adminCode(err), AdminError{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, rev)
+	})
 	mux.HandleFunc("GET /v1/policy", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, s.PolicyStatus())
 	})
@@ -199,9 +218,9 @@ func adminCode(err error) int {
 	switch {
 	case errors.Is(err, ErrUnknownNode):
 		return http.StatusNotFound
-	case errors.Is(err, ErrAlreadyRevoked), errors.Is(err, ErrNotRevoked):
+	case errors.Is(err, ErrAlreadyRevoked), errors.Is(err, ErrNotRevoked), errors.Is(err, ErrTokenAlreadyRevoked):
 		return http.StatusConflict
-	case errors.Is(err, ErrBadReason), errors.Is(err, ErrBadNodeName):
+	case errors.Is(err, ErrBadReason), errors.Is(err, ErrBadNodeName), errors.Is(err, ErrBadTokenRevocation):
 		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError

@@ -300,6 +300,7 @@ func (s *Signer) syncState(id spiffeid.ID) (*signerpb.SyncResponse, <-chan struc
 		resp.Entries = append(resp.Entries, entryMessage(w))
 	}
 	resp.FederatedBundles = s.federatedBundlesLocked(resp.Entries)
+	resp.TokenRevocations = s.tokenRevMsgs
 	return resp, s.changed, nil
 }
 
@@ -471,6 +472,9 @@ func entryMessage(w policy.Workload) *signerpb.Entry {
 	}
 	for _, td := range w.FederatesWith {
 		e.FederatesWith = append(e.FederatesWith, td.Name())
+	}
+	if a := w.Actions; a != nil {
+		e.Actions = &signerpb.ActionPolicy{TtlSeconds: int64(a.TTL / time.Second), Names: a.Names}
 	}
 	// The revision lets an agent tell "same entry" from "changed entry"
 	// (and so re-sign) without comparing fields itself.

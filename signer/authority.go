@@ -228,21 +228,21 @@ func (a *authority) sign(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration
 
 // mintJWT signs a JWT-SVID with the key current at now, and remembers
 // its expiry: that key stays published until the last token it signed
-// expires. It returns the token, the key ID and the expiry.
-func (a *authority) mintJWT(id spiffeid.ID, audience []string, ttl time.Duration, now time.Time) (string, string, time.Time, error) {
+// expires.
+func (a *authority) mintJWT(c jwtClaims, now time.Time) (signedJWT, error) {
 	a.current(now)
 	k := a.activeJWT
 	if err := a.noteSigned("jwt:" + k.kid); err != nil {
-		return "", "", time.Time{}, err
+		return signedJWT{}, err
 	}
-	tok, exp, err := k.mint(a.issuer, id, audience, ttl, now)
+	m, err := k.mint(a.issuer, c, now)
 	if err != nil {
-		return "", "", time.Time{}, err
+		return signedJWT{}, err
 	}
-	if exp.After(a.jwtLastSigned) {
-		a.jwtLastSigned = exp
+	if m.exp.After(a.jwtLastSigned) {
+		a.jwtLastSigned = m.exp
 	}
-	return tok, k.kid, exp, nil
+	return m, nil
 }
 
 // noteSigned records that id signs, the first time it does, through

@@ -635,7 +635,7 @@ func TestMemoryRestartDropsUnusedCAs(t *testing.T) {
 	sign(t, s, time.Hour, time.Now())
 	usedKid := s.auth.activeJWT.kid
 	s.mu.Lock()
-	if _, _, _, err := s.auth.mintJWT(testID, []string{"a"}, time.Minute, time.Now()); err != nil {
+	if _, err := s.auth.mintJWT(jwtClaims{sub: testID, audience: []string{"a"}, ttl: time.Minute}, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	s.mu.Unlock()

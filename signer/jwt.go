@@ -73,30 +73,71 @@ func newKeyID() (string, error) {
 	return base64.RawURLEncoding.EncodeToString(b), nil
 }
 
-// mint signs a JWT-SVID for id and audience, issued at now and expiring
-// ttl later, but never after the key's notAfter. Times are whole seconds,
-// as the claims carry them. issuer, when not empty, is the iss claim (the
-// oidc_discovery issuer); the JWT-SVID spec neither needs nor forbids it.
-func (k *jwtKey) mint(issuer string, id spiffeid.ID, audience []string, ttl time.Duration, now time.Time) (string, time.Time, error) {
-	if len(audience) == 0 {
-		return "", time.Time{}, ErrNoAudience
+// jwtClaims is what one JWT-SVID asserts.
+type jwtClaims struct {
+	sub      spiffeid.ID
+	audience []string
+	ttl      time.Duration
+	// act, when set, is the RFC 8693 actor of an action token: the
+	// entry's own SPIFFE ID, on whose behalf sub acts.
+	act spiffeid.ID
+}
+
+// signedJWT is a minted JWT-SVID and the facts about it the caller and
+// the audit line need.
+type signedJWT struct {
+	token, kid, jti string
+	exp             time.Time
+}
+
+// jtiBytes is the size of a token ID: 128 random bits cannot collide in
+// any number of tokens a trust domain will ever mint.
+const jtiBytes = 16
+
+// newJTI draws a fresh token ID, base64url without padding.
+func newJTI() (string, error) {
+	b := make([]byte, jtiBytes)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("generate jti: %w", err)
+	}
+	return base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+// mint signs a JWT-SVID of c with a fresh jti, issued at now and
+// expiring c.ttl later, but never after the key's notAfter. Times are
+// whole seconds, as the claims carry them. issuer, when not empty, is
+// the iss claim (the oidc_discovery issuer); the JWT-SVID spec neither
+// needs nor forbids it. Every token has a jti: it is what a revocation
+// and the single-use check of action tokens name.
+func (k *jwtKey) mint(issuer string, c jwtClaims, now time.Time) (signedJWT, error) {
+	if len(c.audience) == 0 {
+		return signedJWT{}, ErrNoAudience
+	}
+	jti, err := newJTI()
+	if err != nil {
+		return signedJWT{}, err
 	}
 	iat := now.Truncate(time.Second)
-	exp := iat.Add(ttl.Truncate(time.Second))
+	exp := iat.Add(c.ttl.Truncate(time.Second))
 	if exp.After(k.notAfter) {
 		exp = k.notAfter.Truncate(time.Second)
 	}
-	tok, err := jwt.Signed(k.signer).Claims(jwt.Claims{
+	b := jwt.Signed(k.signer).Claims(jwt.Claims{
 		Issuer:   issuer, // omitted when empty
-		Subject:  id.String(),
-		Audience: jwt.Audience(audience),
+		Subject:  c.sub.String(),
+		Audience: jwt.Audience(c.audience),
 		Expiry:   jwt.NewNumericDate(exp),
 		IssuedAt: jwt.NewNumericDate(iat),
-	}).Serialize()
-	if err != nil {
-		return "", time.Time{}, fmt.Errorf("sign JWT-SVID for %s: %w", id, err)
+		ID:       jti,
+	})
+	if !c.act.IsZero() {
+		b = b.Claims(map[string]any{"act": map[string]string{"sub": c.act.String()}})
 	}
-	return tok, exp, nil
+	tok, err := b.Serialize()
+	if err != nil {
+		return signedJWT{}, fmt.Errorf("sign JWT-SVID for %s: %w", c.sub, err)
+	}
+	return signedJWT{token: tok, kid: k.kid, jti: jti, exp: exp}, nil
 }
 
 // publicJWTKey is a JWT key as published: in the bundle, in state_dir.

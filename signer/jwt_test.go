@@ -74,11 +74,11 @@ func mintJWT(t *testing.T, s *Signer, ttl time.Duration, now time.Time) (token, 
 	t.Helper()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tok, kid, _, err := s.auth.mintJWT(testID, []string{"a"}, ttl, now)
+	m, err := s.auth.mintJWT(jwtClaims{sub: testID, audience: []string{"a"}, ttl: ttl}, now)
 	if err != nil {
 		t.Fatalf("mintJWT at %v: %v", now, err)
 	}
-	return tok, kid
+	return m.token, m.kid
 }
 
 // jwtBundle is the JWT bundle the signer sends agents, as go-spiffe holds it.

@@ -61,30 +61,49 @@ func (a *api) MintJWTSVIDs(ctx context.Context, req *signerpb.MintJWTSVIDsReques
 	for _, r := range req.GetRequests() {
 		out := &signerpb.MintedJWTSVID{EntryId: r.GetEntryId()}
 		m, err := s.mintOne(id, r, now)
-		if err != nil {
+		switch {
+		case err != nil:
 			out.Error = err.Error()
-			s.log.Warn("jwt-svid refused", "agent", id.String(), "entry", r.GetEntryId(), "reason", err.Error())
-		} else {
-			out.Token = m.token
-			// The audit line: never the token itself.
+			s.log.Warn("jwt-svid refused", "agent", id.String(), "entry", r.GetEntryId(), "action", r.GetAction(), "reason", err.Error())
+		case m.action != "":
+			// The audit line of an action: never the token itself.
+			s.log.Info("action jwt-svid minted", "agent", id.String(), "entry", m.entry, "action", m.action,
+				"spiffe_id", m.id.String(), "audience", r.GetAudience()[0], "jti", m.jti, "exp", m.exp.UTC().Format(time.RFC3339))
+		default:
 			s.log.Info("jwt-svid minted", "agent", id.String(), "entry", m.entry, "spiffe_id", m.id.String(),
-				"audience", r.GetAudience(), "kid", m.kid, "exp", m.exp.UTC().Format(time.RFC3339))
+				"audience", r.GetAudience(), "kid", m.kid, "jti", m.jti, "exp", m.exp.UTC().Format(time.RFC3339))
+		}
+		if err == nil {
+			out.Token, out.Jti, out.ExpiresAt = m.token, m.jti, m.exp.Unix()
 		}
 		resp.Svids = append(resp.Svids, out)
 	}
 	return resp, nil
 }
 
+// ErrActionRefused is the kind of every refused action identity
+// request; the message says why, precisely, since it reaches the
+// workload as the PermissionDenied reason.
+var ErrActionRefused = errors.New("action identity refused")
+
+// actionRefusal is a refused action request: its message is the exact
+// reason, its kind ErrActionRefused.
+type actionRefusal string
+
+func (r actionRefusal) Error() string { return string(r) }
+func (r actionRefusal) Unwrap() error { return ErrActionRefused }
+
 // minted is one JWT-SVID and the facts the audit line names.
 type minted struct {
-	token, kid, entry string
-	id                spiffeid.ID
-	exp               time.Time
+	signedJWT
+	entry, action string
+	id            spiffeid.ID
 }
 
 // mintOne mints the token of one request, if the entry is one agent's
 // node may serve. The subject is the entry's SPIFFE ID and the lifetime
-// the entry's jwt_ttl, capped at jwt_max_ttl.
+// the entry's jwt_ttl, capped at jwt_max_ttl; for an action, see
+// actionClaims.
 func (s *Signer) mintOne(agent spiffeid.ID, r *signerpb.JWTSVIDRequest, now time.Time) (*minted, error) {
 	if err := checkAudience(r.GetAudience()); err != nil {
 		return nil, fmt.Errorf("entry %q: %w", r.GetEntryId(), err)
@@ -99,11 +118,43 @@ func (s *Signer) mintOne(agent spiffeid.ID, r *signerpb.JWTSVIDRequest, now time
 	if err != nil {
 		return nil, err
 	}
-	tok, kid, exp, err := s.auth.mintJWT(w.SPIFFEID, r.GetAudience(), min(w.JWTTTL, s.cfg.JWTMaxTTL), now)
+	c := jwtClaims{sub: w.SPIFFEID, audience: r.GetAudience(), ttl: min(w.JWTTTL, s.cfg.JWTMaxTTL)}
+	if r.GetAction() != "" {
+		if c, err = actionClaims(w, r.GetAction(), r.GetAudience(), s.cfg.JWTMaxTTL); err != nil {
+			return nil, err
+		}
+	}
+	m, err := s.auth.mintJWT(c, now)
 	if err != nil {
 		return nil, fmt.Errorf("entry %q: %w", w.Name, err)
 	}
-	return &minted{token: tok, kid: kid, entry: w.Name, id: w.SPIFFEID, exp: exp}, nil
+	return &minted{signedJWT: m, entry: w.Name, action: r.GetAction(), id: c.sub}, nil
+}
+
+// actionClaims are the claims of action for entry w: sub is the action
+// ID <spiffe_id>/action/<action>, act names the entry's own ID (RFC
+// 8693), the lifetime is the actions block's ttl (capped at maxTTL), and
+// the audience is exactly one: a token for one step of one tool.
+func actionClaims(w policy.Workload, action string, audience []string, maxTTL time.Duration) (jwtClaims, error) {
+	if err := policy.CheckActionName(action, false); err != nil {
+		if len(action) > 64 {
+			action = action[:64] + "..."
+		}
+		return jwtClaims{}, actionRefusal(fmt.Sprintf("bad action name %q: %v", action, err))
+	}
+	switch {
+	case w.Actions == nil:
+		return jwtClaims{}, actionRefusal(fmt.Sprintf("entry %s allows no actions", w.Name))
+	case !w.Actions.Allows(action):
+		return jwtClaims{}, actionRefusal(fmt.Sprintf("action %q not allowed for entry %s", action, w.Name))
+	case len(audience) != 1:
+		return jwtClaims{}, actionRefusal("an action token takes exactly one audience")
+	}
+	id, err := w.ActionID(action)
+	if err != nil {
+		return jwtClaims{}, actionRefusal(fmt.Sprintf("action %q for entry %s: %v", action, w.Name, err))
+	}
+	return jwtClaims{sub: id, audience: audience, ttl: min(w.Actions.TTL, maxTTL), act: w.SPIFFEID}, nil
 }
 
 // authorizedLocked returns the entry named entryID if rec's node may

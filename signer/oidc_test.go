@@ -136,12 +136,12 @@ func TestOIDCDiscoveryVerifiesJWTSVIDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unpublished, _, err := stranger.mint(o.issuer, m.id, []string{"sts.amazonaws.com"}, time.Minute, now)
+	unpublished, err := stranger.mint(o.issuer, jwtClaims{sub: m.id, audience: []string{"sts.amazonaws.com"}, ttl: time.Minute}, now)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A published key, another issuer: a signer without the block.
-	noIss, _, err := o.auth.activeJWT.mint("", m.id, []string{"sts.amazonaws.com"}, time.Minute, now)
+	noIss, err := o.auth.activeJWT.mint("", jwtClaims{sub: m.id, audience: []string{"sts.amazonaws.com"}, ttl: time.Minute}, now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,8 +175,8 @@ func TestOIDCDiscoveryVerifiesJWTSVIDs(t *testing.T) {
 			want: "failed to verify signature"},
 		{name: "another audience", token: good, audience: "vault", want: `expected audience "vault"`},
 		{name: "expired", token: good, audience: "sts.amazonaws.com", now: m.exp.Add(time.Second), want: "token is expired"},
-		{name: "key not in the JWKS", token: unpublished, audience: "sts.amazonaws.com", want: "failed to verify signature"},
-		{name: "no iss", token: noIss, audience: "sts.amazonaws.com", want: "id token issued by a different provider"},
+		{name: "key not in the JWKS", token: unpublished.token, audience: "sts.amazonaws.com", want: "failed to verify signature"},
+		{name: "no iss", token: noIss.token, audience: "sts.amazonaws.com", want: "id token issued by a different provider"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -374,11 +374,11 @@ func TestOIDCJWKSIsTheTierUnion(t *testing.T) {
 		t.Fatal(err)
 	}
 	o.setPeers(nil, []publicJWTKey{peer, peerKey.public()})
-	tok, _, err := peerKey.mint(o.issuer, testID, []string{"a"}, time.Minute, time.Now())
+	tok, err := peerKey.mint(o.issuer, jwtClaims{sub: testID, audience: []string{"a"}, ttl: time.Minute}, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := o.verifier(t, "a", nil).Verify(context.Background(), tok); err != nil {
+	if _, err := o.verifier(t, "a", nil).Verify(context.Background(), tok.token); err != nil {
 		t.Errorf("go-oidc refuses a token of another replica's key: %v", err)
 	}
 

@@ -109,6 +109,14 @@ type Signer struct {
 	fedFloor   time.Duration
 	bundleHint time.Duration
 
+	// tokenRevs are the token revocations in force (tokens.go), sorted,
+	// never modified, only replaced (under mu); tokenRevMsgs the same as
+	// agents receive them. tokenRevsMu orders their changes with the
+	// writes that keep them.
+	tokenRevs    []TokenRevocation
+	tokenRevMsgs []*signerpb.TokenRevocation
+	tokenRevsMu  sync.Mutex
+
 	policySrc []byte        // the policy file's content in force
 	ready     chan struct{} // closed once Serve accepts agents
 	stopping  chan struct{} // closed when Serve begins to shut down: Sync streams end at once
@@ -167,6 +175,13 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 			return nil, fmt.Errorf("restore node registry: %w", err)
 		}
 	}
+	// A tier's are etcd's, too.
+	var tokenRevs []TokenRevocation
+	if cfg.Etcd == nil {
+		if tokenRevs, err = loadTokenRevocations(cfg.StateDir, time.Now()); err != nil {
+			return nil, fmt.Errorf("restore token revocations: %w", err)
+		}
+	}
 	st := restoredState{cas: restored, jwt: restoredJWT}
 	var keys *keyStore
 	if cfg.KeyStorage == KeyStorageTPM {
@@ -216,6 +231,9 @@ func newSigner(cfg *Config, log hclog.Logger, openTPM func() (*node.TPM, error))
 		nodesDirty: make(chan struct{}, 1),
 		started:    time.Now(),
 		changed:    make(chan struct{}),
+
+		tokenRevs:    tokenRevs,
+		tokenRevMsgs: tokenRevocationMessages(tokenRevs),
 
 		policySrc: src,
 		ready:     make(chan struct{}),
@@ -420,6 +438,7 @@ func (s *Signer) serve(ctx context.Context, listen func() (net.Listener, error))
 		return nil
 	})
 	g.Go(func() error { return s.saveNodesLoop(ctx) })
+	g.Go(func() error { return s.expireTokenRevocationsLoop(ctx) })
 	err = g.Wait()
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil

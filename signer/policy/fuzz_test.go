@@ -29,6 +29,16 @@ workload "w" {
   dns_names = ["a.example"]
   federates_with = ["other.org", "spiffe://third.org", "example.org"]
 }`))
+	f.Add([]byte(`node "n" { ek_sha256 = ["` + hashA + `"] }
+workload "w" {
+  spiffe_id = "spiffe://example.org/w"
+  nodes = ["n"]
+  selectors = ["unix:uid:0"]
+  actions {
+    ttl = "60s"
+    names = ["github.read", "db/*", "db/*"]
+  }
+}`))
 	f.Add([]byte(`workload "w" { selectors = [] nodes = [] spiffe_id = "" }`))
 	f.Add([]byte("node \"a\" {\n ek_sha256 = [\n"))
 

@@ -70,6 +70,9 @@ type Workload struct {
 	// that is a warning there, not a policy error, so the policy and the
 	// config can change in either order.
 	FederatesWith []spiffeid.TrustDomain
+	// Actions are the single-use action identities the workload may ask
+	// for (actions.go); nil when it has no actions block.
+	Actions *Actions
 }
 
 var fileSchema = &hcl.BodySchema{
@@ -94,6 +97,7 @@ var workloadSchema = &hcl.BodySchema{
 		{Name: "hint"},
 		{Name: "federates_with"},
 	},
+	Blocks: []hcl.BlockHeaderSchema{{Type: "actions"}},
 }
 
 // Load reads and validates the policy file at path, and the ek_ca files it
@@ -307,6 +311,8 @@ func decodeWorkload(b *hcl.Block, td spiffeid.TrustDomain, nodes map[string]int)
 		w.FederatesWith, d = decodeFederatesWith(attr, td)
 		diags = append(diags, d...)
 	}
+	actions, d := decodeActions(content.Blocks.OfType("actions"), w)
+	w.Actions, diags = actions, append(diags, d...)
 	return w, diags
 }
 
