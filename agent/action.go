@@ -141,14 +141,15 @@ func checkActionToken(r *signerpb.MintedJWTSVID, e *entry, id spiffeid.ID) error
 }
 
 // revocationsFrom converts the token revocations of a sync message,
-// leaving out those already expired at now and those that name neither a
+// leaving out those expired at now (past expires_at and the validation
+// leeway) and those that name neither a
 // jti nor a SPIFFE ID with a time (with a warning: the signer validated
 // them).
 func revocationsFrom(in []*signerpb.TokenRevocation, now time.Time, log hclog.Logger) []workloadapi.Revocation {
 	out := make([]workloadapi.Revocation, 0, len(in))
 	for _, r := range in {
 		exp := time.Unix(r.GetExpiresAt(), 0)
-		if !now.Before(exp) {
+		if !now.Before(exp.Add(workloadapi.JWTLeeway)) {
 			continue
 		}
 		rev := workloadapi.Revocation{JTI: r.GetJti(), Reason: r.GetReason(), ExpiresAt: exp}

@@ -175,7 +175,7 @@ func TestRevocationsFrom(t *testing.T) {
 	in := []*signerpb.TokenRevocation{
 		{Jti: "j1", Reason: "r", ExpiresAt: now.Unix() + 60},
 		{SpiffeId: "spiffe://example.org/a", IssuedBefore: now.Unix(), Reason: "r", ExpiresAt: now.Unix() + 60},
-		{Jti: "expired", ExpiresAt: now.Unix()},
+		{Jti: "expired", ExpiresAt: now.Add(-workloadapi.JWTLeeway).Unix()},
 		{SpiffeId: "not an id", IssuedBefore: now.Unix(), ExpiresAt: now.Unix() + 60},
 		{SpiffeId: "spiffe://example.org/a", ExpiresAt: now.Unix() + 60}, // no time
 	}

@@ -208,7 +208,7 @@ func (s served) setRevocations(revs []workloadapi.Revocation) {
 	if s.tokens.Revocations(time.Now()) != len(revs) {
 		s.log.Info("token revocations updated", "in_force", len(revs))
 	}
-	s.tokens.SetRevocations(revs)
+	s.tokens.SetRevocations(revs, time.Now())
 	s.jwt.dropRevoked()
 }
 

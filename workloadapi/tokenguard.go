@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -35,8 +36,9 @@ const DefaultMaxActionTokens = 100_000
 const sweepEvery = time.Minute
 
 // Revocation refuses JWT-SVIDs: one token by its jti, or every token of a
-// SPIFFE ID issued before a time. It is in force until ExpiresAt, by when
-// every token it covers has expired.
+// SPIFFE ID issued before a time. By ExpiresAt every token it covers has
+// expired; the guard keeps it JWTLeeway longer, as validation accepts a
+// token that long after its exp.
 type Revocation struct {
 	JTI          string      // one token; or
 	SPIFFEID     spiffeid.ID // every token whose sub is this ID and
@@ -76,12 +78,19 @@ func NewTokenGuard(maxActionTokens int) *TokenGuard {
 	return &TokenGuard{max: maxActionTokens, used: make(map[string]time.Time)}
 }
 
-// SetRevocations replaces the revocations in force (the signer sends all
-// of them on every sync message).
-func (g *TokenGuard) SetRevocations(revs []Revocation) {
+// SetRevocations replaces the revocations in force at now (the signer
+// sends all of them on every sync message). One the signer dropped
+// because its ExpiresAt passed is kept for the rest of JWTLeeway.
+func (g *TokenGuard) SetRevocations(revs []Revocation, now time.Time) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.revs = append([]Revocation(nil), revs...)
+	next := append([]Revocation(nil), revs...)
+	for _, old := range g.revs {
+		if !now.Before(old.ExpiresAt) && now.Before(old.ExpiresAt.Add(JWTLeeway)) && !slices.Contains(next, old) {
+			next = append(next, old)
+		}
+	}
+	g.revs = next
 }
 
 // Revocations counts the revocations in force at now; expired ones are
@@ -114,10 +123,13 @@ func (g *TokenGuard) Used() int {
 	return len(g.used)
 }
 
+// dropExpiredLocked drops the revocations no token they cover can pass
+// validation any more: past ExpiresAt plus JWTLeeway, since validation
+// accepts a token up to JWTLeeway after its exp.
 func (g *TokenGuard) dropExpiredLocked(now time.Time) {
 	kept := g.revs[:0]
 	for _, r := range g.revs {
-		if now.Before(r.ExpiresAt) {
+		if now.Before(r.ExpiresAt.Add(JWTLeeway)) {
 			kept = append(kept, r)
 		}
 	}

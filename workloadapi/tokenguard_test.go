@@ -87,8 +87,16 @@ func TestValidateJWTSVIDRevoked(t *testing.T) {
 	guard.SetRevocations([]Revocation{
 		{JTI: "leaked-1", Reason: "leaked in CI logs", ExpiresAt: now.Add(time.Hour)},
 		{SPIFFEID: web, IssuedBefore: now, Reason: "host compromised", ExpiresAt: now.Add(time.Hour)},
-		{JTI: "gone", Reason: "expired revocation", ExpiresAt: now.Add(-time.Second)},
-	})
+		{JTI: "gone", Reason: "expired revocation", ExpiresAt: now.Add(-JWTLeeway - time.Second)},
+		{JTI: "leeway", Reason: "within the leeway", ExpiresAt: now.Add(-time.Second)},
+	}, now)
+	// The signer drops an expired revocation from its next message; the
+	// agent keeps it for the leeway its validation allows.
+	kept := []Revocation{
+		{JTI: "leaked-1", Reason: "leaked in CI logs", ExpiresAt: now.Add(time.Hour)},
+		{SPIFFEID: web, IssuedBefore: now, Reason: "host compromised", ExpiresAt: now.Add(time.Hour)},
+	}
+	guard.SetRevocations(kept, now)
 	db := func(jti string) string { return iss.mint(t, with(jwtClaims(now, "/db", "a"), "jti", jti)) }
 	tests := []struct {
 		name    string
@@ -101,6 +109,7 @@ func TestValidateJWTSVIDRevoked(t *testing.T) {
 		{"by SPIFFE ID, issued after", iss.mint(t, with(jwtClaims(now, "/web", "a"), "iat", now.Add(time.Second).Unix())), ""},
 		{"action token of a revoked jti", actionToken(t, iss, "leaked-1"), "token revoked: leaked in CI logs"},
 		{"expired revocation is dropped", db("gone"), ""},
+		{"revocation kept for the leeway", db("leeway"), "token revoked: within the leeway"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -116,8 +125,11 @@ func TestValidateJWTSVIDRevoked(t *testing.T) {
 			}
 		})
 	}
-	if n := guard.Revocations(now); n != 2 {
-		t.Errorf("%d revocations in force, want 2 (the expired one dropped)", n)
+	if n := guard.Revocations(now); n != 3 {
+		t.Errorf("%d revocations in force, want 3 (the expired one dropped)", n)
+	}
+	if n := guard.Revocations(now.Add(JWTLeeway)); n != 2 {
+		t.Errorf("%d revocations in force after the leeway, want 2", n)
 	}
 }
 
