@@ -77,6 +77,7 @@ func runCmd(f func([]string, *bytes.Buffer, *bytes.Buffer) int, args ...string) 
 func nodeF(args []string, o, e *bytes.Buffer) int    { return nodeCmd(args, o, e) }
 func statusF(args []string, o, e *bytes.Buffer) int  { return statusCmd(args, o, e) }
 func policyF(args []string, o, e *bytes.Buffer) int  { return policyCmd(args, o, e) }
+func tokenF(args []string, o, e *bytes.Buffer) int   { return tokenCmd(args, o, e) }
 func replicaF(args []string, o, e *bytes.Buffer) int { return replicaCmd(args, o, e) }
 
 // TestAdminCommands: help exits 0, bad usage 2, the signer's refusals 1
@@ -121,6 +122,20 @@ func TestAdminCommands(t *testing.T) {
 		{"replica help", replicaF, []string{"-h"}, 0, "lanyard-signer replica <command>", ""},
 		{"replica list on a lone signer", replicaF, []string{"list", "--admin-socket", sock}, 1, "", "replica list: this signer has no etcd block"},
 		{"replica forget without name", replicaF, []string{"forget", "--admin-socket", sock}, 2, "", "usage: lanyard-signer replica forget NAME"},
+		{"token help", tokenF, []string{"--help"}, 0, "lanyard-signer token <command>", ""},
+		{"token revoke help", tokenF, []string{"revoke", "-h"}, 0, "-spiffe-id", ""},
+		{"unknown token command", tokenF, []string{"forget"}, 2, "", `unknown token command "forget"`},
+		{"token list empty", tokenF, []string{"list", "--admin-socket", sock}, 0, "(no token revoked)", ""},
+		{"token revoke without jti", tokenF, []string{"revoke", "--admin-socket", sock, "--reason", "x"}, 2, "", "usage: lanyard-signer token revoke (JTI | --spiffe-id ID)"},
+		{"token revoke jti and ID", tokenF, []string{"revoke", "abc", "--spiffe-id", "spiffe://example.org/w", "--admin-socket", sock, "--reason", "x"}, 2, "", `token revoke: unexpected argument "abc"`},
+		{"token revoke empty reason", tokenF, []string{"revoke", "abc", "--admin-socket", sock}, 1, "", "token revoke: bad revocation reason: empty"},
+		{"token revoke bad jti", tokenF, []string{"revoke", "a+b", "--admin-socket", sock, "--reason", "x"}, 1, "", "token revoke: bad token revocation: jti \"a+b\": byte 1 is not base64url"},
+		{"token revoke foreign ID", tokenF, []string{"revoke", "--spiffe-id", "spiffe://other.org/w", "--admin-socket", sock, "--reason", "x"}, 1, "", "is not in trust domain example.org"},
+		{"token revoke jti", tokenF, []string{"revoke", "tok1", "--admin-socket", sock, "--reason", "leaked"}, 0, "revoked token tok1: leaked (kept until ", ""},
+		{"token revoke jti twice", tokenF, []string{"revoke", "tok1", "--admin-socket", sock, "--reason", "again"}, 1, "", "token already revoked: jti tok1 (reason: leaked)"},
+		{"token revoke ID", tokenF, []string{"revoke", "--spiffe-id", "spiffe://example.org/bot", "--reason", "compromised", "--admin-socket", sock}, 0, "revoked every token of spiffe://example.org/bot issued before ", ""},
+		{"token list", tokenF, []string{"list", "--admin-socket", sock}, 0, "\ntoken tok1  ", ""},
+		{"token list json", tokenF, []string{"list", "--json", "--admin-socket", sock}, 0, `"spiffe_id": "spiffe://example.org/bot"`, ""},
 		{"signer not running", statusF, []string{"--admin-socket", filepath.Join(t.TempDir(), "none.sock")}, 69, "", "signer not reachable"},
 	}
 	for _, tt := range tests {

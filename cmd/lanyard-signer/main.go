@@ -28,9 +28,11 @@ commands:
                                sequence, CAs, agents connected and known, revocations
   node list|revoke|unrevoke    the node registry and node revocation
                                (lanyard-signer node --help)
+  token list|revoke            JWT-SVID revocation, by jti or SPIFFE ID
+                               (lanyard-signer token --help)
   version                      print the version
 
-status, node, policy apply/show and replica talk to the signer's root-only admin socket: run them as
+status, node, token, policy apply/show and replica talk to the signer's root-only admin socket: run them as
 root, with --config FILE or --admin-socket PATH.
 `
 
@@ -53,6 +55,8 @@ func main() {
 		os.Exit(statusCmd(args[1:], os.Stdout, os.Stderr))
 	case "node":
 		os.Exit(nodeCmd(args[1:], os.Stdout, os.Stderr))
+	case "token":
+		os.Exit(tokenCmd(args[1:], os.Stdout, os.Stderr))
 	case "version", "--version":
 		fmt.Println("lanyard-signer", cli.Version())
 	case "help", "-h", "--help":
