@@ -38,6 +38,7 @@ type Agent struct {
 	log     hclog.Logger
 	cache   *cache
 	jwt     *jwtSource
+	tokens  *workloadapi.TokenGuard // revocations in force, used action tokens
 	renew   *renewer
 	up      *upstream
 	metrics *metrics
@@ -62,9 +63,11 @@ func New(cfg *Config, log hclog.Logger) *Agent {
 	a.metrics = newMetrics()
 	a.cache = newCache(cfg.TrustDomain.IDString())
 	a.renew = newRenewer(a.cache, nil, log, a.metrics)
+	a.tokens = workloadapi.NewTokenGuard(0)
 	a.jwt = newJWTSource(a.cache, nil, log.Named("jwt"))
+	a.jwt.guard = a.tokens
 	a.up = &upstream{
-		sink: served{cache: a.cache, jwt: a.jwt, renew: a.renew, td: cfg.TrustDomain, log: log},
+		sink: served{cache: a.cache, jwt: a.jwt, tokens: a.tokens, renew: a.renew, td: cfg.TrustDomain, log: log},
 		td:   cfg.TrustDomain, replicas: newReplicaSet(cfg.SignerAddresses, log.Named("upstream")), trustPath: cfg.TrustBundlePath,
 		sched: a.renew.sched, backoff: rotator.DefaultBackoff, rand: randFloat, jitter: randJitter,
 		log: log, metrics: a.metrics, reattestWait: jwtReattestWait,
@@ -116,7 +119,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	api := workloadapi.New(workloadapi.Config{SocketPath: a.cfg.SocketPath, Attestor: a.workload, Source: a.cache,
-		JWT: a.jwt, Log: a.log.Named("workloadapi"), Observer: a.metrics, Limits: limits, SDS: a.cfg.workloadSDS(),
+		JWT: a.jwt, Tokens: a.tokens, Log: a.log.Named("workloadapi"), Observer: a.metrics, Limits: limits, SDS: a.cfg.workloadSDS(),
 		Healthy: func() bool { return a.cache.holdsValidSVID(time.Now()) }})
 	a.api = api
 	admin := &adminServer{path: a.cfg.AdminSocketPath, apiDir: filepath.Dir(a.cfg.SocketPath), log: a.log.Named("admin"),
@@ -183,11 +186,12 @@ func (a *Agent) openTPM() error {
 
 // served passes what the upstream receives to the parts that serve it.
 type served struct {
-	cache *cache
-	jwt   *jwtSource
-	renew *renewer
-	td    spiffeid.TrustDomain
-	log   hclog.Logger
+	cache  *cache
+	jwt    *jwtSource
+	tokens *workloadapi.TokenGuard
+	renew  *renewer
+	td     spiffeid.TrustDomain
+	log    hclog.Logger
 }
 
 func (s served) attested() { s.renew.wake() }
@@ -196,6 +200,16 @@ func (s served) setEntries(entries []*entry) {
 	s.cache.setEntries(entries)
 	s.jwt.retain(entries)
 	s.renew.wake()
+}
+
+// setRevocations puts the token revocations in force, and drops the
+// cached tokens they cover so that none is served again.
+func (s served) setRevocations(revs []workloadapi.Revocation) {
+	if s.tokens.Revocations(time.Now()) != len(revs) {
+		s.log.Info("token revocations updated", "in_force", len(revs))
+	}
+	s.tokens.SetRevocations(revs, time.Now())
+	s.jwt.dropRevoked()
 }
 
 func (s served) setFederated(good []*fedBundle, refused []spiffeid.TrustDomain) {

@@ -28,6 +28,9 @@ type entry struct {
 	// given and whose JWT-SVIDs it may validate; sorted, without
 	// duplicates or the agent's own.
 	FederatesWith []spiffeid.TrustDomain
+	// Actions are the action identities a caller matching this entry
+	// may ask for (action.go); nil when the policy allows none.
+	Actions *actionPolicy
 }
 
 // entryKey names one revision of an entry. The agent's caches are keyed
@@ -56,7 +59,7 @@ func entriesFrom(in []*signerpb.Entry, td spiffeid.TrustDomain, log hclog.Logger
 		out = append(out, &entry{
 			ID: e.GetId(), Revision: e.GetRevision(), SPIFFEID: id, Selectors: e.GetSelectors(), Hint: e.GetHint(),
 			X509TTL: time.Duration(e.GetX509TtlSeconds()) * time.Second, JWTTTL: time.Duration(e.GetJwtTtlSeconds()) * time.Second,
-			FederatesWith: federatesWith(e, td, log),
+			FederatesWith: federatesWith(e, td, log), Actions: actionsFrom(e),
 		})
 	}
 	return out

@@ -46,6 +46,9 @@ type jwtSource struct {
 	mint  jwtMinter
 	now   func() time.Time
 	log   hclog.Logger
+	// guard holds the token revocations in force: a cached token one
+	// covers is never served; nil in tests that have none.
+	guard *workloadapi.TokenGuard
 
 	mu       sync.Mutex
 	tokens   *lru.Cache[tokenKey, *jwtToken] // least recently served goes first
@@ -66,6 +69,8 @@ type tokenKey struct {
 type jwtToken struct {
 	key      tokenKey
 	token    string
+	sub      spiffeid.ID
+	jti      string // "" from a signer that names none
 	iat, exp time.Time
 }
 
@@ -163,6 +168,16 @@ func (j *jwtSource) JWTSVIDs(ctx context.Context, selectors []string, spiffeID s
 		want = id
 	}
 	entries := j.cache.jwtEntries(selectors, want)
+	if len(entries) == 0 && !want.IsZero() {
+		// Not an entry's own ID: an action identity of one of them?
+		if e, name, ok := j.actionEntry(selectors, want); ok {
+			svid, err := j.actionSVID(ctx, e, want, name, audience)
+			if err != nil {
+				return nil, err
+			}
+			return []*workload.JWTSVID{svid}, nil
+		}
+	}
 	if len(entries) == 0 {
 		if spiffeID != "" {
 			return nil, fmt.Errorf("%w: %s is not among the caller's identities", workloadapi.ErrNotEntitled, spiffeID)
@@ -306,7 +321,8 @@ func tokenFrom(r *signerpb.MintedJWTSVID, e *entry, audKey string) (*jwtToken, e
 	if c.Subject != e.SPIFFEID.String() || c.Expiry == nil || c.IssuedAt == nil || !c.Expiry.Time().After(c.IssuedAt.Time()) {
 		return nil, fmt.Errorf("entry %q: JWT-SVID from signer lacks the entry's subject or a lifetime", e.ID)
 	}
-	return &jwtToken{key: tokenKey{e.key(), audKey}, token: r.GetToken(), iat: c.IssuedAt.Time(), exp: c.Expiry.Time()}, nil
+	return &jwtToken{key: tokenKey{e.key(), audKey}, token: r.GetToken(), sub: e.SPIFFEID, jti: c.ID,
+		iat: c.IssuedAt.Time(), exp: c.Expiry.Time()}, nil
 }
 
 // lookupLocked returns the cached token for key if it is still valid at
@@ -318,7 +334,7 @@ func (j *jwtSource) lookupLocked(key tokenKey, now time.Time) *jwtToken {
 	if !ok {
 		return nil
 	}
-	if !now.Before(t.exp) {
+	if !now.Before(t.exp) || j.revokedLocked(t, now) {
 		j.tokens.Remove(key)
 		return nil
 	}
@@ -336,6 +352,23 @@ func (j *jwtSource) retain(entries []*entry) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	j.tokens.DeleteFunc(func(k tokenKey, t *jwtToken) bool { return !current[k.entry] || !now.Before(t.exp) })
+}
+
+func (j *jwtSource) revokedLocked(t *jwtToken, now time.Time) bool {
+	if j.guard == nil {
+		return false
+	}
+	_, revoked := j.guard.Revoked(t.jti, t.sub, t.iat, now)
+	return revoked
+}
+
+// dropRevoked drops every cached token a revocation in force covers, so
+// that it is never served again: the next call mints anew.
+func (j *jwtSource) dropRevoked() {
+	now := j.now()
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.tokens.DeleteFunc(func(_ tokenKey, t *jwtToken) bool { return j.revokedLocked(t, now) })
 }
 
 // cached reports how many tokens the cache holds (status and tests).

@@ -30,14 +30,17 @@ import (
 // fakeMinter signs real ES256 tokens as the signer does, at the clock's
 // time, and counts calls; down makes it fail, gate makes it wait.
 type fakeMinter struct {
-	key   *ecdsa.PrivateKey
-	kid   string // "" means "k"
-	now   func() time.Time
-	ttl   time.Duration
-	calls atomic.Int64
-	reqs  atomic.Int64
-	down  atomic.Bool
-	gate  chan struct{} // nil: answer at once
+	key *ecdsa.PrivateKey
+	kid string // "" means "k"
+	now func() time.Time
+	ttl time.Duration
+	// actionTTL is the lifetime of action tokens.
+	actionTTL time.Duration
+	jtis      atomic.Int64
+	calls     atomic.Int64
+	reqs      atomic.Int64
+	down      atomic.Bool
+	gate      chan struct{} // nil: answer at once
 }
 
 func newFakeMinter(t testing.TB, now func() time.Time) *fakeMinter {
@@ -46,7 +49,7 @@ func newFakeMinter(t testing.TB, now func() time.Time) *fakeMinter {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fakeMinter{key: key, now: now, ttl: 5 * time.Minute}
+	return &fakeMinter{key: key, now: now, ttl: 5 * time.Minute, actionTTL: time.Minute}
 }
 
 func (m *fakeMinter) mint(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) ([]*signerpb.MintedJWTSVID, error) {
@@ -69,14 +72,23 @@ func (m *fakeMinter) mint(ctx context.Context, reqs []*signerpb.JWTSVIDRequest) 
 	var out []*signerpb.MintedJWTSVID
 	for _, r := range reqs {
 		now := m.now()
+		jti := fmt.Sprintf("jti-%d", m.jtis.Add(1))
+		parent := "spiffe://example.org/" + r.GetEntryId()
+		claims, ttl := map[string]any{}, m.ttl
+		if r.GetAction() != "" {
+			// As the signer mints an action identity (README).
+			ttl = m.actionTTL
+			claims["act"] = map[string]any{"sub": parent}
+			parent += "/action/" + r.GetAction()
+		}
 		tok, err := jwt.Signed(sig).Claims(jwt.Claims{
-			Subject: "spiffe://example.org/" + r.GetEntryId(), Audience: r.GetAudience(),
-			IssuedAt: jwt.NewNumericDate(now), Expiry: jwt.NewNumericDate(now.Add(m.ttl)),
-		}).Serialize()
+			Subject: parent, Audience: r.GetAudience(), ID: jti,
+			IssuedAt: jwt.NewNumericDate(now), Expiry: jwt.NewNumericDate(now.Add(ttl)),
+		}).Claims(claims).Serialize()
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, &signerpb.MintedJWTSVID{EntryId: r.GetEntryId(), Token: tok})
+		out = append(out, &signerpb.MintedJWTSVID{EntryId: r.GetEntryId(), Token: tok, Jti: jti, ExpiresAt: now.Add(ttl).Unix()})
 	}
 	return out, nil
 }

@@ -55,6 +55,10 @@ type TPMReport struct {
 type JWTReport struct {
 	KeyIDs       []string `json:"key_ids"`
 	TokensCached int      `json:"tokens_cached"`
+	// Revocations counts the token revocations in force (lanyard-signer
+	// token revoke), pushed by the signer and dropped once every token
+	// they cover has expired.
+	Revocations int `json:"revocations"`
 }
 
 // FederatedReport is the bundle of one federated trust domain, as the
@@ -128,6 +132,7 @@ type snapshot struct {
 	cache       cacheSnapshot
 	tpm         tpmState
 	jwtTokens   int
+	revocations int              // token revocations in force
 	openStreams map[string]int64 // open Workload API streams by method
 	// exhaustion lists the Workload API limits callers reached now or
 	// within the last minute, and failed accepts.
@@ -138,7 +143,7 @@ type snapshot struct {
 func (a *Agent) snapshot(now time.Time) snapshot {
 	s := snapshot{
 		started: a.started, up: a.up.Snapshot(), replicas: a.up.replicas.snapshot(now), renew: a.renew.Snapshot(), cache: a.cache.snapshot(a.renew.sched),
-		jwtTokens: a.jwt.cached(), openStreams: a.metrics.openStreams(), tpm: tpmState{Reachable: true},
+		jwtTokens: a.jwt.cached(), revocations: a.tokens.Revocations(now), openStreams: a.metrics.openStreams(), tpm: tpmState{Reachable: true},
 	}
 	if a.api != nil {
 		s.exhaustion = a.api.Exhaustion(now)
@@ -179,7 +184,7 @@ func (a *Agent) Report(now time.Time) Report {
 		r.Entries = append(r.Entries, EntryReport{ID: s.EntryID, SPIFFEID: s.SPIFFEID, Serial: s.Serial,
 			NotAfter: timePtr(s.NotAfter), RenewAt: timePtr(s.RenewAt)})
 	}
-	r.JWT = JWTReport{KeyIDs: st.cache.JWTKeyIDs, TokensCached: st.jwtTokens}
+	r.JWT = JWTReport{KeyIDs: st.cache.JWTKeyIDs, TokensCached: st.jwtTokens, Revocations: st.revocations}
 	for _, f := range st.cache.Federated {
 		fr := FederatedReport{TrustDomain: f.TrustDomain, Sequence: f.Sequence, CAs: []CAReport{}, JWTKeyIDs: f.JWTKeyIDs}
 		for _, na := range f.CANotAfter {

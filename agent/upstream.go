@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/lanyard-dev/lanyard/rotator"
+	"github.com/lanyard-dev/lanyard/workloadapi"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -56,6 +57,8 @@ type upstreamSink interface {
 	// refused are the domains whose bundle this message got wrong.
 	setFederated(good []*fedBundle, refused []spiffeid.TrustDomain)
 	setEntries(entries []*entry)
+	// setRevocations replaces the token revocations in force.
+	setRevocations(revs []workloadapi.Revocation)
 }
 
 // upstream keeps the agent attested and synced: it attests at start
@@ -276,6 +279,7 @@ func (u *upstream) receive(recv func() (*signerpb.SyncResponse, error), failures
 		// Federated bundles first, so that an entry that starts to
 		// federate serves the bundle in its very first response.
 		u.sink.setFederated(federatedFrom(msg.GetFederatedBundles(), u.td, u.log))
+		u.sink.setRevocations(revocationsFrom(msg.GetTokenRevocations(), time.Now(), u.log))
 		entries := entriesFrom(msg.GetEntries(), u.td, u.log)
 		u.sink.setEntries(entries)
 		u.log.Debug("synced", "entries", len(entries), "bundle_sequence", msg.GetBundle().GetSequence(),

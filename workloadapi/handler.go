@@ -51,6 +51,12 @@ type Source interface {
 // named is not among those that do. The server answers PermissionDenied.
 var ErrNotEntitled = errors.New("no identity issued")
 
+// ErrActionRefused is what a JWTSource returns when the caller asked for
+// an action identity ("<entry ID>/action/<name>") of one of its entries
+// and that entry does not allow it (no actions, another name, not exactly
+// one audience). The server answers PermissionDenied with the reason.
+var ErrActionRefused = errors.New("action identity refused")
+
 // JWTSource mints JWT-SVIDs for attested callers and publishes the JWT
 // bundles. The agent implements it next to Source.
 type JWTSource interface {
@@ -85,6 +91,7 @@ type handler struct {
 	attestor Attestor
 	source   Source
 	jwt      JWTSource // nil: the JWT methods are Unimplemented
+	tokens   *TokenGuard
 	log      hclog.Logger
 	observer Observer
 	warn     *warnLimiter // per-uid rate limit on warnings (limits.go)

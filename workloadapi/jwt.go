@@ -59,6 +59,9 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 
 	svids, err := h.jwt.JWTSVIDs(ctx, selectors, want, audience)
 	switch {
+	case errors.Is(err, ErrActionRefused):
+		log.Info("no identity issued", "selectors", selectors, "reason", err.Error())
+		return nil, status.Error(codes.PermissionDenied, err.Error())
 	case errors.Is(err, ErrNotEntitled) || (err == nil && len(svids) == 0):
 		reason := "no entry matches the caller's selectors"
 		if want != "" {
@@ -83,6 +86,12 @@ func (h *handler) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest
 	ids := make([]string, 0, len(svids))
 	for _, s := range svids {
 		ids = append(ids, s.GetSpiffeId())
+		if a, ok := actionClaimsOf(s.GetSvid()); ok {
+			// One line per action token: what an AI agent or a job did,
+			// attributable to its process; never the token itself.
+			log.Info("served action JWT-SVID", "parent_id", a.Act.Sub, "action", a.action(),
+				"jti", a.ID, "exp", a.exp())
+		}
 	}
 	log.Info("served JWT-SVIDs", "selectors", selectors, "spiffe_ids", ids)
 	return &workload.JWTSVIDResponse{Svids: svids}, nil
@@ -138,6 +147,9 @@ func (h *handler) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWT
 	if err != nil {
 		log.Debug("refused JWT-SVID", "spiffe_id", id.String(), "reason", err.Error())
 		return nil, status.Errorf(codes.InvalidArgument, "claims cannot be returned: %v", err)
+	}
+	if err := h.admitToken(ctx, id, claims, req.GetAudience()); err != nil {
+		return nil, err
 	}
 	log.Debug("validated JWT-SVID", "spiffe_id", id.String())
 	return &workload.ValidateJWTSVIDResponse{SpiffeId: id.String(), Claims: st}, nil

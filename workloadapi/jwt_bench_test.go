@@ -62,7 +62,7 @@ func BenchmarkValidateJWTSVID(b *testing.B) {
 	src := newFakeJWTSource(b, iss)
 	token := iss.mint(b, jwtClaims(time.Now(), "/web", "a"))
 	b.Run("handler", func(b *testing.B) {
-		h := &handler{jwt: src, log: hclog.NewNullLogger()}
+		h := &handler{jwt: src, tokens: NewTokenGuard(0), log: hclog.NewNullLogger()}
 		req := &workload.ValidateJWTSVIDRequest{Svid: token, Audience: "a"}
 		ctx := context.Background()
 		b.ReportAllocs()

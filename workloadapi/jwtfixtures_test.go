@@ -217,6 +217,10 @@ func (s *fakeJWTSource) JWTSVIDs(_ context.Context, selectors []string, spiffeID
 	for _, id := range ids {
 		c := jwtClaims(now, "", audience...)
 		c["sub"] = id
+		if parent, _, ok := strings.Cut(id, "/action/"); ok {
+			// As the signer mints an action identity.
+			c["act"], c["jti"] = map[string]any{"sub": parent}, fmt.Sprintf("jti-%d", time.Now().UnixNano())
+		}
 		tok, err := sign(jose.ES256, s.iss.key, s.iss.kid, c)
 		if err != nil {
 			return nil, err

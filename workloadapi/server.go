@@ -44,6 +44,10 @@ type Config struct {
 	// JWT mints JWT-SVIDs and gives the JWT bundles; nil leaves the JWT
 	// methods Unimplemented.
 	JWT JWTSource
+	// Tokens holds the token revocations in force and remembers the
+	// action tokens ValidateJWTSVID accepted (single use); nil means a
+	// guard of its own with no revocations.
+	Tokens *TokenGuard
 	// Log receives one line per served or refused call (the caller names
 	// it, e.g. log.Named("workloadapi")); nil discards.
 	Log hclog.Logger
@@ -143,6 +147,7 @@ func (s *Server) Run(ctx context.Context) error {
 		attestor:    s.cfg.Attestor,
 		source:      s.cfg.Source,
 		jwt:         s.cfg.JWT,
+		tokens:      cmp.Or(s.cfg.Tokens, NewTokenGuard(0)),
 		log:         s.log,
 		observer:    s.cfg.Observer,
 		warn:        s.warn,

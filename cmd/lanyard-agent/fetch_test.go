@@ -1,6 +1,9 @@
 package main
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 func TestSocketAddr(t *testing.T) {
 	tests := []struct {
@@ -19,6 +22,24 @@ func TestSocketAddr(t *testing.T) {
 			t.Setenv("SPIFFE_ENDPOINT_SOCKET", tc.env)
 			if got := socketAddr(tc.flag); got != tc.want {
 				t.Errorf("socketAddr(%q) with SPIFFE_ENDPOINT_SOCKET=%q = %q, want %q", tc.flag, tc.env, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestFetchJWTActionUsage(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+	}{
+		{"two audiences", []string{"--action", "deploy", "--audience", "a", "--audience", "b"}},
+		{"no audience", []string{"--action", "deploy"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errOut strings.Builder
+			if code := fetchJWT(tc.args, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "--action NAME --audience A") {
+				t.Errorf("exit %d, stderr %q; want 2 and the usage", code, errOut.String())
 			}
 		})
 	}

@@ -39,7 +39,8 @@ func fetchJWT(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var aud audiences
 	fs.Var(&aud, "audience", "audience the token is for (required; repeat for several)")
-	rawID := fs.String("spiffe-id", "", "fetch only the JWT-SVID for this SPIFFE ID (default: every identity this process has)")
+	rawID := fs.String("spiffe-id", "", "fetch only the JWT-SVID for this SPIFFE ID (default: every identity this process has); with --action, the entry ID the action is under")
+	action := fs.String("action", "", "fetch a single-use action identity <entry ID>/action/NAME (one --audience; the entry's policy must allow NAME)")
 	socket := fs.String("socket", "", "Workload API socket (default $SPIFFE_ENDPOINT_SOCKET or "+defaultSocket+")")
 	timeout := fs.Duration("timeout", 5*time.Second, "give up after this long")
 	tokenOnly := fs.Bool("token-only", false, "print only the token(s), one per line, for scripts")
@@ -47,8 +48,9 @@ func fetchJWT(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return cli.FlagExit(err, 2)
 	}
-	if len(aud) == 0 || len(pos) > 0 {
-		fmt.Fprintln(stderr, "usage: lanyard-agent fetch jwt --audience A [--audience B] [--spiffe-id ID] [--socket PATH] [--timeout D] [--token-only]")
+	if len(aud) == 0 || len(pos) > 0 || (*action != "" && len(aud) != 1) {
+		fmt.Fprintln(stderr, "usage: lanyard-agent fetch jwt --audience A [--audience B] [--spiffe-id ID] [--socket PATH] [--timeout D] [--token-only]\n"+
+			"       lanyard-agent fetch jwt --action NAME --audience A [--spiffe-id ENTRY-ID] [--socket PATH] [--timeout D] [--token-only]")
 		return 2
 	}
 	params := jwtsvid.Params{Audience: aud[0], ExtraAudiences: aud[1:]}
@@ -69,6 +71,14 @@ func fetchJWT(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer client.Close()
+	if *action != "" {
+		id, err := actionID(ctx, client, params.Subject, *action)
+		if err != nil {
+			fmt.Fprintf(stderr, "fetch jwt --action from %s: %s\n", addr, reason(err))
+			return 1
+		}
+		params.Subject = id
+	}
 	svids, err := client.FetchJWTSVIDs(ctx, params)
 	if err != nil {
 		fmt.Fprintf(stderr, "fetch jwt from %s: %s\n", addr, reason(err))
@@ -89,6 +99,31 @@ func fetchJWT(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "  token:      %s\n", s.Marshal())
 	}
 	return 0
+}
+
+// actionID is the action identity "<parent>/action/<name>": parent is
+// --spiffe-id's entry ID, or else this process's only identity (read from
+// its X.509-SVIDs, which are one per entry it matches).
+func actionID(ctx context.Context, client *workloadapi.Client, parent spiffeid.ID, name string) (spiffeid.ID, error) {
+	if parent.IsZero() {
+		svids, err := client.FetchX509SVIDs(ctx)
+		if err != nil {
+			return spiffeid.ID{}, fmt.Errorf("find this process's identity: %w", err)
+		}
+		if len(svids) != 1 {
+			ids := make([]string, 0, len(svids))
+			for _, s := range svids {
+				ids = append(ids, s.ID.String())
+			}
+			return spiffeid.ID{}, fmt.Errorf("this process has %d identities (%s): name the one the action is under with --spiffe-id", len(svids), strings.Join(ids, ", "))
+		}
+		parent = svids[0].ID
+	}
+	id, err := parent.AppendPath("/action/" + name)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("action %q: not a valid path below %s: %w", name, parent, err)
+	}
+	return id, nil
 }
 
 // validateJWT asks the agent to validate a JWT-SVID for an audience and

@@ -183,7 +183,8 @@ func printReport(w io.Writer, r agent.Report, now time.Time) {
 		cas = append(cas, until(now, &ca.NotAfter, "expires"))
 	}
 	fmt.Fprintf(tw, "Bundle:\t%s: %s\n", pluralS(len(r.Bundle), "CA"), strings.Join(cas, "; "))
-	fmt.Fprintf(tw, "JWT:\t%s, %s cached\n", pluralS(len(r.JWT.KeyIDs), "signing key"), pluralS(r.JWT.TokensCached, "token"))
+	fmt.Fprintf(tw, "JWT:\t%s, %s cached, %s in force\n", pluralS(len(r.JWT.KeyIDs), "signing key"),
+		pluralS(r.JWT.TokensCached, "token"), pluralS(r.JWT.Revocations, "revocation"))
 	printFederated(tw, r.Federated, now)
 	fmt.Fprintf(tw, "Streams:\t%s\n", streams(r.OpenStreams))
 	fmt.Fprintf(tw, "Uptime:\t%s, version %s\n", (time.Duration(r.UptimeSeconds) * time.Second).String(), r.Version)

@@ -22,7 +22,7 @@ func TestPrintReport(t *testing.T) {
 		Signer:      agent.SignerReport{Address: "127.0.0.1:8443", LastSync: at(-4 * time.Minute), Since: at(-12 * time.Second), ConsecutiveFailures: 3},
 		Bundle:      []agent.CAReport{{NotAfter: now.Add(24 * time.Hour)}},
 		Entries:     []agent.EntryReport{{ID: "web", SPIFFEID: "spiffe://example.org/web", Serial: "5be1", NotAfter: at(50 * time.Minute), RenewAt: at(20 * time.Minute)}, {ID: "db", SPIFFEID: "spiffe://example.org/db"}},
-		JWT:         agent.JWTReport{KeyIDs: []string{"k1", "k2"}, TokensCached: 1},
+		JWT:         agent.JWTReport{KeyIDs: []string{"k1", "k2"}, TokensCached: 1, Revocations: 2},
 		OpenStreams: map[string]int64{"FetchX509SVID": 2, "FetchX509Bundles": 0},
 	}
 	var out bytes.Buffer
@@ -35,7 +35,7 @@ func TestPrintReport(t *testing.T) {
 		"TPM:      IBM, EK SHA-256 9f2c",
 		"Signer:   127.0.0.1:8443, DISCONNECTED since 12s ago, last sync message 4m0s ago, 3 consecutive failures",
 		"Bundle:   1 CA: expires in 24h0m0s",
-		"JWT:      2 signing keys, 1 token cached",
+		"JWT:      2 signing keys, 1 token cached, 2 revocations in force",
 		"Streams:  2 open (FetchX509SVID 2)",
 		"Uptime:   1h2m0s, version v1.2.3",
 		"",
