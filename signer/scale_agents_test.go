@@ -171,8 +171,10 @@ type scaleFleet struct {
 	ctx    context.Context
 	groups []*scaleGroup
 	w      *syncWatch
-	ends   chan streamEnd
-	wg     sync.WaitGroup
+	// tw counts the token revocations each stream's messages carry.
+	tw   *syncWatch
+	ends chan streamEnd
+	wg   sync.WaitGroup
 	// sim is held while a group's simulator is open: the simulator is
 	// one per process.
 	sim sync.Mutex
@@ -236,7 +238,9 @@ func (f *scaleFleet) connect(g *scaleGroup, sig *scaleSigner) ([]time.Time, erro
 					}
 					return
 				}
-				f.w.note(i, len(msg.GetEntries()), time.Now())
+				now := time.Now()
+				f.w.note(i, len(msg.GetEntries()), now)
+				f.tw.note(i, len(msg.GetTokenRevocations()), now)
 			}
 		}()
 	}
@@ -285,8 +289,10 @@ func (f *scaleFleet) reconnect(g *scaleGroup, sig *scaleSigner) ([]time.Time, er
 // watch waits for scaleWorkloads entries on every stream.
 func newScaleFleet(ctx context.Context, agents int) *scaleFleet {
 	ends := make(chan streamEnd, 4*agents)
-	f := &scaleFleet{ctx: ctx, ends: ends, w: &syncWatch{counted: make([]int, agents), ends: ends}}
+	f := &scaleFleet{ctx: ctx, ends: ends, w: &syncWatch{counted: make([]int, agents), ends: ends},
+		tw: &syncWatch{counted: make([]int, agents), ends: ends}}
 	f.w.arm(scaleWorkloads, agents)
+	f.tw.arm(-1, agents) // nothing to count until a token is revoked
 	return f
 }
 
@@ -369,6 +375,7 @@ func BenchmarkSignerScale(b *testing.B) {
 	rss, cpu1 := sig.usage(b)
 
 	sig, resync, resyncOwn := scaleRestart(b, dir, f, sig)
+	tokenRevokes := scaleTokenRevoke(b, f, sig, agents)
 	revokes := scaleRevoke(b, f, sig)
 
 	slices.Sort(lasts)
@@ -387,6 +394,9 @@ func BenchmarkSignerScale(b *testing.B) {
 	b.ReportMetric(msOf(percentile(resync, 99)), "resync-p99-ms")
 	b.ReportMetric(msOf(percentile(resyncOwn, 50)), "resync-own-p50-ms")
 	b.ReportMetric(msOf(percentile(resyncOwn, 99)), "resync-own-p99-ms")
+	b.ReportMetric(float64(len(tokenRevokes)), "token-revokes")
+	b.ReportMetric(msOf(percentile(tokenRevokes, 50)), "token-revoke-p50-ms")
+	b.ReportMetric(msOf(percentile(tokenRevokes, 99)), "token-revoke-p99-ms")
 	b.ReportMetric(float64(len(revokes)), "revokes")
 	b.ReportMetric(msOf(percentile(revokes, 50)), "revoke-p50-ms")
 	b.ReportMetric(msOf(percentile(revokes, 99)), "revoke-p99-ms")
@@ -460,6 +470,30 @@ func scaleRestart(b *testing.B, dir string, f *scaleFleet, old *scaleSigner) (si
 		b.Fatalf("re-sync: %v", err)
 	}
 	return sig, resync, own
+}
+
+// scaleTokenRevokes is how many token revocations are timed.
+const scaleTokenRevokes = 5
+
+// scaleTokenRevoke revokes scaleTokenRevokes JWT-SVIDs by jti, one at a
+// time, and returns for each the time until the last agent stream had
+// it: an agent refuses the token from the moment its sync brings it.
+func scaleTokenRevoke(b *testing.B, f *scaleFleet, sig *scaleSigner, streams int) []time.Duration {
+	b.Helper()
+	var out []time.Duration
+	for k := 1; k <= scaleTokenRevokes; k++ {
+		f.tw.arm(k, streams)
+		t0 := time.Now()
+		if err := sig.revokeToken(fmt.Sprintf("benchTokenID%d", k)); err != nil {
+			b.Fatal(err)
+		}
+		last, err := f.tw.wait()
+		if err != nil {
+			b.Fatalf("token revocation %d: %v", k, err)
+		}
+		out = append(out, last.Sub(t0))
+	}
+	return out
 }
 
 // scaleRevoke revokes up to scaleRevokes agents, one at a time, with the

@@ -195,6 +195,9 @@ func (s *scaleSigner) reload() error { return s.command("reload") }
 // revoke revokes the node of the EK as `node revoke` does.
 func (s *scaleSigner) revoke(ek string) error { return s.command("revoke " + ek) }
 
+// revokeToken revokes a JWT-SVID by its jti.
+func (s *scaleSigner) revokeToken(jti string) error { return s.command("tokenrevoke " + jti) }
+
 // command sends the child one line and waits for its "ok".
 func (s *scaleSigner) command(c string) error {
 	if _, err := io.WriteString(s.stdin, c+"\n"); err != nil {

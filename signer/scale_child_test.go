@@ -75,6 +75,15 @@ func TestScaleSignerChild(t *testing.T) {
 			fmt.Println(childApply(ctx, s, path))
 			continue
 		}
+		if jti, ok := strings.CutPrefix(in.Text(), "tokenrevoke "); ok {
+			// What the admin socket's POST /v1/tokens/revoke calls.
+			if _, err := s.RevokeToken(signer.TokenRevokeRequest{JTI: jti, Reason: "benchmark"}, 0); err != nil {
+				fmt.Printf("error %v\n", err)
+				continue
+			}
+			fmt.Println("ok")
+			continue
+		}
 		if ek, ok := strings.CutPrefix(in.Text(), "revoke "); ok {
 			// What the admin socket's POST /v1/nodes/revoke calls.
 			if _, err := s.Revoke(ek, "benchmark", 0); err != nil {

@@ -103,7 +103,7 @@ func scaleRows(l goBenchLine) []row {
 	revoke := singleRow("signer: node revoke to the agent's Sync closed", "ms", revokes, m("revoke-p50-ms"),
 		fmt.Sprintf("until the last of its %d streams ended, %d streams open", agents/max(tpms, 1), agents))
 	revoke.P99 = m("revoke-p99-ms")
-	return []row{
+	rows := []row{
 		edit,
 		singleRow("signer: CPU per policy edit", "ms", edits, m("signer-cpu-ms/edit"), fmt.Sprintf("user+sys, pushing to %d streams", agents)),
 		singleRow("signer: RSS idle", "MiB", 1, m("signer-rss-idle-mib"), "VmRSS"),
@@ -112,8 +112,14 @@ func scaleRows(l goBenchLine) []row {
 		singleRow("signer: start after kill -9", "ms", 1, m("signer-start-ms"), "exec to serving: config, swtpm, unseal the CA and JWT keys, bundle, listen"),
 		resync,
 		own,
-		revoke,
 	}
+	if n := int(m("token-revokes")); n > 0 {
+		tok := singleRow(fmt.Sprintf("signer: token revoke reaches %d agents' Sync streams", agents), "ms", n, m("token-revoke-p50-ms"),
+			"revoke by jti to the last stream's message carrying it: from then every agent refuses the token")
+		tok.P99 = m("token-revoke-p99-ms")
+		rows = append(rows, tok)
+	}
+	return append(rows, revoke)
 }
 
 // tierRows names the figures of BenchmarkSignerTier.
