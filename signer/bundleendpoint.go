@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -12,11 +11,11 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/telemetry"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/net/netutil"
 )
 
 // bundleEndpointMaxConns bounds the bundle endpoint's connections: it
@@ -111,20 +110,9 @@ func (s *Signer) listenBundleEndpoint() (net.Listener, error) {
 	if b == nil {
 		return nil, nil
 	}
-	var certs *certReloader
-	if b.CertFile != "" {
-		certs = &certReloader{certFile: b.CertFile, keyFile: b.KeyFile, log: s.log.Named("bundle_endpoint")}
-		if _, err := certs.load(); err != nil {
-			return nil, fmt.Errorf("bundle endpoint: %w", err)
-		}
-	}
-	ln, err := net.Listen("tcp", b.ListenAddress)
-	if err != nil {
-		return nil, fmt.Errorf("bundle endpoint: listen on %s: %w", b.ListenAddress, err)
-	}
-	ln = netutil.LimitListener(ln, bundleEndpointMaxConns)
-	if certs != nil {
-		return certs.listener(ln), nil
+	ln, certs, err := s.listenPublic("bundle endpoint", "bundle_endpoint", b.ListenAddress, b.CertFile, b.KeyFile, bundleEndpointMaxConns)
+	if err != nil || certs != nil {
+		return ln, err
 	}
 	return tls.NewListener(ln, &tls.Config{
 		MinVersion: tls.VersionTLS12, // what SPIRE's federation client speaks
@@ -148,32 +136,10 @@ func (s *Signer) serveBundleEndpoint(ctx context.Context, ln net.Listener) error
 		ln.Close()
 		return err
 	}
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      10 * time.Second,
-		IdleTimeout:       time.Minute,
-		MaxHeaderBytes:    oidcMaxHeaderBytes,
-		ErrorLog:          log.StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
 	log.Info("bundle endpoint serving", "address", ln.Addr().String(), "profile", s.cfg.BundleEndpoint.Profile(),
 		"endpoint_spiffe_id", s.id.String(), "refresh_hint", s.bundleHint.String())
-	select {
-	case err := <-errc:
-		if errors.Is(err, http.ErrServerClosed) {
-			return nil
-		}
-		return fmt.Errorf("bundle endpoint: serve %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
+	if err := telemetry.ServeServer(ctx, publicServer(h, log), ln); err != nil {
+		return fmt.Errorf("bundle endpoint: %w", err)
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		srv.Close()
-	}
-	<-errc
 	return nil
 }

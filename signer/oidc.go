@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -21,6 +20,7 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/hashicorp/go-hclog"
+	"github.com/lanyard-dev/lanyard/internal/telemetry"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"golang.org/x/net/netutil"
 )
@@ -201,20 +201,9 @@ func (s *Signer) listenOIDC() (net.Listener, error) {
 	if o == nil {
 		return nil, nil
 	}
-	var certs *certReloader
-	if o.CertFile != "" {
-		certs = &certReloader{certFile: o.CertFile, keyFile: o.KeyFile, log: s.log.Named("oidc")}
-		if _, err := certs.load(); err != nil {
-			return nil, fmt.Errorf("oidc discovery: %w", err)
-		}
-	}
-	ln, err := net.Listen("tcp", o.ListenAddress)
+	ln, _, err := s.listenPublic("oidc discovery", "oidc", o.ListenAddress, o.CertFile, o.KeyFile, oidcMaxConns)
 	if err != nil {
-		return nil, fmt.Errorf("oidc discovery: listen on %s: %w", o.ListenAddress, err)
-	}
-	ln = netutil.LimitListener(ln, oidcMaxConns)
-	if certs != nil {
-		ln = certs.listener(ln)
+		return nil, err
 	}
 	return ln, nil
 }
@@ -232,34 +221,48 @@ func (s *Signer) serveOIDC(ctx context.Context, ln net.Listener) error {
 		ln.Close()
 		return err
 	}
-	srv := &http.Server{
+	log.Info("oidc discovery serving", "address", ln.Addr().String(), "issuer", s.cfg.OIDC.Issuer,
+		"tls", s.cfg.OIDC.CertFile != "", "max_age", h.cacheControl)
+	if err := telemetry.ServeServer(ctx, publicServer(h, log), ln); err != nil {
+		return fmt.Errorf("oidc discovery: %w", err)
+	}
+	return nil
+}
+
+// publicServer is an HTTP server for a port the world may reach (OIDC
+// discovery, the federation bundle endpoint): bounded reads, writes,
+// idle connections and headers, and the errors of scanners and broken
+// TLS clients logged at Debug, not on stderr.
+func publicServer(h http.Handler, log hclog.Logger) *http.Server {
+	return &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
 		IdleTimeout:       time.Minute,
 		MaxHeaderBytes:    oidcMaxHeaderBytes,
-		// A public port sees scanners and broken TLS clients: their
-		// errors are Debug, not stderr.
-		ErrorLog: log.StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
+		ErrorLog:          log.StandardLogger(&hclog.StandardLoggerOptions{ForceLevel: hclog.Debug}),
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	log.Info("oidc discovery serving", "address", ln.Addr().String(), "issuer", s.cfg.OIDC.Issuer,
-		"tls", s.cfg.OIDC.CertFile != "", "max_age", h.cacheControl)
-	select {
-	case err := <-errc:
-		if errors.Is(err, http.ErrServerClosed) {
-			return nil
+}
+
+// listenPublic opens addr for a public endpoint, at most maxConns
+// connections at once, with TLS from certFile/keyFile (re-read when they
+// change) when certFile is set; what names the endpoint in errors.
+func (s *Signer) listenPublic(what, logName, addr, certFile, keyFile string, maxConns int) (net.Listener, *certReloader, error) {
+	var certs *certReloader
+	if certFile != "" {
+		certs = &certReloader{certFile: certFile, keyFile: keyFile, log: s.log.Named(logName)}
+		if _, err := certs.load(); err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", what, err)
 		}
-		return fmt.Errorf("oidc discovery: serve %s: %w", ln.Addr(), err)
-	case <-ctx.Done():
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		srv.Close()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: listen on %s: %w", what, addr, err)
 	}
-	<-errc
-	return nil
+	ln = netutil.LimitListener(ln, maxConns)
+	if certs != nil {
+		ln = certs.listener(ln)
+	}
+	return ln, certs, nil
 }

@@ -79,9 +79,15 @@ func (e Endpoints) Listen() (map[string]net.Listener, error) {
 // returns once the server has stopped.
 func Serve(ctx context.Context, ln net.Listener, h http.Handler, log hclog.Logger) error {
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second}
+	log.Info("serving HTTP endpoints", "address", ln.Addr().String())
+	return ServeServer(ctx, srv, ln)
+}
+
+// ServeServer runs srv on ln until ctx ends, then shuts it down within 2 s
+// (closing what is left), and returns once it has stopped.
+func ServeServer(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	log.Info("serving HTTP endpoints", "address", ln.Addr().String())
 	select {
 	case err := <-errc:
 		if errors.Is(err, http.ErrServerClosed) {
