@@ -222,7 +222,8 @@ type cgroupAttestor struct {
 }
 
 func (a cgroupAttestor) selectors(c *caller) ([]string, error) {
-	b, err := readProcFile(c.dir + "/cgroup")
+	var buf [procFileSize]byte
+	b, err := readProcFile(c.dir+"/cgroup", buf[:0])
 	if err != nil {
 		return nil, fmt.Errorf("read cgroup: %w", err)
 	}

@@ -98,3 +98,18 @@ func fdKey(fd int) (exeKey, bool, error) {
 		ctime: st.Ctim.Nano(),
 	}, true, nil
 }
+
+// pathKey is fdKey for the file at path (following symlinks).
+func pathKey(path string) (exeKey, bool, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return exeKey{}, false, fmt.Errorf("stat: %w", err)
+	}
+	return exeKey{
+		dev:   st.Dev,
+		ino:   st.Ino,
+		size:  st.Size,
+		mtime: st.Mtim.Nano(),
+		ctime: st.Ctim.Nano(),
+	}, true, nil
+}

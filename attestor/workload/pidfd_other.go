@@ -30,3 +30,6 @@ func NewPIDFD(int) (*os.File, error) {
 func readExeID(string) (FileID, error) {
 	return FileID{}, fmt.Errorf("stat exe: %w", errors.ErrUnsupported)
 }
+
+// pathKey: no file versions here, so nothing is cached.
+func pathKey(string) (exeKey, bool, error) { return exeKey{}, false, nil }

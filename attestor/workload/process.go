@@ -8,7 +8,6 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"strings"
 	"syscall"
 )
 
@@ -179,9 +178,15 @@ func procDir(pid int32) string {
 	return "/proc/" + strconv.FormatInt(int64(pid), 10)
 }
 
+// procFileSize is the buffer a /proc file is first read into, on the
+// reader's stack: stat, status and cgroup fit, so attestation allocates
+// nothing for them (a larger file grows onto the heap).
+const procFileSize = 4096
+
 // readStartTime reads the start time from <dir>/stat.
 func readStartTime(dir string) (uint64, error) {
-	b, err := readProcFile(dir + "/stat")
+	var buf [procFileSize]byte
+	b, err := readProcFile(dir+"/stat", buf[:0])
 	if err != nil {
 		return 0, fmt.Errorf("read stat: %w", err)
 	}
@@ -195,16 +200,17 @@ func readStartTime(dir string) (uint64, error) {
 // readProcFile reads a small /proc file with plain system calls: os.Open
 // would also try, and fail, to register it with the poller, which costs as
 // much as the read (attestation reads three or four such files per call).
-func readProcFile(path string) ([]byte, error) {
+// It appends to b, which callers give as a stack buffer (procFileSize) so
+// that the read allocates nothing; the result must not outlive the caller.
+func readProcFile(path string, b []byte) ([]byte, error) {
 	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
 	}
 	defer syscall.Close(fd)
-	b := make([]byte, 0, 4096)
 	for {
 		if len(b) == cap(b) {
-			b = slices.Grow(b, cap(b))
+			b = slices.Grow(b, max(cap(b), procFileSize))
 		}
 		n, err := syscall.Read(fd, b[len(b):cap(b)])
 		switch {
@@ -227,21 +233,41 @@ func parseStartTime(stat []byte) (uint64, error) {
 	if i < 0 {
 		return 0, errors.New("no command name in stat")
 	}
-	// fields[0] is field 3 (state), so field 22 is fields[19].
-	fields := strings.Fields(string(stat[i+1:]))
-	if len(fields) < 20 {
-		return 0, fmt.Errorf("stat has %d fields after the command name, want at least 20", len(fields))
+	// The first field after the name is field 3 (state), so field 22 is
+	// the 20th. Walked in place: no copy of the line, no slice of fields.
+	rest := stat[i+1:]
+	var field []byte
+	n := 0
+	for n < 20 {
+		rest = bytes.TrimLeft(rest, asciiSpace)
+		if len(rest) == 0 {
+			break
+		}
+		end := bytes.IndexAny(rest, asciiSpace)
+		if end < 0 {
+			end = len(rest)
+		}
+		field, rest = rest[:end], rest[end:]
+		n++
 	}
-	t, err := strconv.ParseUint(fields[19], 10, 64)
+	if n < 20 {
+		return 0, fmt.Errorf("stat has %d fields after the command name, want at least 20", n)
+	}
+	t, err := strconv.ParseUint(string(field), 10, 64)
 	if err != nil {
 		return 0, fmt.Errorf("start time: %w", err)
 	}
 	return t, nil
 }
 
+// asciiSpace is what separates the fields of /proc's stat and status
+// lines, as strings.Fields sees them there.
+const asciiSpace = " \t\n\v\f\r"
+
 // readIDs reads the effective uid and gid from <dir>/status.
 func readIDs(dir string) (uid, gid uint32, err error) {
-	b, err := readProcFile(dir + "/status")
+	var buf [procFileSize]byte
+	b, err := readProcFile(dir+"/status", buf[:0])
 	if err != nil {
 		return 0, 0, fmt.Errorf("read status: %w", err)
 	}
@@ -258,16 +284,44 @@ func readIDs(dir string) (uid, gid uint32, err error) {
 // line that starts with "Uid:" is the real one.
 func parseStatusIDs(status []byte) (uid, gid uint32, err error) {
 	var haveUID, haveGID bool
-	for line := range strings.Lines(string(status)) {
-		key, rest, ok := strings.Cut(line, ":")
-		if !ok || (key != "Uid" && key != "Gid") {
+	for more := status; len(more) > 0; {
+		// bytes.Lines would move the caller's stack buffer to the heap.
+		line := more
+		if i := bytes.IndexByte(more, '\n'); i >= 0 {
+			line, more = more[:i+1], more[i+1:]
+		} else {
+			more = nil
+		}
+		k, rest, ok := bytes.Cut(line, []byte(":"))
+		if !ok || (string(k) != "Uid" && string(k) != "Gid") {
 			continue
 		}
-		f := strings.Fields(rest)
-		if len(f) != 4 {
-			return 0, 0, fmt.Errorf("%s line has %d fields, want 4", key, len(f))
+		key := "Uid"
+		if string(k) == "Gid" {
+			key = "Gid"
 		}
-		n, err := strconv.ParseUint(f[1], 10, 32)
+		// Four fields, the second the effective id; counted in place.
+		var effective []byte
+		nf := 0
+		for {
+			rest = bytes.TrimLeft(rest, asciiSpace)
+			if len(rest) == 0 {
+				break
+			}
+			end := bytes.IndexAny(rest, asciiSpace)
+			if end < 0 {
+				end = len(rest)
+			}
+			if nf == 1 {
+				effective = rest[:end]
+			}
+			rest = rest[end:]
+			nf++
+		}
+		if nf != 4 {
+			return 0, 0, fmt.Errorf("%s line has %d fields, want 4", key, nf)
+		}
+		n, err := strconv.ParseUint(string(effective), 10, 32)
 		if err != nil {
 			return 0, 0, fmt.Errorf("%s line: %w", key, err)
 		}

@@ -141,3 +141,35 @@ func TestPinPID(t *testing.T) {
 		}
 	})
 }
+
+// TestProcReadsAllocate: the /proc reads of every attestation and re-check
+// read into a stack buffer and parse in place: only the path and its C
+// copy for open(2) are allocated, and for cgroup the selectors
+// (BENCHMARKS.md, "Issue 19"). It fails if a read goes back to a heap
+// buffer per file or a copy per field.
+func TestProcReadsAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector changes what escapes to the heap")
+	}
+	dir := procDir(int32(os.Getpid()))
+	c := &caller{Process: Process{PID: int32(os.Getpid())}, dir: dir}
+	tests := []struct {
+		name string
+		read func() error
+		max  float64
+	}{
+		{"stat", func() error { _, err := readStartTime(dir); return err }, 2},
+		{"status", func() error { _, _, err := readIDs(dir); return err }, 2},
+		{"cgroup", func() error { _, err := cgroupAttestor{}.selectors(c); return err }, 4},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.read(); err != nil {
+				t.Fatal(err)
+			}
+			if n := testing.AllocsPerRun(100, func() { _ = tc.read() }); n > tc.max {
+				t.Errorf("%s read: %v allocations, want at most %v", tc.name, n, tc.max)
+			}
+		})
+	}
+}

@@ -28,6 +28,22 @@ const deletedSuffix = " (deleted)"
 // caller is given.
 type unixAttestor struct {
 	hashes *exeHashes // nil: no unix:sha256
+	names  *idNames   // nil: every call looks names up
+}
+
+// lookupNames returns the user and group names of uid and gid, "" for
+// none, through names when it is set.
+func lookupNames(names *idNames, uid, gid string) (userName, groupName string) {
+	if names != nil {
+		return names.user(uid), names.groupName(gid)
+	}
+	if u, err := user.LookupId(uid); err == nil {
+		userName = u.Username
+	}
+	if g, err := user.LookupGroupId(gid); err == nil {
+		groupName = g.Name
+	}
+	return userName, groupName
 }
 
 func (a unixAttestor) selectors(c *caller) ([]string, error) {
@@ -37,11 +53,14 @@ func (a unixAttestor) selectors(c *caller) ([]string, error) {
 	// Names come from the agent's user database (/etc/passwd and
 	// /etc/group without cgo): a caller in a container is named by the
 	// host, whose ids the kernel reported.
-	if u, err := user.LookupId(uid); err == nil && selector.ValidValue(selector.UnixUser, u.Username) {
-		sels = append(sels, selector.UnixUser+u.Username)
+	// With names set they are cached per version of those files
+	// (idnames.go).
+	userName, groupName := lookupNames(a.names, uid, gid)
+	if userName != "" && selector.ValidValue(selector.UnixUser, userName) {
+		sels = append(sels, selector.UnixUser+userName)
 	}
-	if g, err := user.LookupGroupId(gid); err == nil && selector.ValidValue(selector.UnixGroup, g.Name) {
-		sels = append(sels, selector.UnixGroup+g.Name)
+	if groupName != "" && selector.ValidValue(selector.UnixGroup, groupName) {
+		sels = append(sels, selector.UnixGroup+groupName)
 	}
 
 	// Readlink and open go through the same /proc/<pid>/exe: the open

@@ -79,7 +79,11 @@ func New(cfg Config) (*Workload, error) {
 
 	w := &Workload{}
 	if on["unix"] {
-		w.sources = append(w.sources, unixAttestor{hashes: newExeHashes(size)})
+		u := unixAttestor{hashes: newExeHashes(size)}
+		if cacheIDNames {
+			u.names = newIDNames()
+		}
+		w.sources = append(w.sources, u)
 	}
 	cg := cgroupAttestor{unit: on["systemd"], path: on["cgroup"], container: on["container"], pod: on["k8s"]}
 	if cg != (cgroupAttestor{}) {
