@@ -314,6 +314,10 @@ func (s *Signer) refreshFederated(ctx context.Context, p *fedPeer, retry *time.D
 			p.log.Error("federated bundle not saved; a restart trusts the previous one", "path", p.path, "error", err.Error())
 		}
 	}
+	// Agents are given the bundle before status says it is in use.
+	if contentChanged {
+		s.setFederated(p.cfg.TrustDomain, federatedMessage(b))
+	}
 	p.mu.Lock()
 	p.bundle, p.origin, p.lastSuccess, p.failures = b, "fetched", now, 0
 	p.mu.Unlock()
@@ -322,7 +326,6 @@ func (s *Signer) refreshFederated(ctx context.Context, p *fedPeer, retry *time.D
 	p.nextRefresh = now.Add(next)
 	p.mu.Unlock()
 	if contentChanged {
-		s.setFederated(p.cfg.TrustDomain, federatedMessage(b))
 		oldSeq, _ := sequenceOf(old)
 		newSeq, _ := b.SequenceNumber()
 		p.log.Info("federated bundle changed", "sequence", newSeq, "previous_sequence", oldSeq,
