@@ -13,6 +13,11 @@ SYSCONFDIR ?= /etc
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 CONFDIR := $(SYSCONFDIR)/lanyard
 
+# grpcnotrace leaves gRPC's request tracing (golang.org/x/net/trace, off by
+# default and never enabled here) out of the binaries: 5 MB less code, and
+# the idle agent 3.4 MiB smaller (24.4 -> 20.9 MiB VmRSS; BENCHMARKS.md).
+BUILD_TAGS ?= grpcnotrace
+
 .PHONY: all build deps swtpm-deps nginx-deps test lint demo demo-tier etcd bench clean help generate install uninstall
 
 all: build
@@ -34,7 +39,7 @@ help:
 
 build:
 	@echo 'build: lanyard-agent, lanyard-signer, lanyard-bench into $(BIN)/ (the first build downloads and compiles the dependencies: a minute or two)'
-	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/lanyard-agent ./cmd/lanyard-signer ./cmd/lanyard-bench
+	CGO_ENABLED=0 $(GO) build -tags $(BUILD_TAGS) -o $(BIN)/ ./cmd/lanyard-agent ./cmd/lanyard-signer ./cmd/lanyard-bench
 
 # The TPM tests and the demo run a real software TPM (swtpm_setup and
 # swtpm_localca come with swtpm-tools, certtool with its dependency

@@ -27,7 +27,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	os.Chmod(dir, 0o755)
-	cmd := exec.Command("go", "build", "-o", dir+"/", "../cmd/lanyard-agent", "../cmd/lanyard-signer")
+	cmd := exec.Command("go", "build", "-tags", "grpcnotrace", "-o", dir+"/", "../cmd/lanyard-agent", "../cmd/lanyard-signer")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build binaries: %v\n%s", err, out)
