@@ -112,11 +112,19 @@ func startFanoutServer(tb testing.TB, ca *testCA, log hclog.Logger) (*cache, str
 	}
 	tb.Cleanup(func() { _ = os.RemoveAll(dir) })
 	path := filepath.Join(dir, "w.sock")
-	srv := workloadapi.New(workloadapi.Config{SocketPath: path, Attestor: unixOnly, Source: c, Log: log})
+	runServer(tb, workloadapi.Config{SocketPath: path, Attestor: unixOnly, Source: c, Log: log})
+	return c, path
+}
+
+// runServer runs a Workload API server for cfg until the test ends (its
+// cleanup is registered now, so it runs after cleanups registered later,
+// such as the streams') and returns once it listens.
+func runServer(tb testing.TB, cfg workloadapi.Config) {
+	tb.Helper()
+	srv := workloadapi.New(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
-	// Registered before the streams' cleanup, so it runs after it.
 	tb.Cleanup(func() {
 		cancel()
 		select {
@@ -135,7 +143,6 @@ func startFanoutServer(tb testing.TB, ca *testCA, log hclog.Logger) (*cache, str
 	case <-time.After(fanoutTimeout):
 		tb.Fatalf("server not ready after %v", fanoutTimeout)
 	}
-	return c, path
 }
 
 // fanoutArrival is one response as a stream saw it.

@@ -90,28 +90,7 @@ func startOneShotServer(b *testing.B) string {
 		b.Fatalf("limits: %v", err)
 	}
 	path := filepath.Join(dir, "w.sock")
-	srv := workloadapi.New(workloadapi.Config{SocketPath: path, Attestor: att, Source: c, Log: log, Limits: limits})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Run(ctx) }()
-	b.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				b.Errorf("server Run: %v", err)
-			}
-		case <-time.After(fanoutTimeout):
-			b.Errorf("server Run did not return within %v of cancel", fanoutTimeout)
-		}
-	})
-	select {
-	case <-srv.Ready():
-	case err := <-done:
-		b.Fatalf("server Run: %v", err)
-	case <-time.After(fanoutTimeout):
-		b.Fatalf("server not ready after %v", fanoutTimeout)
-	}
+	runServer(b, workloadapi.Config{SocketPath: path, Attestor: att, Source: c, Log: log, Limits: limits})
 	return path
 }
 
