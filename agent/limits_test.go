@@ -49,19 +49,9 @@ func TestParseConfigLimits(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := ParseConfig([]byte(tt.src), "a.hcl")
-			if tt.errs != nil {
-				var errs hclconf.Errors
-				if !errors.As(err, &errs) {
-					t.Fatalf("ParseConfig error = %v, want hclconf.Errors", err)
-				}
-				if diff := cmp.Diff(strings.Join(tt.errs, "\n"), err.Error()); diff != "" {
-					t.Errorf("errors (-want +got):\n%s", diff)
-				}
+			cfg := parseConfigCase(t, tt.src, tt.errs)
+			if cfg == nil {
 				return
-			}
-			if err != nil {
-				t.Fatal(err)
 			}
 			if diff := cmp.Diff(tt.want, cfg.Limits); diff != "" {
 				t.Errorf("limits (-want +got):\n%s", diff)
@@ -140,4 +130,26 @@ lanyard_agent_workload_api_refusals_total{reason="streams_per_connection"} 2
 	if err := testutil.GatherAndCompare(m.reg, strings.NewReader(want), "lanyard_agent_workload_api_refusals_total"); err != nil {
 		t.Error(err)
 	}
+}
+
+// parseConfigCase parses src as a.hcl: with errs, it checks ParseConfig
+// fails with exactly those file:line errors and returns nil; otherwise it
+// returns the config.
+func parseConfigCase(t *testing.T, src string, errs []string) *Config {
+	t.Helper()
+	cfg, err := ParseConfig([]byte(src), "a.hcl")
+	if errs != nil {
+		var es hclconf.Errors
+		if !errors.As(err, &es) {
+			t.Fatalf("ParseConfig error = %v, want hclconf.Errors", err)
+		}
+		if diff := cmp.Diff(strings.Join(errs, "\n"), err.Error()); diff != "" {
+			t.Errorf("errors (-want +got):\n%s", diff)
+		}
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }

@@ -1,12 +1,9 @@
 package agent
 
 import (
-	"errors"
-	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/lanyard-dev/lanyard/internal/hclconf"
 )
 
 func TestParseConfigSDS(t *testing.T) {
@@ -38,19 +35,9 @@ func TestParseConfigSDS(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := ParseConfig([]byte(tt.src), "a.hcl")
-			if tt.errs != nil {
-				var errs hclconf.Errors
-				if !errors.As(err, &errs) {
-					t.Fatalf("ParseConfig error = %v, want hclconf.Errors", err)
-				}
-				if diff := cmp.Diff(strings.Join(tt.errs, "\n"), err.Error()); diff != "" {
-					t.Errorf("errors (-want +got):\n%s", diff)
-				}
+			cfg := parseConfigCase(t, tt.src, tt.errs)
+			if cfg == nil {
 				return
-			}
-			if err != nil {
-				t.Fatal(err)
 			}
 			if diff := cmp.Diff(tt.want, cfg.SDS); diff != "" {
 				t.Errorf("sds (-want +got):\n%s", diff)
