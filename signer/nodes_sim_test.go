@@ -17,6 +17,7 @@ import (
 	"github.com/lanyard-dev/lanyard/attestor/node"
 	"github.com/lanyard-dev/lanyard/proto/signerpb"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -65,6 +66,29 @@ func (a *simAgent) attest(t *testing.T, c signerpb.SignerClient, version string)
 	return attestSim(ctx, c, sess, ev)
 }
 
+// attestAndSync attests a with s (version in the metadata), opens a Sync
+// stream with the agent SVID, and returns the SVID, the client on that
+// mTLS connection, the stream (ended with the test) and its first message.
+func (a *simAgent) attestAndSync(t *testing.T, s *servedSigner, version string) (*x509svid.SVID, signerpb.SignerClient, grpc.ServerStreamingClient[signerpb.SyncResponse], *signerpb.SyncResponse) {
+	t.Helper()
+	svid, err := a.attest(t, s.dial(t, "127.0.0.1"), version)
+	if err != nil {
+		t.Fatalf("attest: %v", err)
+	}
+	cc := signerpb.NewSignerClient(s.dialAs(t, "127.0.0.1", svid))
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	t.Cleanup(cancel)
+	st, err := cc.Sync(ctx, &signerpb.SyncRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := st.Recv()
+	if err != nil {
+		t.Fatalf("first Sync message: %v", err)
+	}
+	return svid, cc, st, first
+}
+
 func nodePolicy(ek string) string {
 	return `node "lab" {
   ek_sha256 = ["` + ek + `"]
@@ -92,20 +116,10 @@ func wantRevoked(t *testing.T, what string, err error, reason string) {
 func TestNodeRevocation(t *testing.T) {
 	a := newSimAgent(t)
 	s := serveTestSigner(t, nodePolicy(a.ek), "")
-	svid, err := a.attest(t, s.dial(t, "127.0.0.1"), "v1.2.3")
-	if err != nil {
-		t.Fatalf("attest: %v", err)
-	}
-	cc := signerpb.NewSignerClient(s.dialAs(t, "127.0.0.1", svid))
+	svid, cc, st, _ := a.attestAndSync(t, s, "v1.2.3")
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	st, err := cc.Sync(ctx, &signerpb.SyncRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := st.Recv(); err != nil {
-		t.Fatalf("first Sync message: %v", err)
-	}
+	var err error
 
 	nodes := s.Nodes()
 	if len(nodes) != 1 {

@@ -3,11 +3,7 @@
 package signer
 
 import (
-	"context"
 	"testing"
-	"time"
-
-	"github.com/lanyard-dev/lanyard/proto/signerpb"
 )
 
 // TestTokenRevocationReachesSync: an open Sync stream of an attested
@@ -16,21 +12,7 @@ import (
 func TestTokenRevocationReachesSync(t *testing.T) {
 	a := newSimAgent(t)
 	s := serveTestSigner(t, nodePolicy(a.ek), "")
-	svid, err := a.attest(t, s.dial(t, "127.0.0.1"), "v1")
-	if err != nil {
-		t.Fatalf("attest: %v", err)
-	}
-	cc := signerpb.NewSignerClient(s.dialAs(t, "127.0.0.1", svid))
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	st, err := cc.Sync(ctx, &signerpb.SyncRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	first, err := st.Recv()
-	if err != nil {
-		t.Fatalf("first Sync message: %v", err)
-	}
+	_, _, st, first := a.attestAndSync(t, s, "v1")
 	if n := len(first.GetTokenRevocations()); n != 0 {
 		t.Fatalf("%d token revocations before any revoke", n)
 	}
