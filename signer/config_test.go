@@ -25,6 +25,18 @@ func TestLoadConfigTestdata(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// withDefaults is a config of every default (bundle.pem next to the
+	// file), changed by f.
+	withDefaults := func(f func(*Config)) *Config {
+		c := &Config{
+			TrustDomain: td, ListenAddress: "127.0.0.1:8443", BundlePath: filepath.Join(dir, "bundle.pem"),
+			StateDir: "/var/lib/lanyard-signer", AdminSocketPath: DefaultAdminSocketPath,
+			CATTL: 24 * time.Hour, CAPublishLead: 4 * time.Hour, X509MaxTTL: 12 * time.Hour, AgentTTL: time.Hour, JWTMaxTTL: time.Hour,
+			LogLevel: "info", LogFormat: "text", KeyStorage: KeyStorageMemory, Limits: DefaultLimits(),
+		}
+		f(c)
+		return c
+	}
 	tests := []struct {
 		file string
 		want *Config
@@ -57,48 +69,19 @@ func TestLoadConfigTestdata(t *testing.T) {
 			OIDC: &OIDCConfig{ListenAddress: "0.0.0.0:8446", Issuer: "https://oidc.example.org",
 				CertFile: filepath.Join(dir, "tls", "oidc.pem"), KeyFile: filepath.Join(dir, "tls", "oidc-key.pem")},
 		}},
-		{"signer-minimal.hcl", &Config{
-			TrustDomain:     td,
-			ListenAddress:   "127.0.0.1:8443",
-			PolicyPath:      "/etc/lanyard/policy.hcl",
-			BundlePath:      filepath.Join(dir, "bundle.pem"),
-			StateDir:        "/var/lib/lanyard-signer",
-			AdminSocketPath: DefaultAdminSocketPath,
-			CATTL:           24 * time.Hour,
-			CAPublishLead:   4 * time.Hour,
-			X509MaxTTL:      12 * time.Hour,
-			AgentTTL:        time.Hour,
-			JWTMaxTTL:       time.Hour,
-			LogLevel:        "info",
-			LogFormat:       "text",
-			KeyStorage:      KeyStorageMemory,
-			ReplicaName:     host,
-			Limits:          DefaultLimits(),
-		}},
-		{"signer-tier.hcl", &Config{
-			TrustDomain:     td,
-			ListenAddress:   "127.0.0.1:8443",
-			BundlePath:      filepath.Join(dir, "bundle.pem"),
-			StateDir:        "/var/lib/lanyard-signer",
-			AdminSocketPath: DefaultAdminSocketPath,
-			CATTL:           24 * time.Hour,
-			CAPublishLead:   4 * time.Hour,
-			X509MaxTTL:      12 * time.Hour,
-			AgentTTL:        time.Hour,
-			JWTMaxTTL:       time.Hour,
-			LogLevel:        "info",
-			LogFormat:       "text",
-			KeyStorage:      KeyStorageMemory,
-			ReplicaName:     "signer-2",
-			Etcd: &EtcdConfig{
+		{"signer-minimal.hcl", withDefaults(func(c *Config) {
+			c.PolicyPath, c.ReplicaName = "/etc/lanyard/policy.hcl", host
+		})},
+		{"signer-tier.hcl", withDefaults(func(c *Config) {
+			c.ReplicaName = "signer-2"
+			c.Etcd = &EtcdConfig{
 				Endpoints: []string{"https://10.0.0.1:2379", "https://10.0.0.2:2379"},
 				Prefix:    "/lanyard/example.org",
 				CAFile:    filepath.Join(dir, "etcd", "ca.pem"),
 				CertFile:  filepath.Join(dir, "etcd", "client.pem"),
 				KeyFile:   filepath.Join(dir, "etcd", "client-key.pem"),
-			},
-			Limits: DefaultLimits(),
-		}},
+			}
+		})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {
