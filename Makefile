@@ -93,7 +93,7 @@ demo-tier: build etcd swtpm-deps
 # One table: Go benchmarks of the hot paths, the signer scale run, then
 # lanyard-bench against real processes (scripts/bench.sh; BENCHMARKS.md).
 bench: swtpm-deps
-	GO=$(GO) bash scripts/bench.sh
+	GO=$(GO) BUILD_TAGS=$(BUILD_TAGS) bash scripts/bench.sh
 
 generate:
 	protoc --go_out=. --go_opt=paths=source_relative \

@@ -32,8 +32,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== build (agent and signer with CGO_ENABLED=0)" >&2
-(cd "$root" && CGO_ENABLED=0 "$go" build -o "$bin/" ./cmd/lanyard-agent ./cmd/lanyard-signer ./cmd/lanyard-bench)
+echo "== build (as make build: CGO_ENABLED=0, -tags ${BUILD_TAGS:-grpcnotrace})" >&2
+(cd "$root" && CGO_ENABLED=0 "$go" build -tags "${BUILD_TAGS:-grpcnotrace}" -o "$bin/" ./cmd/lanyard-agent ./cmd/lanyard-signer ./cmd/lanyard-bench)
 
 gobench=()
 if [[ "${BENCH_GO:-1}" == 1 ]]; then

@@ -44,7 +44,16 @@ func (l peerListener) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
-		return &peerConn{UnixConn: c, proc: proc, gone: goneErr, exit: newExitWatch(proc.PIDFD)}, nil
+		raw, err := c.SyscallConn()
+		if err != nil {
+			l.warn.Warn(unknownUID, "refused connection", "error", err)
+			_ = c.Close()
+			if proc.PIDFD != nil {
+				_ = proc.PIDFD.Close()
+			}
+			continue
+		}
+		return &peerConn{UnixConn: c, readyRead: newReadyRead(raw), proc: proc, gone: goneErr, exit: newExitWatch(proc.PIDFD)}, nil
 	}
 }
 
@@ -124,9 +133,10 @@ func pinPeer(proc workload.Process, pidfd int, pidfdErr error) (_ workload.Proce
 // then sees the caller as gone.
 type peerConn struct {
 	*net.UnixConn
-	proc workload.Process
-	gone error      // set when the caller had exited by accept
-	exit *exitWatch // shared by the connection's streams (pinned.go)
+	*readyRead // how gRPC reads it (readready.go)
+	proc       workload.Process
+	gone       error      // set when the caller had exited by accept
+	exit       *exitWatch // shared by the connection's streams (pinned.go)
 }
 
 // Close closes the connection and the caller's pidfd.

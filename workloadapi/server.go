@@ -127,13 +127,12 @@ func (s *Server) Run(ctx context.Context) error {
 		grpc.ChainStreamInterceptor(observeStream(s.cfg.Observer), limitStream(ctx.Done()), headerStream),
 		// So that Run returns only after every handler has.
 		grpc.WaitForHandlers(true),
-		// gRPC's default 32 KiB read buffer per connection would be most
-		// of what an idle FetchX509SVID stream costs (32 MiB per 1,000;
-		// BENCHMARKS.md). Workloads send a few small frames per call, so
-		// reading them straight from the socket costs a few syscalls and
-		// nothing while idle. (gRPC pools read buffers by itself only for
-		// a bare *net.UnixConn, and ours carries the caller's pidfd.)
-		grpc.ReadBufferSize(0),
+		// gRPC's default 32 KiB read buffer is taken from a pool only
+		// while a connection has data to read (peerConn.ReadOnReady,
+		// readready.go), so an idle stream holds none.
+		//
+		// And the write buffer is taken from a pool for each flush.
+		grpc.SharedWriteBuffer(true),
 	}
 	if n := s.cfg.Limits.MaxStreamsPerConn; n > 0 {
 		// A backstop for clients that ignore SETTINGS: gRPC resets

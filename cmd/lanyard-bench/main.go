@@ -80,6 +80,9 @@ func main() {
 	}
 	if len(rows) > 0 {
 		printTable(os.Stdout, rows)
+		if os.Args[1] == "suite" {
+			printGoals(os.Stdout, rows)
+		}
 	}
 	if err != nil {
 		cli.Fatalf(1, "lanyard-bench: %v", err)

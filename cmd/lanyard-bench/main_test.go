@@ -6,6 +6,8 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -163,5 +165,33 @@ func TestFloorServesTheResponse(t *testing.T) {
 	}
 	if status.Code(err) != codes.InvalidArgument {
 		t.Errorf("call without the header: %v, want InvalidArgument", err)
+	}
+}
+
+func TestPrintGoals(t *testing.T) {
+	seq := durationRow("one-shot FetchX509SVID, sequential", []time.Duration{time.Millisecond, 2 * time.Millisecond, 900 * time.Microsecond}, "")
+	seq.Floor, seq.FloorP99 = 0.8, 1.5
+	rate := singleRow("one-shot calls/s, 32 clients", "calls/s", 100, 950, "")
+	rate.Floor = 1000
+	rows := []row{
+		seq, rate,
+		singleRow("agent RSS idle, 1 entry", "MiB", 1, 20.9, ""),
+		// "RSS per 1,000 open streams" left out: not measured this run.
+	}
+	var b bytes.Buffer
+	printGoals(&b, rows)
+	// Columns are aligned with two or more spaces; compare cells.
+	got := regexp.MustCompile(` {2,}`).ReplaceAllString(b.String(), "|")
+	for _, want := range []string{
+		// median 1 ms over a floor of 0.8: x1.25 > x1.15
+		"one-shot p50, ratio to the floor|x1.25|-|<= x1.15|no",
+		"one-shot p99|2.00 ms|1.50 ms|<= 1.20 ms|no",
+		"32 concurrent clients, calls/s as share of the floor|x0.95|-|>= x0.90|yes",
+		"RSS idle|20.9 MiB|-|<= 16.0 MiB|no",
+		"RSS per 1,000 open streams|not measured|-|<= 12.0 MiB|-",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("goals summary lacks %q:\n%s", want, got)
+		}
 	}
 }

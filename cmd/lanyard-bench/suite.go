@@ -148,6 +148,18 @@ type suiteRun struct {
 
 func (w *suiteRun) socket() string { return filepath.Join(w.cfg.Dir, "workload.sock") }
 
+// logPath is where a daemon's log goes: a folder of its own, not the one
+// holding bundle.pem. The agent watches the bundle's folder, so a log
+// written beside it would wake the agent on every audit line it writes,
+// a cost no deployment has (its logs go to the journal).
+func (w *suiteRun) logPath(name string) (string, error) {
+	dir := filepath.Join(w.cfg.Dir, "logs")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, name+".log"), nil
+}
+
 func (w *suiteRun) stopAll() {
 	w.agent.stop()
 	w.signer.stop()
@@ -166,7 +178,11 @@ func (w *suiteRun) startSigner(name, policy string) error {
 	if err := os.WriteFile(filepath.Join(dir, "policy.hcl"), []byte(policy), 0o644); err != nil {
 		return err
 	}
-	d, err := startDaemon("signer", w.cfg.SignerBin, filepath.Join(dir, "signer.hcl"), filepath.Join(dir, "signer-"+name+".log"))
+	logPath, err := w.logPath("signer-" + name)
+	if err != nil {
+		return err
+	}
+	d, err := startDaemon("signer", w.cfg.SignerBin, filepath.Join(dir, "signer.hcl"), logPath)
 	if err != nil {
 		return err
 	}
@@ -185,7 +201,11 @@ func (w *suiteRun) startAgent(name string) error {
 	if err := os.WriteFile(filepath.Join(dir, "agent.hcl"), []byte(conf), 0o644); err != nil {
 		return err
 	}
-	d, err := startDaemon("agent", w.cfg.AgentBin, filepath.Join(dir, "agent.hcl"), filepath.Join(dir, name+".log"))
+	logPath, err := w.logPath(name)
+	if err != nil {
+		return err
+	}
+	d, err := startDaemon("agent", w.cfg.AgentBin, filepath.Join(dir, "agent.hcl"), logPath)
 	if err != nil {
 		return err
 	}
@@ -220,7 +240,8 @@ func (w *suiteRun) oneShotsOn(socket string) ([]row, error) {
 		return nil, fmt.Errorf("one-shot: %w", err)
 	}
 	r := durationRow("one-shot FetchX509SVID, sequential", agentSeq, "dial, attest, first response, hang up; calls alternate with the floor's")
-	r.Floor = durationRow("", floorSeq, "").Median
+	fr := durationRow("", floorSeq, "")
+	r.Floor, r.FloorP99 = fr.Median, fr.P99
 	rows := []row{r}
 	for _, c := range w.cfg.Clients {
 		a, f, err := concurrentPair(ctx, socket, floor.socket, c, w.cfg.Duration, w.cfg.MaxCalls)

@@ -25,12 +25,15 @@ type row struct {
 	// Floor is the floor's median for the same figure (NaN when the figure
 	// has no floor); the table prints Median/Floor.
 	Floor float64
-	Note  string
+	// FloorP99 is the floor's p99 (NaN when not measured); the goals
+	// summary prints it beside the agent's.
+	FloorP99 float64
+	Note     string
 }
 
 // durationRow summarises latencies as min/median/p99 in milliseconds.
 func durationRow(name string, ds []time.Duration, note string) row {
-	r := row{Name: name, N: len(ds), Unit: "ms", Min: math.NaN(), Median: math.NaN(), P99: math.NaN(), Floor: math.NaN(), Note: note}
+	r := row{Name: name, N: len(ds), Unit: "ms", Min: math.NaN(), Median: math.NaN(), P99: math.NaN(), Floor: math.NaN(), FloorP99: math.NaN(), Note: note}
 	if len(ds) == 0 {
 		return r
 	}
@@ -44,7 +47,7 @@ func durationRow(name string, ds []time.Duration, note string) row {
 
 // valuesRow summarises plain values (rates, sizes) as min/median/p99.
 func valuesRow(name, unit string, vs []float64, note string) row {
-	r := row{Name: name, N: len(vs), Unit: unit, Min: math.NaN(), Median: math.NaN(), P99: math.NaN(), Floor: math.NaN(), Note: note}
+	r := row{Name: name, N: len(vs), Unit: unit, Min: math.NaN(), Median: math.NaN(), P99: math.NaN(), Floor: math.NaN(), FloorP99: math.NaN(), Note: note}
 	if len(vs) == 0 {
 		return r
 	}
@@ -58,7 +61,7 @@ func valuesRow(name, unit string, vs []float64, note string) row {
 
 // singleRow is a figure measured once.
 func singleRow(name, unit string, n int, v float64, note string) row {
-	return row{Name: name, N: n, Unit: unit, Min: math.NaN(), Median: v, P99: math.NaN(), Floor: math.NaN(), Note: note}
+	return row{Name: name, N: n, Unit: unit, Min: math.NaN(), Median: v, P99: math.NaN(), Floor: math.NaN(), FloorP99: math.NaN(), Note: note}
 }
 
 // quantile is the nearest-rank q-quantile of sorted s.
