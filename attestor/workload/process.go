@@ -8,6 +8,8 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -161,7 +163,7 @@ func pinned(pid int32, fd *os.File) (Process, error) {
 	dir := procDir(pid)
 	start, startErr := readStartTime(dir)
 	exe, exeErr := readExeID(dir)
-	uid, gid, idsErr := readIDs(dir)
+	uid, gid, idsErr := kernelIDs.read(dir, fd)
 	// Checked after the reads, so that they were of the pinned process.
 	if err := checkAlive(fd); err != nil {
 		return Process{}, err
@@ -178,14 +180,24 @@ func procDir(pid int32) string {
 	return "/proc/" + strconv.FormatInt(int64(pid), 10)
 }
 
-// procFileSize is the buffer a /proc file is first read into, on the
-// reader's stack: stat, status and cgroup fit, so attestation allocates
-// nothing for them (a larger file grows onto the heap).
+// procFileSize is the size of the buffers /proc files are first read into:
+// stat, status and cgroup fit, so attestation allocates nothing for them (a
+// larger file grows onto the heap).
 const procFileSize = 4096
+
+// procBufs lends the buffers /proc files are read into. A pool, not an
+// array on the reader's stack: a Workload API stream's handler attests once
+// and then waits for hours, and a 4 KiB frame would have doubled its stack
+// for all that time (BenchmarkAttestStack). Whoever takes one gives it back
+// after parsing and keeps no slice of it. Package-level because the
+// buffers are interchangeable and Identify, PinPID and Recheck have no
+// Workload to hang a pool on.
+var procBufs = sync.Pool{New: func() any { return new([procFileSize]byte) }}
 
 // readStartTime reads the start time from <dir>/stat.
 func readStartTime(dir string) (uint64, error) {
-	var buf [procFileSize]byte
+	buf := procBufs.Get().(*[procFileSize]byte)
+	defer procBufs.Put(buf)
 	b, err := readProcFile(dir+"/stat", buf[:0])
 	if err != nil {
 		return 0, fmt.Errorf("read stat: %w", err)
@@ -200,8 +212,8 @@ func readStartTime(dir string) (uint64, error) {
 // readProcFile reads a small /proc file with plain system calls: os.Open
 // would also try, and fail, to register it with the poller, which costs as
 // much as the read (attestation reads three or four such files per call).
-// It appends to b, which callers give as a stack buffer (procFileSize) so
-// that the read allocates nothing; the result must not outlive the caller.
+// It appends to b, which callers take from procBufs so that the read
+// allocates nothing; the result must not outlive the buffer's return.
 func readProcFile(path string, b []byte) ([]byte, error) {
 	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
@@ -264,9 +276,49 @@ func parseStartTime(stat []byte) (uint64, error) {
 // lines, as strings.Fields sees them there.
 const asciiSpace = " \t\n\v\f\r"
 
-// readIDs reads the effective uid and gid from <dir>/status.
-func readIDs(dir string) (uid, gid uint32, err error) {
-	var buf [procFileSize]byte
+// idReader reads a pinned process's effective uid and gid from the cheapest
+// source the kernel offers: PIDFD_GET_INFO on its pidfd (Linux 6.13+), an
+// ioctl that copies the ids, else /proc/<pid>/status, a file the kernel
+// formats in full (most of attestation's cost before). Both report the
+// same credentials, those of the thread-group leader, in the agent's user
+// namespace.
+type idReader struct {
+	// statusOnly is set once the kernel has refused PIDFD_GET_INFO: it
+	// will refuse it for every pidfd, so later calls go straight to
+	// /proc instead of paying a failed ioctl each.
+	statusOnly atomic.Bool
+}
+
+// kernelIDs is the agent's idReader. Package-level because what it learns
+// is a fact of the running kernel, the same for every caller and every
+// Workload; tests use their own.
+var kernelIDs idReader
+
+// read returns the effective uid and gid of the process that fd pins and
+// dir (/proc/<pid>) shows. Like every read of confirm, it proves nothing
+// until checkAlive has vouched that fd's process was still alive after it.
+// A process already reaped is an error wrapping ErrCallerExited from the
+// pidfd, and fs.ErrNotExist from /proc.
+func (r *idReader) read(dir string, fd *os.File) (uid, gid uint32, err error) {
+	if fd != nil && !r.statusOnly.Load() {
+		uid, gid, err := pidfdIDs(fd)
+		if !errors.Is(err, errNoPidfdInfo) {
+			return uid, gid, err
+		}
+		r.statusOnly.Store(true)
+	}
+	return readStatusIDs(dir)
+}
+
+// errNoPidfdInfo means the kernel cannot report a process's credentials
+// through its pidfd (before 6.13, or 6.13 and 6.14, which know only the
+// first, 64-byte version of struct pidfd_info): /proc is read instead.
+var errNoPidfdInfo = errors.New("kernel has no PIDFD_GET_INFO with credentials")
+
+// readStatusIDs reads the effective uid and gid from <dir>/status.
+func readStatusIDs(dir string) (uid, gid uint32, err error) {
+	buf := procBufs.Get().(*[procFileSize]byte)
+	defer procBufs.Put(buf)
 	b, err := readProcFile(dir+"/status", buf[:0])
 	if err != nil {
 		return 0, 0, fmt.Errorf("read status: %w", err)
@@ -285,7 +337,7 @@ func readIDs(dir string) (uid, gid uint32, err error) {
 func parseStatusIDs(status []byte) (uid, gid uint32, err error) {
 	var haveUID, haveGID bool
 	for more := status; len(more) > 0; {
-		// bytes.Lines would move the caller's stack buffer to the heap.
+		// bytes.Lines would cost an allocation per call.
 		line := more
 		if i := bytes.IndexByte(more, '\n'); i >= 0 {
 			line, more = more[:i+1], more[i+1:]

@@ -49,7 +49,8 @@ type selectorSource interface {
 // caller is a Process being attested.
 type caller struct {
 	Process
-	dir string // /proc/<pid>
+	dir string    // /proc/<pid>
+	ids *idReader // nil: kernelIDs; tests pass their own
 }
 
 // New returns a Workload running the attestors cfg names. An
@@ -199,10 +200,15 @@ func (c *caller) checkExe() error {
 	return nil
 }
 
-// checkIDs compares the effective uid and gid in /proc/<pid>/status with
-// those SO_PEERCRED recorded at connect.
+// checkIDs compares the caller's effective uid and gid now (from its pidfd,
+// or /proc/<pid>/status: idReader) with those SO_PEERCRED recorded at
+// connect.
 func (c *caller) checkIDs() error {
-	uid, gid, err := readIDs(c.dir)
+	ids := c.ids
+	if ids == nil {
+		ids = &kernelIDs
+	}
+	uid, gid, err := ids.read(c.dir, c.PIDFD)
 	if err != nil {
 		return err
 	}
