@@ -117,8 +117,9 @@ func exiting(err error) error {
 // Recheck confirms that the process p pins is still the one that was
 // identified: alive, running the same executable, with the same effective
 // uid and gid. It is what the Workload API does before each push on a
-// stream: two small /proc reads (a stat of exe and status) and a poll of
-// the pidfd, last, so that the reads were of that process. The error wraps
+// stream: a stat of /proc/<pid>/exe, the ids (an ioctl on the pidfd, or
+// /proc/<pid>/status on older kernels: idReader) and a poll of the pidfd,
+// last, so that the reads were of that process. The error wraps
 // ErrCallerExited, ErrCallerExeced or ErrCallerChanged.
 func (p Process) Recheck() error {
 	c := &caller{Process: p, dir: procDir(p.PID)}
@@ -140,8 +141,8 @@ func (p Process) ExePath() string {
 
 // PinPID returns the process that holds pid now, pinned: a pidfd open on
 // it (the caller closes Process.PIDFD), its start time and executable
-// (as Identify records them), and its effective
-// uid and gid from /proc/<pid>/status. It is for callers that know only a
+// (as Identify records them), and its effective uid and gid (from the
+// pidfd, or /proc/<pid>/status: idReader). It is for callers that know only a
 // PID: the Workload API on kernels without SO_PEERPIDFD (which then takes
 // UID and GID from SO_PEERCRED instead) and lanyard-agent explain. A
 // process that is gone is an error wrapping ErrCallerExited.
@@ -277,9 +278,10 @@ func parseStartTime(stat []byte) (uint64, error) {
 const asciiSpace = " \t\n\v\f\r"
 
 // idReader reads a pinned process's effective uid and gid from the cheapest
-// source the kernel offers: PIDFD_GET_INFO on its pidfd (Linux 6.13+), an
-// ioctl that copies the ids, else /proc/<pid>/status, a file the kernel
-// formats in full (most of attestation's cost before). Both report the
+// source the kernel offers: PIDFD_GET_INFO on its pidfd, an ioctl that
+// copies the ids (Linux 6.15+: 6.13 and 6.14 refuse x/sys's larger struct),
+// else /proc/<pid>/status, a file the kernel formats in full (the costliest
+// read of attestation, BENCHMARKS.md "Issue 19"). Both report the
 // same credentials, those of the thread-group leader, in the agent's user
 // namespace.
 type idReader struct {
@@ -337,7 +339,7 @@ func readStatusIDs(dir string) (uid, gid uint32, err error) {
 func parseStatusIDs(status []byte) (uid, gid uint32, err error) {
 	var haveUID, haveGID bool
 	for more := status; len(more) > 0; {
-		// bytes.Lines would cost an allocation per call.
+		// Split in place: no iterator, no copy.
 		line := more
 		if i := bytes.IndexByte(more, '\n'); i >= 0 {
 			line, more = more[:i+1], more[i+1:]

@@ -95,10 +95,11 @@ func New(cfg Config) (*Workload, error) {
 
 // Attest returns the caller's selectors, sorted and without duplicates.
 //
-// It reads /proc/<pid> (status, exe, cgroup, as the attestors need) and
-// then confirms, through p.PIDFD, that the process that connected is still
-// alive and still has the uid, gid and executable (p.Exe) it connected
-// with. Otherwise nothing read is used: the error wraps ErrCallerExited,
+// It reads /proc/<pid> (exe, cgroup, as the attestors need) and then
+// confirms that the process that connected still has the uid, gid (asked
+// through p.PIDFD, or /proc/<pid>/status on kernels before 6.15) and
+// executable (p.Exe) it connected with and, through p.PIDFD last, that it
+// is still alive. Otherwise nothing read is used: the error wraps ErrCallerExited,
 // ErrCallerChanged or ErrCallerExeced. An
 // executable that was deleted is an error wrapping ErrExeDeleted. A name or
 // path no selector could express only leaves its selector out.
