@@ -222,11 +222,13 @@ type cgroupAttestor struct {
 }
 
 func (a cgroupAttestor) selectors(c *caller) ([]string, error) {
-	var buf [procFileSize]byte
+	buf := procBufs.Get().(*[procFileSize]byte)
+	defer procBufs.Put(buf)
 	b, err := readProcFile(c.dir+"/cgroup", buf[:0])
 	if err != nil {
 		return nil, fmt.Errorf("read cgroup: %w", err)
 	}
+	// ParseCgroup's strings are its own copy, not slices of buf.
 	info, err := ParseCgroup(b)
 	if err != nil {
 		return nil, err

@@ -226,3 +226,29 @@ func FuzzParseCgroup(f *testing.F) {
 		}
 	})
 }
+
+// TestParseCgroupCopies: what ParseCgroup returns keeps no slice of its
+// input, so the cgroup attestor may give its pooled buffer back (procBufs)
+// as soon as the file is parsed.
+func TestParseCgroupCopies(t *testing.T) {
+	content := []byte("0::/kubepods.slice/kubepods-pod" + us(pod0) + ".slice/cri-containerd-" + id0 + ".scope\n")
+	info, err := ParseCgroup(content)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Path == "" || info.Unit == "" || info.ContainerID == "" || info.PodUID == "" {
+		t.Fatalf("sample yields %+v, want every field set", info)
+	}
+	want := CgroupInfo{
+		Path:        strings.Clone(info.Path),
+		Unit:        strings.Clone(info.Unit),
+		ContainerID: strings.Clone(info.ContainerID),
+		PodUID:      strings.Clone(info.PodUID),
+	}
+	for i := range content {
+		content[i] = 'x'
+	}
+	if diff := cmp.Diff(want, info); diff != "" {
+		t.Errorf("CgroupInfo changed with its input (-before +after):\n%s", diff)
+	}
+}

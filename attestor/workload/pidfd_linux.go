@@ -81,6 +81,42 @@ func checkAlive(fd *os.File) error {
 	return nil
 }
 
+// pidfdIDs asks the kernel for the effective uid and gid of the process fd
+// pins (ioctl PIDFD_GET_INFO): the credentials themselves, where
+// /proc/<pid>/status formats a page of text around them. A process already
+// reaped is an error wrapping ErrCallerExited; a kernel that cannot answer,
+// errNoPidfdInfo. One that exited but is not reaped yet still answers:
+// checkAlive, after every read, is what refuses it.
+func pidfdIDs(fd *os.File) (uid, gid uint32, err error) {
+	raw, err := fd.SyscallConn()
+	if err != nil {
+		return 0, 0, fmt.Errorf("pidfd info: %w", err)
+	}
+	info := unix.PidfdInfo{Mask: unix.PIDFD_INFO_CREDS}
+	var ioctlErr error
+	ctlErr := raw.Control(func(fd uintptr) {
+		ioctlErr = unix.IoctlPidfdInfo(int(fd), &info)
+	})
+	switch {
+	case ctlErr != nil:
+		// As in checkAlive: the connection closed its pidfd.
+		return 0, 0, fmt.Errorf("%w: pidfd closed with the connection: %w", ErrCallerExited, ctlErr)
+	case errors.Is(ioctlErr, unix.ESRCH):
+		return 0, 0, fmt.Errorf("%w: pidfd info: %w", ErrCallerExited, ioctlErr)
+	case errors.Is(ioctlErr, unix.ENOTTY), errors.Is(ioctlErr, unix.EINVAL):
+		// ENOTTY: no such ioctl (before 6.13, or a pidfd that is not
+		// on pidfs, before 6.9). EINVAL: 6.13 and 6.14 compare the whole
+		// request number, which holds the struct's size, and x/sys sends
+		// a larger struct than they know.
+		return 0, 0, fmt.Errorf("pidfd info: %w: %w", errNoPidfdInfo, ioctlErr)
+	case ioctlErr != nil:
+		return 0, 0, fmt.Errorf("pidfd info: %w", ioctlErr)
+	case info.Mask&unix.PIDFD_INFO_CREDS == 0:
+		return 0, 0, fmt.Errorf("pidfd info: %w", errNoPidfdInfo)
+	}
+	return info.Euid, info.Egid, nil
+}
+
 // fdKey identifies the version of the file open as fd for the hash cache.
 // ctime is in the key because a file's owner can write new bytes of the
 // same size and then set mtime back (utimensat), but cannot set ctime,

@@ -33,3 +33,6 @@ func readExeID(string) (FileID, error) {
 
 // pathKey: no file versions here, so nothing is cached.
 func pathKey(string) (exeKey, bool, error) { return exeKey{}, false, nil }
+
+// pidfdIDs: no pidfds, so /proc is asked (and fails too).
+func pidfdIDs(*os.File) (uint32, uint32, error) { return 0, 0, errNoPidfdInfo }

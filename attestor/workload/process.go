@@ -8,6 +8,8 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -115,8 +117,9 @@ func exiting(err error) error {
 // Recheck confirms that the process p pins is still the one that was
 // identified: alive, running the same executable, with the same effective
 // uid and gid. It is what the Workload API does before each push on a
-// stream: two small /proc reads (a stat of exe and status) and a poll of
-// the pidfd, last, so that the reads were of that process. The error wraps
+// stream: a stat of /proc/<pid>/exe, the ids (an ioctl on the pidfd, or
+// /proc/<pid>/status on older kernels: idReader) and a poll of the pidfd,
+// last, so that the reads were of that process. The error wraps
 // ErrCallerExited, ErrCallerExeced or ErrCallerChanged.
 func (p Process) Recheck() error {
 	c := &caller{Process: p, dir: procDir(p.PID)}
@@ -138,8 +141,8 @@ func (p Process) ExePath() string {
 
 // PinPID returns the process that holds pid now, pinned: a pidfd open on
 // it (the caller closes Process.PIDFD), its start time and executable
-// (as Identify records them), and its effective
-// uid and gid from /proc/<pid>/status. It is for callers that know only a
+// (as Identify records them), and its effective uid and gid (from the
+// pidfd, or /proc/<pid>/status: idReader). It is for callers that know only a
 // PID: the Workload API on kernels without SO_PEERPIDFD (which then takes
 // UID and GID from SO_PEERCRED instead) and lanyard-agent explain. A
 // process that is gone is an error wrapping ErrCallerExited.
@@ -161,7 +164,7 @@ func pinned(pid int32, fd *os.File) (Process, error) {
 	dir := procDir(pid)
 	start, startErr := readStartTime(dir)
 	exe, exeErr := readExeID(dir)
-	uid, gid, idsErr := readIDs(dir)
+	uid, gid, idsErr := kernelIDs.read(dir, fd)
 	// Checked after the reads, so that they were of the pinned process.
 	if err := checkAlive(fd); err != nil {
 		return Process{}, err
@@ -178,14 +181,24 @@ func procDir(pid int32) string {
 	return "/proc/" + strconv.FormatInt(int64(pid), 10)
 }
 
-// procFileSize is the buffer a /proc file is first read into, on the
-// reader's stack: stat, status and cgroup fit, so attestation allocates
-// nothing for them (a larger file grows onto the heap).
+// procFileSize is the size of the buffers /proc files are first read into:
+// stat, status and cgroup fit, so attestation allocates nothing for them (a
+// larger file grows onto the heap).
 const procFileSize = 4096
+
+// procBufs lends the buffers /proc files are read into. A pool, not an
+// array on the reader's stack: a Workload API stream's handler attests once
+// and then waits for hours, and a 4 KiB frame would have doubled its stack
+// for all that time (BenchmarkAttestStack). Whoever takes one gives it back
+// after parsing and keeps no slice of it. Package-level because the
+// buffers are interchangeable and Identify, PinPID and Recheck have no
+// Workload to hang a pool on.
+var procBufs = sync.Pool{New: func() any { return new([procFileSize]byte) }}
 
 // readStartTime reads the start time from <dir>/stat.
 func readStartTime(dir string) (uint64, error) {
-	var buf [procFileSize]byte
+	buf := procBufs.Get().(*[procFileSize]byte)
+	defer procBufs.Put(buf)
 	b, err := readProcFile(dir+"/stat", buf[:0])
 	if err != nil {
 		return 0, fmt.Errorf("read stat: %w", err)
@@ -200,8 +213,8 @@ func readStartTime(dir string) (uint64, error) {
 // readProcFile reads a small /proc file with plain system calls: os.Open
 // would also try, and fail, to register it with the poller, which costs as
 // much as the read (attestation reads three or four such files per call).
-// It appends to b, which callers give as a stack buffer (procFileSize) so
-// that the read allocates nothing; the result must not outlive the caller.
+// It appends to b, which callers take from procBufs so that the read
+// allocates nothing; the result must not outlive the buffer's return.
 func readProcFile(path string, b []byte) ([]byte, error) {
 	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
@@ -264,9 +277,50 @@ func parseStartTime(stat []byte) (uint64, error) {
 // lines, as strings.Fields sees them there.
 const asciiSpace = " \t\n\v\f\r"
 
-// readIDs reads the effective uid and gid from <dir>/status.
-func readIDs(dir string) (uid, gid uint32, err error) {
-	var buf [procFileSize]byte
+// idReader reads a pinned process's effective uid and gid from the cheapest
+// source the kernel offers: PIDFD_GET_INFO on its pidfd, an ioctl that
+// copies the ids (Linux 6.15+: 6.13 and 6.14 refuse x/sys's larger struct),
+// else /proc/<pid>/status, a file the kernel formats in full (the costliest
+// read of attestation, BENCHMARKS.md "Issue 19"). Both report the
+// same credentials, those of the thread-group leader, in the agent's user
+// namespace.
+type idReader struct {
+	// statusOnly is set once the kernel has refused PIDFD_GET_INFO: it
+	// will refuse it for every pidfd, so later calls go straight to
+	// /proc instead of paying a failed ioctl each.
+	statusOnly atomic.Bool
+}
+
+// kernelIDs is the agent's idReader. Package-level because what it learns
+// is a fact of the running kernel, the same for every caller and every
+// Workload; tests use their own.
+var kernelIDs idReader
+
+// read returns the effective uid and gid of the process that fd pins and
+// dir (/proc/<pid>) shows. Like every read of confirm, it proves nothing
+// until checkAlive has vouched that fd's process was still alive after it.
+// A process already reaped is an error wrapping ErrCallerExited from the
+// pidfd, and fs.ErrNotExist from /proc.
+func (r *idReader) read(dir string, fd *os.File) (uid, gid uint32, err error) {
+	if fd != nil && !r.statusOnly.Load() {
+		uid, gid, err := pidfdIDs(fd)
+		if !errors.Is(err, errNoPidfdInfo) {
+			return uid, gid, err
+		}
+		r.statusOnly.Store(true)
+	}
+	return readStatusIDs(dir)
+}
+
+// errNoPidfdInfo means the kernel cannot report a process's credentials
+// through its pidfd (before 6.13, or 6.13 and 6.14, which know only the
+// first, 64-byte version of struct pidfd_info): /proc is read instead.
+var errNoPidfdInfo = errors.New("kernel has no PIDFD_GET_INFO with credentials")
+
+// readStatusIDs reads the effective uid and gid from <dir>/status.
+func readStatusIDs(dir string) (uid, gid uint32, err error) {
+	buf := procBufs.Get().(*[procFileSize]byte)
+	defer procBufs.Put(buf)
 	b, err := readProcFile(dir+"/status", buf[:0])
 	if err != nil {
 		return 0, 0, fmt.Errorf("read status: %w", err)
@@ -285,7 +339,7 @@ func readIDs(dir string) (uid, gid uint32, err error) {
 func parseStatusIDs(status []byte) (uid, gid uint32, err error) {
 	var haveUID, haveGID bool
 	for more := status; len(more) > 0; {
-		// bytes.Lines would move the caller's stack buffer to the heap.
+		// Split in place: no iterator, no copy.
 		line := more
 		if i := bytes.IndexByte(more, '\n'); i >= 0 {
 			line, more = more[:i+1], more[i+1:]

@@ -143,24 +143,37 @@ func TestPinPID(t *testing.T) {
 }
 
 // TestProcReadsAllocate: the /proc reads of every attestation and re-check
-// read into a stack buffer and parse in place: only the path and its C
-// copy for open(2) are allocated, and for cgroup the selectors
-// (BENCHMARKS.md, "Issue 19"). It fails if a read goes back to a heap
-// buffer per file or a copy per field.
+// read into a pooled buffer (procBufs) and parse in place: only the path
+// and its C copy for open(2) are allocated, and for cgroup the selectors
+// (BENCHMARKS.md, "Issue 19"); the ids from the pidfd cost nothing. It
+// fails if a read goes back to a heap buffer per file or a copy per field,
+// or forgets to give its buffer back.
 func TestProcReadsAllocate(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector changes what escapes to the heap")
 	}
-	dir := procDir(int32(os.Getpid()))
-	c := &caller{Process: Process{PID: int32(os.Getpid())}, dir: dir}
+	p, err := PinPID(int32(os.Getpid()))
+	if err != nil {
+		t.Fatalf("PinPID: %v", err)
+	}
+	defer p.PIDFD.Close()
+	dir := procDir(p.PID)
+	c := &caller{Process: p, dir: dir}
 	tests := []struct {
 		name string
 		read func() error
 		max  float64
 	}{
 		{"stat", func() error { _, err := readStartTime(dir); return err }, 2},
-		{"status", func() error { _, _, err := readIDs(dir); return err }, 2},
+		{"status", func() error { _, _, err := readStatusIDs(dir); return err }, 2},
 		{"cgroup", func() error { _, err := cgroupAttestor{}.selectors(c); return err }, 4},
+		{"pidfd ids", func() error {
+			_, _, err := pidfdIDs(p.PIDFD)
+			if errors.Is(err, errNoPidfdInfo) {
+				t.Skipf("kernel has no PIDFD_GET_INFO: %v", err)
+			}
+			return err
+		}, 0},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -21,11 +21,11 @@ var ErrExeDeleted = errors.New("executable was deleted")
 const deletedSuffix = " (deleted)"
 
 // unixAttestor derives the unix:* selectors: the uid and gid the kernel
-// recorded on the socket (not /proc: Attest checks /proc agrees), their
-// names, the executable's path and, with hashes, its SHA-256. A value that
-// a policy could not express (a name with a space, a path with a control
-// character) leaves its selector out, which can only narrow what the
-// caller is given.
+// recorded on the socket (Attest checks that the kernel's current ids
+// agree), their names, the executable's path and, with hashes, its
+// SHA-256. A value that a policy could not express (a name with a space, a
+// path with a control character) leaves its selector out, which can only
+// narrow what the caller is given.
 type unixAttestor struct {
 	hashes *exeHashes // nil: no unix:sha256
 	names  *idNames   // nil: every call looks names up

@@ -49,7 +49,8 @@ type selectorSource interface {
 // caller is a Process being attested.
 type caller struct {
 	Process
-	dir string // /proc/<pid>
+	dir string    // /proc/<pid>
+	ids *idReader // nil: kernelIDs; tests pass their own
 }
 
 // New returns a Workload running the attestors cfg names. An
@@ -94,10 +95,11 @@ func New(cfg Config) (*Workload, error) {
 
 // Attest returns the caller's selectors, sorted and without duplicates.
 //
-// It reads /proc/<pid> (status, exe, cgroup, as the attestors need) and
-// then confirms, through p.PIDFD, that the process that connected is still
-// alive and still has the uid, gid and executable (p.Exe) it connected
-// with. Otherwise nothing read is used: the error wraps ErrCallerExited,
+// It reads /proc/<pid> (exe, cgroup, as the attestors need) and then
+// confirms that the process that connected still has the uid, gid (asked
+// through p.PIDFD, or /proc/<pid>/status on kernels before 6.15) and
+// executable (p.Exe) it connected with and, through p.PIDFD last, that it
+// is still alive. Otherwise nothing read is used: the error wraps ErrCallerExited,
 // ErrCallerChanged or ErrCallerExeced. An
 // executable that was deleted is an error wrapping ErrExeDeleted. A name or
 // path no selector could express only leaves its selector out.
@@ -199,10 +201,15 @@ func (c *caller) checkExe() error {
 	return nil
 }
 
-// checkIDs compares the effective uid and gid in /proc/<pid>/status with
-// those SO_PEERCRED recorded at connect.
+// checkIDs compares the caller's effective uid and gid now (from its pidfd,
+// or /proc/<pid>/status: idReader) with those SO_PEERCRED recorded at
+// connect.
 func (c *caller) checkIDs() error {
-	uid, gid, err := readIDs(c.dir)
+	ids := c.ids
+	if ids == nil {
+		ids = &kernelIDs
+	}
+	uid, gid, err := ids.read(c.dir, c.PIDFD)
 	if err != nil {
 		return err
 	}

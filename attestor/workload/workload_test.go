@@ -5,7 +5,9 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -175,4 +177,99 @@ func BenchmarkAttestSelf(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkAttestStack measures the goroutine stack an attestation leaves
+// behind in a goroutine that then waits, as a Workload API stream's handler
+// attests its caller once and then sits idle for hours: StackInuse
+// (runtime.MemStats) per goroutine once n goroutines have each attested
+// this process and blocked ("stack-B/goroutine"), and again after two
+// collections, which shrink stacks that use under a quarter of their size
+// ("stack-B/goroutine-gc"). "shallow" blocks right after Attest;
+// "under-2KiB" attests and blocks beneath 2 KiB of other frames, as a
+// handler does beneath gRPC's serving frames, where shrinking helps less.
+// A metric, not an assertion: StackInuse also counts the runtime's own.
+func BenchmarkAttestStack(b *testing.B) {
+	p, err := PinPID(int32(os.Getpid()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.PIDFD.Close()
+	ctx := context.Background()
+	w := newWorkload(b)
+	w.sources[0].(unixAttestor).hashes.settle = 0
+	if _, err := w.Attest(ctx, p); err != nil {
+		b.Fatal(err)
+	}
+	const n = 500
+	for _, bc := range []struct {
+		name   string
+		frames int // of 256 bytes each, beneath Attest
+	}{
+		{name: "shallow", frames: 0},
+		{name: "under-2KiB", frames: 8},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			var held, heldGC float64
+			rounds := 0
+			for b.Loop() {
+				runtime.GC()
+				base := stackInuse()
+				release := make(chan struct{})
+				errs := make(chan error, n)
+				var attested, exited sync.WaitGroup
+				for range n {
+					attested.Add(1)
+					exited.Add(1)
+					go func() {
+						defer exited.Done()
+						underFrames(bc.frames, func() {
+							_, err := w.Attest(ctx, p)
+							errs <- err
+							attested.Done()
+							<-release
+						})
+					}()
+				}
+				attested.Wait()
+				held += float64(stackInuse()-base) / n
+				runtime.GC()
+				runtime.GC()
+				heldGC += float64(stackInuse()-base) / n
+				close(release)
+				exited.Wait()
+				close(errs)
+				for err := range errs {
+					if err != nil {
+						b.Fatal(err)
+					}
+				}
+				rounds++
+			}
+			b.ReportMetric(held/float64(rounds), "stack-B/goroutine")
+			b.ReportMetric(heldGC/float64(rounds), "stack-B/goroutine-gc")
+		})
+	}
+}
+
+// stackInuse is runtime.MemStats.StackInuse as a signed number, so that a
+// difference may be negative.
+func stackInuse() int64 {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.StackInuse)
+}
+
+// underFrames runs f beneath frames stack frames of 256 bytes each: a
+// stand-in for the callers a real handler runs under.
+//
+//go:noinline
+func underFrames(frames int, f func()) byte {
+	var pad [256]byte
+	pad[frames%len(pad)] = byte(frames)
+	if frames > 0 {
+		return underFrames(frames-1, f) + pad[(frames*7)%len(pad)]
+	}
+	f()
+	return pad[0]
 }
