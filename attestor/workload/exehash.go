@@ -58,10 +58,18 @@ func newExeHashes(max int) *exeHashes {
 }
 
 // sum returns the hex SHA-256 of the executable at path (the caller's
-// /proc/<pid>/exe). A cached version costs an open and an fstat; hashing is
-// not interruptible, but it is one read per file version, shared by every
-// caller.
+// /proc/<pid>/exe). A cached version costs one stat of path, which
+// follows the link to the very file the process runs, as an open would;
+// hashing is not interruptible, but it is one read per file version,
+// shared by every caller.
 func (h *exeHashes) sum(path string) (string, error) {
+	if key, ok, err := pathKey(path); err == nil && ok {
+		if s, ok := h.get(key); ok {
+			return s, nil
+		}
+	}
+	// Not cached (or the stat failed: the open says why): hash what the
+	// open finds, keyed by its own fstat.
 	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		return "", fmt.Errorf("open exe: %w", &fs.PathError{Op: "open", Path: path, Err: err})

@@ -167,3 +167,30 @@ func statKey(t *testing.T, path string) exeKey {
 	}
 	return k
 }
+
+// TestExeHashesHitStatsOnly: a cached version is answered from a stat of
+// the path alone. A Unix socket can be stat'ed but not opened (ENXIO), so
+// a sum that opened the file would fail here.
+func TestExeHashesHitStatsOnly(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	h := newExeHashes(4)
+	if _, err := h.sum(path); err == nil {
+		t.Fatal("sum of an uncached socket succeeded; want the open's error")
+	}
+	key, ok, err := pathKey(path)
+	if err != nil || !ok {
+		t.Fatalf("pathKey: %v, %v", ok, err)
+	}
+	h.put(key, "cached")
+	if s, err := h.sum(path); err != nil || s != "cached" {
+		t.Fatalf("sum of a cached version = %q, %v; want the cached sum without an open", s, err)
+	}
+}
