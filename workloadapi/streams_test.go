@@ -206,3 +206,22 @@ func BenchmarkIdleStreams(b *testing.B) {
 	b.ReportMetric(bytes/float64(b.N), "B/stream")
 	b.ReportMetric(goroutines/float64(b.N), "goroutines/stream")
 }
+
+// TestIdleStreamGoroutines: an idle stream costs the server four
+// goroutines (gRPC's reader, writer and keepalive for its connection, and
+// the handler), not five: its caller's exit is watched by the Server's one
+// exitWatcher goroutine, not by one goroutine per connection.
+func TestIdleStreamGoroutines(t *testing.T) {
+	const n = 200
+	path := startStreamServer(t)
+	_, before := serverMemory()
+	startStreams(t, path, n)
+	_, after := serverMemory()
+	added := after - before
+	t.Logf("%d streams added %d goroutines (%.2f each)", n, added, float64(added)/n)
+	// A few goroutines of the server's own may come and go meanwhile;
+	// one more per stream cannot hide in this slack.
+	if limit := 4*n + n/10; added > limit {
+		t.Errorf("%d streams added %d goroutines, want at most %d", n, added, limit)
+	}
+}
