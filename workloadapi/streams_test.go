@@ -136,9 +136,9 @@ func (h *streamsHelper) stop() {
 }
 
 // startStreamServer serves an SVID to every caller of this uid, with
-// every workload attestor, and returns its socket. It logs nothing, so
-// that no log buffer grows with the streams it serves.
-func startStreamServer(tb testing.TB) string {
+// every workload attestor, until the test ends. It logs nothing, so that
+// no log buffer grows with the streams it serves.
+func startStreamServer(tb testing.TB) *running {
 	tb.Helper()
 	ca := newTestCA(tb)
 	src := newFakeSource(ca.bundlesResponse())
@@ -147,30 +147,24 @@ func startStreamServer(tb testing.TB) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	path := filepath.Join(socketDir(tb), "w.sock")
-	s := New(Config{SocketPath: path, Attestor: att, Source: src})
+	r := &running{path: filepath.Join(socketDir(tb), "w.sock"), done: make(chan error, 1)}
+	r.server = New(Config{SocketPath: r.path, Attestor: att, Source: src})
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Run(ctx) }()
+	r.cancel = cancel
+	go func() { r.done <- r.server.Run(ctx) }()
 	tb.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				tb.Errorf("Run: %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			tb.Error(errRunHung)
+		if err := r.stop(); err != nil {
+			tb.Errorf("Run: %v", err)
 		}
 	})
 	select {
-	case <-s.Ready():
-	case err := <-done:
+	case <-r.server.Ready():
+	case err := <-r.done:
 		tb.Fatalf("Run: %v", err)
 	case <-time.After(10 * time.Second):
 		tb.Fatal("server not ready after 10s")
 	}
-	return path
+	return r
 }
 
 // serverMemory is what the server's process holds in heap spans and
@@ -189,7 +183,7 @@ func serverMemory() (bytes uint64, goroutines int) {
 // 1,000 streams; run it with -benchtime 1x or a few x.
 func BenchmarkIdleStreams(b *testing.B) {
 	const n = 1000
-	path := startStreamServer(b)
+	path := startStreamServer(b).path
 	var bytes, goroutines float64
 	for b.Loop() {
 		memBefore, gBefore := serverMemory()
@@ -213,7 +207,7 @@ func BenchmarkIdleStreams(b *testing.B) {
 // exitWatcher goroutine, not by one goroutine per connection.
 func TestIdleStreamGoroutines(t *testing.T) {
 	const n = 200
-	path := startStreamServer(t)
+	path := startStreamServer(t).path
 	_, before := serverMemory()
 	startStreams(t, path, n)
 	_, after := serverMemory()
