@@ -20,7 +20,7 @@ import (
 // ErrCallerChanged), every push on a stream after a wait is preceded by
 // workload.Process.Recheck, and a stream ends as soon as the process that
 // connected exits, woken by its pidfd rather than by polling (one epoll
-// instance per Server holds every pidfd: exitwatch.go). What the
+// instance per Server holds every caller's pidfd: exitwatch.go). What the
 // owner hands over while it lives is its own choice; nothing survives it.
 
 // exitGrace is how long a stream whose caller exited waits for its
