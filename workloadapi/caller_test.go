@@ -53,6 +53,9 @@ func runHelper(mode, socket string) int {
 	if code, ok := runPinnedHelper(mode, socket); ok {
 		return code
 	}
+	if mode == "streams" {
+		return runStreamsHelper(socket)
+	}
 	switch mode {
 	case "fetch":
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -189,7 +189,7 @@ func startServerAt(t *testing.T, path string, att Attestor, src Source) *running
 }
 
 // startServerWith runs a Server for cfg, logging to the returned buffer.
-func startServerWith(t *testing.T, cfg Config) *running {
+func startServerWith(t testing.TB, cfg Config) *running {
 	t.Helper()
 	r := &running{path: cfg.SocketPath, logs: &logBuffer{}, done: make(chan error, 1)}
 	cfg.Log = hclog.New(&hclog.LoggerOptions{Output: r.logs, Level: hclog.Debug, JSONFormat: true})

@@ -23,7 +23,8 @@ var errNoPeerCred = errors.New("connection carries no peer credentials")
 // pidfd that pins the process, which attestation later re-checks.
 type peerListener struct {
 	*net.UnixListener
-	warn *warnLimiter // refusals are rate-limited, as churn could flood the log
+	warn  *warnLimiter // refusals are rate-limited, as churn could flood the log
+	exits *exitWatcher // watches the callers of the connections' streams
 }
 
 // Accept returns the next connection whose caller could be identified;
@@ -53,7 +54,7 @@ func (l peerListener) Accept() (net.Conn, error) {
 			}
 			continue
 		}
-		return &peerConn{UnixConn: c, readyRead: newReadyRead(raw), proc: proc, gone: goneErr, exit: newExitWatch(proc.PIDFD)}, nil
+		return &peerConn{UnixConn: c, readyRead: newReadyRead(raw), proc: proc, gone: goneErr, exit: newExitWatch(l.exits, proc.PIDFD)}, nil
 	}
 }
 
@@ -136,16 +137,14 @@ type peerConn struct {
 	*readyRead // how gRPC reads it (readready.go)
 	proc       workload.Process
 	gone       error      // set when the caller had exited by accept
-	exit       *exitWatch // shared by the connection's streams (pinned.go)
+	exit       *exitWatch // shared by the connection's streams; owns proc.PIDFD
 }
 
-// Close closes the connection and the caller's pidfd.
+// Close closes the connection and the caller's pidfd. The pidfd is closed
+// by its exitWatch alone, which first takes it out of the Server's
+// exitWatcher (exitwatch.go).
 func (c *peerConn) Close() error {
-	err := c.UnixConn.Close()
-	if c.proc.PIDFD != nil {
-		err = errors.Join(err, c.proc.PIDFD.Close())
-	}
-	return err
+	return errors.Join(c.UnixConn.Close(), c.exit.close())
 }
 
 // callerInfo is the gRPC AuthInfo of a Workload API connection, so every

@@ -3,12 +3,9 @@ package workloadapi
 import (
 	"context"
 	"errors"
-	"os"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -22,7 +19,8 @@ import (
 // changed since it connected (attest, through workload.ErrCallerExeced and
 // ErrCallerChanged), every push on a stream after a wait is preceded by
 // workload.Process.Recheck, and a stream ends as soon as the process that
-// connected exits, woken by its pidfd rather than by polling. What the
+// connected exits, woken by its pidfd rather than by polling (one epoll
+// instance per Server holds every caller's pidfd: exitwatch.go). What the
 // owner hands over while it lives is its own choice; nothing survives it.
 
 // exitGrace is how long a stream whose caller exited waits for its
@@ -33,54 +31,6 @@ import (
 // and earns the audit line. It stays well under the second within which
 // such a stream must end.
 const exitGrace = 200 * time.Millisecond
-
-// exitWatch tells the streams of one connection that the process that
-// connected has exited. One goroutine per connection, started by the first
-// stream that asks, waits on the pidfd in Go's poller (no thread, no
-// polling), so 10,000 idle streams cost no wake-ups.
-type exitWatch struct {
-	pidfd *os.File
-	once  sync.Once
-	done  chan struct{}
-}
-
-func newExitWatch(pidfd *os.File) *exitWatch { return &exitWatch{pidfd: pidfd} }
-
-// exited returns a channel closed once the process exits or its pidfd is
-// closed (the connection ended). Nil (never closed) when there is nothing
-// to watch: a caller that was gone at accept never gets a stream.
-func (w *exitWatch) exited() <-chan struct{} {
-	if w == nil || w.pidfd == nil {
-		return nil
-	}
-	w.once.Do(func() {
-		w.done = make(chan struct{})
-		go w.watch()
-	})
-	return w.done
-}
-
-// watch waits until the pidfd is readable: its process has exited. The
-// pidfd is non-blocking (workload.NewPIDFD), so RawConn.Read parks this
-// goroutine in the poller between checks. Any error (the pidfd closed with
-// the connection, or could not be waited on) also closes done: a stream
-// then ends rather than outlive a process nobody watches.
-func (w *exitWatch) watch() {
-	defer close(w.done)
-	raw, err := w.pidfd.SyscallConn()
-	if err != nil {
-		return
-	}
-	_ = raw.Read(func(fd uintptr) bool {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-		for {
-			n, err := unix.Poll(fds, 0)
-			if !errors.Is(err, unix.EINTR) {
-				return err != nil || n > 0
-			}
-		}
-	})
-}
 
 // callerExit returns the exit channel of the caller of the call in ctx.
 func callerExit(ctx context.Context) <-chan struct{} {

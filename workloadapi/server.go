@@ -79,6 +79,7 @@ type Server struct {
 	log       hclog.Logger
 	limits    *limiter
 	warn      *warnLimiter
+	exits     *exitWatcher // set by Run, before ready closes
 	ready     chan struct{}
 	readyOnce sync.Once
 }
@@ -115,6 +116,14 @@ func (s *Server) Ready() <-chan struct{} { return s.ready }
 // what it gets.
 func (s *Server) Run(ctx context.Context) error {
 	path := s.cfg.SocketPath
+	exits, err := newExitWatcher(s.log)
+	if err != nil {
+		return fmt.Errorf("watch callers' exits: %w", err)
+	}
+	// Stopped last, once every handler has returned: a stream is never
+	// told that its caller exited because the agent is stopping.
+	defer exits.stop()
+	s.exits = exits
 	ln, err := listen(path)
 	if err != nil {
 		return err
@@ -166,7 +175,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 	served := make(chan error, 1)
 	go func() {
-		served <- srv.Serve(limitListener{Listener: peerListener{UnixListener: ln, warn: s.warn}, l: s.limits})
+		served <- srv.Serve(limitListener{Listener: peerListener{UnixListener: ln, warn: s.warn, exits: exits}, l: s.limits})
 	}()
 	s.readyOnce.Do(func() { close(s.ready) })
 	lim := s.cfg.Limits
