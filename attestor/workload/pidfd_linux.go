@@ -22,14 +22,14 @@ func openPIDFD(pid int32) (*os.File, error) {
 	return NewPIDFD(fd)
 }
 
-// NewPIDFD wraps the pidfd fd as an *os.File that Go's poller can wait on:
-// it is made non-blocking first, so that a watcher can wait for the exit
-// (SyscallConn().Read) without holding a thread. It closes fd on error.
+// NewPIDFD wraps the pidfd fd as an *os.File. The descriptor is left as
+// the kernel made it (blocking), so Go's poller never registers it: nothing
+// ever blocks on a pidfd. Checks poll it with a zero timeout (checkAlive),
+// and the Workload API server waits for exits through one epoll set of its
+// own (workloadapi/exitwatch.go). Registering it would cost four system
+// calls per connection (two fcntl, an epoll add and remove) for nothing.
+// The error is for callers on platforms without pidfds.
 func NewPIDFD(fd int) (*os.File, error) {
-	if err := unix.SetNonblock(fd, true); err != nil {
-		_ = unix.Close(fd)
-		return nil, fmt.Errorf("pidfd: set non-blocking: %w", err)
-	}
 	return os.NewFile(uintptr(fd), "pidfd"), nil
 }
 
