@@ -20,7 +20,15 @@ func TestNewPIDFDStaysBlocking(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	flags, err := unix.FcntlInt(f.Fd(), unix.F_GETFL, 0)
+	// Through Control: Fd() would make a polled descriptor blocking.
+	raw, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var flags int
+	if err := raw.Control(func(fd uintptr) { flags, err = unix.FcntlInt(fd, unix.F_GETFL, 0) }); err != nil {
+		t.Fatal(err)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
