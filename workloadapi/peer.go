@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
@@ -54,7 +55,7 @@ func (l peerListener) Accept() (net.Conn, error) {
 			}
 			continue
 		}
-		return &peerConn{UnixConn: c, readyRead: newReadyRead(raw), proc: proc, gone: goneErr, exit: newExitWatch(l.exits, proc.PIDFD)}, nil
+		return &peerConn{conn: c, readyRead: newReadyRead(raw), proc: proc, gone: goneErr, exit: newExitWatch(l.exits, proc.PIDFD)}, nil
 	}
 }
 
@@ -132,8 +133,13 @@ func pinPeer(proc workload.Process, pidfd int, pidfdErr error) (_ workload.Proce
 // peerConn is an accepted connection with its caller. It owns the caller's
 // pidfd and closes it with the connection; an attestation still using it
 // then sees the caller as gone.
+//
+// It is a plain net.Conn to gRPC, on purpose not a syscall.Conn: given one,
+// gRPC's channelz reads four socket options per connection (SO_LINGER,
+// the timeouts and TCP_INFO, which fails on a Unix socket) that nobody
+// here looks at. Reads go through ReadOnReady.
 type peerConn struct {
-	*net.UnixConn
+	conn       *net.UnixConn
 	*readyRead // how gRPC reads it (readready.go)
 	proc       workload.Process
 	gone       error      // set when the caller had exited by accept
@@ -144,8 +150,18 @@ type peerConn struct {
 // by its exitWatch alone, which first takes it out of the Server's
 // exitWatcher (exitwatch.go).
 func (c *peerConn) Close() error {
-	return errors.Join(c.UnixConn.Close(), c.exit.close())
+	return errors.Join(c.conn.Close(), c.exit.close())
 }
+
+// Read, Write, the addresses and the deadlines are the socket's own.
+
+func (c *peerConn) Read(p []byte) (int, error)         { return c.conn.Read(p) }
+func (c *peerConn) Write(p []byte) (int, error)        { return c.conn.Write(p) }
+func (c *peerConn) LocalAddr() net.Addr                { return c.conn.LocalAddr() }
+func (c *peerConn) RemoteAddr() net.Addr               { return c.conn.RemoteAddr() }
+func (c *peerConn) SetDeadline(t time.Time) error      { return c.conn.SetDeadline(t) }
+func (c *peerConn) SetReadDeadline(t time.Time) error  { return c.conn.SetReadDeadline(t) }
+func (c *peerConn) SetWriteDeadline(t time.Time) error { return c.conn.SetWriteDeadline(t) }
 
 // callerInfo is the gRPC AuthInfo of a Workload API connection, so every
 // call on it can find its caller with peer.FromContext.

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -195,5 +196,21 @@ func TestGRPCReadsThroughReadyRead(t *testing.T) {
 	}
 	if calls.Load() == 0 {
 		t.Fatal("gRPC read the connection without calling ReadOnReady")
+	}
+}
+
+// TestConnNotSyscallConn: what gRPC is handed offers ReadOnReady but no
+// SyscallConn, so gRPC's channelz does not read four socket options per
+// connection.
+func TestConnNotSyscallConn(t *testing.T) {
+	for _, c := range []net.Conn{&peerConn{}, &limitedConn{peerConn: &peerConn{}}} {
+		if _, ok := c.(syscall.Conn); ok {
+			t.Errorf("%T is a syscall.Conn", c)
+		}
+		if _, ok := c.(interface {
+			ReadOnReady(int, mem.BufferPool) (*[]byte, int, error)
+		}); !ok {
+			t.Errorf("%T lacks ReadOnReady", c)
+		}
 	}
 }
