@@ -153,9 +153,7 @@ func TestExitWatcherExitEndsOnlyItsWatch(t *testing.T) {
 	if isClosed(doneB) {
 		t.Error("the exit of a closed b's channel")
 	}
-	if n := x.watching(); n != 1 {
-		t.Errorf("watching %d after a's exit, want 1", n)
-	}
+	wantWatching(t, x, 1, "after a's exit")
 	if got := epollEntries(t, x); len(got) != 1 || got[0] != wb.id {
 		t.Errorf("epoll entries hold data %v after a's exit, want [%d]", got, wb.id)
 	}
@@ -164,9 +162,7 @@ func TestExitWatcherExitEndsOnlyItsWatch(t *testing.T) {
 	if !closedWithin(doneB, 10*time.Second) {
 		t.Fatal("the exit of b did not close its channel within 10s")
 	}
-	if n := x.watching(); n != 0 {
-		t.Errorf("watching %d after both exits, want 0", n)
-	}
+	wantWatching(t, x, 0, "after both exits")
 }
 
 // TestExitWatchClose: closing a watch (its connection ended) closes its
@@ -209,9 +205,7 @@ func TestExitWatchClose(t *testing.T) {
 			if !isClosed(w.exited()) {
 				t.Error("exited after close gave a channel that is not closed")
 			}
-			if n := x.watching(); n != 0 {
-				t.Errorf("watching %d after close, want 0", n)
-			}
+			wantWatching(t, x, 0, "after close")
 			if got := epollEntries(t, x); len(got) != 0 {
 				t.Errorf("epoll entries %v after close, want none", got)
 			}
@@ -249,9 +243,7 @@ func TestExitWatcherStop(t *testing.T) {
 	if !isClosed(late.exited()) {
 		t.Error("a watch asked for after stop gave a channel that is not closed")
 	}
-	if n := x.watching(); n != 0 {
-		t.Errorf("watching %d after stop, want 0", n)
-	}
+	wantWatching(t, x, 0, "after stop")
 }
 
 // TestExitWatcherConcurrent registers and closes watches from many
@@ -306,9 +298,7 @@ func TestExitWatcherConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if n := x.watching(); n != 0 {
-		t.Errorf("watching %d after every close, want 0", n)
-	}
+	wantWatching(t, x, 0, "after every close")
 	if got := epollEntries(t, x); len(got) != 0 {
 		t.Errorf("epoll entries %v after every close, want none", got)
 	}
@@ -331,5 +321,13 @@ func TestServerExitWatches(t *testing.T) {
 	}
 	if !isClosed(x.ended) {
 		t.Error("Run returned before the exit watcher's goroutine ended")
+	}
+}
+
+// wantWatching checks how many registrations x holds at a point of a test.
+func wantWatching(t *testing.T, x *exitWatcher, want int, when string) {
+	t.Helper()
+	if n := x.watching(); n != want {
+		t.Errorf("watching %d %s, want %d", n, when, want)
 	}
 }

@@ -203,17 +203,7 @@ func TestCallerChangesUIDAfterConnect(t *testing.T) {
 
 	f, child := connectAs(t, exe, "connect-setuid", srv.path, nil)
 	defer f.Close()
-	stdin, err := child.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := child.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := child.Start(); err != nil {
-		t.Fatal(err)
-	}
+	stdin, stdout := startPiped(t, child, "connect-setuid")
 	defer func() {
 		_ = stdin.Close()
 		_ = child.Wait()
@@ -222,7 +212,7 @@ func TestCallerChangesUIDAfterConnect(t *testing.T) {
 		t.Fatalf("child said %q, %v; want ready", line, err)
 	}
 
-	err = callOver(t, f)
+	err := callOver(t, f)
 	const reason = "the caller changed uid or gid since it connected"
 	if st := status.Convert(err); st.Code() != codes.PermissionDenied || st.Message() != "no identity issued: "+reason {
 		t.Fatalf("call = %v; want PermissionDenied: no identity issued: %s", err, reason)
@@ -307,9 +297,10 @@ func TestPeerProcessTakesPIDFD(t *testing.T) {
 	if proc.PIDFD == nil {
 		t.Fatal("no pidfd")
 	}
-	// What identifies the process was recorded with the pidfd.
-	if proc.StartTime == 0 || proc.Exe == (attestor.FileID{}) {
-		t.Errorf("caller = %+v, want a start time and an executable", proc)
+	// What identifies the process was recorded with the pidfd: its
+	// executable (the pidfd from SO_PEERPIDFD needs no start time).
+	if proc.Exe == (attestor.FileID{}) {
+		t.Errorf("caller = %+v, want an executable", proc)
 	}
 	// The pidfd names this process: its fdinfo says so.
 	info, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(int(proc.PIDFD.Fd())))
@@ -339,15 +330,16 @@ func TestPinPeer(t *testing.T) {
 	}
 
 	tests := []struct {
-		name     string
-		proc     attestor.Process
-		pidfd    func(*testing.T) int
-		pidfdErr error
-		wantGone bool
-		wantErr  string
+		name      string
+		proc      attestor.Process
+		pidfd     func(*testing.T) int
+		pidfdErr  error
+		wantGone  bool
+		wantStart bool // a start time is recorded
+		wantErr   string
 	}{
 		{name: "SO_PEERPIDFD", proc: self, pidfd: ownPIDFD},
-		{name: "no SO_PEERPIDFD, pinned by PID", proc: self, pidfdErr: unix.ENOPROTOOPT},
+		{name: "no SO_PEERPIDFD, pinned by PID", proc: self, pidfdErr: unix.ENOPROTOOPT, wantStart: true},
 		{name: "no SO_PEERPIDFD, caller gone", proc: exited, pidfdErr: unix.ENOPROTOOPT, wantGone: true},
 		{name: "peer exited, EINVAL", proc: self, pidfdErr: unix.EINVAL, wantGone: true},
 		{name: "peer exited, ESRCH", proc: self, pidfdErr: unix.ESRCH, wantGone: true},
@@ -381,9 +373,11 @@ func TestPinPeer(t *testing.T) {
 			if goneErr != nil || got.PIDFD == nil {
 				t.Fatalf("pinPeer = %+v, gone %v; want a pidfd", got, goneErr)
 			}
-			// Either way, what identifies the process is recorded.
-			if got.StartTime == 0 || got.Exe == (attestor.FileID{}) {
-				t.Errorf("pinPeer = %+v, want a start time and an executable", got)
+			// Either way, what identifies the process is recorded: its
+			// executable, and a start time only beside a pidfd opened
+			// from the PID.
+			if got.Exe == (attestor.FileID{}) || (got.StartTime != 0) != tc.wantStart {
+				t.Errorf("pinPeer = %+v, want an executable and a start time: %v", got, tc.wantStart)
 			}
 			if got.PID != tc.proc.PID || got.UID != tc.proc.UID || got.GID != tc.proc.GID {
 				t.Errorf("pinPeer changed the credentials: %+v, want those of %+v", got, tc.proc)

@@ -242,6 +242,23 @@ type child struct {
 	lines chan string
 }
 
+// startPiped starts cmd with pipes to its stdin and from its stdout.
+func startPiped(tb testing.TB, cmd *exec.Cmd, what string) (io.WriteCloser, io.ReadCloser) {
+	tb.Helper()
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", what, err)
+	}
+	return stdin, stdout
+}
+
 func startChild(t *testing.T, exe, mode, socket string, cred *syscall.Credential, fd *os.File) *child {
 	t.Helper()
 	cmd := helperCmd(exe, mode, socket)
@@ -249,17 +266,7 @@ func startChild(t *testing.T, exe, mode, socket string, cred *syscall.Credential
 	cmd.ExtraFiles = []*os.File{fd}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", mode, err)
-	}
+	stdin, stdout := startPiped(t, cmd, mode)
 	c := &child{cmd: cmd, stdin: stdin, lines: make(chan string, 16)}
 	go func() {
 		defer close(c.lines)

@@ -97,17 +97,7 @@ func startStreams(tb testing.TB, socket string, n int) *streamsHelper {
 	cmd := helperCmd(self, "streams", socket)
 	cmd.Env = append(cmd.Env, helperStreams+"="+strconv.Itoa(n))
 	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatalf("start streams helper: %v", err)
-	}
+	stdin, stdout := startPiped(tb, cmd, "streams helper")
 	h := &streamsHelper{cmd: cmd, stdin: stdin, lines: make(chan string, n+1)}
 	go func() {
 		defer close(h.lines)

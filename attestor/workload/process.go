@@ -59,9 +59,11 @@ type Process struct {
 	// only use it.
 	PIDFD *os.File
 	// StartTime is the process start time (clock ticks after boot, field
-	// 22 of /proc/<pid>/stat) read when the process was pinned (Identify,
-	// PinPID), or 0. Attest checks it has not changed, a second witness
-	// next to PIDFD. It does not change on exec; Exe does.
+	// 22 of /proc/<pid>/stat) read when the process was pinned by PinPID
+	// (kernels without SO_PEERPIDFD), or 0. Attest checks it has not
+	// changed, a second witness next to a PIDFD opened from a PID; a
+	// pidfd from SO_PEERPIDFD needs none (Identify). It does not change on
+	// exec; Exe does.
 	StartTime uint64
 	// Exe is the executable the process ran when it was pinned (Identify,
 	// PinPID): the device and inode /proc/<pid>/exe leads to. Attest and
@@ -83,23 +85,30 @@ func (f FileID) String() string {
 }
 
 // Identify returns p with what identifies its process at this moment
-// recorded: Exe and StartTime. The Workload API calls it when it accepts a
-// connection, after taking p.PIDFD, so that later calls can tell whether
-// the process that connected has run another executable since. The reads
-// are confirmed through p.PIDFD afterwards: a process that is gone is an
-// error wrapping ErrCallerExited, and nothing read is used.
+// recorded: Exe. The Workload API calls it when it accepts a connection,
+// after taking p.PIDFD from SO_PEERPIDFD, so that later calls can tell
+// whether the process that connected has run another executable since. The
+// read is confirmed through p.PIDFD afterwards: a process that is gone is
+// an error wrapping ErrCallerExited, and nothing read is used.
+//
+// No start time is recorded: that pidfd was taken by the kernel for the
+// process that called connect(2), so it alone says whether that process
+// still lives (see caller.confirm), as Recheck already relies on before
+// every push. A start time that changed implies the process exited and was
+// reaped, which the pidfd reports first; reading /proc/<pid>/stat twice per
+// connection would cost a sixth of the agent's time per one-shot call and
+// never change an answer. PinPID, for kernels without SO_PEERPIDFD, still
+// records it.
 func Identify(p Process) (Process, error) {
-	dir := procDir(p.PID)
-	start, startErr := readStartTime(dir)
-	exe, exeErr := readExeID(dir)
-	// Checked after the reads, so that they were of the pinned process.
+	exe, exeErr := readExeID(procDir(p.PID))
+	// Checked after the read, so that it was of the pinned process.
 	if err := checkAlive(p.PIDFD); err != nil {
 		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, err)
 	}
-	if err := errors.Join(startErr, exeErr); err != nil {
-		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, exiting(err))
+	if exeErr != nil {
+		return Process{}, fmt.Errorf("identify pid %d: %w", p.PID, exiting(exeErr))
 	}
-	p.StartTime, p.Exe = start, exe
+	p.Exe = exe
 	return p, nil
 }
 

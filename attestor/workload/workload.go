@@ -155,8 +155,9 @@ func (c *caller) read(sources []selectorSource) ([]string, error) {
 // confirm proves that everything read came from the process that
 // connected, and that it is still who it connected as: the same
 // executable (when Exe was recorded) and the same uid and gid. withStart
-// also re-reads the start time, a second witness for attestation; Recheck,
-// which runs before every push on a stream, leaves it to the pidfd.
+// also re-reads the start time when PinPID recorded one, a second witness
+// for attestation; Recheck, which runs before every push on a stream, and
+// a caller pinned by SO_PEERPIDFD (Identify) leave it to the pidfd.
 //
 // Why this makes PID reuse harmless: PIDFD refers to a process, not a
 // number. The kernel hands a PID out again only after its process has
