@@ -142,6 +142,12 @@ func (s *Server) Run(ctx context.Context) error {
 		//
 		// And the write buffer is taken from a pool for each flush.
 		grpc.SharedWriteBuffer(true),
+		// A fixed 64 KiB flow-control window, gRPC's default size, without
+		// its bandwidth-delay estimator: that answers a client's first DATA
+		// frame with a PING and a WINDOW_UPDATE, an extra write and read on
+		// both sides of every one-shot call, to size windows for links
+		// slower than a local socket. Workload API messages are a few KiB.
+		grpc.StaticConnWindowSize(65535),
 	}
 	if n := s.cfg.Limits.MaxStreamsPerConn; n > 0 {
 		// A backstop for clients that ignore SETTINGS: gRPC resets
