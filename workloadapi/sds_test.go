@@ -443,8 +443,7 @@ func TestSDSNonReadingStreamsCoalesce(t *testing.T) {
 	var latest *workload.X509SVIDResponse
 	for range rotations {
 		latest = bigResponse(t, ca)
-		before := counted.fetches.Load()
-		src.set(uidSelector(), latest)
+		before := counted.rotate(uidSelector(), latest)
 		testwait.For(t, 10*time.Second, "every SDS stream fetched the rotation or is held", func() bool {
 			return int(counted.fetches.Load()-before)+int(srv.server.limits.parked.Load()) == streams
 		})

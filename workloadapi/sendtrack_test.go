@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -158,8 +159,7 @@ func TestNonReadingStreamsCoalesce(t *testing.T) {
 	var latest *workload.X509SVIDResponse
 	for range rotations {
 		latest = bigResponse(t, ca)
-		before := counted.fetches.Load()
-		src.set(uidSelector(), latest)
+		before := counted.rotate(uidSelector(), latest)
 		// Each stream either fetches the new state or holds it back until
 		// its last push has left. (Before, a stream blocked in Send, its
 		// 64 KiB full, did neither, and this wait failed.)
@@ -189,15 +189,34 @@ func TestNonReadingStreamsCoalesce(t *testing.T) {
 	}
 }
 
-// countingSource counts X.509-SVID fetches.
+// countingSource counts X.509-SVID fetches. A fetch is counted in the
+// same critical section as the read it counts, and rotate changes the
+// state in one too, so the count rotate returns splits the fetches
+// exactly: those it includes read the old state (and a channel the
+// rotation closes), every later one read the new state. Counted on entry
+// instead, a fetch that waited for the source's lock while the test took
+// its count read the new state yet counted as an old one, and the test
+// waited for a fetch that never came.
 type countingSource struct {
 	*fakeSource
+	countMu sync.Mutex // orders each count and its read against rotate
 	fetches atomic.Int64
 }
 
 func (s *countingSource) X509SVIDResponse(selectors []string) (*workload.X509SVIDResponse, <-chan struct{}) {
+	s.countMu.Lock()
+	defer s.countMu.Unlock()
 	s.fetches.Add(1)
 	return s.fakeSource.X509SVIDResponse(selectors)
+}
+
+// rotate sets selector's response to r, and returns how many fetches read
+// the state before it.
+func (s *countingSource) rotate(selector string, r *workload.X509SVIDResponse) int64 {
+	s.countMu.Lock()
+	defer s.countMu.Unlock()
+	s.fakeSource.set(selector, r)
+	return s.fetches.Load()
 }
 
 // TestSendTracker feeds the tracker frames as a server writes them, cut
