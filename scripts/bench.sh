@@ -7,7 +7,7 @@
 # its stand-in manufacturer CA stay in the temporary folder, as in make demo.
 #
 # Knobs (environment): BENCH_CALLS (2000), BENCH_STREAMS (1000,10000),
-# BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (3s), BENCH_SCALE_AGENTS (1000),
+# BENCH_ROTATIONS (3), BENCH_STARTS (3), BENCH_DURATION (6s), BENCH_SCALE_AGENTS (1000),
 # BENCH_SCALE_TPMS (100), BENCH_TIER_AGENTS (1000), BENCH_TIER_TPMS (99),
 # BENCH_GO (1: run the Go benchmarks, the scale run and the tier run),
 # BENCH_TIER (1: run the tier run, about 50 s; 0 skips it),
@@ -67,5 +67,5 @@ files=$(IFS=,; echo "${gobench[*]:-}")
   --agent-bin "$bin/lanyard-agent" --signer-bin "$bin/lanyard-signer" \
   --tpm-socket "$sock" --ek-ca "$work/tpm/ek-ca.pem" --dir "$work" \
   --calls "${BENCH_CALLS:-2000}" --streams "${BENCH_STREAMS:-1000,10000}" \
-  --rotations "${BENCH_ROTATIONS:-3}" --starts "${BENCH_STARTS:-3}" --duration "${BENCH_DURATION:-3s}" \
+  --rotations "${BENCH_ROTATIONS:-3}" --starts "${BENCH_STARTS:-3}" --duration "${BENCH_DURATION:-6s}" \
   ${BENCH_AGENT_LOG_LEVEL:+--agent-log-level "$BENCH_AGENT_LOG_LEVEL"} ${files:+--gobench "$files"}
