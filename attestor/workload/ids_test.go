@@ -23,7 +23,7 @@ func pidfdOf(t *testing.T, pid int) *os.File {
 }
 
 // needPidfdInfo skips the test on kernels without PIDFD_GET_INFO's
-// credentials (before 6.15), where only /proc can be asked.
+// credentials (before 6.13), where only /proc can be asked.
 func needPidfdInfo(t *testing.T, fd *os.File) {
 	t.Helper()
 	if _, _, err := pidfdIDs(fd); errors.Is(err, errNoPidfdInfo) {

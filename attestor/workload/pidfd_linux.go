@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -92,10 +93,13 @@ func pidfdIDs(fd *os.File) (uid, gid uint32, err error) {
 	if err != nil {
 		return 0, 0, fmt.Errorf("pidfd info: %w", err)
 	}
-	info := unix.PidfdInfo{Mask: unix.PIDFD_INFO_CREDS}
+	info := pidfdInfoV0{Mask: unix.PIDFD_INFO_CREDS}
 	var ioctlErr error
 	ctlErr := raw.Control(func(fd uintptr) {
-		ioctlErr = unix.IoctlPidfdInfo(int(fd), &info)
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, pidfdGetInfoV0, uintptr(unsafe.Pointer(&info)))
+		if errno != 0 {
+			ioctlErr = errno
+		}
 	})
 	switch {
 	case ctlErr != nil:
@@ -105,9 +109,8 @@ func pidfdIDs(fd *os.File) (uid, gid uint32, err error) {
 		return 0, 0, fmt.Errorf("%w: pidfd info: %w", ErrCallerExited, ioctlErr)
 	case errors.Is(ioctlErr, unix.ENOTTY), errors.Is(ioctlErr, unix.EINVAL):
 		// ENOTTY: no such ioctl (before 6.13, or a pidfd that is not
-		// on pidfs, before 6.9). EINVAL: 6.13 and 6.14 compare the whole
-		// request number, which holds the struct's size, and x/sys sends
-		// a larger struct than they know.
+		// on pidfs, before 6.9). EINVAL: a kernel that refuses the
+		// request's size.
 		return 0, 0, fmt.Errorf("pidfd info: %w: %w", errNoPidfdInfo, ioctlErr)
 	case ioctlErr != nil:
 		return 0, 0, fmt.Errorf("pidfd info: %w", ioctlErr)
@@ -116,6 +119,22 @@ func pidfdIDs(fd *os.File) (uid, gid uint32, err error) {
 	}
 	return info.Euid, info.Egid, nil
 }
+
+// pidfdInfoV0 is struct pidfd_info as Linux 6.13 first defined it
+// (PIDFD_INFO_SIZE_VER0, 64 bytes). Sent at that size, PIDFD_GET_INFO works
+// on every kernel that has it: 6.13 and 6.14 accept only their own size
+// (the request number holds it), later kernels any size from VER0 up,
+// answering the fields it holds. x/sys's unix.PidfdInfo is the 6.16 struct
+// (88 bytes), which 6.13 and 6.14 refuse.
+type pidfdInfoV0 struct {
+	Mask, CgroupID                                                    uint64
+	PID, TGID, PPID, RUID, RGID, Euid, Egid, SUID, SGID, FSUID, FSGID uint32
+	ExitCode                                                          int32
+}
+
+// pidfdGetInfoV0 is _IOWR(PIDFS_IOCTL_MAGIC, 11, struct pidfd_info) at
+// the VER0 size: read and write, 64 bytes, type 0xFF, number 11.
+const pidfdGetInfoV0 = 3<<30 | unix.PIDFD_INFO_SIZE_VER0<<16 | 0xFF<<8 | 11
 
 // fdKey identifies the version of the file open as fd for the hash cache.
 // ctime is in the key because a file's owner can write new bytes of the

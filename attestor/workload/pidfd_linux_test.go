@@ -3,6 +3,7 @@ package workload
 import (
 	"os"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -40,5 +41,22 @@ func TestNewPIDFDStaysBlocking(t *testing.T) {
 	}
 	if _, _, err := pidfdIDs(f); err != nil && err != errNoPidfdInfo {
 		t.Fatalf("pidfdIDs: %v", err)
+	}
+}
+
+// TestPidfdInfoV0Layout: the request is the kernel's at the VER0 size, and
+// the struct has that size, with the credentials where the kernel puts them.
+func TestPidfdInfoV0Layout(t *testing.T) {
+	if got := unsafe.Sizeof(pidfdInfoV0{}); got != unix.PIDFD_INFO_SIZE_VER0 {
+		t.Errorf("pidfdInfoV0 is %d bytes, want %d", got, unix.PIDFD_INFO_SIZE_VER0)
+	}
+	// x/sys's request number differs from ours only in the size field.
+	const sizeMask = 0x3fff << 16
+	if uint32(unix.PIDFD_GET_INFO)&^sizeMask != uint32(pidfdGetInfoV0)&^sizeMask || pidfdGetInfoV0 != 0xc040ff0b {
+		t.Errorf("request %#x, x/sys's %#x: want the same but for the size", pidfdGetInfoV0, uint32(unix.PIDFD_GET_INFO))
+	}
+	if unsafe.Offsetof(pidfdInfoV0{}.Euid) != unsafe.Offsetof(unix.PidfdInfo{}.Euid) ||
+		unsafe.Offsetof(pidfdInfoV0{}.Egid) != unsafe.Offsetof(unix.PidfdInfo{}.Egid) {
+		t.Error("Euid or Egid is not where the kernel's struct has it")
 	}
 }

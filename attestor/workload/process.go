@@ -288,7 +288,8 @@ const asciiSpace = " \t\n\v\f\r"
 
 // idReader reads a pinned process's effective uid and gid from the cheapest
 // source the kernel offers: PIDFD_GET_INFO on its pidfd, an ioctl that
-// copies the ids (Linux 6.15+: 6.13 and 6.14 refuse x/sys's larger struct),
+// copies the ids (Linux 6.13+; asked at the struct's first size, which
+// every such kernel takes, pidfdInfoV0),
 // else /proc/<pid>/status, a file the kernel formats in full (the costliest
 // read of attestation, BENCHMARKS.md "Issue 19"). Both report the
 // same credentials, those of the thread-group leader, in the agent's user
@@ -322,8 +323,7 @@ func (r *idReader) read(dir string, fd *os.File) (uid, gid uint32, err error) {
 }
 
 // errNoPidfdInfo means the kernel cannot report a process's credentials
-// through its pidfd (before 6.13, or 6.13 and 6.14, which know only the
-// first, 64-byte version of struct pidfd_info): /proc is read instead.
+// through its pidfd (before 6.13): /proc is read instead.
 var errNoPidfdInfo = errors.New("kernel has no PIDFD_GET_INFO with credentials")
 
 // readStatusIDs reads the effective uid and gid from <dir>/status.

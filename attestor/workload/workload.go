@@ -97,7 +97,7 @@ func New(cfg Config) (*Workload, error) {
 //
 // It reads /proc/<pid> (exe, cgroup, as the attestors need) and then
 // confirms that the process that connected still has the uid, gid (asked
-// through p.PIDFD, or /proc/<pid>/status on kernels before 6.15) and
+// through p.PIDFD, or /proc/<pid>/status on kernels before 6.13) and
 // executable (p.Exe) it connected with and, through p.PIDFD last, that it
 // is still alive. Otherwise nothing read is used: the error wraps ErrCallerExited,
 // ErrCallerChanged or ErrCallerExeced. An
