@@ -5,7 +5,6 @@ import (
 	"io"
 	"syscall"
 
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/mem"
 )
 
@@ -40,8 +39,12 @@ func newReadyRead(raw syscall.RawConn) *readyRead {
 	r.fn = func(fd uintptr) bool {
 		r.buf = r.pool.Get(r.size)
 		for {
-			r.n, r.err = unix.Read(int(fd), *r.buf)
-			if !errors.Is(r.err, unix.EINTR) {
+			// syscall.Read, not unix.Read: under -race it records that
+			// what was written to the socket happened before this read,
+			// as every read of a net.Conn does; without that, state a
+			// peer in the same process set before writing looks racy.
+			r.n, r.err = syscall.Read(int(fd), *r.buf)
+			if !errors.Is(r.err, syscall.EINTR) {
 				break
 			}
 		}
@@ -50,7 +53,7 @@ func newReadyRead(raw syscall.RawConn) *readyRead {
 			r.buf, r.n = nil, 0
 			// Not ready: the runtime's poller parks the reader until
 			// it is, holding no buffer meanwhile.
-			return !errors.Is(r.err, unix.EAGAIN)
+			return !errors.Is(r.err, syscall.EAGAIN)
 		}
 		return true
 	}
