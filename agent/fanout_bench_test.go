@@ -96,6 +96,17 @@ func (ca *testCA) leaf(tb testing.TB, serial int64) *svid {
 // socket, and stops the server when the test ends.
 func startFanoutServer(tb testing.TB, ca *testCA, log hclog.Logger) (*cache, string) {
 	tb.Helper()
+	c, dir := fanoutFixture(tb, ca)
+	path := filepath.Join(dir, "w.sock")
+	runServer(tb, workloadapi.Config{SocketPath: path, Attestor: unixOnly, Source: c, Log: log})
+	return c, path
+}
+
+// fanoutFixture returns a cache holding the fan-out entry (the test
+// process, by uid) and its SVID of serial 1, and a fresh directory for the
+// socket, removed when the test ends.
+func fanoutFixture(tb testing.TB, ca *testCA) (*cache, string) {
+	tb.Helper()
 	c := newCache("spiffe://example.org")
 	c.setBundle([]*x509.Certificate{ca.Cert})
 	c.setEntries([]*entry{{
@@ -105,15 +116,12 @@ func startFanoutServer(tb testing.TB, ca *testCA, log hclog.Logger) (*cache, str
 		Revision:  1,
 	}})
 	c.putSVIDs([]*svid{ca.leaf(tb, 1)})
-
 	dir, err := os.MkdirTemp("", "ly")
 	if err != nil {
 		tb.Fatalf("socket directory: %v", err)
 	}
 	tb.Cleanup(func() { _ = os.RemoveAll(dir) })
-	path := filepath.Join(dir, "w.sock")
-	runServer(tb, workloadapi.Config{SocketPath: path, Attestor: unixOnly, Source: c, Log: log})
-	return c, path
+	return c, dir
 }
 
 // runServer runs a Workload API server for cfg until the test ends (its

@@ -13,17 +13,14 @@ package agent
 
 import (
 	"context"
-	"crypto/x509"
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -59,22 +56,7 @@ func BenchmarkOneShotFetch(b *testing.B) {
 // attestor and the agent's default limits, logging at Info to a file.
 func startOneShotServer(b *testing.B) string {
 	b.Helper()
-	ca := fanoutCA(b)
-	c := newCache("spiffe://example.org")
-	c.setBundle([]*x509.Certificate{ca.Cert})
-	c.setEntries([]*entry{{
-		ID:        fanoutEntryID,
-		SPIFFEID:  spiffeid.RequireFromString("spiffe://example.org/" + fanoutEntryID),
-		Selectors: []string{"unix:uid:" + strconv.Itoa(os.Getuid())},
-		Revision:  1,
-	}})
-	c.putSVIDs([]*svid{ca.leaf(b, 1)})
-
-	dir, err := os.MkdirTemp("", "ly")
-	if err != nil {
-		b.Fatalf("socket directory: %v", err)
-	}
-	b.Cleanup(func() { _ = os.RemoveAll(dir) })
+	c, dir := fanoutFixture(b, fanoutCA(b))
 	logFile, err := os.Create(filepath.Join(dir, "agent.log"))
 	if err != nil {
 		b.Fatalf("log file: %v", err)

@@ -238,6 +238,15 @@ func testMTLS(t *testing.T, ctx context.Context, socket string) {
 	}
 	defer clientSrc.Close()
 
+	mtlsHello(t, ctx, serverSrc, clientSrc, serverID, clientID)
+}
+
+// mtlsHello runs a go-spiffe mTLS server on loopback with serverSrc's SVID,
+// authorizing only clientID, which greets the peer it saw; a client with
+// clientSrc, authorizing only serverID, dials it and reads the greeting.
+// Each side must see exactly the other's ID.
+func mtlsHello(t *testing.T, ctx context.Context, serverSrc, clientSrc *workloadapi.X509Source, serverID, clientID spiffeid.ID) {
+	t.Helper()
 	ln, err := spiffetls.ListenWithMode(ctx, "tcp", "127.0.0.1:0",
 		spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeID(clientID), serverSrc))
 	if err != nil {
@@ -267,13 +276,16 @@ func testMTLS(t *testing.T, ctx context.Context, socket string) {
 	conn, err := spiffetls.DialWithMode(ctx, "tcp", ln.Addr().String(),
 		spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(serverID), clientSrc))
 	if err != nil {
-		t.Fatalf("mTLS dial: %v", err)
+		t.Fatalf("mTLS dial from %s to %s: %v", clientID, serverID, err)
 	}
 	defer conn.Close()
-	buf := make([]byte, 64)
-	n, _ := io.ReadAtLeast(conn, buf, len("hello "+clientID.String()))
-	if string(buf[:n]) != "hello "+clientID.String() {
-		t.Errorf("client read %q", buf[:n])
+	if peer, err := spiffetls.PeerIDFromConn(conn); err != nil || peer != serverID {
+		t.Errorf("client saw server %v (%v)", peer, err)
+	}
+	want := "hello " + clientID.String()
+	buf := make([]byte, len(want))
+	if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != want {
+		t.Errorf("client read %q (%v), want %q", buf, err, want)
 	}
 	if err := <-got; err != nil {
 		t.Errorf("server: %v", err)

@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,8 +15,6 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/swtpmtest"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
@@ -155,41 +152,7 @@ func TestFederationTwoTrustDomains(t *testing.T) {
 	clientID := spiffeid.RequireFromString("spiffe://other.org/client")
 
 	t.Run("mTLS across trust domains", func(t *testing.T) {
-		ln, err := spiffetls.ListenWithMode(ctx, "tcp", "127.0.0.1:0", spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeID(clientID), serverSrc))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		got := make(chan error, 1)
-		go func() {
-			conn, err := ln.Accept()
-			if err != nil {
-				got <- err
-				return
-			}
-			defer conn.Close()
-			peer, err := spiffetls.PeerIDFromConn(conn)
-			if err == nil {
-				_, err = io.WriteString(conn, "hello "+peer.String())
-			}
-			got <- err
-		}()
-		conn, err := spiffetls.DialWithMode(ctx, "tcp", ln.Addr().String(), spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(serverID), clientSrc))
-		if err != nil {
-			t.Fatalf("mTLS dial from other.org to example.org: %v", err)
-		}
-		defer conn.Close()
-		if peer, err := spiffetls.PeerIDFromConn(conn); err != nil || peer != serverID {
-			t.Errorf("client saw server %v (%v)", peer, err)
-		}
-		want := "hello " + clientID.String()
-		buf := make([]byte, len(want))
-		if _, err := io.ReadFull(conn, buf); err != nil || string(buf) != want {
-			t.Errorf("client read %q (%v), want %q", buf, err, want)
-		}
-		if err := <-got; err != nil {
-			t.Errorf("server: %v", err)
-		}
+		mtlsHello(t, ctx, serverSrc, clientSrc, serverID, clientID)
 	})
 
 	t.Run("JWT-SVID of other.org validates in example.org", func(t *testing.T) {

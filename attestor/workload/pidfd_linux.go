@@ -145,13 +145,7 @@ func fdKey(fd int) (exeKey, bool, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return exeKey{}, false, fmt.Errorf("fstat: %w", err)
 	}
-	return exeKey{
-		dev:   st.Dev,
-		ino:   st.Ino,
-		size:  st.Size,
-		mtime: st.Mtim.Nano(),
-		ctime: st.Ctim.Nano(),
-	}, true, nil
+	return keyOfStat(&st), true, nil
 }
 
 // pathKey is fdKey for the file at path (following symlinks).
@@ -160,11 +154,10 @@ func pathKey(path string) (exeKey, bool, error) {
 	if err := unix.Stat(path, &st); err != nil {
 		return exeKey{}, false, fmt.Errorf("stat: %w", err)
 	}
-	return exeKey{
-		dev:   st.Dev,
-		ino:   st.Ino,
-		size:  st.Size,
-		mtime: st.Mtim.Nano(),
-		ctime: st.Ctim.Nano(),
-	}, true, nil
+	return keyOfStat(&st), true, nil
+}
+
+// keyOfStat is the hash cache's key for the file version st describes.
+func keyOfStat(st *unix.Stat_t) exeKey {
+	return exeKey{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
 }
