@@ -121,68 +121,24 @@ func (s *Signer) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, s.Nodes())
 	})
-	change := func(f func(req NodeRequest, uid uint32) (NodeInfo, error)) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) {
-			var req NodeRequest
-			dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
-			dec.DisallowUnknownFields()
-			if err := dec.Decode(&req); err != nil {
-				writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
-				return
-			}
-			cred, _ := adminsock.Peer(r)
-			n, err := f(req, cred.UID)
-			if err != nil {
-				writeJSON(w, adminCode(err), AdminError{err.Error()})
-				return
-			}
-			writeJSON(w, http.StatusOK, n)
-		}
-	}
-	mux.HandleFunc("POST /v1/nodes/revoke", change(func(req NodeRequest, uid uint32) (NodeInfo, error) {
+	mux.HandleFunc("POST /v1/nodes/revoke", adminCall(64<<10, func(r *http.Request, req NodeRequest, uid uint32) (NodeInfo, error) {
 		return s.Revoke(req.Node, req.Reason, uid)
 	}))
-	mux.HandleFunc("POST /v1/nodes/unrevoke", change(func(req NodeRequest, uid uint32) (NodeInfo, error) {
+	mux.HandleFunc("POST /v1/nodes/unrevoke", adminCall(64<<10, func(r *http.Request, req NodeRequest, uid uint32) (NodeInfo, error) {
 		return s.Unrevoke(req.Node, uid)
 	}))
 	mux.HandleFunc("GET /v1/tokens", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, s.TokenRevocations())
 	})
-	mux.HandleFunc("POST /v1/tokens/revoke", func(w http.ResponseWriter, r *http.Request) {
-		var req TokenRevokeRequest
-		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
-			writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
-			return
-		}
-		cred, _ := adminsock.Peer(r)
-		rev, err := s.RevokeToken(req, cred.UID)
-		if err != nil {
-			writeJSON(w, adminCode(err), AdminError{err.Error()})
-			return
-		}
-		writeJSON(w, http.StatusOK, rev)
-	})
+	mux.HandleFunc("POST /v1/tokens/revoke", adminCall(64<<10, func(r *http.Request, req TokenRevokeRequest, uid uint32) (TokenRevocation, error) {
+		return s.RevokeToken(req, uid)
+	}))
 	mux.HandleFunc("GET /v1/policy", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, s.PolicyStatus())
 	})
-	mux.HandleFunc("POST /v1/policy/apply", func(w http.ResponseWriter, r *http.Request) {
-		var req PolicyApply
-		dec := json.NewDecoder(io.LimitReader(r.Body, 4*maxPolicyBytes))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
-			writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
-			return
-		}
-		cred, _ := adminsock.Peer(r)
-		st, err := s.ApplyPolicy(r.Context(), req, cred.UID)
-		if err != nil {
-			writeJSON(w, adminCode(err), AdminError{err.Error()})
-			return
-		}
-		writeJSON(w, http.StatusOK, st)
-	})
+	mux.HandleFunc("POST /v1/policy/apply", adminCall(4*maxPolicyBytes, func(r *http.Request, req PolicyApply, uid uint32) (PolicyStatus, error) {
+		return s.ApplyPolicy(r.Context(), req, uid)
+	}))
 	mux.HandleFunc("GET /v1/replicas", func(w http.ResponseWriter, _ *http.Request) {
 		rs, err := s.Replicas()
 		if err != nil {
@@ -191,23 +147,38 @@ func (s *Signer) AdminHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, rs)
 	})
-	mux.HandleFunc("POST /v1/replicas/forget", func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Name string `json:"name"`
+	type forgetRequest struct {
+		Name string `json:"name"`
+	}
+	mux.HandleFunc("POST /v1/replicas/forget", adminCall(64<<10, func(r *http.Request, req forgetRequest, _ uint32) (map[string]string, error) {
+		if err := s.ForgetReplica(r.Context(), req.Name); err != nil {
+			return nil, err
 		}
-		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		return map[string]string{"forgotten": req.Name}, nil
+	}))
+	return mux
+}
+
+// adminCall serves a POST whose JSON body (at most limit bytes, no unknown
+// fields) is a Req: f acts on it for the calling uid, and its answer or
+// refusal goes back as JSON (a refusal with adminCode's status).
+func adminCall[Req, Resp any](limit int64, f func(r *http.Request, req Req, uid uint32) (Resp, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req Req
+		dec := json.NewDecoder(io.LimitReader(r.Body, limit))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
 			writeJSON(w, http.StatusBadRequest, AdminError{"bad request: " + err.Error()})
 			return
 		}
-		if err := s.ForgetReplica(r.Context(), req.Name); err != nil {
+		cred, _ := adminsock.Peer(r)
+		resp, err := f(r, req, cred.UID)
+		if err != nil {
 			writeJSON(w, adminCode(err), AdminError{err.Error()})
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"forgotten": req.Name})
-	})
-	return mux
+		writeJSON(w, http.StatusOK, resp)
+	}
 }
 
 // adminCode is the HTTP status of a refused admin call.

@@ -1,11 +1,9 @@
 package workloadapi
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -23,8 +21,6 @@ import (
 	"github.com/lanyard-dev/lanyard/internal/testwait"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -478,23 +474,5 @@ func TestSDSNonReadingStreamsCoalesce(t *testing.T) {
 // ID.
 func (r *rawH2) openBidi(fullMethod string, msg []byte) uint32 {
 	r.t.Helper()
-	var block bytes.Buffer
-	enc := hpack.NewEncoder(&block)
-	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", fullMethod},
-		{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"}} {
-		if err := enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]}); err != nil {
-			r.t.Fatal(err)
-		}
-	}
-	id := r.next
-	r.next += 2
-	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
-		r.t.Fatal(err)
-	}
-	frame := make([]byte, 5, 5+len(msg))
-	binary.BigEndian.PutUint32(frame[1:], uint32(len(msg)))
-	if err := r.fr.WriteData(id, false, append(frame, msg...)); err != nil {
-		r.t.Fatal(err)
-	}
-	return id
+	return r.start(fullMethod, nil, msg, false)
 }

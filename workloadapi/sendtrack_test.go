@@ -50,10 +50,19 @@ func dialRawH2(t *testing.T, path string) *rawH2 {
 // stream ID.
 func (r *rawH2) open(method string) uint32 {
 	r.t.Helper()
+	return r.start("/SpiffeWorkloadAPI/"+method, [][2]string{{securityHeader, "true"}}, nil, true)
+}
+
+// start opens a stream on fullMethod with the extra headers, sends msg as
+// its one gRPC message, ends the client's side when end is set, and returns
+// the stream ID.
+func (r *rawH2) start(fullMethod string, extra [][2]string, msg []byte, end bool) uint32 {
+	r.t.Helper()
 	var block bytes.Buffer
 	enc := hpack.NewEncoder(&block)
-	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", "/SpiffeWorkloadAPI/" + method},
-		{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"}, {securityHeader, "true"}} {
+	fields := append([][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", fullMethod},
+		{":authority", "localhost"}, {"content-type", "application/grpc"}, {"te", "trailers"}}, extra...)
+	for _, f := range fields {
 		if err := enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]}); err != nil {
 			r.t.Fatal(err)
 		}
@@ -63,7 +72,9 @@ func (r *rawH2) open(method string) uint32 {
 	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
 		r.t.Fatal(err)
 	}
-	if err := r.fr.WriteData(id, true, make([]byte, 5)); err != nil {
+	frame := make([]byte, 5, 5+len(msg))
+	binary.BigEndian.PutUint32(frame[1:], uint32(len(msg)))
+	if err := r.fr.WriteData(id, end, append(frame, msg...)); err != nil {
 		r.t.Fatal(err)
 	}
 	return id
