@@ -23,8 +23,6 @@ func writeBundle(path string, cas []*x509.Certificate) error {
 	return writeAtomic(path, buf.Bytes())
 }
 
-// writeAtomic writes public data to path through a temporary file and a
-// rename, so readers see the old content or the new, never a torn write.
 // readState reads the file name in the state dir dir. A missing file (a
 // first start, or a state dir from before the file existed) gives nil data
 // and no error; the path is returned for error messages either way.
@@ -37,6 +35,8 @@ func readState(dir, name string) (data []byte, path string, err error) {
 	return data, path, err
 }
 
+// writeAtomic writes public data to path through a temporary file and a
+// rename, so readers see the old content or the new, never a torn write.
 func writeAtomic(path string, data []byte) error { return writeAtomicMode(path, data, 0o644) }
 
 // writeAtomicMode is writeAtomic with the file's mode; the directory is
